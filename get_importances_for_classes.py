@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Stage 1: relevance of every channel of the layer of interest for every training image.
+
+One pass over DATA_DIR/train. For each image: R[c] = sum_hw a[c] * d z_label / d a[c] at the
+output of the layer (signed), its label and predicted class; per class, the sum of the layer's
+input map (for the closed-form ARVs of stage 2). Results go to
+STORE_DIR/<model>_channel_importances/. Rerun the same command to continue after a kill.
+"""
+import argparse
+
+from utils.cli import add_data_args, add_device_args, add_json_arg, add_model_args, add_store_arg, write_json_output
+from utils.errors import run_cli
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p)
+    add_model_args(p)
+    add_store_arg(p)
+    add_device_args(p)
+    p.add_argument("--max_images_per_class", type=int, default=None, metavar="N",
+                   help="use only the first N images of each class (quick runs)")
+    add_json_arg(p)
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    from utils.importances import Stage1Config, compute_importances
+    from utils.cli import check_channels
+    from utils.distributed import distributed_context
+
+    with distributed_context(args.device) as (rank, world, device):
+        cfg = Stage1Config(data_dir=args.data_dir, store_dir=args.store_dir, model=args.model, weights=args.weights,
+                           layer=args.layer, batch_size=args.batch_size, device=device, gpu=args.gpu,
+                           num_workers=args.num_workers, max_images_per_class=args.max_images_per_class,
+                           rank=rank, world_size=world)
+        s = compute_importances(cfg, check=lambda c: check_channels(args.nr_channels_in_layer_of_interest, c,
+                                                                    f"layer {args.layer or 'last_conv'}"))
+    if rank != 0:
+        return
+    if s.get("already_complete"):
+        print(f"store {s['store']} is already complete ({s['images']} images, {s['channels']} channels); nothing to do")
+    else:
+        print(f"done: {s['processed']} images in {s['seconds']:.1f} s ({s['images_per_second']:.1f} img/s); "
+              f"store {s['store']} ({s['images']} images x {s['channels']} channels)")
+    write_json_output(args.json, {k: s[k] for k in ("store", "images", "channels", "seconds", "images_per_second")})
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))

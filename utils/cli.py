@@ -1,0 +1,76 @@
+"""Flags shared by the scripts, in one place, with the reference's names mapped to the paper's words.
+
+reference flag                        paper
+--proportion_attribution_required     tau
+--p                                   p
+--cos_sim_low / --cos_sim_high        gamma_low / gamma_high
+--channel_disentangle / --channel_of_interest   c
+--classes_for_concept1/2              the two concepts
+--f                                   rho
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from .errors import UserError
+from .store import write_json
+
+
+def add_model_args(p: argparse.ArgumentParser, layer_flags=("--layer",)) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="resnet50", help="torchvision classification model name (default: resnet50)")
+    g.add_argument("--weights", default="IMAGENET1K_V1",
+                   help="torchvision weights name, a checkpoint file (state_dict), or 'none' "
+                        "(default: IMAGENET1K_V1; read offline from $TORCH_HOME/hub/checkpoints)")
+    g.add_argument(*layer_flags, dest="layer", default=None,
+                   help="dotted name of the Conv2d of interest (default: the last conv, "
+                        "layer4.2.conv3 for resnet50; 'last_conv' means the same)")
+    g.add_argument("--nr_channels_in_layer_of_interest", type=int, default=None,
+                   help="output channels of the layer (2048 for resnet50); checked, not needed")
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data_dir", required=required, help="ImageFolder root holding train/ and val/")
+    g.add_argument("--batch_size", type=int, default=64, help="images per batch (default: 64)")
+    g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data loader processes (default: min(8, CPUs))")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    g.add_argument("--gpu", type=int, default=None, help="GPU index (same as --device cuda:N)")
+
+
+def add_store_arg(p: argparse.ArgumentParser, default: str = "./store") -> None:
+    p.add_argument("--store_dir", default=default, help=f"folder of the stage-1 store(s) (default: {default})")
+
+
+def _json_path(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"no folder {folder} to write {path} into")
+    return path
+
+
+def add_json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH", type=_json_path, default=None,
+                   help="also write the results as JSON to PATH")
+
+
+def write_json_output(path: str | None, obj) -> None:
+    if path:
+        write_json(path, obj)
+
+
+def check_channels(expected: int | None, actual: int, what: str) -> None:
+    if expected is not None and expected != actual:
+        raise UserError(f"--nr_channels_in_layer_of_interest {expected} does not match {what}, "
+                        f"which has {actual} channels")
+
+
+def to_json(obj) -> str:
+    return json.dumps(obj, indent=1)
