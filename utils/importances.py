@@ -21,8 +21,8 @@ from tqdm import tqdm
 from . import store as st
 from .data import ImageList, check_batch, list_images, make_loader, resolve_device
 from .errors import UserError
-from .models import LoadedModel, get_layer, load_model
-from .relevance import relevance_batch
+from .models import LoadedModel, default_layer, get_layer, load_model
+from .relevance import capture_layer, relevance_batch
 
 DEFAULT_CHUNK_IMAGES = 4096
 
@@ -102,7 +102,6 @@ def _new_meta(cfg: Stage1Config, lm: LoadedModel, layer: str, conv, images: Imag
 def _probe_shapes(model, conv, device) -> tuple[tuple[int, ...], tuple[int, int]]:
     """Layer input shape (C_in, H, W) and output size (H', W') for one 224x224 image."""
     with torch.no_grad():
-        from .relevance import capture_layer
         with capture_layer(conv) as cap:
             model(torch.zeros(1, 3, 224, 224, device=device))
     return tuple(cap.x.shape[1:]), tuple(cap.a.shape[2:])
@@ -137,27 +136,28 @@ def _assemble(path: str, meta: dict, plan: _Chunks) -> None:
     os.rmdir(os.path.join(path, "chunks"))
 
 
-def prepare(cfg: Stage1Config):
+def prepare(cfg: Stage1Config, loaded: LoadedModel | None = None):
     """Validate inputs and load what the pass needs; raises UserError before anything is written."""
     if cfg.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
     images = list_images(cfg.data_dir, "train", cfg.max_images_per_class)
-    lm = load_model(cfg.model, cfg.weights)
+    lm = loaded or load_model(cfg.model, cfg.weights)
     if lm.num_classes and len(images.classes) > lm.num_classes:
         raise UserError(f"{cfg.data_dir}/train has {len(images.classes)} classes but {cfg.model} "
                         f"has only {lm.num_classes} outputs")
     layer, conv = get_layer(lm.model, cfg.layer)
-    from .models import default_layer
     path = os.path.join(cfg.store_dir, st.store_name(lm.name, layer, default_layer(lm.model)))
     return images, lm, layer, conv, path
 
 
-def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None = None) -> dict:
+def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None = None,
+                        loaded: LoadedModel | None = None) -> dict:
     """Run stage 1 (or continue it) and return a summary dict (store path, images, seconds, ...).
 
     ``check`` is called with the layer's number of output channels before anything is written.
+    ``loaded`` replaces ``cfg.model``/``cfg.weights`` by a model already in memory (tests, notebooks).
     """
-    images, lm, layer, conv, path = prepare(cfg)
+    images, lm, layer, conv, path = prepare(cfg, loaded)
     if check is not None:
         check(conv.out_channels)
     device = resolve_device(cfg.device, cfg.gpu)
