@@ -5,11 +5,15 @@ One pass over DATA_DIR/train. For each image: R[c] = sum_hw a[c] * d z_label / d
 output of the layer (signed), its label and predicted class; per class, the sum of the layer's
 input map (for the closed-form ARVs of stage 2). Results go to
 STORE_DIR/<model>_channel_importances/. Rerun the same command to continue after a kill.
+
+Several GPUs or machines: start the same command with torchrun, e.g.
+  torchrun --nproc_per_node=4 get_importances_for_classes.py --data_dir D --store_dir S
+Each process takes a disjoint share of the images; the store equals a single-process run.
 """
 import argparse
 
 from utils.cli import add_data_args, add_device_args, add_json_arg, add_model_args, add_store_arg, write_json_output
-from utils.errors import run_cli
+from utils.errors import UserError, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -20,6 +24,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_device_args(p)
     p.add_argument("--max_images_per_class", type=int, default=None, metavar="N",
                    help="use only the first N images of each class (quick runs)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast dtype of the pass (default: fp32); recorded in the store")
+    p.add_argument("--chunk_images", type=int, default=None, metavar="N",
+                   help="images per resumable chunk (default: about 4096, a multiple of --batch_size); "
+                        "fixed when the store is created")
     add_json_arg(p)
     return p
 
@@ -29,11 +38,13 @@ def main(args: argparse.Namespace) -> None:
     from utils.cli import check_channels
     from utils.distributed import distributed_context
 
-    with distributed_context(args.device) as (rank, world, device):
+    if args.chunk_images is not None and args.chunk_images < 1:
+        raise UserError("--chunk_images must be at least 1")
+    with distributed_context(args.device, args.gpu) as (rank, world, device):
         cfg = Stage1Config(data_dir=args.data_dir, store_dir=args.store_dir, model=args.model, weights=args.weights,
                            layer=args.layer, batch_size=args.batch_size, device=device, gpu=args.gpu,
                            num_workers=args.num_workers, max_images_per_class=args.max_images_per_class,
-                           rank=rank, world_size=world)
+                           precision=args.precision, chunk_images=args.chunk_images, rank=rank, world_size=world)
         s = compute_importances(cfg, check=lambda c: check_channels(args.nr_channels_in_layer_of_interest, c,
                                                                     f"layer {args.layer or 'last_conv'}"))
     if rank != 0:

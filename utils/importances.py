@@ -8,8 +8,10 @@ result does not depend on how chunks were split between runs or processes.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -25,6 +27,9 @@ from .models import LoadedModel, default_layer, get_layer, load_model
 from .relevance import capture_layer, relevance_batch
 
 DEFAULT_CHUNK_IMAGES = 4096
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Test hook: "RANK:K" makes process RANK exit abruptly (as if killed) after writing K chunks.
+EXIT_AFTER_ENV = "DISENTANGLE_TEST_EXIT_AFTER_CHUNKS"
 
 
 @dataclass
@@ -41,6 +46,7 @@ class Stage1Config:
     max_images_per_class: int | None = None
     chunk_images: int | None = None
     progress: bool = True
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast dtype of the forward and backward pass
     rank: int = 0
     world_size: int = 1
     after_chunk: Callable[[int], None] | None = field(default=None, repr=False)  # test hook
@@ -93,6 +99,7 @@ def _new_meta(cfg: Stage1Config, lm: LoadedModel, layer: str, conv, images: Imag
         "class_names": names[: len(images.classes)] if names else None,
         "class_counts": images.class_counts(),
         "relevance_dtype": "float16",
+        "precision": cfg.precision,
         "chunk_images": chunk_images,
         "batch_size": cfg.batch_size,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -131,9 +138,8 @@ def _assemble(path: str, meta: dict, plan: _Chunks) -> None:
     st.save_npy(os.path.join(path, "input_sums.npy"), sums)
     meta["complete"] = True
     st.write_json(os.path.join(path, "meta.json"), meta)
-    for j in range(plan.count):
-        os.remove(_chunk_path(path, j))
-    os.rmdir(os.path.join(path, "chunks"))
+    # rmtree, not rmdir: a killed run can leave a half-written chunk_*.tmp-* behind
+    shutil.rmtree(os.path.join(path, "chunks"), ignore_errors=True)
 
 
 def prepare(cfg: Stage1Config, loaded: LoadedModel | None = None):
@@ -156,7 +162,11 @@ def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None =
 
     ``check`` is called with the layer's number of output channels before anything is written.
     ``loaded`` replaces ``cfg.model``/``cfg.weights`` by a model already in memory (tests, notebooks).
+    Under ``torchrun`` (``cfg.world_size > 1``) every rank calls this; a UserError on any rank
+    stops all of them (none waits forever for a failed peer).
     """
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
     images, lm, layer, conv, path = prepare(cfg, loaded)
     if check is not None:
         check(conv.out_channels)
@@ -168,15 +178,20 @@ def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None =
     if os.path.isfile(meta_path):
         meta = st.read_json(meta_path)
         diff = st.identity_difference(meta, wanted)
+        if diff is None and meta.get("precision", "fp32") != cfg.precision:
+            diff = f"--precision: store has {meta.get('precision', 'fp32')!r}, this run has {cfg.precision!r}"
         if diff:
             raise UserError(f"store {path} was made with another {diff}; use another --store_dir")
         if meta.get("complete"):
-            return {**summary, "already_complete": True, "seconds": 0.0, "images_per_second": 0.0}
+            return {**summary, "already_complete": True, "processed": 0, "seconds": 0.0, "images_per_second": 0.0}
     model = lm.model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     in_shape, out_hw = _probe_shapes(model, conv, device)
-    created = False
-    if not os.path.isfile(meta_path):
-        if cfg.rank == 0:
+    created = not os.path.isfile(meta_path)
+
+    def create() -> None:
+        if created and cfg.rank == 0:
             os.makedirs(os.path.join(path, "chunks"), exist_ok=True)
             chunk_images = cfg.chunk_images or max(1, DEFAULT_CHUNK_IMAGES // cfg.batch_size) * cfg.batch_size
             meta = _new_meta(cfg, lm, layer, conv, images, in_shape, out_hw, chunk_images)
@@ -184,83 +199,149 @@ def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None =
             if conv.bias is not None:
                 st.save_npy(os.path.join(path, "layer_bias.npy"), conv.bias.detach().float().cpu().numpy())
             st.write_json(meta_path, meta)
-            created = True
-    _sync(cfg)
+
+    _together(cfg, device, create)  # rank 0 writes meta.json; the others read it only after this
     meta = st.read_json(meta_path)
     os.makedirs(os.path.join(path, "chunks"), exist_ok=True)
     plan = _Chunks(len(images), meta["chunk_images"], cfg.batch_size)
     todo = [j for j in range(plan.count) if j % cfg.world_size == cfg.rank and not os.path.isfile(_chunk_path(path, j))]
+    result = {}
+
+    def run() -> None:
+        result["seconds"], result["done"] = _run_chunks(cfg, model, conv, images, path, plan, todo, device)
+
     try:
-        seconds, done = _run_chunks(cfg, model, conv, images, path, plan, todo, device)
+        done = _together(cfg, device, run, count=lambda: result["done"])
     except UserError:
-        if created:
+        if created and cfg.rank == 0:  # every rank has stopped writing by now
             st.remove_partial(path)
         raise
-    _sync(cfg)
     if cfg.rank == 0:
         missing = [j for j in range(plan.count) if not os.path.isfile(_chunk_path(path, j))]
         if missing:
             raise UserError(f"store {path} is missing {len(missing)} chunks; rerun to finish it")
         _assemble(path, meta, plan)
+    seconds = result["seconds"]
     return {**summary, "processed": done, "seconds": seconds, "images_per_second": done / max(seconds, 1e-9)}
 
 
-def _sync(cfg: Stage1Config) -> None:
-    if cfg.world_size > 1:
-        torch.distributed.barrier()
+def _together(cfg: Stage1Config, device: torch.device, step: Callable[[], None],
+              count: Callable[[], int] | None = None) -> int:
+    """Run ``step`` on every rank, then agree: if it failed anywhere, it fails everywhere.
+
+    The failing rank re-raises its own error; the others raise a UserError that points to it.
+    Returns the sum over ranks of ``count()`` (0 without ``count``). Doubles as a barrier.
+    """
+    error = None
+    try:
+        step()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have been told
+        error = e
+    if cfg.world_size == 1:
+        if error is not None:
+            raise error
+        return count() if count else 0
+    dist = torch.distributed
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([error is not None, 0 if error is not None or count is None else count()],
+                     dtype=torch.int64, device=on)
+    dist.all_reduce(t)
+    failed, total = t.tolist()
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError(f"stage 1 stopped: {failed} other process(es) of this job failed (see their error)")
+    return total
+
+
+def _exit_hook(rank: int) -> Callable[[int], None] | None:
+    """The ``EXIT_AFTER_ENV`` test hook, or None when the variable is not set for this rank."""
+    spec = os.environ.get(EXIT_AFTER_ENV)
+    if not spec:
+        return None
+    r, k = (int(v) for v in spec.split(":"))
+    if r != rank:
+        return None
+    written = []
+
+    def hook(j: int) -> None:
+        written.append(j)
+        if len(written) >= k:
+            os._exit(17)
+
+    return hook
 
 
 def _add_class_sums(sums: torch.Tensor, labels: torch.Tensor, x: torch.Tensor) -> None:
     """``sums[t] += sum of x over the batch's images of class t`` (float64), deterministically.
 
-    CPU ``index_add_`` adds in a fixed order; on CUDA it uses atomics, so a one-hot matmul is used.
+    CPU ``index_add_`` adds in a fixed order; on CUDA it uses atomics, so a one-hot matmul is used
+    (built with scatter_, which unlike one_hot never synchronises with the host).
     """
     if x.is_cuda:
-        onehot = torch.nn.functional.one_hot(labels, sums.shape[0]).double()
+        onehot = torch.zeros(len(labels), sums.shape[0], dtype=torch.float64, device=x.device)
+        onehot.scatter_(1, labels[:, None], 1.0)
         sums += (onehot.T @ x.flatten(1).double()).view_as(sums)
     else:
         sums.index_add_(0, labels, x.double())
 
 
 def _run_chunks(cfg, model, conv, images, path, plan: _Chunks, todo: list[int], device) -> tuple[float, int]:
-    """The pass itself: stream the pending chunks' batches, write each chunk when it is full."""
-    K = len(images.classes)
+    """The pass itself: stream the pending chunks' batches, write each chunk when it is full.
+
+    Results stay on the device until their chunk is complete, then come to the host in one copy:
+    no per-batch host synchronisation on CUDA.
+    """
+    cuda = device.type == "cuda"
     batches = list(plan.batches(todo))
-    loader = make_loader(images, batch_sampler=batches, num_workers=cfg.num_workers,
-                         pin_memory=device.type == "cuda")
+    loader = make_loader(images, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=cuda)
     total = sum(len(b) for b in batches)
-    bar = tqdm(total=total, unit="img", desc="stage 1", disable=not cfg.progress or cfg.rank != 0,
-               dynamic_ncols=True)
+    desc = "stage 1" if cfg.world_size == 1 else f"stage 1 (rank 0 of {cfg.world_size})"
+    bar = tqdm(total=total, unit="img", desc=desc, disable=not cfg.progress or cfg.rank != 0, dynamic_ncols=True)
     start = time.perf_counter()
-    it = iter(loader)
+    try:
+        done = _stream(cfg, model, conv, images, path, plan, todo, device, iter(loader), bar)
+    except BaseException:
+        bar.leave = False  # clear the bar, so that an error message starts on a clean line
+        raise
+    finally:
+        bar.close()
+    return time.perf_counter() - start, done
+
+
+def _stream(cfg, model, conv, images, path, plan: _Chunks, todo: list[int], device, it, bar) -> int:
+    """Consume the batches of ``todo`` from ``it``, writing one chunk file per chunk; return images done."""
+    K = len(images.classes)
+    cuda = device.type == "cuda"
+    dtype = PRECISIONS[cfg.precision]
+    after_chunk = cfg.after_chunk or _exit_hook(cfg.rank)
     done = 0
     for j in todo:
         lo, hi = plan.bounds(j)
-        rel = np.empty((hi - lo, conv.out_channels), np.float16)
-        tgt = np.empty(hi - lo, np.int64)
-        prd = np.empty(hi - lo, np.int64)
+        rels, preds, tgts = [], [], []
         sums = None
         pos = 0
         while pos < hi - lo:
             x_img, labels, index = next(it)
-            check_batch(images, labels, index)
-            x_img = x_img.to(device, non_blocking=True)
+            check_batch(images, labels, index)  # on the host labels: no device round trip
+            x_img = x_img.to(device, non_blocking=True, memory_format=torch.channels_last if cuda else torch.preserve_format)
             lab = labels.to(device, non_blocking=True)
-            R, pred, x = relevance_batch(model, conv, x_img, lab)
+            with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+                R, pred, x = relevance_batch(model, conv, x_img, lab)
             if sums is None:
                 sums = torch.zeros((K, *x.shape[1:]), dtype=torch.float64, device=device)
             _add_class_sums(sums, lab, x)
-            b = len(labels)
-            rel[pos:pos + b] = R.to(torch.float16).cpu().numpy()
-            tgt[pos:pos + b] = labels.numpy()
-            prd[pos:pos + b] = pred.cpu().numpy()
-            pos += b
-            done += b
-            bar.update(b)
+            rels.append(R.to(torch.float16))
+            preds.append(pred)
+            tgts.append(labels)
+            pos += len(labels)
+            done += len(labels)
+            bar.update(len(labels))
+        tgt = torch.cat(tgts).numpy().astype(np.int64)
         present = np.unique(tgt)
-        st.save_npz(_chunk_path(path, j), relevance=rel, targets=tgt, predictions=prd,
-                    sum_classes=present, sums=sums[torch.from_numpy(present).to(device)].cpu().numpy())
-        if cfg.after_chunk is not None:
-            cfg.after_chunk(j)
-    bar.close()
-    return time.perf_counter() - start, done
+        st.save_npz(_chunk_path(path, j), relevance=torch.cat(rels).cpu().numpy(),
+                    targets=tgt, predictions=torch.cat(preds).cpu().numpy().astype(np.int64), sum_classes=present,
+                    sums=sums[torch.from_numpy(present).to(device)].cpu().numpy())
+        if after_chunk is not None:
+            after_chunk(j)
+    return done
