@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Stage 4: how well a disentanglement worked, on the validation images of the two concepts.
+
+One pass over DATA_DIR/val images of both concepts' classes. Per image: the relative attribution of
+the channel in the original network and the spatial sums (before BatchNorm) of the original channel
+and of its sub-channels Disentangled 1, Disentangled 2 and Residual.
+
+  --get_qualitative   density plots (PNG) per concept, and the same curves as pgfplots data (.tex),
+                      in OUT_DIR/plots/
+  --get_quantitative  per concept, the rows d1/orig, d2/orig, res/orig of the images whose relative
+                      attribution is >= tau, as OUT_DIR/results_quantitative/<name>_concept{1,2}.csv
+                      (a rerun replaces its own files)
+  --summarize DIR     print the paper's table over every CSV in DIR (same as summarize_results.py)
+
+The disentanglement is read from MODEL_DIR/<name>/ as written by disentangle_channel.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from utils.cli import add_data_args, add_device_args, add_json_arg, add_model_args, write_json_output
+from utils.errors import UserError, run_cli
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p, required=False)
+    add_model_args(p, layer_flags=("--layer_of_interest", "--layer"))
+    add_device_args(p)
+    g = p.add_argument_group("disentanglement")
+    g.add_argument("--model_dir", default=os.path.join("store", "models_disentangled"),
+                   help="folder of the disentanglements, STORE_DIR/models_disentangled/ of disentangle_channel.py "
+                        "(default: ./store/models_disentangled)")
+    g.add_argument("--channel_of_interest", "--channel", dest="channel", type=int, default=None,
+                   help="the disentangled channel c")
+    g.add_argument("--classes_for_concept1", type=int, nargs="+", default=None, metavar="CLASS",
+                   help="class index(es) of concept 1")
+    g.add_argument("--classes_for_concept2", type=int, nargs="+", default=None, metavar="CLASS",
+                   help="class index(es) of concept 2")
+    g.add_argument("--f", "--rho", dest="rho", type=float, default=None,
+                   help="evaluate this rho of the sweep (0.05 .. 1.0) instead of the best one")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--get_qualitative", action="store_true", help="write the density plots and pgfplots data")
+    o.add_argument("--get_quantitative", action="store_true", help="write the per-image fraction rows as CSV")
+    o.add_argument("--proportion_attribution_required", "--tau", dest="tau", type=float, default=0.03,
+                   help="tau: minimum relative attribution of the channel for an image to give a row (default: 0.03)")
+    o.add_argument("--out_dir", default=".", help="where plots/ and results_quantitative/ go (default: .)")
+    o.add_argument("--summarize", metavar="DIR", default=None,
+                   help="only print (and write summary.csv/.md into DIR) the table over the CSVs in DIR")
+    o.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_json_arg(p)
+    return p
+
+
+def summarize_command(results_dir: str) -> dict:
+    """Print the paper's table for ``results_dir`` and write summary.csv / summary.md there."""
+    from utils.evaluation import format_table, summarize, write_summary
+
+    table = summarize(results_dir)
+    print(f"results in {results_dir}")
+    print(format_table(table))
+    csv_path, md_path = write_summary(results_dir, table)
+    print(f"wrote {csv_path} and {md_path}")
+    rows = [{**e, "mean": [None if v != v else v for v in e["mean"]]} for e in table]  # NaN -> null
+    return {"table": rows, "csv": csv_path, "markdown": md_path}
+
+
+def main(args: argparse.Namespace, loaded=None) -> dict:
+    """Run stage 4 (or the summary); ``loaded`` (a utils.models.LoadedModel) replaces --model/--weights."""
+    if args.summarize:
+        out = summarize_command(args.summarize)
+        write_json_output(args.json, out)
+        return out
+    from utils.evaluation import Stage4Config, run_stage4
+
+    missing = [f for f, v in (("--data_dir", args.data_dir), ("--channel_of_interest", args.channel),
+                              ("--classes_for_concept1", args.classes_for_concept1),
+                              ("--classes_for_concept2", args.classes_for_concept2)) if v is None]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)} (or pass --summarize DIR)")
+    qualitative, quantitative = args.get_qualitative, args.get_quantitative
+    if not (qualitative or quantitative):
+        print("neither --get_qualitative nor --get_quantitative given: doing both")
+        qualitative = quantitative = True
+    cfg = Stage4Config(data_dir=args.data_dir, model_dir=args.model_dir, model=args.model, weights=args.weights,
+                       layer=args.layer, channel=args.channel, classes1=args.classes_for_concept1,
+                       classes2=args.classes_for_concept2, rho=args.rho, tau=args.tau, out_dir=args.out_dir,
+                       qualitative=qualitative, quantitative=quantitative, batch_size=args.batch_size,
+                       num_workers=args.num_workers, device=args.device, gpu=args.gpu,
+                       nr_channels=args.nr_channels_in_layer_of_interest, progress=not args.no_progress)
+    out = run_stage4(cfg, loaded=loaded, log=print)
+    write_json_output(args.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))
