@@ -1,0 +1,371 @@
+"""Stage 3: disentangle one channel ``c`` of the layer ``L`` into one sub-channel per concept.
+
+The math (ALGORITHM.md, stage 3), as pure functions on tensors:
+
+    concept ARVs A1, A2 (C_in,)  ->  sweep: index sets + D1/D2/Res per rho (R = 20 values)
+    ->  one conv with the R D1 and R D2 filters stacked (2R outputs), applied to each concept
+        image's layer input x once  ->  pos(y) = sum_hw max(y, 0)
+    ->  score(rho) = mean_{concept 1} pos(D1)/(pos(D2)+1e-5) + mean_{concept 2} pos(D2)/(pos(D1)+1e-5)
+    ->  best rho = first maximal score in sweep order.
+
+:func:`disentangle_channel` runs it on a stage-1 store and the concepts' training images: one
+truncated forward (up to ``L``) per image, then full forwards of the original and the
+disentangled network on a few images to check that the logits agree. :func:`save_record`
+writes ``models_disentangled/<name>/{record.json, filters.pt}``, which
+:func:`utils.surgery.disentangle_model` and :func:`utils.surgery.export_checkpoint` read.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import store as st
+from .data import check_batch, list_images, make_loader, resolve_device
+from .errors import UserError
+from .models import LoadedModel, default_layer, get_layer, load_model, set_module
+from .relevance import arv, layer_input, tap_maps
+from .surgery import RECORD_VERSION, RHOS, Split, index_sets, make_split_layer, record_name, split_filters
+
+EPS = 1e-5  # the score's denominator offset
+MAX_LOGIT_DIFF = 1e-3  # above this the disentangled network is reported as broken
+
+
+# ------------------------------------------------------------------ pure math
+
+
+def concept_arv_from_sums(conv: nn.Conv2d | torch.Tensor, channel: int, input_sums, class_counts,
+                          classes: list[int], maps: torch.Tensor | None = None) -> torch.Tensor:
+    """ARV of a concept (C_in, float64): mean r_i over all training images of ``classes``.
+
+    ``input_sums``: per-class sums of the layer input (K x C_in x H x W, array or tensor);
+    ``class_counts``: images per class (K,). ``conv`` is the layer (or its weight with the
+    layer's geometry given through ``maps`` = :func:`utils.relevance.tap_maps`).
+    """
+    total = sum(torch.tensor(np.asarray(input_sums[t], dtype=np.float64)) for t in classes)
+    n = int(sum(int(class_counts[t]) for t in classes))
+    if n == 0:
+        raise UserError(f"classes {classes} have no training images")
+    mean = total / n
+    if maps is None:
+        maps = tap_maps(conv, tuple(mean.shape[-2:]))
+    return arv(conv, channel, mean, maps)
+
+
+@dataclass
+class Sweep:
+    """All rho values of one split. ``R`` rhos; masks (R x C_in, bool); filters (R x C_in x kh x kw)."""
+
+    rhos: torch.Tensor  # (R,) float64
+    S1: torch.Tensor
+    S2: torch.Tensor
+    S0: torch.Tensor
+    D1: torch.Tensor
+    D2: torch.Tensor
+    Res: torch.Tensor
+
+    def split(self, channel: int, i: int) -> Split:
+        """The i-th rho's filters as a :class:`utils.surgery.Split` of ``channel``."""
+        return Split(channel, self.D1[i], self.D2[i], self.Res[i])
+
+
+def sweep(weight_c: torch.Tensor, A1: torch.Tensor, A2: torch.Tensor, rhos: Iterable[float] = RHOS) -> Sweep:
+    """Index sets and D1/D2/Res for every rho, from filter ``W[c]`` (C_in x kh x kw) and ARVs (C_in,)."""
+    rhos = [float(r) for r in rhos]
+    masks = [index_sets(A1.double(), A2.double(), r) for r in rhos]
+    filters = [split_filters(weight_c.detach(), S1, S2) for S1, S2, _ in masks]
+    S1, S2, S0 = (torch.stack([m[j] for m in masks]) for j in range(3))
+    D1, D2, Res = (torch.stack([f[j] for f in filters]) for j in range(3))
+    if not torch.equal(D1 + D2 - Res, weight_c.detach().expand_as(D1)):
+        raise AssertionError("D1 + D2 - Res differs from the original filter")  # cannot happen: masks partition C_in
+    return Sweep(torch.tensor(rhos, dtype=torch.float64), S1, S2, S0, D1, D2, Res)
+
+
+def distinct_splits(sw: Sweep) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rhos with the same index sets share filters (and so scores): ``first`` (U,) = one rho index per
+    distinct split, in sweep order; ``inverse`` (R,) = which distinct split each rho has."""
+    _, inverse = torch.unique(torch.cat([sw.S1, sw.S2], 1), dim=0, return_inverse=True)
+    order = {}
+    for i, u in enumerate(inverse.tolist()):
+        order.setdefault(u, len(order))
+    first = torch.tensor([inverse.tolist().index(u) for u in order])
+    return first, torch.tensor([order[u] for u in inverse.tolist()])
+
+
+def stacked_conv(conv: nn.Conv2d, channel: int, D1: torch.Tensor, D2: torch.Tensor) -> nn.Conv2d:
+    """One conv with ``L``'s geometry and 2n outputs: the n filters ``D1`` (n x C_in x kh x kw), then the
+    n filters ``D2``; every output gets ``L``'s bias b[c]."""
+    w = conv.weight.detach()
+    out = nn.Conv2d(conv.in_channels, 2 * len(D1), conv.kernel_size, conv.stride, conv.padding, conv.dilation, 1,
+                    conv.bias is not None, conv.padding_mode, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([D1, D2]).to(w))
+        if conv.bias is not None:
+            out.bias.fill_(0).add_(conv.bias.detach()[channel])
+    return out.eval().requires_grad_(False)
+
+
+def positive_mass(y: torch.Tensor) -> torch.Tensor:
+    """``pos(y) = sum_hw max(y, 0)`` per image and channel: (B x n x H' x W') -> (B x n), float64."""
+    return y.clamp_min(0).double().sum(dim=(2, 3))
+
+
+def ratio_sums(pos: torch.Tensor, concept: torch.Tensor) -> torch.Tensor:
+    """Sums over a batch of the score's ratios (2 x R, float64).
+
+    ``pos``: (B x 2R) positive masses of D1 (first R) and D2 (last R); ``concept``: (B,) in {1, 2}.
+    Row 0: sum over concept-1 images of pos(D1)/(pos(D2)+eps); row 1: concept 2, pos(D2)/(pos(D1)+eps).
+    """
+    R = pos.shape[1] // 2
+    p1, p2 = pos[:, :R], pos[:, R:]
+    in1 = (concept == 1).to(pos)[:, None]
+    in2 = (concept == 2).to(pos)[:, None]
+    return torch.stack([(in1 * p1 / (p2 + EPS)).sum(0), (in2 * p2 / (p1 + EPS)).sum(0)])
+
+
+def scores_from_sums(sums: torch.Tensor, n1: int, n2: int) -> torch.Tensor:
+    """score(rho) (R,) from accumulated ratio sums (2 x R) and the images per concept."""
+    return sums[0] / n1 + sums[1] / n2
+
+
+def best_index(scores: torch.Tensor) -> int:
+    """Index of the first maximal score (sweep order decides ties)."""
+    top = scores.max()
+    return int((scores == top).nonzero()[0, 0])
+
+
+def sweep_scores(model: nn.Module, conv: nn.Conv2d, channel: int, sw: Sweep,
+                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, int, int]:
+    """score per rho (R,) over ``batches`` of (images B x 3 x H x W, concept B in {1, 2}); plus n1, n2.
+
+    Each image goes through the network once, and only up to ``conv``; rhos with the same index sets
+    are scored once, so they tie exactly.
+    """
+    first, inverse = distinct_splits(sw)
+    stacked = stacked_conv(conv, channel, sw.D1[first], sw.D2[first])
+    sums = torch.zeros(2, len(first), dtype=torch.float64, device=conv.weight.device)
+    n1 = n2 = 0
+    with torch.no_grad():
+        for images, concept in batches:
+            x = layer_input(model, conv, images)
+            sums += ratio_sums(positive_mass(stacked(x)), concept)
+            n1 += int((concept == 1).sum())
+            n2 += int((concept == 2).sum())
+    if n1 == 0 or n2 == 0:
+        raise UserError("a concept has no images to score on")
+    return scores_from_sums(sums, n1, n2).cpu()[inverse], n1, n2
+
+
+def max_logit_diff(original: nn.Module, disentangled: nn.Module, images: torch.Tensor, batch_size: int = 64) -> float:
+    """Largest |original(images) - disentangled(images)| over all logits (full forwards)."""
+    diff = 0.0
+    with torch.no_grad():
+        for b in range(0, len(images), batch_size):
+            x = images[b:b + batch_size]
+            diff = max(diff, float((original(x).float() - disentangled(x).float()).abs().max()))
+    return diff
+
+
+def check_concepts(c1: list[int], c2: list[int], class_counts: list[int]) -> None:
+    """Refuse class indices outside the data, a class in both concepts, or a concept without images."""
+    K = len(class_counts)
+    for name, cs in (("concept 1", c1), ("concept 2", c2)):
+        if not cs:
+            raise UserError(f"{name} has no classes")
+        for t in cs:
+            if not 0 <= t < K:
+                raise UserError(f"class {t} of {name} is outside the data's {K} classes (0..{K - 1})")
+        if len(set(cs)) != len(cs):
+            raise UserError(f"{name} lists a class twice: {cs}")
+        if sum(class_counts[t] for t in cs) == 0:
+            raise UserError(f"{name} (classes {cs}) has no training images")
+    both = sorted(set(c1) & set(c2))
+    if both:
+        raise UserError(f"class {both[0]} is in both concepts; a concept split needs two different sets of classes")
+
+
+# ------------------------------------------------------------------ the run
+
+
+@dataclass
+class Stage3Config:
+    data_dir: str
+    store_dir: str
+    channel: int
+    classes_for_concept1: list[int]
+    classes_for_concept2: list[int]
+    model: str = "resnet50"
+    weights: str = "IMAGENET1K_V1"
+    layer: str | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    gpu: int | None = None
+    num_workers: int = 4
+    check_images: int = 32
+    progress: bool = True
+
+
+def _concept_batches(loader, images, device, members1: set[int], keep: set[int], kept: dict, bar) -> Iterator:
+    """(images, concept) batches on ``device``; images whose index is in ``keep`` are copied into ``kept``."""
+    for x, labels, index in loader:
+        check_batch(images, labels, index)
+        concept = torch.tensor([1 if int(t) in members1 else 2 for t in labels])
+        for j, i in enumerate(index.tolist()):
+            if i in keep:
+                kept[i] = x[j].clone()
+        yield x.to(device, non_blocking=True), concept.to(device)
+        bar.update(len(labels))
+
+
+def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, check=None) -> tuple[dict, Sweep]:
+    """Run stage 3: returns the record (see :func:`save_record`) and the sweep; writes nothing.
+
+    ``loaded`` replaces ``cfg.model``/``cfg.weights`` by a model already in memory;
+    ``check(out_channels)`` is called once the layer is known (the script's channel-count check).
+    """
+    if cfg.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
+    if cfg.check_images < 1:
+        raise UserError("--check_images must be at least 1")
+    c1, c2 = [int(t) for t in cfg.classes_for_concept1], [int(t) for t in cfg.classes_for_concept2]
+    lm = loaded or load_model(cfg.model, cfg.weights)
+    layer, conv = get_layer(lm.model, cfg.layer)
+    default = default_layer(lm.model)
+    if check is not None:
+        check(conv.out_channels)
+    if not 0 <= cfg.channel < conv.out_channels:
+        raise UserError(f"channel {cfg.channel} is outside layer {layer}, which has {conv.out_channels} "
+                        f"channels (0..{conv.out_channels - 1})")
+    store = st.Store.open(os.path.join(cfg.store_dir, st.store_name(lm.name, layer, default)))
+    store.check(model=lm.name, weights=lm.weights, layer=layer)
+    counts = [int(n) for n in store.class_counts]
+    check_concepts(c1, c2, counts)
+    images = list_images(cfg.data_dir, "train", store.meta.get("max_images_per_class"))
+    if images.fingerprint() != store.meta["data_fingerprint"]:
+        raise UserError(f"the training images in {cfg.data_dir} are not those of store {store.path} "
+                        f"(made from {store.meta.get('data_root')}); pass the same --data_dir as in stage 1")
+    device = resolve_device(cfg.device, cfg.gpu)
+
+    # ARVs and the sweep (closed form, no images)
+    input_sums = store.input_sums
+    maps = tap_maps(conv, tuple(input_sums.shape[-2:]))
+    A1 = concept_arv_from_sums(conv, cfg.channel, input_sums, counts, c1, maps)
+    A2 = concept_arv_from_sums(conv, cfg.channel, input_sums, counts, c2, maps)
+    sw = sweep(conv.weight.detach()[cfg.channel].cpu(), A1, A2)
+
+    # the pass: one truncated forward per concept image
+    model = lm.model.to(device).eval()
+    members1 = set(c1)
+    idx1, idx2 = images.indices_of(c1), images.indices_of(c2)
+    k1 = min(len(idx1), (cfg.check_images + 1) // 2)
+    keep = set(idx1[:k1] + idx2[:max(0, cfg.check_images - k1)])
+    keep |= set(idx1[k1:k1 + cfg.check_images - len(keep)])  # concept 2 too small: top up from concept 1
+    kept: dict[int, torch.Tensor] = {}
+    order = sorted(idx1 + idx2)
+    loader = make_loader(images, order, cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda")
+    bar = tqdm(total=len(order), unit="img", desc="stage 3", disable=not cfg.progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    scores, n1, n2 = sweep_scores(model, conv.to(device), cfg.channel, sw,
+                                  _concept_batches(loader, images, device, members1, keep, kept, bar))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    bar.close()
+    best = best_index(scores)
+
+    # equivalence: full forwards of both networks on a few concept images, at the best rho
+    check_x = torch.stack([kept[i] for i in sorted(kept)]).to(device)
+    record = {
+        "format_version": RECORD_VERSION,
+        "model": lm.name,
+        "weights": lm.weights,
+        "layer": layer,
+        "default_layer": layer == default,
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "channel": int(cfg.channel),
+        "classes_for_concept1": c1,
+        "classes_for_concept2": c2,
+        "class_names": {str(t): _class_name(store.meta, t) for t in c1 + c2},
+        "store": os.path.abspath(store.path),
+        "data_dir": os.path.abspath(cfg.data_dir),
+        "data_fingerprint": store.meta["data_fingerprint"],
+        "rhos": [round(float(r), 2) for r in sw.rhos],
+        "scores": {_key(r): float(s) for r, s in zip(sw.rhos, scores)},
+        "best_rho": round(float(sw.rhos[best]), 2),
+        "sources": {_key(r): {"concept1": _ids(sw.S1[i]), "concept2": _ids(sw.S2[i]), "shared": _ids(sw.S0[i])}
+                    for i, r in enumerate(sw.rhos)},
+        "max_abs_logit_diff": None,
+        "equivalence_images": len(check_x),
+        "train_images": {"concept1": n1, "concept2": n2},
+        "filters": "filters.pt",
+        "seconds": seconds,
+        "images_per_second": (n1 + n2) / max(seconds, 1e-9),
+    }
+    net = _split_network(model, layer, sw.split(cfg.channel, best))
+    diff = max_logit_diff(model, net, check_x, cfg.batch_size)
+    record["max_abs_logit_diff"] = diff
+    if not diff <= MAX_LOGIT_DIFF:
+        raise UserError(f"the disentangled network's logits differ from the original's by {diff:.3g} "
+                        f"(> {MAX_LOGIT_DIFF:g}) on {len(check_x)} concept images; nothing written")
+    return record, sw
+
+
+def _split_network(model: nn.Module, layer: str, split: Split) -> nn.Module:
+    """``model`` with ``layer`` replaced by its split layer (a copy; the original is untouched)."""
+    net = copy.deepcopy(model)
+    _, conv = get_layer(net, layer)
+    set_module(net, layer, make_split_layer(conv, [split]))
+    return net.eval()
+
+
+def _class_name(meta: dict, t: int) -> str:
+    names = meta.get("class_names") or meta["classes"]
+    return str(names[t])
+
+
+def _key(rho) -> str:
+    return f"{float(rho):.2f}"
+
+
+def _ids(mask: torch.Tensor) -> list[int]:
+    return mask.nonzero().flatten().tolist()
+
+
+RECORD_KEYS = ("format_version", "model", "weights", "layer", "default_layer", "in_channels", "out_channels",
+               "channel", "classes_for_concept1", "classes_for_concept2", "class_names", "store", "data_dir",
+               "data_fingerprint", "rhos", "scores", "best_rho", "sources", "max_abs_logit_diff",
+               "equivalence_images", "train_images", "filters", "seconds", "images_per_second")
+
+
+def record_folder(store_dir: str, record: dict) -> str:
+    """``<store_dir>/models_disentangled/<record_name>``."""
+    default = record["layer"] if record["default_layer"] else ""
+    name = record_name(record["model"], record["layer"], default, record["channel"],
+                       record["classes_for_concept1"], record["classes_for_concept2"])
+    return os.path.join(store_dir, "models_disentangled", name)
+
+
+def save_record(folder: str, record: dict, sw: Sweep) -> list[str]:
+    """Write ``filters.pt`` and ``record.json`` into ``folder``, each atomically; returns both paths."""
+    os.makedirs(folder, exist_ok=True)
+    fpath = os.path.join(folder, "filters.pt")
+    tmp = f"{fpath}.tmp-{os.getpid()}"
+    filters = {"rhos": sw.rhos.clone(), "D1": sw.D1.contiguous().clone(), "D2": sw.D2.contiguous().clone(),
+               "Res": sw.Res.contiguous().clone()}
+    try:
+        torch.save(filters, tmp)
+        os.replace(tmp, fpath)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    rpath = os.path.join(folder, "record.json")
+    st.write_json(rpath, {k: record[k] for k in RECORD_KEYS})
+    return [rpath, fpath]
