@@ -212,6 +212,14 @@ class Stage3Config:
     progress: bool = True
 
 
+def _check_indices(idx1: list[int], idx2: list[int], n: int) -> set[int]:
+    """Up to ``n`` images for the equivalence check, half from each concept where they have enough."""
+    k2 = min(len(idx2), n // 2)
+    k1 = min(len(idx1), n - k2)
+    k2 = min(len(idx2), n - k1)
+    return set(idx1[:k1] + idx2[:k2])
+
+
 def _concept_batches(loader, images, device, members1: set[int], keep: set[int], kept: dict, bar) -> Iterator:
     """(images, concept) batches on ``device``; images whose index is in ``keep`` are copied into ``kept``."""
     for x, labels, index in loader:
@@ -264,9 +272,7 @@ def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, ch
     model = lm.model.to(device).eval()
     members1 = set(c1)
     idx1, idx2 = images.indices_of(c1), images.indices_of(c2)
-    k1 = min(len(idx1), (cfg.check_images + 1) // 2)
-    keep = set(idx1[:k1] + idx2[:max(0, cfg.check_images - k1)])
-    keep |= set(idx1[k1:k1 + cfg.check_images - len(keep)])  # concept 2 too small: top up from concept 1
+    keep = _check_indices(idx1, idx2, cfg.check_images)
     kept: dict[int, torch.Tensor] = {}
     order = sorted(idx1 + idx2)
     loader = make_loader(images, order, cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda")
@@ -347,7 +353,7 @@ RECORD_KEYS = ("format_version", "model", "weights", "layer", "default_layer", "
 
 def record_folder(store_dir: str, record: dict) -> str:
     """``<store_dir>/models_disentangled/<record_name>``."""
-    default = record["layer"] if record["default_layer"] else ""
+    default = record["layer"] if record["default_layer"] else None  # record_name only compares the two
     name = record_name(record["model"], record["layer"], default, record["channel"],
                        record["classes_for_concept1"], record["classes_for_concept2"])
     return os.path.join(store_dir, "models_disentangled", name)
