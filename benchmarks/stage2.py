@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Benchmark stage 2 on a synthetic ImageNet-sized store (no images, no model weights needed).
+
+Writes ``<dir>/resnet50_channel_importances/`` in the store format: 1,281,167 x 2048 float16
+relevance (5.2 GB), 1000 classes (sorted labels, 1281-1282 images each), input sums
+1000 x 512 x 7 x 7 float64, a 2048 x 512 x 1 x 1 layer weight and meta.json. Each class has one or
+two planted channels that are important in ~85% of its images (a few hundred channels end up
+relevant to 2+ classes); every image also has ~10 random spikes. Then runs stage 2 in this
+process and prints seconds per step, total seconds and peak memory (ru_maxrss). The store is
+generated in a child process, so the peak memory is stage 2's alone.
+
+    python benchmarks/stage2.py                 # temp dir under /tmp, deleted afterwards
+    python benchmarks/stage2.py --dir D --keep  # reuse / keep the synthetic store in D
+    python benchmarks/stage2.py --cold          # evict the relevance file from the page cache first
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+N, C, K, C_IN, HW = 1_281_167, 2048, 1000, 512, 7
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", default=None, help="folder for the synthetic store (default: a temp dir, deleted)")
+    p.add_argument("--keep", action="store_true", help="keep the synthetic store")
+    p.add_argument("--images", type=int, default=N, help=f"number of images (default: {N})")
+    p.add_argument("--rows", type=int, default=16384, help="relevance rows per step (default: 16384, as stage 2)")
+    p.add_argument("--cold", action="store_true", help="drop the relevance file from the page cache before stage 2")
+    p.add_argument("--generate_only", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def class_counts(n: int, k: int) -> np.ndarray:
+    counts = np.full(k, n // k, np.int64)
+    counts[: n % k] += 1
+    return counts
+
+
+def planted_channels(rng: np.random.Generator) -> list[np.ndarray]:
+    """Class t -> its 1 or 2 planted channels (important in ~85% of its images)."""
+    return [rng.choice(C, size=rng.integers(1, 3), replace=False) for _ in range(K)]
+
+
+def expected_candidates(seed: int = 0) -> dict[int, list[int]]:
+    """The candidates stage 2 must find: channels planted in two or more classes."""
+    planted = planted_channels(np.random.default_rng(seed))
+    out: dict[int, list[int]] = {}
+    for t, chans in enumerate(planted):
+        for c in chans:
+            out.setdefault(int(c), []).append(t)
+    return {c: ts for c, ts in sorted(out.items()) if len(ts) >= 2}
+
+
+def generate(path: str, n: int, block_rows: int = 65536, seed: int = 0) -> None:
+    """Write the synthetic store to ``path`` (a ``*_channel_importances`` folder)."""
+    from utils import store as st
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    counts = class_counts(n, K)
+    targets = np.repeat(np.arange(K), counts)
+    planted = planted_channels(rng)
+    # one noise block, reused with a random row shift per step: small signed noise plus ~0.5% spikes
+    noise = (rng.standard_normal((block_rows, C), dtype=np.float32) * 0.05).astype(np.float16)
+    spikes = rng.random((block_rows, C), dtype=np.float32) < 0.005
+    noise[spikes] = np.float16(2.0)
+    del spikes
+    rel = np.lib.format.open_memmap(os.path.join(path, "relevance.npy.partial"), mode="w+", dtype=np.float16, shape=(n, C))
+    block = np.empty_like(noise)
+    for lo in range(0, n, block_rows):
+        hi = min(lo + block_rows, n)
+        b = block[: hi - lo]
+        shift = int(rng.integers(block_rows))
+        np.take(noise, (np.arange(hi - lo) + shift) % block_rows, axis=0, out=b)
+        t = targets[lo:hi]
+        for cls in np.unique(t):
+            rows = np.nonzero(t == cls)[0]
+            for ch in planted[cls]:
+                on = rows[rng.random(len(rows)) < 0.85]
+                b[on, ch] = np.float16(3.0)
+        rel[lo:hi] = b
+    rel.flush()
+    del rel
+    os.replace(os.path.join(path, "relevance.npy.partial"), os.path.join(path, "relevance.npy"))
+    st.save_npy(os.path.join(path, "targets.npy"), targets)
+    st.save_npy(os.path.join(path, "predictions.npy"), targets)
+    # sparse non-negative input maps (post-ReLU): each class uses ~20% of the input channels
+    mask = rng.random((K, C_IN, 1, 1)) < 0.2
+    sums = rng.exponential(1.0, (K, C_IN, HW, HW)) * mask * counts[:, None, None, None]
+    st.save_npy(os.path.join(path, "input_sums.npy"), sums)
+    st.save_npy(os.path.join(path, "layer_weight.npy"), (rng.standard_normal((C, C_IN, 1, 1)) * 0.02).astype(np.float32))
+    st.write_json(os.path.join(path, "meta.json"), {
+        "format_version": st.FORMAT_VERSION, "complete": True, "model": "resnet50",
+        "weights": "ResNet50_Weights.IMAGENET1K_V1", "layer": "layer4.2.conv3", "in_channels": C_IN,
+        "out_channels": C, "input_shape": [C_IN, HW, HW], "output_hw": [HW, HW],
+        "conv": {"kernel_size": [1, 1], "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1],
+                 "padding_mode": "zeros", "bias": False},
+        "data_root": "synthetic", "split": "train", "data_fingerprint": "synthetic", "max_images_per_class": None,
+        "num_images": n, "classes": [f"n{t:08d}" for t in range(K)], "class_names": None,
+        "class_counts": counts.tolist(), "relevance_dtype": "float16", "chunk_images": 4096, "batch_size": 256,
+        "created": "synthetic"})
+
+
+def main(args: argparse.Namespace) -> None:
+    base = args.dir or tempfile.mkdtemp(prefix="stage2_bench_")
+    path = os.path.join(base, "resnet50_channel_importances")
+    if args.generate_only:
+        generate(path, args.images)
+        return
+    try:
+        if not os.path.isfile(os.path.join(path, "meta.json")):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--generate_only", "--dir", base,
+                            "--images", str(args.images)], check=True)
+            size = os.path.getsize(os.path.join(path, "relevance.npy")) / 1e9
+            print(f"generated {path} ({size:.2f} GB relevance) in {time.perf_counter() - t0:.1f} s")
+        if args.cold:
+            fd = os.open(os.path.join(path, "relevance.npy"), os.O_RDONLY)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        run_stage2(base, args.rows)
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+            print(f"deleted {base}")
+
+
+def run_stage2(base: str, rows: int) -> None:
+    t_start = time.perf_counter()
+    from utils.selection import find_pairs, open_store, pairs_text, results_path, write_text
+
+    t_imp = time.perf_counter()
+    store = open_store(base, "resnet50")
+    t_open = time.perf_counter()
+    res = find_pairs(store, tau=0.03, p=0.75, gamma_low=0.0, gamma_high=0.5, rows=rows)
+    t_find = time.perf_counter()
+    write_text(results_path(base, "resnet50", 0.03, 0.75, 0.0, 0.5), pairs_text(res.pairs))
+    t_end = time.perf_counter()
+    steps = {"imports": t_imp - t_start, "open store": t_open - t_imp, **res.seconds,
+             "other": (t_find - t_open) - sum(res.seconds.values()), "write txt": t_end - t_find}
+    total = t_end - t_start
+    n_pairs = sum(len(v) * (len(v) - 1) // 2 for v in res.candidates.values())
+    print(f"store: {store.meta['num_images']} images x {store.num_channels} channels, {store.num_classes} classes")
+    print(f"found: {len(res.candidates)} candidate channels, {n_pairs} class pairs, {len(res.pairs)} listed (s < 0.5)")
+    if store.meta["num_images"] >= 50 * K:  # enough images per class for the planted 85% to clear p = 0.75
+        ok = res.candidates == expected_candidates()
+        print(f"planted candidates recovered exactly: {'yes' if ok else 'NO'}")
+    for k, v in steps.items():
+        print(f"  {k:<12} {v:7.2f} s")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    print(f"total {total:.1f} s, peak memory (ru_maxrss) {peak:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

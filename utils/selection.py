@@ -1,0 +1,414 @@
+"""Stage 2: candidate channels and gamma-polysemantic pairs, from the store alone (no images).
+
+Shapes: ``N`` training images, ``C`` channels of the layer ``L``, ``K`` classes, ``C_in x H x W``
+the layer's input map, ``T = kh*kw`` kernel taps.
+
+1. ``important``: ``R_i[c] >= tau * sum_c' max(R_i[c'], 0)``, decided exactly (see ``important``);
+2. ``count_important``: ``count[t, c]`` = images of class t with c important, streamed in chunks;
+3. ``relevant_classes``: ``count[t, c] >= p * n_t`` (classes without images: nothing);
+4. ``candidate_channels``: channels relevant to two or more classes;
+5. ``class_arvs`` / ``concept_arv``: ARVs in closed form from the per-class input sums;
+6. ``polysemantic_pairs``: ``gamma_low <= cos(ARV(c,t1), ARV(c,t2)) < gamma_high`` in float64.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import store as st
+from .errors import UserError
+from .relevance import arv_from_profile, tap_maps, tap_profile
+
+DEFAULT_ROWS = 16384  # rows per step: ~0.5 GB of temporaries for C = 2048
+
+
+# ---------------------------------------------------------------- steps 1-4: counts and candidates
+
+
+class Buffers:
+    """Work tensors reused from one block to the next: on CPU, allocating (and page-faulting) a fresh
+    block-sized tensor per step costs more than the arithmetic done in it."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        b = self._bufs.get(name)
+        if b is None or b.numel() < n or b.dtype != dtype:
+            b = self._bufs[name] = torch.empty(n, dtype=dtype)
+        return b[:n].view(shape)
+
+
+def important(R: torch.Tensor, tau: float, out_dtype: torch.dtype = torch.bool,
+              buffers: Buffers | None = None) -> torch.Tensor:
+    """``R_i[c] >= tau * sum_c' max(R_i[c'], 0)`` (B x C, bool or 0/1 in ``out_dtype``) for ``R`` (B x C).
+
+    The positive total is accumulated in float64, which is exact for float16 relevance (a sum of up
+    to 2^11 such values needs < 53 bits); ``tau * total`` is rounded once in float64 and the
+    comparison is exact: the float32 copy of R is compared with the smallest float32 >= the threshold.
+    With ``buffers`` the result is a view into a reused buffer, overwritten by the next call.
+    """
+    buf = buffers or Buffers()
+    B, C = R.shape
+    R32 = R if R.dtype == torch.float32 else buf.get("r32", (B, C), torch.float32).copy_(R)
+    total = buf.get("p64", (B, C), torch.float64).copy_(R32).clamp_min_(0).sum(1)
+    thr = total * float(tau)
+    thr32 = thr.float()
+    below = thr32.double() < thr  # rounded down: step to the next float32 up
+    thr32 = torch.where(below, torch.nextafter(thr32, torch.full_like(thr32, math.inf)), thr32)
+    return torch.ge(R32, thr32[:, None], out=buf.get("imp", (B, C), out_dtype))
+
+
+def count_important(R: torch.Tensor, targets: torch.Tensor, num_classes: int, tau: float,
+                    out: torch.Tensor | None = None, buffers: Buffers | None = None) -> torch.Tensor:
+    """Add ``count[t, c]`` (K x C int64) for one block: images of class t (``targets``, B) with c important."""
+    if R.shape[0] >= 1 << 24:
+        raise ValueError("blocks of 2^24 rows or more: float32 counts would no longer be exact")
+    buf = buffers or Buffers()
+    if out is None:
+        out = torch.zeros(num_classes, R.shape[1], dtype=torch.int64)
+    imp = important(R, tau, torch.float32, buf)  # 0/1 as float32: index_add_ is fast and exact (< 2^24 rows)
+    acc = buf.get("acc", tuple(out.shape), torch.float32).zero_()
+    acc.index_add_(0, targets.long(), imp)
+    out += acc.long()
+    return out
+
+
+def npy_rows(path: str, rows: int = DEFAULT_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+    """Stream a 2-D ``.npy`` file as ``(first_row, block)`` pairs of at most ``rows`` rows.
+
+    A reader thread fills one of two reused buffers while the caller works on the other, so disk
+    reads overlap the arithmetic and the memory held stays two blocks however large the file (a
+    whole-file memory map would keep every page it touched resident). A block is valid until the
+    caller asks for the one after next.
+    """
+    mm = np.load(path, mmap_mode="r", allow_pickle=False)
+    shape, dtype, offset, c_order = mm.shape, mm.dtype, mm.offset, mm.flags.c_contiguous
+    del mm
+    if len(shape) != 2 or not c_order:
+        raise UserError(f"{path} is not a C-ordered 2-D array")
+    n, C = shape
+    starts = list(range(0, n, rows))
+    bufs = [np.empty((max(1, min(rows, n)), C), dtype) for _ in range(2)]
+
+    def read(i: int) -> np.ndarray:
+        lo = starts[i]
+        b = bufs[i % 2][: min(rows, n - lo)]
+        f.seek(offset + lo * C * dtype.itemsize)
+        view = memoryview(b).cast("B")
+        if f.readinto(view) != view.nbytes:
+            raise UserError(f"{path} is truncated (row {lo} of {n})")
+        return b
+
+    with open(path, "rb") as f, ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(read, 0) if starts else None
+        for i, lo in enumerate(starts):
+            block = nxt.result()
+            if i + 1 < len(starts):
+                nxt = pool.submit(read, i + 1)
+            yield lo, block
+
+
+def count_important_all(relevance: np.ndarray | str, targets: np.ndarray, num_classes: int, tau: float,
+                        rows: int = DEFAULT_ROWS, progress: bool = False) -> torch.Tensor:
+    """``count[t, c]`` (K x C int64) over all N images; ``relevance`` is an N x C array or a ``.npy`` path."""
+    if isinstance(relevance, str):
+        blocks = npy_rows(relevance, rows)
+        n = int(np.load(relevance, mmap_mode="r").shape[0])
+    else:
+        n = relevance.shape[0]
+        blocks = ((lo, relevance[lo:lo + rows]) for lo in range(0, n, rows))
+    if len(targets) != n:
+        raise UserError(f"relevance has {n} rows but there are {len(targets)} labels")
+    counts = None
+    buf = Buffers()
+    bar = tqdm(total=n, unit="img", desc="stage 2: counts", disable=not progress, dynamic_ncols=True)
+    for lo, block in blocks:
+        R = torch.from_numpy(np.ascontiguousarray(block))
+        if counts is None:
+            counts = torch.zeros(num_classes, R.shape[1], dtype=torch.int64)
+        count_important(R, torch.from_numpy(np.asarray(targets[lo:lo + len(block)])), num_classes, tau, counts, buf)
+        bar.update(len(block))
+    bar.close()
+    if counts is None:
+        raise UserError("the store holds no images")
+    return counts
+
+
+def relevant_classes(counts: torch.Tensor, class_counts: torch.Tensor, p: float) -> torch.Tensor:
+    """``relevant[t, c] = count[t, c] >= p * n_t`` (K x C bool), compared in float64; n_t = 0: never."""
+    n = class_counts.to(torch.float64)[:, None]
+    return (counts.to(torch.float64) >= float(p) * n) & (n > 0)
+
+
+def candidate_channels(relevant: torch.Tensor) -> dict[int, list[int]]:
+    """Channels relevant to two or more classes -> their classes, ascending (from K x C ``relevant``)."""
+    many = relevant.sum(0) >= 2
+    cs, ts = torch.nonzero(relevant[:, many].T, as_tuple=True)
+    ids = torch.nonzero(many).flatten().tolist()
+    out: dict[int, list[int]] = {}
+    for j, t in zip(cs.tolist(), ts.tolist()):
+        out.setdefault(ids[j], []).append(t)
+    return out
+
+
+# ---------------------------------------------------------------- step 5: ARVs in closed form
+
+
+def conv_from_meta(meta: dict, weight: np.ndarray | torch.Tensor, bias: np.ndarray | torch.Tensor | None = None) -> nn.Conv2d:
+    """Rebuild the layer ``L`` (float64) from a store's ``meta["conv"]`` geometry and its weight (C x C_in x kh x kw)."""
+    g = meta["conv"]
+    w = torch.as_tensor(np.asarray(weight), dtype=torch.float64)
+    pad = g["padding"] if isinstance(g["padding"], str) else tuple(g["padding"])
+    conv = nn.Conv2d(w.shape[1], w.shape[0], tuple(g["kernel_size"]), stride=tuple(g["stride"]), padding=pad,
+                     dilation=tuple(g["dilation"]), bias=bool(g.get("bias")), padding_mode=g["padding_mode"],
+                     device="meta")
+    conv.weight = nn.Parameter(w, requires_grad=False)
+    if conv.bias is not None:
+        b = torch.zeros(w.shape[0]) if bias is None else torch.as_tensor(np.asarray(bias))
+        conv.bias = nn.Parameter(b.double(), requires_grad=False)
+    return conv
+
+
+def class_arvs(weight: torch.Tensor, maps: torch.Tensor, input_sums: torch.Tensor, n: torch.Tensor,
+               channels: torch.Tensor) -> torch.Tensor:
+    """ARVs (P x C_in, float64) for P (channel, group) pairs: ``ARV = sum_ij W[c,k,ij] * Q[k,ij]``.
+
+    ``weight``: C x C_in x kh x kw; ``maps``: ``tap_maps`` (T x H x W); ``input_sums``: P x C_in x H x W,
+    the summed input maps of each pair's images; ``n`` (P): their image counts; ``channels`` (P): c.
+    """
+    mean = input_sums.double() / n.double().view(-1, 1, 1, 1)
+    return arv_from_profile(weight[channels], tap_profile(mean, maps))
+
+
+def concept_arv_from_sums(conv: nn.Conv2d, channel: int, sums: torch.Tensor, n: int,
+                          maps: torch.Tensor | None = None) -> torch.Tensor:
+    """ARV (C_in, float64) of ``channel`` over ``n`` images whose input maps sum to ``sums`` (C_in x H x W)."""
+    if maps is None:
+        maps = tap_maps(conv, tuple(sums.shape[-2:]))
+    return class_arvs(conv.weight, maps, sums[None], torch.tensor([n]), torch.tensor([channel]))[0]
+
+
+def concept_arv(store: st.Store, channel: int, classes: list[int]) -> torch.Tensor:
+    """ARV (C_in, float64) of a concept: mean of r_i over all training images of ``classes`` (stage 2 and 3)."""
+    K, C = store.num_classes, store.num_channels
+    if not 0 <= channel < C:
+        raise UserError(f"channel {channel} is out of range: the layer has {C} channels (0..{C - 1})")
+    bad = [t for t in classes if not 0 <= t < K]
+    if bad:
+        raise UserError(f"class {bad[0]} is out of range: the store has {K} classes (0..{K - 1})")
+    cls = sorted(set(classes))
+    n = int(store.class_counts[cls].sum())
+    if n == 0:
+        raise UserError(f"classes {cls} have no training images in the store")
+    conv = store_conv(store)
+    sums = torch.from_numpy(np.asarray(store.input_sums[cls], dtype=np.float64)).sum(0)
+    return concept_arv_from_sums(conv, channel, sums, n)
+
+
+def store_conv(store: st.Store) -> nn.Conv2d:
+    """The layer ``L`` (float64) rebuilt from the store's geometry, weight and bias."""
+    bias_path = os.path.join(store.path, "layer_bias.npy")
+    bias = np.load(bias_path, allow_pickle=False) if os.path.isfile(bias_path) else None
+    return conv_from_meta(store.meta, store.layer_weight, bias)
+
+
+# ---------------------------------------------------------------- step 6: cosine similarities and pairs
+
+
+def cosine_matrix(A: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarities (m x m, float64) of the rows of ``A`` (m x C_in); NaN where a row is zero."""
+    A = A.double()
+    norms = A.norm(dim=1)
+    s = (A @ A.T) / (norms[:, None] * norms[None, :])
+    return torch.where((norms[:, None] > 0) & (norms[None, :] > 0), s, torch.full_like(s, math.nan))
+
+
+def polysemantic_pairs(arvs: dict[int, torch.Tensor], candidates: dict[int, list[int]],
+                       gamma_low: float, gamma_high: float) -> list[dict]:
+    """Pairs ``{'channel', 'class1', 'class2', 'cosine_similarity'}`` with ``gamma_low <= s < gamma_high``.
+
+    ``arvs[c]``: the ARVs (m x C_in) of candidate c's classes ``candidates[c]`` in that order. s is the
+    float64 cosine similarity; undefined s (a zero ARV) is skipped. Sorted by s from high to low
+    (ties: channel, class1, class2 ascending).
+    """
+    if not candidates:
+        return []
+    flat = torch.cat([arvs[c].double() for c in candidates])  # all ARVs, candidate after candidate
+    norms = flat.norm(dim=1)
+    keys, i1, i2 = [], [], []
+    base = 0
+    for c, classes in candidates.items():
+        m = len(classes)
+        for a in range(m):
+            for b in range(a + 1, m):
+                keys.append((c, classes[a], classes[b]))
+                i1.append(base + a)
+                i2.append(base + b)
+        base += m
+    pairs = []
+    step = 1 << 16
+    for lo in range(0, len(keys), step):
+        x = torch.tensor(i1[lo:lo + step])
+        y = torch.tensor(i2[lo:lo + step])
+        s = (flat[x] * flat[y]).sum(1) / (norms[x] * norms[y])  # NaN (0/0) for a zero ARV
+        for (c, t1, t2), v in zip(keys[lo:lo + step], s.tolist()):
+            if gamma_low <= v < gamma_high:  # False for NaN
+                pairs.append({"channel": c, "class1": t1, "class2": t2, "cosine_similarity": v})
+    pairs.sort(key=lambda d: (-d["cosine_similarity"], d["channel"], d["class1"], d["class2"]))
+    return pairs
+
+
+def candidate_arvs(conv: nn.Conv2d, input_sums: np.ndarray, class_counts: torch.Tensor,
+                   candidates: dict[int, list[int]], batch: int = 4096) -> dict[int, torch.Tensor]:
+    """ARVs of every candidate for each of its relevant classes: ``c -> (m x C_in float64)``.
+
+    ``input_sums``: the store's K x C_in x H x W per-class sums (memory-mapped: only the needed rows are
+    read). All (channel, class) ARVs are computed in batches of ``batch`` rows.
+    """
+    if not candidates:
+        return {}
+    used = sorted({t for ts in candidates.values() for t in ts})
+    row = {t: i for i, t in enumerate(used)}
+    sums = torch.from_numpy(np.asarray(input_sums[used], dtype=np.float64))
+    maps = tap_maps(conv, tuple(sums.shape[-2:]))
+    profiles = tap_profile(sums / class_counts[used].double().view(-1, 1, 1, 1), maps)  # |used| x C_in x T
+    del sums
+    cs = torch.tensor([c for c, ts in candidates.items() for _ in ts])
+    ts = torch.tensor([row[t] for ts_ in candidates.values() for t in ts_])
+    flat = torch.cat([arv_from_profile(conv.weight[cs[lo:lo + batch]], profiles[ts[lo:lo + batch]])
+                      for lo in range(0, len(cs), batch)])
+    parts = torch.split(flat, [len(v) for v in candidates.values()])
+    return dict(zip(candidates, parts))
+
+
+# ---------------------------------------------------------------- the whole stage on a store
+
+
+@dataclass
+class Stage2Result:
+    """What stage 2 found, plus seconds per step."""
+
+    pairs: list[dict]
+    candidates: dict[int, list[int]]
+    counts: torch.Tensor  # K x C int64
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def check_params(tau: float, p: float, gamma_low: float, gamma_high: float) -> None:
+    """Refuse thresholds that make no sense (one line each)."""
+    if not (math.isfinite(tau) and tau >= 0):
+        raise UserError(f"--proportion_attribution_required must be a number >= 0, not {tau}")
+    if not (math.isfinite(p) and 0 <= p <= 1):
+        raise UserError(f"--p must be between 0 and 1, not {p}")
+    if not gamma_low < gamma_high:
+        raise UserError(f"--cos_sim_low ({gamma_low}) must be below --cos_sim_high ({gamma_high})")
+
+
+def find_pairs(store: st.Store, tau: float, p: float, gamma_low: float = 0.0, gamma_high: float = 1.0,
+               rows: int = DEFAULT_ROWS, progress: bool = False) -> Stage2Result:
+    """Stage 2 on a stage-1 store: counts, candidates, their ARVs and the gamma-polysemantic pairs."""
+    check_params(tau, p, gamma_low, gamma_high)
+    sec = {}
+    t0 = time.perf_counter()
+    targets = store.targets
+    K = store.num_classes
+    if len(targets) and (targets.min() < 0 or targets.max() >= K):
+        raise UserError(f"store {store.path} has labels outside 0..{K - 1}")
+    counts = count_important_all(os.path.join(store.path, "relevance.npy"), targets, K, tau, rows, progress)
+    sec["counts"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n = torch.from_numpy(store.class_counts)
+    observed = torch.bincount(torch.from_numpy(targets), minlength=K)
+    if len(n) != K or not torch.equal(n, observed):
+        raise UserError(f"store {store.path}: class counts in meta.json do not match targets.npy")
+    candidates = candidate_channels(relevant_classes(counts, n, p))
+    sec["candidates"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    arvs = candidate_arvs(store_conv(store), store.input_sums, n, candidates)
+    sec["arvs"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pairs = polysemantic_pairs(arvs, candidates, gamma_low, gamma_high)
+    sec["pairs"] = time.perf_counter() - t0
+    return Stage2Result(pairs, candidates, counts, sec)
+
+
+# ---------------------------------------------------------------- finding the store and writing results
+
+
+def _weights_id(model: str, weights: str) -> str | None:
+    """The id stage 1 records for ``--weights``, when it can be known without the weights file."""
+    if weights.lower() == "none":
+        return "none"
+    if os.path.isfile(weights):
+        from .models import file_sha256  # torchvision is imported only when needed
+        return "file:" + file_sha256(weights)[:16]
+    if os.sep in weights or weights.endswith((".pt", ".pth")):
+        return None  # a checkpoint that is not here: stage 2 does not need it
+    try:
+        import torchvision
+        enum = torchvision.models.get_model_weights(model)
+    except (ValueError, KeyError):
+        return None
+    return f"{enum.__name__}.{weights}"
+
+
+def open_store(store_dir: str, model: str, layer: str | None = None, weights: str | None = None) -> st.Store:
+    """Open the complete stage-1 store of ``model`` (and ``layer``) in ``store_dir``, without loading the model.
+
+    The default layer's store is ``<model>_channel_importances`` (its meta.json names the layer);
+    another layer's is ``<model>_<layer>_channel_importances``.
+    """
+    default_path = os.path.join(store_dir, f"{model}_channel_importances")
+    path = default_path
+    if layer not in (None, "", "last_conv"):
+        own = os.path.join(store_dir, f"{model}_{layer}_channel_importances")
+        meta = os.path.join(default_path, "meta.json")
+        if os.path.isfile(os.path.join(own, "meta.json")) or not os.path.isfile(meta) \
+                or st.read_json(meta).get("layer") != layer:
+            path = own
+    store = st.Store.open(path)
+    wanted = {"model": model}
+    if layer not in (None, "", "last_conv"):
+        wanted["layer"] = layer
+    if weights is not None:
+        wid = _weights_id(model, weights)
+        if wid is not None:
+            wanted["weights"] = wid
+    store.check(**wanted)
+    return store
+
+
+def results_path(store_dir: str, model: str, tau: float, p: float, gamma_low: float, gamma_high: float,
+                 layer_tag: str = "") -> str:
+    """``<store_dir>/results_get_cosine_similarities/<model>[_<layer>]_required<tau>_p<p>_cossim<lo>to<hi>.txt``."""
+    name = f"{model}{layer_tag}_required{float(tau)}_p{float(p)}_cossim{float(gamma_low)}to{float(gamma_high)}.txt"
+    return os.path.join(store_dir, "results_get_cosine_similarities", name)
+
+
+def pairs_text(pairs: list[dict]) -> str:
+    """The results file: header ``Channel,Class1,Class2,CosineSimilarity`` and one row per pair (full float64)."""
+    rows = ["Channel,Class1,Class2,CosineSimilarity"]
+    rows += [f"{d['channel']},{d['class1']},{d['class2']},{float(d['cosine_similarity'])}" for d in pairs]
+    return "\n".join(rows) + "\n"
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary name, then rename); creates the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
