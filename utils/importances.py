@@ -216,12 +216,12 @@ def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None =
         if created and cfg.rank == 0:  # every rank has stopped writing by now
             st.remove_partial(path)
         raise
+    seconds = _max_over_ranks(cfg, device, result["seconds"])  # the job's time: its slowest process
     if cfg.rank == 0:
         missing = [j for j in range(plan.count) if not os.path.isfile(_chunk_path(path, j))]
         if missing:
             raise UserError(f"store {path} is missing {len(missing)} chunks; rerun to finish it")
         _assemble(path, meta, plan)
-    seconds = result["seconds"]
     return {**summary, "processed": done, "seconds": seconds, "images_per_second": done / max(seconds, 1e-9)}
 
 
@@ -252,6 +252,16 @@ def _together(cfg: Stage1Config, device: torch.device, step: Callable[[], None],
     if failed:
         raise UserError(f"stage 1 stopped: {failed} other process(es) of this job failed (see their error)")
     return total
+
+
+def _max_over_ranks(cfg: Stage1Config, device: torch.device, value: float) -> float:
+    if cfg.world_size == 1:
+        return value
+    dist = torch.distributed
+    t = torch.tensor([value], dtype=torch.float64,
+                     device=device if dist.get_backend() == "nccl" else torch.device("cpu"))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def _exit_hook(rank: int) -> Callable[[int], None] | None:
