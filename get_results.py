@@ -46,6 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     o.add_argument("--proportion_attribution_required", "--tau", dest="tau", type=float, default=0.03,
                    help="tau: minimum relative attribution of the channel for an image to give a row (default: 0.03)")
     o.add_argument("--out_dir", default=".", help="where plots/ and results_quantitative/ go (default: .)")
+    o.add_argument("--purity", dest="purity_k", type=int, default=0, metavar="K",
+                   help="also the purity of Original, D1, D2: shares of their top-K val images (all classes) "
+                        "that belong to each concept (one more pass over val/; default: off)")
     o.add_argument("--summarize", metavar="DIR", default=None,
                    help="only print (and write summary.csv/.md into DIR) the table over the CSVs in DIR")
     o.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -88,7 +91,8 @@ def main(args: argparse.Namespace, loaded=None) -> dict:
                        classes2=args.classes_for_concept2, rho=args.rho, tau=args.tau, out_dir=args.out_dir,
                        qualitative=qualitative, quantitative=quantitative, batch_size=args.batch_size,
                        num_workers=args.num_workers, device=args.device, gpu=args.gpu,
-                       nr_channels=args.nr_channels_in_layer_of_interest, progress=not args.no_progress)
+                       nr_channels=args.nr_channels_in_layer_of_interest, progress=not args.no_progress,
+                       purity_k=args.purity_k)
     out = run_stage4(cfg, loaded=loaded, log=print)
     write_json_output(args.json, out)
     return out

@@ -499,3 +499,16 @@ def test_no_rows_above_tau_give_an_empty_csv_and_null_means(planted_setup, tmp_p
     assert json.loads((tmp_path / "r.json").read_text())["concept1"]["mean"] == [None, None, None]
     table = summarize(os.path.dirname(out["csv"][0]))
     assert table[0]["pairs"] == 1 and table[0]["rows"] == 0 and all(math.isnan(v) for v in table[0]["mean"])
+
+
+def test_purity_in_results_json(planted_setup, tmp_path):
+    """--purity K (4 val images per class): D1's top-4 are all concept 1 (red), D2's all concept 2 (blue);
+    the original's top-8 are the 4 red and the 4 blue images."""
+    lm, base = planted_setup
+    out_json = tmp_path / "r.json"
+    out = get_results.main(_namespace(**base, purity=4, json=str(out_json)), loaded=lm)
+    pur = json.load(open(out_json))["purity"]
+    assert pur == out["purity"]
+    assert pur["D1"]["concept1"] == 1.0 and pur["D2"]["concept2"] == 1.0
+    pur8 = get_results.main(_namespace(**base, purity=8), loaded=lm)["purity"]
+    assert pur8["original"]["concept1"] == 0.5 and pur8["original"]["concept2"] == 0.5

@@ -296,6 +296,7 @@ class Stage4Config:
     gpu: int | None = None
     nr_channels: int | None = None
     progress: bool = True
+    purity_k: int = 0  # > 0: also the purity of the top-k validation images (all classes; one more pass)
 
 
 def find_record(model_dir: str, model: str, layer: str, default: str, channel: int,
@@ -417,11 +418,28 @@ def run_stage4(cfg: Stage4Config, loaded=None, log=print) -> dict:
             log(f"concept {k}: {len(rows)} of {len(a)} images with relative attribution >= {cfg.tau}; mean "
                 + ", ".join(f"{c} {_fmt(v)}" for c, v in zip(("d1/orig", "d2/orig", "res/orig"), means)))
         out[f"concept{k}"] = entry
+    if cfg.purity_k > 0:
+        out["purity"] = _purity(cfg, lm, rec, images, device, log)
     if cfg.qualitative:
         plot_name = result_name(os.path.basename(os.path.normpath(rec["dir"])), cfg.rho)  # tau does not enter
         out["plots"] = _write_plots(cfg, lm.name, layer, rho, plot_name, per_concept, labels, log)
     for path in out["csv"] + out["plots"]:
         log(f"wrote {path}")
+    return out
+
+
+def _purity(cfg: Stage4Config, lm, rec: dict, images: ImageList, device, log) -> dict:
+    """Purity of Original, D1 and D2: shares of their top-k validation images (all classes) per concept."""
+    from .pictures import topk_for_records
+    from .topk import purity
+
+    top = topk_for_records(lm, [rec], images, cfg.purity_k, cfg.rho, False, cfg.batch_size, cfg.num_workers,
+                           device, cfg.progress)
+    out = {name: purity(top.get(cfg.channel, name)["labels"], cfg.classes1, cfg.classes2)
+           for name in ("original", "D1", "D2")}
+    for name, p in out.items():
+        log(f"purity of {name} (top {cfg.purity_k} of {len(images)} val images): concept 1 {p['concept1']:.2f}, "
+            f"concept 2 {p['concept2']:.2f}, other {p['other']:.2f}")
     return out
 
 

@@ -1,0 +1,177 @@
+"""The whole pipeline as one function (demo.py): stages 1-4 and the pictures, then the report."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from . import store as st
+from .disentangle import Stage3Config, disentangle_channel, record_folder, save_record
+from .errors import UserError
+from .evaluation import Stage4Config, run_stage4
+from .importances import Stage1Config, compute_importances
+from .models import default_layer, get_layer, load_model
+from .selection import find_pairs
+
+
+@dataclass
+class DemoConfig:
+    data_dir: str | None = None
+    model: str | None = None
+    weights: str | None = None
+    layer: str | None = None
+    store_dir: str | None = None
+    out_dir: str = "demo_output"
+    top_k: int = 2
+    tau: float | None = None  # default: 0.01 for the digits demo, 0.03 (the paper's) for real data
+    p: float = 0.75
+    cos_sim_high: float = 0.5
+    epochs: int = 2
+    max_images_per_class: int | None = None
+    pictures_k: int = 12
+    fv_steps: int = 64
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str = "auto"
+    seed: int = 0
+    demo_root: str = "demo_data"
+    max_train: int | None = None  # fewer training images for the digits model (tests)
+    progress: bool = True
+
+
+def _stage(name: str):
+    print(f"\n== {name}", flush=True)
+    return time.perf_counter()
+
+
+def pick_pairs(pairs: list[dict], k: int) -> list[dict]:
+    """The ``k`` most polysemantic pairs (lowest cosine similarity first), one per channel."""
+    chosen, seen = [], set()
+    for pair in sorted(pairs, key=lambda q: q["cosine_similarity"]):
+        if pair["channel"] not in seen:
+            chosen.append(pair)
+            seen.add(pair["channel"])
+        if len(chosen) == k:
+            break
+    return chosen
+
+
+def _prepare_digits(cfg: DemoConfig) -> tuple[str, str, str, dict]:
+    """Build the digits folder and train (or reuse) the demo model; returns data_dir, model, weights, info."""
+    from .demo_data import make_digits_folder, train_classifier
+
+    model = cfg.model or "mobilenet_v3_small"
+    data_dir = make_digits_folder(os.path.join(cfg.demo_root, "digits"))
+    tag = f"{model}_digits_e{cfg.epochs}_s{cfg.seed}" + (f"_n{cfg.max_train}" if cfg.max_train else "")
+    ckpt = os.path.join(cfg.demo_root, f"{tag}.pt")
+    info_path = ckpt.replace(".pt", ".json")
+    if os.path.isfile(ckpt) and os.path.isfile(info_path):
+        info = {**st.read_json(info_path), "cached": True}
+        print(f"using the trained model {ckpt} (val accuracy {info['val_accuracy']:.3f}); delete it to retrain")
+    else:
+        info = train_classifier(data_dir, model, ckpt, epochs=cfg.epochs, seed=cfg.seed, max_train=cfg.max_train)
+        st.write_json(info_path, info)
+        print(f"trained {model}: train accuracy {info['train_accuracy']:.3f}, val accuracy "
+              f"{info['val_accuracy']:.3f} in {info['seconds']:.0f} s -> {ckpt}")
+    return data_dir, model, ckpt, info
+
+
+def run_demo(cfg: DemoConfig) -> str:
+    """Run everything and write ``cfg.out_dir/report.html``; returns its path."""
+    from .report import write_report
+
+    if cfg.top_k < 1:
+        raise UserError("--top_k must be at least 1")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    timings: dict[str, dict] = {}
+    t0 = _stage("data and model")
+    training = None
+    if cfg.data_dir is None:
+        data_dir, model_name, weights, training = _prepare_digits(cfg)
+        weights = cfg.weights or weights
+    else:
+        data_dir, model_name, weights = cfg.data_dir, cfg.model or "resnet50", cfg.weights or "IMAGENET1K_V1"
+    if cfg.tau is None:
+        cfg.tau = 0.01 if cfg.data_dir is None else 0.03
+    lm = load_model(model_name, weights)
+    layer, conv = get_layer(lm.model, cfg.layer)
+    timings["data and model"] = {"seconds": time.perf_counter() - t0}
+    store_dir = cfg.store_dir or os.path.join(cfg.out_dir, "store")
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device)
+
+    t0 = _stage("stage 1: relevance of every channel for every training image")
+    s1 = compute_importances(Stage1Config(data_dir=data_dir, store_dir=store_dir, model=model_name, weights=weights,
+                                          layer=layer, max_images_per_class=cfg.max_images_per_class,
+                                          progress=cfg.progress, **common), loaded=lm)
+    if s1.get("already_complete"):
+        print(f"store {s1['store']} is already complete; reusing it")
+    timings["stage 1"] = {"seconds": time.perf_counter() - t0, "images": s1.get("processed", 0),
+                          "images_per_second": s1.get("images_per_second", 0.0)}
+    store = st.Store.open(s1["store"])
+
+    t0 = _stage("stage 2: candidate channels and gamma-polysemantic pairs")
+    found = find_pairs(store, cfg.tau, cfg.p, 0.0, cfg.cos_sim_high)
+    timings["stage 2"] = {"seconds": time.perf_counter() - t0}
+    print(f"{len(found.candidates)} candidate channels, {len(found.pairs)} pairs with s < {cfg.cos_sim_high}")
+    for pair in found.pairs[:20]:
+        print(f"  channel {pair['channel']}: {store.class_label(pair['class1'])} / {store.class_label(pair['class2'])}"
+              f"  s = {pair['cosine_similarity']:.4f}")
+    chosen = pick_pairs(found.pairs, cfg.top_k)
+
+    results = []
+    model_dir = os.path.join(store_dir, "models_disentangled")
+    for i, pair in enumerate(chosen):
+        c, c1, c2 = pair["channel"], [pair["class1"]], [pair["class2"]]
+        t0 = _stage(f"stage 3 ({i + 1}/{len(chosen)}): disentangle channel {c}")
+        rec, sw = disentangle_channel(Stage3Config(data_dir=data_dir, store_dir=store_dir, channel=c,
+                                                   classes_for_concept1=c1, classes_for_concept2=c2, model=model_name,
+                                                   weights=weights, layer=layer, progress=cfg.progress, **common),
+                                      loaded=lm)
+        folder = record_folder(store_dir, rec)
+        save_record(folder, rec, sw)
+        t3 = time.perf_counter() - t0
+        print(f"best rho {rec['best_rho']}, max |logit difference| {rec['max_abs_logit_diff']:.2e}")
+        t0 = _stage(f"stage 4 ({i + 1}/{len(chosen)}): evaluate channel {c} on the validation images")
+        s4 = run_stage4(Stage4Config(data_dir=data_dir, model_dir=model_dir, channel=c, classes1=c1, classes2=c2,
+                                     model=model_name, weights=weights, layer=layer, tau=cfg.tau,
+                                     out_dir=cfg.out_dir, progress=cfg.progress, **common), loaded=lm)
+        t4 = time.perf_counter() - t0
+        t0 = _stage(f"pictures ({i + 1}/{len(chosen)}): what channel {c} responds to")
+        pics = _pictures(cfg, lm, data_dir, model_dir, c, c1, c2, layer)
+        tp = time.perf_counter() - t0
+        results.append({"pair": pair, "record": rec, "stage4": s4, "pictures": pics,
+                        "seconds": {"stage 3": t3, "stage 4": t4, "pictures": tp}})
+        for key, sec in (("stage 3", t3), ("stage 4", t4), ("pictures", tp)):
+            entry = timings.setdefault(key, {"seconds": 0.0, "images": 0})
+            entry["seconds"] += sec
+        timings["stage 3"]["images"] += sum(rec["train_images"].values())
+        timings["stage 4"]["images"] += s4["images"]
+    for key in ("stage 3", "stage 4"):
+        if key in timings and timings[key]["seconds"] > 0:
+            timings[key]["images_per_second"] = timings[key]["images"] / timings[key]["seconds"]
+
+    settings = {"data_dir": os.path.abspath(data_dir), "model": model_name, "weights": lm.weights, "layer": layer,
+                "channels": conv.out_channels, "training images": s1["images"], "tau": cfg.tau, "p": cfg.p,
+                "gamma": f"[0.0, {cfg.cos_sim_high})", "pairs disentangled": len(chosen)}
+    if training:
+        settings["demo model"] = (f"{model_name} trained {cfg.epochs} epochs from scratch: train accuracy "
+                                  f"{training['train_accuracy']:.3f}, val accuracy {training['val_accuracy']:.3f}")
+    path = os.path.join(cfg.out_dir, "report.html")
+    write_report(path, settings=settings, store=store, pairs=found.pairs, candidates=found.candidates,
+                 results=results, timings=timings)
+    return path
+
+
+def _pictures(cfg: DemoConfig, lm, data_dir, model_dir, channel, c1, c2, layer) -> dict | None:
+    """Teaser figure, top-k crops and purity of one disentangled channel (None when unavailable)."""
+    try:
+        from . import featvis
+        from .pictures import PicturesConfig, channel_pictures
+    except ImportError:
+        return None
+    fv = featvis.FVConfig(steps=cfg.fv_steps) if cfg.fv_steps > 0 else None
+    pc = PicturesConfig(data_dir=data_dir, model_dir=model_dir, channel=channel, classes_for_concept1=c1,
+                        classes_for_concept2=c2, model=lm.name, layer=layer, split="val", top_k=cfg.pictures_k,
+                        out_dir=os.path.join(cfg.out_dir, "pictures"), fv=fv, batch_size=cfg.batch_size,
+                        num_workers=cfg.num_workers, device=cfg.device, progress=cfg.progress)
+    return channel_pictures(pc, loaded=lm)
