@@ -19,6 +19,7 @@ from utils.errors import UserError, run_cli
 from utils.importances import Stage1Config, compute_importances
 from utils.models import get_layer, load_model
 from utils.relevance import arv_autograd, layer_input
+from utils.selection import concept_arv
 from utils.surgery import (RHOS, disentangle_model, export_checkpoint, load_checkpoint, load_filters, load_record,
                            make_split_layer)
 
@@ -296,7 +297,7 @@ def test_concept_arv_of_several_classes_is_the_mean_over_their_images(planted_mo
     from utils.store import Store
     store = Store.open(os.path.join(planted_store, "planted_channel_importances"))
     conv = planted_model.model.conv
-    got = dis.concept_arv_from_sums(conv, 0, store.input_sums, store.class_counts, [0, 2])
+    got = concept_arv(store, 0, [0, 2])
     x = _layer_inputs(planted_model.model, conv, planted_data, [0, 2])
     assert len(x) == 16
     assert torch.allclose(got, arv_autograd(conv, 0, x), rtol=1e-6, atol=1e-9)

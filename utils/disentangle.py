@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -31,32 +30,16 @@ from . import store as st
 from .data import check_batch, list_images, make_loader, resolve_device
 from .errors import UserError
 from .models import LoadedModel, default_layer, get_layer, load_model, set_module
-from .relevance import arv, layer_input, tap_maps
-from .surgery import RECORD_VERSION, RHOS, Split, index_sets, make_split_layer, record_name, split_filters
+from .relevance import layer_input
+from .selection import concept_arv
+from .surgery import (RECORD_VERSION, RHOS, Split, conv_with_filters, index_sets, make_split_layer, record_name,
+                      split_filters)
 
 EPS = 1e-5  # the score's denominator offset
 MAX_LOGIT_DIFF = 1e-3  # above this the disentangled network is reported as broken
 
 
 # ------------------------------------------------------------------ pure math
-
-
-def concept_arv_from_sums(conv: nn.Conv2d | torch.Tensor, channel: int, input_sums, class_counts,
-                          classes: list[int], maps: torch.Tensor | None = None) -> torch.Tensor:
-    """ARV of a concept (C_in, float64): mean r_i over all training images of ``classes``.
-
-    ``input_sums``: per-class sums of the layer input (K x C_in x H x W, array or tensor);
-    ``class_counts``: images per class (K,). ``conv`` is the layer (or its weight with the
-    layer's geometry given through ``maps`` = :func:`utils.relevance.tap_maps`).
-    """
-    total = sum(torch.tensor(np.asarray(input_sums[t], dtype=np.float64)) for t in classes)
-    n = int(sum(int(class_counts[t]) for t in classes))
-    if n == 0:
-        raise UserError(f"classes {classes} have no training images")
-    mean = total / n
-    if maps is None:
-        maps = tap_maps(conv, tuple(mean.shape[-2:]))
-    return arv(conv, channel, mean, maps)
 
 
 @dataclass
@@ -99,19 +82,6 @@ def distinct_splits(sw: Sweep) -> tuple[torch.Tensor, torch.Tensor]:
     return first, torch.tensor([order[u] for u in inverse.tolist()])
 
 
-def stacked_conv(conv: nn.Conv2d, channel: int, D1: torch.Tensor, D2: torch.Tensor) -> nn.Conv2d:
-    """One conv with ``L``'s geometry and 2n outputs: the n filters ``D1`` (n x C_in x kh x kw), then the
-    n filters ``D2``; every output gets ``L``'s bias b[c]."""
-    w = conv.weight.detach()
-    out = nn.Conv2d(conv.in_channels, 2 * len(D1), conv.kernel_size, conv.stride, conv.padding, conv.dilation, 1,
-                    conv.bias is not None, conv.padding_mode, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        out.weight.copy_(torch.cat([D1, D2]).to(w))
-        if conv.bias is not None:
-            out.bias.fill_(0).add_(conv.bias.detach()[channel])
-    return out.eval().requires_grad_(False)
-
-
 def positive_mass(y: torch.Tensor) -> torch.Tensor:
     """``pos(y) = sum_hw max(y, 0)`` per image and channel: (B x n x H' x W') -> (B x n), float64."""
     return y.clamp_min(0).double().sum(dim=(2, 3))
@@ -149,13 +119,14 @@ def sweep_scores(model: nn.Module, conv: nn.Conv2d, channel: int, sw: Sweep,
     are scored once, so they tie exactly.
     """
     first, inverse = distinct_splits(sw)
-    stacked = stacked_conv(conv, channel, sw.D1[first], sw.D2[first])
+    weight = torch.cat([sw.D1[first], sw.D2[first]])  # 2n x C_in x kh x kw: the n D1s, then the n D2s
+    bias = None if conv.bias is None else conv.bias.detach()[channel].expand(len(weight))
     sums = torch.zeros(2, len(first), dtype=torch.float64, device=conv.weight.device)
     n1 = n2 = 0
     with torch.no_grad():
         for images, concept in batches:
             x = layer_input(model, conv, images)
-            sums += ratio_sums(positive_mass(stacked(x)), concept)
+            sums += ratio_sums(positive_mass(conv_with_filters(conv, x, weight, bias)), concept)
             n1 += int((concept == 1).sum())
             n2 += int((concept == 2).sum())
     if n1 == 0 or n2 == 0:
@@ -262,10 +233,7 @@ def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, ch
     device = resolve_device(cfg.device, cfg.gpu)
 
     # ARVs and the sweep (closed form, no images)
-    input_sums = store.input_sums
-    maps = tap_maps(conv, tuple(input_sums.shape[-2:]))
-    A1 = concept_arv_from_sums(conv, cfg.channel, input_sums, counts, c1, maps)
-    A2 = concept_arv_from_sums(conv, cfg.channel, input_sums, counts, c2, maps)
+    A1, A2 = concept_arv(store, cfg.channel, c1), concept_arv(store, cfg.channel, c2)  # as stage 2 computes them
     sw = sweep(conv.weight.detach()[cfg.channel].cpu(), A1, A2)
 
     # the pass: one truncated forward per concept image

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .data import ImageList, check_batch, make_loader
 from .errors import UserError
 from .relevance import relevance_batch_positive
-from .surgery import Split
+from .surgery import Split, check_record_identity, conv_with_filters, find_record
 
 COLUMNS = ("disentangled1", "disentangled2", "residual")
 DEFAULT_TAU = 0.03
@@ -52,9 +52,8 @@ def sub_channel_maps(conv: nn.Conv2d, x: torch.Tensor, split: Split) -> torch.Te
     Uses the layer's own geometry (stride, padding and padding mode, dilation) and adds its bias
     (channel ``c``'s bias goes to all three sub-channels, as in the disentangled layer).
     """
-    w = split_weight(split).to(device=x.device, dtype=conv.weight.dtype)
-    b = conv.bias[split.channel].detach().expand(3).to(x.device) if conv.bias is not None else None
-    return conv._conv_forward(x.to(conv.weight.dtype), w, b)
+    b = conv.bias[split.channel].detach().expand(3) if conv.bias is not None else None
+    return conv_with_filters(conv, x.to(conv.weight.dtype), split_weight(split), b)
 
 
 def sub_channel_sums(conv: nn.Conv2d, x: torch.Tensor, split: Split) -> torch.Tensor:
@@ -299,28 +298,9 @@ class Stage4Config:
     purity_k: int = 0  # > 0: also the purity of the top-k validation images (all classes; one more pass)
 
 
-def find_record(model_dir: str, model: str, layer: str, default: str, channel: int,
-                classes1: list[int], classes2: list[int]) -> dict:
-    """Load the record of one disentanglement from ``model_dir``; a missing one is a UserError naming the folder."""
-    from .surgery import load_record, record_name
-
-    if not os.path.isdir(model_dir):
-        raise UserError(f"no folder {model_dir} (--model_dir: STORE_DIR/models_disentangled/ of disentangle_channel.py)")
-    candidates = [record_name(model, layer, default, channel, classes1, classes2),
-                  record_name(model, layer, default, channel, sorted(classes1), sorted(classes2))]
-    for name in candidates:
-        if os.path.isfile(os.path.join(model_dir, name, "record.json")):
-            return load_record(os.path.join(model_dir, name))
-    raise UserError(f"no disentanglement at {os.path.join(model_dir, candidates[0])}: disentangle_channel.py makes it "
-                    f"(same --model, --layer, channel {channel} and classes {classes1} / {classes2})")
-
-
 def check_record(rec: dict, model: str, weights: str, layer: str, conv: nn.Conv2d, split: Split) -> None:
     """Refuse a record made with another model, weights or layer, or with filters that do not fit ``conv``."""
-    for key, have in (("model", model), ("weights", weights), ("layer", layer)):
-        if rec.get(key) != have:
-            raise UserError(f"disentanglement {rec['dir']} was made with {key} {rec.get(key)!r}, "
-                            f"this run uses {have!r}")
+    check_record_identity(rec, model, weights, layer)
     if tuple(split.D1.shape) != tuple(conv.weight.shape[1:]):
         raise UserError(f"disentanglement {rec['dir']} has filters of shape {tuple(split.D1.shape)}, "
                         f"layer {layer} has {tuple(conv.weight.shape[1:])}")
@@ -457,8 +437,8 @@ def _write_plots(cfg: Stage4Config, model: str, layer: str, rho: float, name: st
             note = degenerate_note(c)
             if note:
                 log(f"note: concept {k}: {note}")
-        title = (f"{model} {layer} channel {cfg.channel} (rho {rho}): concept {k} validation images\n"
-                 f"{', '.join(labels[k])}")
+        title = (f"Concept {k}: {', '.join(labels[k])} (validation images)\n"
+                 f"{model} {layer}, channel {cfg.channel}, rho {rho}")
         path = os.path.join(folder, f"{name}_concept{k}.png")
         density_plot(path, grid, curves, title)
         paths.append(path)

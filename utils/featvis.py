@@ -24,7 +24,8 @@ from torch import nn
 from torchvision import transforms
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageList
-from .topk import apply_filters, truncated_input
+from .relevance import layer_input
+from .surgery import conv_with_filters
 
 # Square root of ImageNet's colour correlation (Lucid), columns scaled to unit max norm.
 _COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
@@ -144,8 +145,8 @@ def normalize(img: torch.Tensor) -> torch.Tensor:
 def activation(model: nn.Module, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None,
                images: torch.Tensor) -> torch.Tensor:
     """Spatially summed output (B,) of one filter (C_in x kh x kw) at ``conv``'s place, for [0, 1] images."""
-    x = truncated_input(model, conv, normalize(images))
-    return apply_filters(conv, x, weight[None], None if bias is None else bias.reshape(1)).sum((1, 2, 3))
+    x = layer_input(model, conv, normalize(images), grad=True)
+    return conv_with_filters(conv, x, weight[None], None if bias is None else bias.reshape(1)).sum((1, 2, 3))
 
 
 def visualize(model: nn.Module, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -11,12 +11,12 @@ from typing import Callable
 import torch
 from torchvision import transforms
 
-from . import featvis, teaser
+from . import featvis, surgery, teaser
 from .data import ImageList, eval_transform, list_images, make_loader, resolve_device
 from .errors import UserError
 from .models import LoadedModel, default_layer, get_layer, load_model
 from .store import write_json
-from .surgery import load_filters, load_record, record_name
+from .surgery import load_filters
 from .topk import LABELS, TopK, crop, filter_bank, purity, receptive_field, stream_topk, subchannel_maps
 
 
@@ -48,16 +48,8 @@ class PicturesConfig:
 
 def find_record(model_dir: str, lm: LoadedModel, layer: str, channel: int, c1: list[int], c2: list[int]) -> dict:
     """Load the record of one disentanglement from ``model_dir`` and check it fits the model."""
-    if not os.path.isdir(model_dir):
-        raise UserError(f"no folder {model_dir} (the models_disentangled folder of disentangle_channel.py)")
-    folder = os.path.join(model_dir, record_name(lm.name, layer, default_layer(lm.model), channel, c1, c2))
-    if not os.path.isdir(folder):
-        raise UserError(f"no disentanglement of channel {channel} for concepts {c1} / {c2} in {model_dir} "
-                        f"(expected {os.path.basename(folder)}; run disentangle_channel.py first)")
-    rec = load_record(folder)
-    for key, have in (("model", lm.name), ("weights", lm.weights), ("layer", layer)):
-        if key in rec and rec[key] != have:
-            raise UserError(f"record {folder} was made with {key} {rec[key]!r}, this run uses {have!r}")
+    rec = surgery.find_record(model_dir, lm.name, layer, default_layer(lm.model), channel, c1, c2)
+    surgery.check_record_identity(rec, lm.name, lm.weights, layer)
     return rec
 
 

@@ -10,7 +10,7 @@ from .disentangle import Stage3Config, disentangle_channel, record_folder, save_
 from .errors import UserError
 from .evaluation import Stage4Config, run_stage4
 from .importances import Stage1Config, compute_importances
-from .models import default_layer, get_layer, load_model
+from .models import get_layer, load_model
 from .selection import find_pairs
 
 

@@ -25,19 +25,16 @@ class StopForward(Exception):
 
 
 @contextmanager
-def capture_layer(layer: nn.Module, grad: bool = False, stop: bool = False) -> Iterator[_Capture]:
-    """Hook ``layer`` for the duration of the block.
+def capture_layer(layer: nn.Module, grad: bool = False) -> Iterator[_Capture]:
+    """Hook ``layer`` for the duration of the block: record its input ``x`` and output ``a``.
 
     ``grad=True``: the output becomes a fresh leaf that requires grad, so autograd builds a graph
     only from the layer onward (nothing before it requires grad) and ``a`` receives gradients.
-    ``stop=True``: the forward pass ends at the layer (raise :class:`StopForward`), only ``x`` is kept.
     """
     cap = _Capture()
 
     def hook(_module, inputs, output):
         cap.x = inputs[0].detach()
-        if stop:
-            raise StopForward
         if grad:
             cap.a = output.detach().requires_grad_(True)
             return cap.a.clone()  # later in-place ops (ReLU(inplace)) must not touch the leaf
@@ -51,14 +48,29 @@ def capture_layer(layer: nn.Module, grad: bool = False, stop: bool = False) -> I
         handle.remove()
 
 
-def layer_input(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Run ``model`` only up to ``layer`` and return the layer's input ``x`` (B x C_in x H x W)."""
-    with torch.no_grad(), capture_layer(layer, stop=True) as cap:
-        try:
+def layer_input(model: nn.Module, layer: nn.Module, images: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """Run ``model`` only up to ``layer`` and return the layer's input ``x`` (B x C_in x H x W).
+
+    The forward pass stops before the layer computes anything. ``grad=True`` keeps the autograd graph
+    back to ``images`` (feature visualisation); otherwise no graph is built.
+    """
+    seen: list[torch.Tensor] = []
+
+    def hook(_module, inputs):
+        seen.append(inputs[0])
+        raise StopForward
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             model(images)
-        except StopForward:
-            pass
-    return cap.x
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError("the forward pass never reached the layer of interest")
+    return seen[0]
 
 
 def relevance_batch(model: nn.Module, layer: nn.Module, images: torch.Tensor, labels: torch.Tensor):

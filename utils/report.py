@@ -14,7 +14,7 @@ h1{font-size:1.6em;margin-bottom:.2em} h2{margin-top:2em;border-bottom:1px solid
 h3{margin-top:1.5em} table{border-collapse:collapse;margin:.5em 0 1em} td,th{border:1px solid #ddd;padding:3px 9px;
  text-align:right;font-variant-numeric:tabular-nums} th{background:#f4f4f4} td.l,th.l{text-align:left}
 tr.best td{background:#e8f4ea;font-weight:600} .muted{color:#666} .ok{color:#1a7f37} .bad{color:#b42318}
-.plots{display:flex;flex-wrap:wrap;gap:1em} .plots img{max-width:520px;width:100%;border:1px solid #eee}
+.plots{display:flex;flex-wrap:wrap;gap:1em} .plots img{width:calc(50% - .5em);min-width:320px;border:1px solid #eee}
 img.teaser{max-width:100%;border:1px solid #eee} .card{border:1px solid #e3e3e3;border-radius:6px;padding:.2em 1.2em 1em;
  margin:1.5em 0}
 """
@@ -32,14 +32,15 @@ def _img(path: str, cls: str = "") -> str:
     return f'<img class="{cls}" alt="{_e(os.path.basename(path))}" src="data:image/png;base64,{data}">'
 
 
-def _table(header: list[str], rows: list[list], left: int = 0, classes: list[str] | None = None) -> str:
-    th = "".join(f'<th class="{"l" if i < left else ""}">{_e(h)}</th>' for i, h in enumerate(header))
+def _table(header: list[str] | None, rows: list[list], left: int = 0, classes: list[str] | None = None) -> str:
+    th = "".join(f'<th class="{"l" if i < left else ""}">{_e(h)}</th>' for i, h in enumerate(header or []))
     body = []
     for r, row in enumerate(rows):
         cls = f' class="{classes[r]}"' if classes and classes[r] else ""
         tds = "".join(f'<td class="{"l" if i < left else ""}">{v}</td>' for i, v in enumerate(row))
         body.append(f"<tr{cls}>{tds}</tr>")
-    return f"<table><tr>{th}</tr>{''.join(body)}</table>"
+    head = f"<tr>{th}</tr>" if th else ""
+    return f"<table>{head}{''.join(body)}</table>"
 
 
 def _num(v, digits: int = 4) -> str:
@@ -53,7 +54,7 @@ def _sweep_table(rec: dict) -> str:
         src = rec["sources"][key]
         best = abs(rho - rec["best_rho"]) < 1e-9
         rows.append([f"{rho:.2f}", len(src["concept1"]), len(src["concept2"]), len(src["shared"]),
-                     _num(rec["scores"][key], 3) + (" ◀ best" if best else "")])
+                     f'{rec["scores"][key]:.4g}' + (" ◀ best" if best else "")])
         classes.append("best" if best else "")
     return _table(["rho", "|S1|", "|S2|", "|S0|", "score"], rows, classes=classes)
 
@@ -87,11 +88,13 @@ def _result_card(i: int, res: dict, store: Store) -> str:
     best_score = rec["scores"][f"{rec['best_rho']:.2f}"]
     parts = [f'<div class="card"><h3>{i}. Channel {c}: {_e(n1)} &nbsp;vs&nbsp; {_e(n2)}</h3>',
              f"<p>cosine similarity of the two ARVs s = {pair['cosine_similarity']:.4f}; best rho "
-             f"<b>{rec['best_rho']:.2f}</b> (score {best_score:.3f}); "
+             f"<b>{rec['best_rho']:.2f}</b> (score {best_score:.4g}); "
              f"training images scored: {rec['train_images']['concept1']} + {rec['train_images']['concept2']}.</p>",
              f'<p>Equivalence: largest |logit difference| between the original and the disentangled network on '
              f'{rec["equivalence_images"]} images: <b class="{verdict}">{diff:.2e}</b></p>',
-             "<details><summary>rho sweep</summary>", _sweep_table(rec), "</details>",
+             "<details><summary>rho sweep</summary>", _sweep_table(rec),
+             '<p class="muted">score = mean over concept-1 images of pos(D1)/(pos(D2)+1e-5) + the same for '
+             "concept 2: images on which one sub-channel is silent make it large.</p></details>",
              "<h4>Activations on validation images</h4>",
              '<div class="plots">' + "".join(_img(p) for p in s4.get("plots", []) if p.endswith(".png")) + "</div>",
              "<h4>Share of the original activation (mean over images with relative attribution ≥ τ)</h4>",
@@ -115,7 +118,7 @@ def write_report(path: str, settings: dict, store: Store, pairs: list[dict], can
            f"<h1>Disentangling polysemantic channels: {_e(settings['model'])} {_e(settings['layer'])}</h1>",
            '<p class="muted">Hesse et al., CVPRW 2025: channels relevant to two classes through dissimilar inputs are '
            "split into one channel per concept plus a shared residual; the network computes the same logits.</p>",
-           "<h2>Settings</h2>", _table(["", ""], [[_e(k), _e(v)] for k, v in settings.items()], left=2),
+           "<h2>Settings</h2>", _table(None, [[_e(k), _e(v)] for k, v in settings.items()], left=2),
            "<h2>Timings</h2>",
            _table(["stage", "seconds", "images", "images/s"],
                   [[_e(k), f"{v['seconds']:.1f}", v.get("images", "") or "",

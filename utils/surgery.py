@@ -43,6 +43,17 @@ def split_filters(weight_c: torch.Tensor, S1: torch.Tensor, S2: torch.Tensor) ->
     return weight_c * keep1, weight_c * keep2, weight_c * keep1 * keep2
 
 
+def conv_with_filters(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv``'s geometry (stride, padding and its mode, dilation) applied with other filters.
+
+    ``x``: B x C_in x H x W; ``weight``: S x C_in x kh x kw; ``bias``: S or None -> B x S x H' x W'.
+    How every sub-channel (D1, D2, Res, many rhos or channels at once) is computed from the layer input.
+    """
+    return conv._conv_forward(x, weight.to(device=x.device, dtype=x.dtype),
+                              None if bias is None else bias.to(device=x.device, dtype=x.dtype))
+
+
 @dataclass
 class Split:
     """One split channel: ``channel`` of its layer and its three filters (C_in x kh x kw each)."""
@@ -108,6 +119,28 @@ def load_record(folder: str) -> dict:
     rec = read_json(path)
     rec["dir"] = folder
     return rec
+
+
+def find_record(model_dir: str, model: str, layer: str, default: str, channel: int,
+                classes1: list[int], classes2: list[int]) -> dict:
+    """Load the record of one disentanglement from ``model_dir``; a missing one is a UserError naming the folder."""
+    if not os.path.isdir(model_dir):
+        raise UserError(f"no folder {model_dir} (--model_dir: STORE_DIR/models_disentangled/ of disentangle_channel.py)")
+    candidates = [record_name(model, layer, default, channel, classes1, classes2),
+                  record_name(model, layer, default, channel, sorted(classes1), sorted(classes2))]
+    for name in candidates:
+        if os.path.isfile(os.path.join(model_dir, name, "record.json")):
+            return load_record(os.path.join(model_dir, name))
+    raise UserError(f"no disentanglement of channel {channel} for classes {classes1} / {classes2} at "
+                    f"{os.path.join(model_dir, candidates[0])}: disentangle_channel.py makes it (same --model, --layer)")
+
+
+def check_record_identity(rec: dict, model: str, weights: str, layer: str) -> None:
+    """Refuse a record made with another model, weights or layer than this run's."""
+    for key, have in (("model", model), ("weights", weights), ("layer", layer)):
+        if rec.get(key) != have:
+            raise UserError(f"disentanglement {rec['dir']} was made with {key} {rec.get(key)!r}, "
+                            f"this run uses {have!r}")
 
 
 def load_filters(record: dict, rho: float | None = None) -> Split:

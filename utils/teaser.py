@@ -110,7 +110,7 @@ def teaser_figure(panels: list[Panel], title: str = "", legend: tuple[str, str] 
         if text:
             fig.text(x, 0.03, f"\u25a0 concept {key}: {text}", color=COLORS[key], ha="center", va="bottom", fontsize=8)
     if any(legend):
-        fig.text(0.5, 0.03, f"\u25a0 other", color=COLORS[0], ha="center", va="bottom", fontsize=8)
+        fig.text(0.5, 0.03, "\u25a0 other", color=COLORS[0], ha="center", va="bottom", fontsize=8)
     for path in paths:
         fig.savefig(path, dpi=dpi)
     return fig

@@ -11,13 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from .data import ImageList, check_batch
-from .relevance import StopForward
-from .surgery import Split
+from .relevance import layer_input
+from .surgery import Split, conv_with_filters
 
 SUBCHANNELS = ("original", "D1", "D2", "Res")
 LABELS = {"original": "Original", "D1": "Disentangled 1", "D2": "Disentangled 2", "Res": "Residual"}
@@ -49,34 +48,6 @@ def filter_bank(conv: nn.Conv2d, splits: list[Split], names: tuple[str, ...] = (
             if conv.bias is not None:
                 bs.append(conv.bias[s.channel].detach())
     return FilterBank(keys, torch.stack(ws), torch.stack(bs) if bs else None)
-
-
-def apply_filters(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``conv``'s geometry (stride, padding and its mode, dilation) with other filters: B x S x H' x W'."""
-    if conv.padding_mode != "zeros":
-        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-        return F.conv2d(x, weight, bias, conv.stride, 0, conv.dilation)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
-
-
-def truncated_input(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The input of ``layer`` (B x C_in x H x W), keeping the autograd graph; the forward stops there."""
-    seen: list[torch.Tensor] = []
-
-    def hook(_module, inputs):
-        seen.append(inputs[0])
-        raise StopForward
-
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        model(images)
-    except StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise RuntimeError("the forward pass never reached the layer of interest")
-    return seen[0]
 
 
 # ------------------------------------------------------------------ streaming top-k
@@ -129,8 +100,8 @@ def stream_topk(model: nn.Module, conv: nn.Conv2d, bank: FilterBank, loader, k: 
     for x, y, idx in tqdm(loader, desc="top-k", unit="batch", disable=not progress, leave=False):
         if images is not None:
             check_batch(images, y, idx)
-        inp = truncated_input(model, conv, x.to(device, non_blocking=True))
-        maps = apply_filters(conv, inp, w, b).float()  # B x S x H' x W'
+        inp = layer_input(model, conv, x.to(device, non_blocking=True))
+        maps = conv_with_filters(conv, inp, w, b).float()  # B x S x H' x W'
         out_hw = tuple(maps.shape[-2:])
         act = maps.sum((2, 3)).T.cpu()  # S x B
         pos = maps.flatten(2).argmax(-1).T.cpu()  # S x B, flat position of the maximum
@@ -148,7 +119,7 @@ def stream_topk(model: nn.Module, conv: nn.Conv2d, bank: FilterBank, loader, k: 
 def subchannel_maps(model: nn.Module, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None,
                     images: torch.Tensor) -> torch.Tensor:
     """Output maps (B x S x H' x W') of the filters ``weight`` (S x C_in x kh x kw) on normalised images."""
-    return apply_filters(conv, truncated_input(model, conv, images), weight, bias).float()
+    return conv_with_filters(conv, layer_input(model, conv, images, grad=True), weight, bias).float()
 
 
 # ------------------------------------------------------------------ receptive field and crops
@@ -196,7 +167,7 @@ def receptive_field(model: nn.Module, conv: nn.Conv2d, in_hw: tuple[int, int] = 
     dev = next(model.parameters()).device
     x = torch.randn(n, 3, *in_hw, generator=g).to(dev).requires_grad_(True)
     with torch.enable_grad():
-        out = apply_filters(conv, truncated_input(model, conv, x), conv.weight, conv.bias)
+        out = conv_with_filters(conv, layer_input(model, conv, x, grad=True), conv.weight, conv.bias)
         H, W = out.shape[-2:]
         ci, cj = H // 2, W // 2
         (gx,) = torch.autograd.grad(out[:, :, ci, cj].sum(), x)
