@@ -14,7 +14,7 @@ h1{font-size:1.6em;margin-bottom:.2em} h2{margin-top:2em;border-bottom:1px solid
 h3{margin-top:1.5em} table{border-collapse:collapse;margin:.5em 0 1em} td,th{border:1px solid #ddd;padding:3px 9px;
  text-align:right;font-variant-numeric:tabular-nums} th{background:#f4f4f4} td.l,th.l{text-align:left}
 tr.best td{background:#e8f4ea;font-weight:600} .muted{color:#666} .ok{color:#1a7f37} .bad{color:#b42318}
-.plots{display:flex;flex-wrap:wrap;gap:1em} .plots img{width:calc(50% - .5em);min-width:320px;border:1px solid #eee}
+.plots{display:flex;flex-wrap:wrap;gap:1em} .plots img{width:48%;min-width:320px;border:1px solid #eee}
 img.teaser{max-width:100%;border:1px solid #eee} .card{border:1px solid #e3e3e3;border-radius:6px;padding:.2em 1.2em 1em;
  margin:1.5em 0}
 """
