@@ -11,7 +11,6 @@ reference flag                        paper
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from .errors import UserError
@@ -70,7 +69,3 @@ def check_channels(expected: int | None, actual: int, what: str) -> None:
     if expected is not None and expected != actual:
         raise UserError(f"--nr_channels_in_layer_of_interest {expected} does not match {what}, "
                         f"which has {actual} channels")
-
-
-def to_json(obj) -> str:
-    return json.dumps(obj, indent=1)
