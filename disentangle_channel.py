@@ -7,6 +7,10 @@ forward pass up to the layer per image), picks the best (first maximal score), c
 disentangled network computes the original logits, and saves the result to
 STORE_DIR/models_disentangled/<model>_channel<c>_c1-<classes>_c2-<classes>/ (record.json, filters.pt).
 Several classes per concept (--classes_for_concept1 57 58 53) make one concept of all of them.
+
+Several GPUs or machines: start the same command with torchrun, e.g.
+  torchrun --nproc_per_node=4 disentangle_channel.py --data_dir D --store_dir S --channel_disentangle C ...
+Each process scores a disjoint share of the images; the result equals a single-process run.
 """
 import argparse
 import os
@@ -51,15 +55,20 @@ def main(args: argparse.Namespace) -> None:
     from utils.disentangle import Stage3Config, disentangle_channel, record_folder, save_record
     from utils.models import load_model
     from utils.surgery import export_checkpoint
+    from utils.distributed import distributed_context
 
     start = time.perf_counter()
-    cfg = Stage3Config(data_dir=args.data_dir, store_dir=args.store_dir, channel=args.channel_disentangle,
-                       classes_for_concept1=args.classes_for_concept1, classes_for_concept2=args.classes_for_concept2,
-                       model=args.model, weights=args.weights, layer=args.layer, batch_size=args.batch_size,
-                       device=args.device, gpu=args.gpu, num_workers=args.num_workers, check_images=args.check_images)
-    lm = load_model(args.model, args.weights)
-    rec, sw = disentangle_channel(cfg, loaded=lm, check=lambda c: check_channels(
-        args.nr_channels_in_layer_of_interest, c, f"layer {args.layer or 'last_conv'}"))
+    with distributed_context(args.device, args.gpu) as (rank, world, device):
+        cfg = Stage3Config(data_dir=args.data_dir, store_dir=args.store_dir, channel=args.channel_disentangle,
+                           classes_for_concept1=args.classes_for_concept1,
+                           classes_for_concept2=args.classes_for_concept2, model=args.model, weights=args.weights,
+                           layer=args.layer, batch_size=args.batch_size, device=device, gpu=args.gpu,
+                           num_workers=args.num_workers, check_images=args.check_images, rank=rank, world_size=world)
+        lm = load_model(args.model, args.weights)
+        rec, sw = disentangle_channel(cfg, loaded=lm, check=lambda c: check_channels(
+            args.nr_channels_in_layer_of_interest, c, f"layer {args.layer or 'last_conv'}"))
+    if rank != 0:  # rank 0 alone prints and writes
+        return
 
     names = rec["class_names"]
     concept = {k: ", ".join(f"{t} {names[str(t)]}" for t in rec[f"classes_for_{k}"]) for k in ("concept1", "concept2")}

@@ -13,6 +13,10 @@ and of its sub-channels Disentangled 1, Disentangled 2 and Residual.
   --summarize DIR     print the paper's table over every CSV in DIR (same as summarize_results.py)
 
 The disentanglement is read from MODEL_DIR/<name>/ as written by disentangle_channel.py.
+
+Several GPUs or machines: start the same command with torchrun (torchrun --nproc_per_node=4
+get_results.py ...); each process evaluates a disjoint share of the images, process 0 gathers them
+and writes outputs equal to a single-process run.
 """
 from __future__ import annotations
 
@@ -82,19 +86,24 @@ def main(args: argparse.Namespace, loaded=None) -> dict:
                               ("--classes_for_concept2", args.classes_for_concept2)) if v is None]
     if missing:
         raise UserError(f"missing {', '.join(missing)} (or pass --summarize DIR)")
+    from utils.distributed import distributed_context
+
     qualitative, quantitative = args.get_qualitative, args.get_quantitative
-    if not (qualitative or quantitative):
-        print("neither --get_qualitative nor --get_quantitative given: doing both")
-        qualitative = quantitative = True
-    cfg = Stage4Config(data_dir=args.data_dir, model_dir=args.model_dir, model=args.model, weights=args.weights,
-                       layer=args.layer, channel=args.channel, classes1=args.classes_for_concept1,
-                       classes2=args.classes_for_concept2, rho=args.rho, tau=args.tau, out_dir=args.out_dir,
-                       qualitative=qualitative, quantitative=quantitative, batch_size=args.batch_size,
-                       num_workers=args.num_workers, device=args.device, gpu=args.gpu,
-                       nr_channels=args.nr_channels_in_layer_of_interest, progress=not args.no_progress,
-                       purity_k=args.purity_k)
-    out = run_stage4(cfg, loaded=loaded, log=print)
-    write_json_output(args.json, out)
+    with distributed_context(args.device, args.gpu) as (rank, world, device):
+        if not (qualitative or quantitative):
+            if rank == 0:
+                print("neither --get_qualitative nor --get_quantitative given: doing both")
+            qualitative = quantitative = True
+        cfg = Stage4Config(data_dir=args.data_dir, model_dir=args.model_dir, model=args.model, weights=args.weights,
+                           layer=args.layer, channel=args.channel, classes1=args.classes_for_concept1,
+                           classes2=args.classes_for_concept2, rho=args.rho, tau=args.tau, out_dir=args.out_dir,
+                           qualitative=qualitative, quantitative=quantitative, batch_size=args.batch_size,
+                           num_workers=args.num_workers, device=device, gpu=args.gpu,
+                           nr_channels=args.nr_channels_in_layer_of_interest, progress=not args.no_progress,
+                           purity_k=args.purity_k, rank=rank, world_size=world)
+        out = run_stage4(cfg, loaded=loaded, log=print)
+    if rank == 0:  # rank 0 alone writes
+        write_json_output(args.json, out)
     return out
 
 

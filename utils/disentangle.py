@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from . import store as st
 from .data import check_batch, list_images, make_loader, resolve_device
+from .distributed import all_gather_list, batch_shard, broadcast_float, max_over_ranks, run_together
 from .errors import UserError
 from .models import LoadedModel, default_layer, get_layer, load_model, set_module
 from .relevance import layer_input
@@ -111,6 +112,39 @@ def best_index(scores: torch.Tensor) -> int:
     return int((scores == top).nonzero()[0, 0])
 
 
+def sweep_batch_sums(model: nn.Module, conv: nn.Conv2d, channel: int, sw: Sweep,
+                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], int, int]:
+    """The score's ratio sums of each batch (a list of 2 x U float64, U distinct splits), plus n1, n2.
+
+    Under torchrun each rank runs this on its batches; added up in batch order (see
+    :func:`scores_from_batch_sums`) they give exactly the single-process sums.
+    """
+    first, _ = distinct_splits(sw)
+    weight = torch.cat([sw.D1[first], sw.D2[first]])  # 2n x C_in x kh x kw: the n D1s, then the n D2s
+    bias = None if conv.bias is None else conv.bias.detach()[channel].expand(len(weight))
+    parts: list[torch.Tensor] = []
+    n1 = n2 = 0
+    with torch.no_grad():
+        for images, concept in batches:
+            x = layer_input(model, conv, images)
+            parts.append(ratio_sums(positive_mass(conv_with_filters(conv, x, weight, bias)), concept))
+            n1 += int((concept == 1).sum())
+            n2 += int((concept == 2).sum())
+    return parts, n1, n2
+
+
+def scores_from_batch_sums(sw: Sweep, parts: list[torch.Tensor], n1: int, n2: int,
+                           device: torch.device | str = "cpu") -> torch.Tensor:
+    """score per rho (R,, on the CPU) from the per-batch ratio sums, added in list order from zero."""
+    first, inverse = distinct_splits(sw)
+    sums = torch.zeros(2, len(first), dtype=torch.float64, device=device)
+    for p in parts:
+        sums += p.to(device)
+    if n1 == 0 or n2 == 0:
+        raise UserError("a concept has no images to score on")
+    return scores_from_sums(sums, n1, n2).cpu()[inverse]
+
+
 def sweep_scores(model: nn.Module, conv: nn.Conv2d, channel: int, sw: Sweep,
                  batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, int, int]:
     """score per rho (R,) over ``batches`` of (images B x 3 x H x W, concept B in {1, 2}); plus n1, n2.
@@ -118,20 +152,8 @@ def sweep_scores(model: nn.Module, conv: nn.Conv2d, channel: int, sw: Sweep,
     Each image goes through the network once, and only up to ``conv``; rhos with the same index sets
     are scored once, so they tie exactly.
     """
-    first, inverse = distinct_splits(sw)
-    weight = torch.cat([sw.D1[first], sw.D2[first]])  # 2n x C_in x kh x kw: the n D1s, then the n D2s
-    bias = None if conv.bias is None else conv.bias.detach()[channel].expand(len(weight))
-    sums = torch.zeros(2, len(first), dtype=torch.float64, device=conv.weight.device)
-    n1 = n2 = 0
-    with torch.no_grad():
-        for images, concept in batches:
-            x = layer_input(model, conv, images)
-            sums += ratio_sums(positive_mass(conv_with_filters(conv, x, weight, bias)), concept)
-            n1 += int((concept == 1).sum())
-            n2 += int((concept == 2).sum())
-    if n1 == 0 or n2 == 0:
-        raise UserError("a concept has no images to score on")
-    return scores_from_sums(sums, n1, n2).cpu()[inverse], n1, n2
+    parts, n1, n2 = sweep_batch_sums(model, conv, channel, sw, batches)
+    return scores_from_batch_sums(sw, parts, n1, n2, conv.weight.device), n1, n2
 
 
 def max_logit_diff(original: nn.Module, disentangled: nn.Module, images: torch.Tensor, batch_size: int = 64) -> float:
@@ -181,6 +203,8 @@ class Stage3Config:
     num_workers: int = 4
     check_images: int = 32
     progress: bool = True
+    rank: int = 0  # under torchrun: this process's rank and the number of processes (see utils.distributed)
+    world_size: int = 1
 
 
 def _check_indices(idx1: list[int], idx2: list[int], n: int) -> set[int]:
@@ -236,26 +260,40 @@ def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, ch
     A1, A2 = concept_arv(store, cfg.channel, c1), concept_arv(store, cfg.channel, c2)  # as stage 2 computes them
     sw = sweep(conv.weight.detach()[cfg.channel].cpu(), A1, A2)
 
-    # the pass: one truncated forward per concept image
+    # the pass: one truncated forward per concept image (under torchrun, each rank a block of whole batches)
     model = lm.model.to(device).eval()
     members1 = set(c1)
     idx1, idx2 = images.indices_of(c1), images.indices_of(c2)
     keep = _check_indices(idx1, idx2, cfg.check_images)
     kept: dict[int, torch.Tensor] = {}
     order = sorted(idx1 + idx2)
-    loader = make_loader(images, order, cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda")
-    bar = tqdm(total=len(order), unit="img", desc="stage 3", disable=not cfg.progress, dynamic_ncols=True)
+    rank, world = cfg.rank, cfg.world_size
+    lo, hi = batch_shard(len(order), cfg.batch_size, rank, world)
+    mine = order[lo:hi]
+    loader = make_loader(images, mine, cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda")
+    desc = "stage 3" if world == 1 else f"stage 3 (rank 0 of {world})"
+    bar = tqdm(total=len(mine), unit="img", desc=desc, disable=not cfg.progress or rank != 0, dynamic_ncols=True)
     t0 = time.perf_counter()
-    scores, n1, n2 = sweep_scores(model, conv.to(device), cfg.channel, sw,
-                                  _concept_batches(loader, images, device, members1, keep, kept, bar))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
+    result: dict = {}
+
+    def run() -> None:
+        result["pass"] = sweep_batch_sums(model, conv.to(device), cfg.channel, sw,
+                                          _concept_batches(loader, images, device, members1, keep, kept, bar))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run_together(run, world, device, "stage 3")
+    seconds = max_over_ranks(time.perf_counter() - t0, world, device)
     bar.close()
+    parts, n1, n2 = result["pass"]
+    if world > 1:  # every rank's batch sums, in rank order = batch order of the single-process pass
+        shares = all_gather_list(([p.cpu() for p in parts], n1, n2), world)
+        parts = [p for share in shares for p in share[0]]
+        n1, n2 = sum(share[1] for share in shares), sum(share[2] for share in shares)
+    scores = scores_from_batch_sums(sw, parts, n1, n2, device if world == 1 else "cpu")
     best = best_index(scores)
 
-    # equivalence: full forwards of both networks on a few concept images, at the best rho
-    check_x = torch.stack([kept[i] for i in sorted(kept)]).to(device)
+    # equivalence: full forwards of both networks on a few concept images, at the best rho (rank 0)
     record = {
         "format_version": RECORD_VERSION,
         "model": lm.name,
@@ -277,18 +315,31 @@ def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, ch
         "sources": {_key(r): {"concept1": _ids(sw.S1[i]), "concept2": _ids(sw.S2[i]), "shared": _ids(sw.S0[i])}
                     for i, r in enumerate(sw.rhos)},
         "max_abs_logit_diff": None,
-        "equivalence_images": len(check_x),
+        "equivalence_images": len(keep),
         "train_images": {"concept1": n1, "concept2": n2},
         "filters": "filters.pt",
         "seconds": seconds,
         "images_per_second": (n1 + n2) / max(seconds, 1e-9),
     }
-    net = _split_network(model, layer, sw.split(cfg.channel, best))
-    diff = max_logit_diff(model, net, check_x, cfg.batch_size)
+    checked: dict = {}
+
+    def check_logits() -> None:  # rank 0 alone; the others wait for its answer
+        if rank != 0:
+            return
+        missing = sorted(keep - set(kept))  # check images that were in other ranks' shares
+        for x, _, index in make_loader(images, missing, cfg.batch_size, 0) if missing else ():
+            for j, i in enumerate(index.tolist()):
+                kept[i] = x[j]
+        check_x = torch.stack([kept[i] for i in sorted(kept)]).to(device)
+        net = _split_network(model, layer, sw.split(cfg.channel, best))
+        checked["diff"] = max_logit_diff(model, net, check_x, cfg.batch_size)
+
+    run_together(check_logits, world, device, "stage 3")
+    diff = broadcast_float(checked.get("diff"), world, device)
     record["max_abs_logit_diff"] = diff
     if not diff <= MAX_LOGIT_DIFF:
         raise UserError(f"the disentangled network's logits differ from the original's by {diff:.3g} "
-                        f"(> {MAX_LOGIT_DIFF:g}) on {len(check_x)} concept images; nothing written")
+                        f"(> {MAX_LOGIT_DIFF:g}) on {len(keep)} concept images; nothing written")
     return record, sw
 
 

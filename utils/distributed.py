@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -44,3 +44,73 @@ def distributed_context(device: str = "auto", gpu: int | None = None) -> Iterato
         yield rank, world, device
     finally:
         dist.destroy_process_group()
+
+
+def batch_shard(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """Positions ``[start, stop)`` of rank's contiguous share of ``n`` items, cut at whole batches.
+
+    The ``ceil(n / batch_size)`` batches of a single-process pass go out in contiguous blocks (the first
+    ``nb % world`` ranks get one more), so every rank's loader forms exactly the batches of the single
+    run: each image meets the same batch neighbours and gives bit-identical numbers. Uneven counts
+    work; a rank may get nothing when there are fewer batches than ranks.
+    """
+    nb = -(-n // batch_size) if n else 0
+    first, last = rank * nb // world, (rank + 1) * nb // world
+    return min(n, first * batch_size), min(n, last * batch_size)
+
+
+def run_together(step: Callable[[], None], world: int, device: torch.device | str = "cpu",
+                 what: str = "the job") -> None:
+    """Run ``step`` on every rank, then agree: if it failed anywhere, it fails everywhere (a barrier too).
+
+    The failing rank re-raises its own error; the others raise a UserError that points to it.
+    With ``world`` 1 this is just ``step()``.
+    """
+    error = None
+    try:
+        step()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have been told
+        error = e
+    if world > 1:
+        t = torch.tensor([error is not None], dtype=torch.int64, device=_comm_device(device))
+        dist.all_reduce(t)
+        failed = int(t.item())
+    else:
+        failed = 0
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError(f"{what} stopped: {failed} other process(es) of this job failed (see their error)")
+
+
+def all_gather_list(obj: Any, world: int) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (picklable objects; ``[obj]`` when world is 1)."""
+    if world <= 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def max_over_ranks(value: float, world: int, device: torch.device | str = "cpu") -> float:
+    """The largest ``value`` over the ranks (a job's time is its slowest process)."""
+    if world <= 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def broadcast_float(value: float | None, world: int, device: torch.device | str = "cpu") -> float | None:
+    """Rank 0's ``value`` on every rank (None travels as NaN and comes back as None)."""
+    if world <= 1:
+        return value
+    t = torch.tensor([float("nan") if value is None else value], dtype=torch.float64, device=_comm_device(device))
+    dist.broadcast(t, 0)
+    v = float(t.item())
+    return None if v != v else v
+
+
+def _comm_device(device: torch.device | str) -> torch.device:
+    """Where collective tensors live: the rank's GPU under nccl, else the CPU."""
+    return torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")

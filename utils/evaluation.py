@@ -97,30 +97,48 @@ class Activations:
 
 def evaluate_images(model: nn.Module, conv: nn.Conv2d, split: Split, images: ImageList, indices: list[int],
                     batch_size: int = 64, num_workers: int = 4, device: torch.device | str = "cpu",
-                    progress: bool = True) -> tuple[Activations, float]:
+                    progress: bool = True, rank: int = 0, world_size: int = 1) -> tuple[Activations, float]:
     """Stage 4's single pass over ``images[indices]``; returns the :class:`Activations` and the seconds taken.
 
-    ``model`` and ``conv`` (its layer of interest) must already be on ``device``.
+    ``model`` and ``conv`` (its layer of interest) must already be on ``device``. Under torchrun
+    (``world_size`` > 1, every rank calls this) each rank evaluates a contiguous block of whole batches
+    of ``indices``; every rank gets all images' values back in ``indices`` order (the same batches as a
+    single-process run, so the same numbers) and the seconds of the slowest rank. An error on one rank
+    stops all of them.
     """
+    from .distributed import all_gather_list, batch_shard, max_over_ranks, run_together
+
     device = torch.device(device)
-    loader = make_loader(images, indices, batch_size=batch_size, num_workers=num_workers,
+    lo, hi = batch_shard(len(indices), batch_size, rank, world_size)
+    mine = list(indices)[lo:hi]
+    loader = make_loader(images, mine, batch_size=batch_size, num_workers=num_workers,
                          pin_memory=device.type == "cuda")
     parts: dict[str, list] = {k: [] for k in ("index", "labels", "rel", "orig", "d1", "d2", "res")}
-    bar = tqdm(total=len(indices), unit="img", desc="stage 4", disable=not progress, dynamic_ncols=True)
+    desc = "stage 4" if world_size == 1 else f"stage 4 (rank 0 of {world_size})"
+    bar = tqdm(total=len(mine), unit="img", desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
     start = time.perf_counter()
-    for x_img, labels, index in loader:
-        check_batch(images, labels, index)
-        out = evaluate_batch(model, conv, split, x_img.to(device, non_blocking=True), labels.to(device))
-        parts["index"].append(index.numpy())
-        parts["labels"].append(labels.numpy())
-        for k, v in out.items():
-            parts[k].append(v.numpy())
-        bar.update(len(labels))
+
+    def run() -> None:
+        for x_img, labels, index in loader:
+            check_batch(images, labels, index)
+            out = evaluate_batch(model, conv, split, x_img.to(device, non_blocking=True), labels.to(device))
+            parts["index"].append(index.numpy())
+            parts["labels"].append(labels.numpy())
+            for k, v in out.items():
+                parts[k].append(v.numpy())
+            bar.update(len(labels))
+
+    run_together(run, world_size, device, "stage 4")
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds = max_over_ranks(time.perf_counter() - start, world_size, device)
+    if world_size > 1:  # rank order = the order of ``indices``
+        shares = all_gather_list(parts, world_size)
+        parts = {k: [a for share in shares for a in share[k]] for k in parts}
     empty = {"index": np.int64, "labels": np.int64}
     acts = Activations(**{k: np.concatenate(v) if v else np.zeros(0, empty.get(k, np.float64))
                           for k, v in parts.items()})
+    if world_size > 1 and not np.array_equal(acts.index, np.asarray(list(indices), dtype=acts.index.dtype)):
+        raise AssertionError("stage 4: the gathered images are not those of the pass, in order")  # cannot happen
     return acts, seconds
 
 
@@ -296,6 +314,8 @@ class Stage4Config:
     nr_channels: int | None = None
     progress: bool = True
     purity_k: int = 0  # > 0: also the purity of the top-k validation images (all classes; one more pass)
+    rank: int = 0  # under torchrun: this process's rank and the number of processes (see utils.distributed)
+    world_size: int = 1
 
 
 def check_record(rec: dict, model: str, weights: str, layer: str, conv: nn.Conv2d, split: Split) -> None:
@@ -338,7 +358,13 @@ def run_stage4(cfg: Stage4Config, loaded=None, log=print) -> dict:
     """Stage 4 end to end: load, one pass over the concepts' val images, write CSVs and plots; a summary dict.
 
     ``loaded`` (a :class:`utils.models.LoadedModel`) replaces ``cfg.model``/``cfg.weights`` (tests, notebooks).
+    Under torchrun (``cfg.world_size`` > 1) every rank calls this and evaluates its share of the images;
+    rank 0 alone logs, writes the files (and runs the purity pass) and returns the full summary; the
+    other ranks return ``{"rank": r, "images": n}`` after the pass.
     """
+    if cfg.rank != 0:
+        def log(*_a, **_k) -> None:
+            return None
     from .cli import check_channels
     from .data import list_images, resolve_device
     from .models import default_layer, get_layer, load_model
@@ -376,7 +402,9 @@ def run_stage4(cfg: Stage4Config, loaded=None, log=print) -> dict:
     model = lm.model.to(device)
     indices = images.indices_of(c1 + c2)
     acts, seconds = evaluate_images(model, conv, split, images, indices, cfg.batch_size, cfg.num_workers,
-                                    device, cfg.progress)
+                                    device, cfg.progress, cfg.rank, cfg.world_size)
+    if cfg.rank != 0:
+        return {"rank": cfg.rank, "images": len(acts)}
     ips = len(acts) / max(seconds, 1e-9)
     log(f"{len(acts)} validation images in {seconds:.1f} s ({ips:.1f} img/s)")
 
