@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import store as st
 from .data import check_batch, list_images, make_loader, resolve_device
-from .distributed import all_gather_list, batch_shard, broadcast_float, max_over_ranks, run_together
+from .distributed import all_gather_rows, batch_shard, broadcast_float, max_over_ranks, run_together
 from .errors import UserError
 from .models import LoadedModel, default_layer, get_layer, load_model, set_module
 from .relevance import layer_input
@@ -287,9 +287,11 @@ def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, ch
     bar.close()
     parts, n1, n2 = result["pass"]
     if world > 1:  # every rank's batch sums, in rank order = batch order of the single-process pass
-        shares = all_gather_list(([p.cpu() for p in parts], n1, n2), world)
-        parts = [p for share in shares for p in share[0]]
-        n1, n2 = sum(share[1] for share in shares), sum(share[2] for share in shares)
+        U = len(distinct_splits(sw)[0])
+        mine = torch.stack([p.cpu().flatten() for p in parts]) if parts else torch.zeros(0, 2 * U, dtype=torch.float64)
+        parts = list(all_gather_rows(mine, world, device).view(-1, 2, U))
+        counts = all_gather_rows(torch.tensor([[n1, n2]], dtype=torch.float64), world, device)
+        n1, n2 = (int(v) for v in counts.sum(0))
     scores = scores_from_batch_sums(sw, parts, n1, n2, device if world == 1 else "cpu")
     best = best_index(scores)
 

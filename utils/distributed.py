@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -83,13 +83,25 @@ def run_together(step: Callable[[], None], world: int, device: torch.device | st
         raise UserError(f"{what} stopped: {failed} other process(es) of this job failed (see their error)")
 
 
-def all_gather_list(obj: Any, world: int) -> list:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (picklable objects; ``[obj]`` when world is 1)."""
+def all_gather_rows(rows: torch.Tensor, world: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Every rank's ``rows`` (n_r x D float64, n_r may differ) stacked in rank order, on every rank (CPU).
+
+    Plain tensor collectives (no pickled objects): the row counts are gathered first, then rows padded
+    to the longest share. With ``world`` 1 this is ``rows`` itself.
+    """
     if world <= 1:
-        return [obj]
-    out: list = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+        return rows
+    dev = _comm_device(device)
+    rows = rows.to(dev, torch.float64)
+    n = torch.tensor([rows.shape[0]], dtype=torch.int64, device=dev)
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    longest = max(int(c.item()) for c in counts)
+    padded = torch.zeros(longest, rows.shape[1], dtype=torch.float64, device=dev)
+    padded[: rows.shape[0]] = rows
+    shares = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(shares, padded)
+    return torch.cat([s[: int(c.item())] for s, c in zip(shares, counts)]).cpu()
 
 
 def max_over_ranks(value: float, world: int, device: torch.device | str = "cpu") -> float:

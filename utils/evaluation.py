@@ -66,7 +66,7 @@ def evaluate_batch(model: nn.Module, conv: nn.Conv2d, split: Split, images: torc
     """One batch of stage 4: ``rel``, ``orig``, ``d1``, ``d2``, ``res`` (each B, float64, on CPU)."""
     P, a, x = relevance_batch_positive(model, conv, images, labels)
     d = sub_channel_sums(conv, x, split)
-    out = {"rel": relative_attribution(P, split.channel), "orig": a[:, split.channel].double().sum(dim=(1, 2)),
+    out = {"rel": relative_attribution(P.double(), split.channel), "orig": a[:, split.channel].double().sum(dim=(1, 2)),
            "d1": d[:, 0], "d2": d[:, 1], "res": d[:, 2]}
     return {k: v.detach().cpu() for k, v in out.items()}
 
@@ -106,7 +106,7 @@ def evaluate_images(model: nn.Module, conv: nn.Conv2d, split: Split, images: Ima
     single-process run, so the same numbers) and the seconds of the slowest rank. An error on one rank
     stops all of them.
     """
-    from .distributed import all_gather_list, batch_shard, max_over_ranks, run_together
+    from .distributed import all_gather_rows, batch_shard, max_over_ranks, run_together
 
     device = torch.device(device)
     lo, hi = batch_shard(len(indices), batch_size, rank, world_size)
@@ -131,9 +131,13 @@ def evaluate_images(model: nn.Module, conv: nn.Conv2d, split: Split, images: Ima
     run_together(run, world_size, device, "stage 4")
     bar.close()
     seconds = max_over_ranks(time.perf_counter() - start, world_size, device)
-    if world_size > 1:  # rank order = the order of ``indices``
-        shares = all_gather_list(parts, world_size)
-        parts = {k: [a for share in shares for a in share[k]] for k in parts}
+    if world_size > 1:  # rank order = the order of ``indices``; ints < 2**53 travel exactly as float64
+        keys = list(parts)
+        mine = torch.from_numpy(np.stack([np.concatenate(parts[k]).astype(np.float64) if parts[k] else np.zeros(0)
+                                          for k in keys], axis=1))
+        rows = all_gather_rows(mine, world_size, device).numpy()
+        parts = {k: [rows[:, j].astype(np.int64) if k in ("index", "labels") else rows[:, j]]
+                 for j, k in enumerate(keys)}
     empty = {"index": np.int64, "labels": np.int64}
     acts = Activations(**{k: np.concatenate(v) if v else np.zeros(0, empty.get(k, np.float64))
                           for k, v in parts.items()})
