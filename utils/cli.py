@@ -12,9 +12,24 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 
 from .errors import UserError
 from .store import write_json
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """What every image pass takes (stages 1, 3, 4 and the pictures), filled from the flags below."""
+
+    model: str = "resnet50"
+    weights: str = "IMAGENET1K_V1"
+    layer: str | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    gpu: int | None = None
+    num_workers: int = 4
+    progress: bool = True
 
 
 def add_model_args(p: argparse.ArgumentParser, layer_flags=("--layer",)) -> None:

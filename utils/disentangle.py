@@ -29,6 +29,7 @@ from tqdm import tqdm
 from . import store as st
 from .data import check_batch, list_images, make_loader, resolve_device
 from .distributed import all_gather_rows, batch_shard, broadcast_float, max_over_ranks, run_together
+from .cli import RunOptions
 from .errors import UserError
 from .models import LoadedModel, default_layer, get_layer, load_model, set_module
 from .relevance import layer_input
@@ -188,21 +189,13 @@ def check_concepts(c1: list[int], c2: list[int], class_counts: list[int]) -> Non
 
 
 @dataclass
-class Stage3Config:
+class Stage3Config(RunOptions):
     data_dir: str
     store_dir: str
     channel: int
     classes_for_concept1: list[int]
     classes_for_concept2: list[int]
-    model: str = "resnet50"
-    weights: str = "IMAGENET1K_V1"
-    layer: str | None = None
-    batch_size: int = 64
-    device: str = "auto"
-    gpu: int | None = None
-    num_workers: int = 4
     check_images: int = 32
-    progress: bool = True
     rank: int = 0  # under torchrun: this process's rank and the number of processes (see utils.distributed)
     world_size: int = 1
 

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import ImageList, check_batch, make_loader
+from .cli import RunOptions
 from .errors import UserError
 from .relevance import relevance_batch_positive
 from .surgery import Split, check_record_identity, conv_with_filters, find_record
@@ -295,7 +296,7 @@ def write_summary(results_dir: str, table: list[dict]) -> tuple[str, str]:
 
 
 @dataclass
-class Stage4Config:
+class Stage4Config(RunOptions):
     """What one stage-4 run evaluates and where its outputs go (the flags of get_results.py)."""
 
     data_dir: str
@@ -303,20 +304,12 @@ class Stage4Config:
     channel: int
     classes1: list[int]
     classes2: list[int]
-    model: str = "resnet50"
-    weights: str = "IMAGENET1K_V1"
-    layer: str | None = None
     rho: float | None = None
     tau: float = DEFAULT_TAU
     out_dir: str = "."
     qualitative: bool = True
     quantitative: bool = True
-    batch_size: int = 64
-    num_workers: int = 4
-    device: str = "auto"
-    gpu: int | None = None
     nr_channels: int | None = None
-    progress: bool = True
     purity_k: int = 0  # > 0: also the purity of the top-k validation images (all classes; one more pass)
     rank: int = 0  # under torchrun: this process's rank and the number of processes (see utils.distributed)
     world_size: int = 1

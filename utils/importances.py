@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from . import store as st
 from .data import ImageList, check_batch, list_images, make_loader, resolve_device
+from .cli import RunOptions
 from .errors import UserError
 from .models import LoadedModel, default_layer, get_layer, load_model
 from .relevance import capture_layer, relevance_batch
@@ -33,19 +34,11 @@ EXIT_AFTER_ENV = "DISENTANGLE_TEST_EXIT_AFTER_CHUNKS"
 
 
 @dataclass
-class Stage1Config:
+class Stage1Config(RunOptions):
     data_dir: str
     store_dir: str
-    model: str = "resnet50"
-    weights: str = "IMAGENET1K_V1"
-    layer: str | None = None
-    batch_size: int = 64
-    device: str = "auto"
-    gpu: int | None = None
-    num_workers: int = 4
     max_images_per_class: int | None = None
     chunk_images: int | None = None
-    progress: bool = True
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast dtype of the forward and backward pass
     rank: int = 0
     world_size: int = 1

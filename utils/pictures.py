@@ -13,6 +13,7 @@ from torchvision import transforms
 
 from . import featvis, surgery, teaser
 from .data import ImageList, eval_transform, list_images, make_loader, resolve_device
+from .cli import RunOptions
 from .errors import UserError
 from .models import LoadedModel, default_layer, get_layer, load_model
 from .store import write_json
@@ -21,15 +22,12 @@ from .topk import LABELS, TopK, crop, filter_bank, purity, receptive_field, stre
 
 
 @dataclass
-class PicturesConfig:
+class PicturesConfig(RunOptions):
     data_dir: str
     model_dir: str  # the models_disentangled folder
     channel: int
     classes_for_concept1: list[int]
     classes_for_concept2: list[int]
-    model: str = "resnet50"
-    weights: str = "IMAGENET1K_V1"
-    layer: str | None = None
     rho: float | None = None  # default: the record's best rho
     split: str = "train"
     top_k: int = 12
@@ -39,11 +37,6 @@ class PicturesConfig:
     crop_size: int | None = None  # default: the layer's effective receptive field
     fv: featvis.FVConfig | None = field(default_factory=featvis.FVConfig)  # None: no feature visualisation
     fv_spectrum_images: int = 256
-    batch_size: int = 64
-    num_workers: int = 4
-    device: str = "auto"
-    gpu: int | None = None
-    progress: bool = True
 
 
 def find_record(model_dir: str, lm: LoadedModel, layer: str, channel: int, c1: list[int], c2: list[int]) -> dict:
