@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import store as st
 from .data import check_batch, list_images, make_loader, resolve_device
-from .distributed import all_gather_rows, batch_shard, broadcast_float, max_over_ranks, run_together
+from .distributed import all_gather_rows, batch_shard, broadcast_float, reduce_over_ranks, run_together
 from .cli import RunOptions
 from .errors import UserError
 from .models import LoadedModel, default_layer, get_layer, load_model, set_module
@@ -276,7 +276,7 @@ def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, ch
             torch.cuda.synchronize(device)
 
     run_together(run, world, device, "stage 3")
-    seconds = max_over_ranks(time.perf_counter() - t0, world, device)
+    seconds = reduce_over_ranks(time.perf_counter() - t0, world, device)
     bar.close()
     parts, n1, n2 = result["pass"]
     if world > 1:  # every rank's batch sums, in rank order = batch order of the single-process pass

@@ -104,12 +104,12 @@ def all_gather_rows(rows: torch.Tensor, world: int, device: torch.device | str =
     return torch.cat([s[: int(c.item())] for s, c in zip(shares, counts)]).cpu()
 
 
-def max_over_ranks(value: float, world: int, device: torch.device | str = "cpu") -> float:
-    """The largest ``value`` over the ranks (a job's time is its slowest process)."""
+def reduce_over_ranks(value: float, world: int, device: torch.device | str = "cpu", op: str = "max") -> float:
+    """``value`` combined over the ranks: ``op`` "max" (a job's time is its slowest process) or "sum"."""
     if world <= 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=_comm_device(device))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op={"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op])
     return float(t.item())
 
 

@@ -107,7 +107,7 @@ def evaluate_images(model: nn.Module, conv: nn.Conv2d, split: Split, images: Ima
     single-process run, so the same numbers) and the seconds of the slowest rank. An error on one rank
     stops all of them.
     """
-    from .distributed import all_gather_rows, batch_shard, max_over_ranks, run_together
+    from .distributed import all_gather_rows, batch_shard, reduce_over_ranks, run_together
 
     device = torch.device(device)
     lo, hi = batch_shard(len(indices), batch_size, rank, world_size)
@@ -131,7 +131,7 @@ def evaluate_images(model: nn.Module, conv: nn.Conv2d, split: Split, images: Ima
 
     run_together(run, world_size, device, "stage 4")
     bar.close()
-    seconds = max_over_ranks(time.perf_counter() - start, world_size, device)
+    seconds = reduce_over_ranks(time.perf_counter() - start, world_size, device)
     if world_size > 1:  # rank order = the order of ``indices``; ints < 2**53 travel exactly as float64
         keys = list(parts)
         mine = torch.from_numpy(np.stack([np.concatenate(parts[k]).astype(np.float64) if parts[k] else np.zeros(0)

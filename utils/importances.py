@@ -23,6 +23,7 @@ from tqdm import tqdm
 from . import store as st
 from .data import ImageList, check_batch, list_images, make_loader, resolve_device
 from .cli import RunOptions
+from .distributed import reduce_over_ranks, run_together
 from .errors import UserError
 from .models import LoadedModel, default_layer, get_layer, load_model
 from .relevance import capture_layer, relevance_batch
@@ -193,7 +194,7 @@ def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None =
                 st.save_npy(os.path.join(path, "layer_bias.npy"), conv.bias.detach().float().cpu().numpy())
             st.write_json(meta_path, meta)
 
-    _together(cfg, device, create)  # rank 0 writes meta.json; the others read it only after this
+    run_together(create, cfg.world_size, device, "stage 1")  # rank 0 writes meta.json; the others read it after
     meta = st.read_json(meta_path)
     os.makedirs(os.path.join(path, "chunks"), exist_ok=True)
     plan = _Chunks(len(images), meta["chunk_images"], cfg.batch_size)
@@ -204,57 +205,19 @@ def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None =
         result["seconds"], result["done"] = _run_chunks(cfg, model, conv, images, path, plan, todo, device)
 
     try:
-        done = _together(cfg, device, run, count=lambda: result["done"])
+        run_together(run, cfg.world_size, device, "stage 1")
     except UserError:
         if created and cfg.rank == 0:  # every rank has stopped writing by now
             st.remove_partial(path)
         raise
-    seconds = _max_over_ranks(cfg, device, result["seconds"])  # the job's time: its slowest process
+    done = int(reduce_over_ranks(result["done"], cfg.world_size, device, "sum"))
+    seconds = reduce_over_ranks(result["seconds"], cfg.world_size, device)  # the job's time: its slowest process
     if cfg.rank == 0:
         missing = [j for j in range(plan.count) if not os.path.isfile(_chunk_path(path, j))]
         if missing:
             raise UserError(f"store {path} is missing {len(missing)} chunks; rerun to finish it")
         _assemble(path, meta, plan)
     return {**summary, "processed": done, "seconds": seconds, "images_per_second": done / max(seconds, 1e-9)}
-
-
-def _together(cfg: Stage1Config, device: torch.device, step: Callable[[], None],
-              count: Callable[[], int] | None = None) -> int:
-    """Run ``step`` on every rank, then agree: if it failed anywhere, it fails everywhere.
-
-    The failing rank re-raises its own error; the others raise a UserError that points to it.
-    Returns the sum over ranks of ``count()`` (0 without ``count``). Doubles as a barrier.
-    """
-    error = None
-    try:
-        step()
-    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have been told
-        error = e
-    if cfg.world_size == 1:
-        if error is not None:
-            raise error
-        return count() if count else 0
-    dist = torch.distributed
-    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([error is not None, 0 if error is not None or count is None else count()],
-                     dtype=torch.int64, device=on)
-    dist.all_reduce(t)
-    failed, total = t.tolist()
-    if error is not None:
-        raise error
-    if failed:
-        raise UserError(f"stage 1 stopped: {failed} other process(es) of this job failed (see their error)")
-    return total
-
-
-def _max_over_ranks(cfg: Stage1Config, device: torch.device, value: float) -> float:
-    if cfg.world_size == 1:
-        return value
-    dist = torch.distributed
-    t = torch.tensor([value], dtype=torch.float64,
-                     device=device if dist.get_backend() == "nccl" else torch.device("cpu"))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
 
 
 def _exit_hook(rank: int) -> Callable[[int], None] | None:
