@@ -109,12 +109,16 @@ def test_filters_add_up_to_the_original_exactly():
 # ------------------------------------------------------------------ the disentangled network
 
 
+def _random_model_and_image(name: str, seed: int):
+    """torchvision ``name`` with random weights, one 224 x 224 image and its logits."""
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+    return model, x, _logits(model, x)
+
+
 @pytest.fixture(scope="module")
 def resnet50():
-    """ResNet-50 with random weights, one 224 x 224 image and its logits."""
-    model = torchvision.models.resnet50(weights=None).eval()
-    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    return model, x, _logits(model, x)
+    return _random_model_and_image("resnet50", 0)
 
 
 def test_resnet50_disentangled_logits_equal_original(resnet50):
@@ -127,10 +131,7 @@ def test_resnet50_disentangled_logits_equal_original(resnet50):
 
 @pytest.fixture(scope="module")
 def resnet18():
-    """ResNet-18 with random weights, one 224 x 224 image and its logits."""
-    model = torchvision.models.resnet18(weights=None).eval()
-    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    return model, x, _logits(model, x)
+    return _random_model_and_image("resnet18", 1)
 
 
 def test_resnet18_3x3_layer_disentangled_logits_equal_original(resnet18):
