@@ -70,10 +70,12 @@ def class_names(lm: LoadedModel, images: ImageList) -> list[str]:
 
 
 def channel_pictures(cfg: PicturesConfig, loaded: LoadedModel | None = None,
-                     check: Callable[[int], None] | None = None) -> dict:
+                     check: Callable[[int], None] | None = None, top: TopK | None = None) -> dict:
     """Top-k images, feature visualisations, figure and purity of one split channel; returns the summary.
 
     ``check(out_channels)`` may reject the layer (the scripts' --nr_channels_in_layer_of_interest).
+    ``top``: the top-k of this channel already found by :func:`topk_for_records` (one pass for many
+    channels) with the same ``top_k``, ``rho``, ``residual`` and split; otherwise it is searched here.
     """
     if cfg.top_k < 1:
         raise UserError("--top_k must be at least 1")
@@ -101,8 +103,9 @@ def channel_pictures(cfg: PicturesConfig, loaded: LoadedModel | None = None,
     names = class_names(lm, images)
     model = lm.model.to(device)
     t0 = time.time()
-    top = topk_for_records(lm, [rec], images, cfg.top_k, cfg.rho, cfg.residual, cfg.batch_size, cfg.num_workers,
-                           device, cfg.progress)
+    if top is None:
+        top = topk_for_records(lm, [rec], images, cfg.top_k, cfg.rho, cfg.residual, cfg.batch_size,
+                               cfg.num_workers, device, cfg.progress)
     seconds_topk = time.time() - t0
 
     out = os.path.join(cfg.out_dir, f"{os.path.basename(rec['dir'])}_rho{rho:.2f}")

@@ -136,16 +136,16 @@ def run_demo(cfg: DemoConfig) -> str:
                                      model=model_name, weights=weights, layer=layer, tau=cfg.tau,
                                      out_dir=cfg.out_dir, progress=cfg.progress, **common), loaded=lm)
         t4 = time.perf_counter() - t0
-        t0 = _stage(f"pictures ({i + 1}/{len(chosen)}): what channel {c} responds to")
-        pics = _pictures(cfg, lm, data_dir, model_dir, c, c1, c2, layer)
-        tp = time.perf_counter() - t0
-        results.append({"pair": pair, "record": rec, "stage4": s4, "pictures": pics,
-                        "seconds": {"stage 3": t3, "stage 4": t4, "pictures": tp}})
-        for key, sec in (("stage 3", t3), ("stage 4", t4), ("pictures", tp)):
+        results.append({"pair": pair, "record": {**rec, "dir": folder}, "stage4": s4})
+        for key, sec in (("stage 3", t3), ("stage 4", t4)):
             entry = timings.setdefault(key, {"seconds": 0.0, "images": 0})
             entry["seconds"] += sec
         timings["stage 3"]["images"] += sum(rec["train_images"].values())
         timings["stage 4"]["images"] += s4["images"]
+    if results:
+        t0 = _stage("pictures: what the channels respond to (one top-k pass over val/ for all of them)")
+        _pictures(cfg, lm, data_dir, model_dir, layer, results)
+        timings["pictures"] = {"seconds": time.perf_counter() - t0}
     for key in ("stage 3", "stage 4"):
         if key in timings and timings[key]["seconds"] > 0:
             timings[key]["images_per_second"] = timings[key]["images"] / timings[key]["seconds"]
@@ -162,16 +162,25 @@ def run_demo(cfg: DemoConfig) -> str:
     return path
 
 
-def _pictures(cfg: DemoConfig, lm, data_dir, model_dir, channel, c1, c2, layer) -> dict | None:
-    """Teaser figure, top-k crops and purity of one disentangled channel (None when unavailable)."""
-    try:
-        from . import featvis
-        from .pictures import PicturesConfig, channel_pictures
-    except ImportError:
-        return None
+def _pictures(cfg: DemoConfig, lm, data_dir, model_dir, layer, results: list[dict]) -> None:
+    """Teaser figure, top-k crops and purity of every disentangled channel (``result["pictures"]``).
+
+    The top-k images of all channels come from ONE pass over the validation images.
+    """
+    from . import featvis
+    from .data import list_images, resolve_device
+    from .pictures import PicturesConfig, channel_pictures, topk_for_records
+
+    top = topk_for_records(lm, [r["record"] for r in results], list_images(data_dir, "val"), cfg.pictures_k,
+                           batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                           device=resolve_device(cfg.device), progress=cfg.progress)
     fv = featvis.FVConfig(steps=cfg.fv_steps) if cfg.fv_steps > 0 else None
-    pc = PicturesConfig(data_dir=data_dir, model_dir=model_dir, channel=channel, classes_for_concept1=c1,
-                        classes_for_concept2=c2, model=lm.name, layer=layer, split="val", top_k=cfg.pictures_k,
-                        out_dir=os.path.join(cfg.out_dir, "pictures"), fv=fv, batch_size=cfg.batch_size,
-                        num_workers=cfg.num_workers, device=cfg.device, progress=cfg.progress)
-    return channel_pictures(pc, loaded=lm)
+    for r in results:
+        rec = r["record"]
+        pc = PicturesConfig(data_dir=data_dir, model_dir=model_dir, channel=rec["channel"],
+                            classes_for_concept1=rec["classes_for_concept1"],
+                            classes_for_concept2=rec["classes_for_concept2"], model=lm.name, layer=layer, split="val",
+                            top_k=cfg.pictures_k, out_dir=os.path.join(cfg.out_dir, "pictures"), fv=fv,
+                            batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
+                            progress=cfg.progress)
+        r["pictures"] = channel_pictures(pc, loaded=lm, top=top)
