@@ -17,12 +17,9 @@ from utils.errors import run_cli
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
-    p.set_defaults(weights=None)  # stage 2 needs no weights: checked against the store only when given
-    for a in p._actions:
-        if a.dest == "weights":
-            a.help = ("only checked against the store when given (a torchvision weights name, a checkpoint "
-                      "file, or 'none'); stage 2 never loads weights")
+    add_model_args(p, weights_default=None,
+                   weights_help="only checked against the store when given (a torchvision weights name, a "
+                                "checkpoint file, or 'none'); stage 2 never loads weights")
     add_store_arg(p)
     g = p.add_argument_group("selection")
     g.add_argument("--proportion_attribution_required", "--tau", dest="tau", type=float, default=0.05,
@@ -54,7 +51,8 @@ def pairs_table(pairs: list, label) -> str:
 def main(args: argparse.Namespace) -> None:
     from utils.cli import check_channels
     from utils.errors import UserError
-    from utils.selection import check_params, find_pairs, open_store, pairs_text, results_path, write_text
+    from utils.selection import check_params, find_pairs, results_path, write_pairs
+    from utils.store import open_store
 
     check_params(args.tau, args.p, args.cos_sim_low, args.cos_sim_high)
     if args.rows < 1:
@@ -71,7 +69,7 @@ def main(args: argparse.Namespace) -> None:
           f"{sum(len(v) * (len(v) - 1) // 2 for v in res.candidates.values())} class pairs; "
           f"{len(res.pairs)} with {args.cos_sim_low} <= s < {args.cos_sim_high} "
           f"({sum(res.seconds.values()):.1f} s)")
-    table = pairs_table(res.pairs, store.class_label)
+    table = pairs_table(res.pairs, store.names.label)
     if table:
         print(table)
     print("Objects with cosine similarity below threshold:")
@@ -79,7 +77,7 @@ def main(args: argparse.Namespace) -> None:
     print(len(res.pairs))
     layer_tag = "" if os.path.basename(store.path) == f"{args.model}_channel_importances" else f"_{m['layer']}"
     path = results_path(args.store_dir, args.model, args.tau, args.p, args.cos_sim_low, args.cos_sim_high, layer_tag)
-    write_text(path, pairs_text(res.pairs))
+    write_pairs(path, res.pairs)
     print(f"written: {path}")
     write_json_output(args.json, {"pairs": res.pairs,
                                   "candidates": {str(c): ts for c, ts in res.candidates.items()},

@@ -12,16 +12,13 @@ Each process takes a disjoint share of the images; the store equals a single-pro
 """
 import argparse
 
-from utils.cli import add_data_args, add_device_args, add_json_arg, add_model_args, add_store_arg, write_json_output
+from utils.cli import add_image_pass_args, add_json_arg, write_json_output
 from utils.errors import UserError, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(p)
-    add_model_args(p)
-    add_store_arg(p)
-    add_device_args(p)
+    add_image_pass_args(p)
     p.add_argument("--max_images_per_class", type=int, default=None, metavar="N",
                    help="use only the first N images of each class (quick runs)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",

@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from utils.cli import add_data_args, add_device_args, add_json_arg, add_model_args, write_json_output
+from utils.cli import add_concept_args, add_data_args, add_device_args, add_json_arg, add_model_args, concepts_of, \
+    write_json_output
 from utils.errors import UserError, run_cli
 
 
@@ -38,10 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(default: ./store/models_disentangled)")
     g.add_argument("--channel_of_interest", "--channel", dest="channel", type=int, default=None,
                    help="the disentangled channel c")
-    g.add_argument("--classes_for_concept1", type=int, nargs="+", default=None, metavar="CLASS",
-                   help="class index(es) of concept 1")
-    g.add_argument("--classes_for_concept2", type=int, nargs="+", default=None, metavar="CLASS",
-                   help="class index(es) of concept 2")
+    add_concept_args(g, required=False)
     g.add_argument("--f", "--rho", dest="rho", type=float, default=None,
                    help="evaluate this rho of the sweep (0.05 .. 1.0) instead of the best one")
     o = p.add_argument_group("outputs")
@@ -62,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def summarize_command(results_dir: str) -> dict:
     """Print the paper's table for ``results_dir`` and write summary.csv / summary.md there."""
-    from utils.evaluation import format_table, summarize, write_summary
+    from utils.results import format_table, summarize, write_summary
 
     table = summarize(results_dir)
     print(f"results in {results_dir}")
@@ -95,8 +93,8 @@ def main(args: argparse.Namespace, loaded=None) -> dict:
                 print("neither --get_qualitative nor --get_quantitative given: doing both")
             qualitative = quantitative = True
         cfg = Stage4Config(data_dir=args.data_dir, model_dir=args.model_dir, model=args.model, weights=args.weights,
-                           layer=args.layer, channel=args.channel, classes1=args.classes_for_concept1,
-                           classes2=args.classes_for_concept2, rho=args.rho, tau=args.tau, out_dir=args.out_dir,
+                           layer=args.layer, channel=args.channel, concepts=concepts_of(args), rho=args.rho,
+                           tau=args.tau, out_dir=args.out_dir,
                            qualitative=qualitative, quantitative=quantitative, batch_size=args.batch_size,
                            num_workers=args.num_workers, device=device, gpu=args.gpu,
                            nr_channels=args.nr_channels_in_layer_of_interest, progress=not args.no_progress,

@@ -18,7 +18,8 @@ folder of disentangle_channel.py) and, for the original channel, Disentangled 1 
 """
 import argparse
 
-from utils.cli import add_data_args, add_device_args, add_json_arg, add_model_args, check_channels, write_json_output
+from utils.cli import (add_concept_args, add_data_args, add_device_args, add_json_arg, add_model_args, check_channels,
+                       concepts_of, write_json_output)
 from utils.errors import UserError, run_cli
 
 
@@ -32,8 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--store_dir", default="./store", help="folder of the store (default: ./store)")
     g.add_argument("--channel_of_interest", "--channel_disentangle", dest="channel", type=int, required=True,
                    help="the split channel c")
-    g.add_argument("--classes_for_concept1", type=int, nargs="+", required=True, help="class indices of concept 1")
-    g.add_argument("--classes_for_concept2", type=int, nargs="+", required=True, help="class indices of concept 2")
+    add_concept_args(g)
     g.add_argument("--f", dest="rho", type=float, default=None, help="rho of the split (default: the record's best)")
     g = p.add_argument_group("pictures")
     g.add_argument("--split", choices=("train", "val"), default="train", help="images to search (default: train)")
@@ -71,8 +71,7 @@ def main(args: argparse.Namespace) -> None:
                                           input_size=min(args.fv_size, 224), views=args.fv_views, seed=args.seed)
     cfg = PicturesConfig(
         data_dir=args.data_dir, model_dir=args.model_dir or os.path.join(args.store_dir, "models_disentangled"),
-        channel=args.channel, classes_for_concept1=args.classes_for_concept1,
-        classes_for_concept2=args.classes_for_concept2, model=args.model, weights=args.weights, layer=args.layer,
+        channel=args.channel, concepts=concepts_of(args), model=args.model, weights=args.weights, layer=args.layer,
         rho=args.rho, split=args.split, top_k=args.top_k, out_dir=args.out_dir, residual=args.residual,
         heatmap=args.heatmap, crop_size=args.crop_size, fv=fv, fv_spectrum_images=args.fv_spectrum_images,
         batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, gpu=args.gpu)
@@ -84,8 +83,8 @@ def main(args: argparse.Namespace) -> None:
         p, fvi = sub["purity"], sub["feature_visualisation"]
         fv_text = (f"; feature visualisation {fvi['activation']:.3g} (noise {fvi['activation_on_noise']:.3g}, "
                    f"{fvi['seconds']:.0f} s)" if fvi else "")
-        print(f"  {sub['label']:<15} purity: concept 1 {p['concept1']:.0%}, concept 2 {p['concept2']:.0%}, "
-              f"other {p['other']:.0%}{fv_text}")
+        shares = ", ".join(f"{key.replace('concept', 'concept ')} {v:.0%}" for key, v in p.items() if key != "k")
+        print(f"  {sub['label']:<15} purity: {shares}{fv_text}")
     print(f"figure: {os.path.join(s['out_dir'], 'teaser.png')} (and .pdf); purity: {os.path.join(s['out_dir'], 'purity.json')}")
     write_json_output(args.json, s)
 

@@ -107,7 +107,7 @@ def tensor_passes(model, conv, batches, K, device, dtype, stage1: bool) -> float
     for x, y in batches:
         with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             if stage1:
-                R, pred, xin = relevance_batch(model, conv, x, y)
+                R, pred, _, xin = relevance_batch(model, conv, x, y)
             else:
                 with torch.no_grad():
                     model(x).argmax(1)
@@ -152,23 +152,31 @@ def main() -> None:
           f"CPUs {os.cpu_count()}")
 
     if args.no_loader:
-        g = torch.Generator().manual_seed(0)
-        batches = [(torch.randn(len(idx), 3, 224, 224, generator=g).to(device),
-                    torch.tensor([i % args.classes for i in idx], device=device))
-                   for idx in np.array_split(np.arange(args.images), max(1, args.images // args.batch_size))]
-        n = args.images
-        tensor_passes(model, conv, batches[:1], args.classes, device, dtype, True)  # warm-up
-        best = {"forward": 0.0, "stage 1": 0.0}
-        mem = {}
-        for _ in range(args.repeat):
-            for name, s1 in (("forward", False), ("stage 1", True)):
-                with peak_memory(device) as m:
-                    sec = tensor_passes(model, conv, batches, args.classes, device, dtype, s1)
-                best[name] = max(best[name], n / sec)
-                mem[name] = max(mem.get(name, 0), m["MiB"])
-        report(best, mem, n, None)
-        return
+        bench_tensors(args, model, conv, device, dtype)
+    else:
+        bench_loader(args, lm, model, device, dtype)
 
+
+def bench_tensors(args, model, conv, device, dtype) -> None:
+    """Plain forward vs stage 1 on random tensors already on the device (no loader, no decoding)."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(len(idx), 3, 224, 224, generator=g).to(device),
+                torch.tensor([i % args.classes for i in idx], device=device))
+               for idx in np.array_split(np.arange(args.images), max(1, args.images // args.batch_size))]
+    tensor_passes(model, conv, batches[:1], args.classes, device, dtype, True)  # warm-up
+    best = {"forward": 0.0, "stage 1": 0.0}
+    mem = {}
+    for _ in range(args.repeat):
+        for name, s1 in (("forward", False), ("stage 1", True)):
+            with peak_memory(device) as m:
+                sec = tensor_passes(model, conv, batches, args.classes, device, dtype, s1)
+            best[name] = max(best[name], args.images / sec)
+            mem[name] = max(mem.get(name, 0), m["MiB"])
+    report(best, mem, args.images, None)
+
+
+def bench_loader(args, lm, model, device, dtype) -> None:
+    """Plain forward vs the whole stage 1 (compute_importances) over generated JPEGs, loader included."""
     tmp = tempfile.mkdtemp(prefix="bench_stage1_")
     try:
         data = args.data_dir or make_image_folder(os.path.join(tmp, "data"), args.classes, args.images,
@@ -185,9 +193,8 @@ def main() -> None:
                 sec, n = forward_pass(model, loader, device, dtype)
             best["forward"] = max(best["forward"], n / sec)
             mem["forward"] = max(mem.get("forward", 0), m["MiB"])
-            store_dir = os.path.join(tmp, f"store{r}")
-            cfg = Stage1Config(data_dir=data, store_dir=store_dir, model=args.model, weights=args.weights,
-                               layer=args.layer, batch_size=args.batch_size, device=args.device,
+            cfg = Stage1Config(data_dir=data, store_dir=os.path.join(tmp, f"store{r}"), model=args.model,
+                               weights=args.weights, layer=args.layer, batch_size=args.batch_size, device=args.device,
                                num_workers=args.num_workers, progress=False, precision=args.precision)
             with peak_memory(device) as m:
                 s = compute_importances(cfg, loaded=lm)

@@ -66,7 +66,7 @@ def expected_candidates(seed: int = 0) -> dict[int, list[int]]:
 
 def generate(path: str, n: int, block_rows: int = 65536, seed: int = 0) -> None:
     """Write the synthetic store to ``path`` (a ``*_channel_importances`` folder)."""
-    from utils import store as st
+    from utils import files, store as st
 
     rng = np.random.default_rng(seed)
     os.makedirs(path, exist_ok=True)
@@ -95,14 +95,14 @@ def generate(path: str, n: int, block_rows: int = 65536, seed: int = 0) -> None:
     rel.flush()
     del rel
     os.replace(os.path.join(path, "relevance.npy.partial"), os.path.join(path, "relevance.npy"))
-    st.save_npy(os.path.join(path, "targets.npy"), targets)
-    st.save_npy(os.path.join(path, "predictions.npy"), targets)
+    files.save_npy(os.path.join(path, "targets.npy"), targets)
+    files.save_npy(os.path.join(path, "predictions.npy"), targets)
     # sparse non-negative input maps (post-ReLU): each class uses ~20% of the input channels
     mask = rng.random((K, C_IN, 1, 1)) < 0.2
     sums = rng.exponential(1.0, (K, C_IN, HW, HW)) * mask * counts[:, None, None, None]
-    st.save_npy(os.path.join(path, "input_sums.npy"), sums)
-    st.save_npy(os.path.join(path, "layer_weight.npy"), (rng.standard_normal((C, C_IN, 1, 1)) * 0.02).astype(np.float32))
-    st.write_json(os.path.join(path, "meta.json"), {
+    files.save_npy(os.path.join(path, "input_sums.npy"), sums)
+    files.save_npy(os.path.join(path, "layer_weight.npy"), (rng.standard_normal((C, C_IN, 1, 1)) * 0.02).astype(np.float32))
+    files.write_json(os.path.join(path, "meta.json"), {
         "format_version": st.FORMAT_VERSION, "complete": True, "model": "resnet50",
         "weights": "ResNet50_Weights.IMAGENET1K_V1", "layer": "layer4.2.conv3", "in_channels": C_IN,
         "out_channels": C, "input_shape": [C_IN, HW, HW], "output_hw": [HW, HW],
@@ -141,14 +141,15 @@ def main(args: argparse.Namespace) -> None:
 
 def run_stage2(base: str, rows: int) -> None:
     t_start = time.perf_counter()
-    from utils.selection import find_pairs, open_store, pairs_text, results_path, write_text
+    from utils.selection import find_pairs, results_path, write_pairs
+    from utils.store import open_store
 
     t_imp = time.perf_counter()
     store = open_store(base, "resnet50")
     t_open = time.perf_counter()
     res = find_pairs(store, tau=0.03, p=0.75, gamma_low=0.0, gamma_high=0.5, rows=rows)
     t_find = time.perf_counter()
-    write_text(results_path(base, "resnet50", 0.03, 0.75, 0.0, 0.5), pairs_text(res.pairs))
+    write_pairs(results_path(base, "resnet50", 0.03, 0.75, 0.0, 0.5), res.pairs)
     t_end = time.perf_counter()
     steps = {"imports": t_imp - t_start, "open store": t_open - t_imp, **res.seconds,
              "other": (t_find - t_open) - sum(res.seconds.values()), "write txt": t_end - t_find}

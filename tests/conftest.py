@@ -94,3 +94,72 @@ def image_folder(tmp_path):
         return write_image_folder(str(tmp_path / f"data{next(count)}"), **kw)
 
     return make
+
+
+# ---------------------------------------------------------------- independent computations and hand-made files
+
+
+def arv_autograd(conv: nn.Conv2d, channel: int, inputs: torch.Tensor) -> torch.Tensor:
+    """The ARV by its definition, slowly: mean over images of ``x * dS/dx`` summed over space, with
+    ``S`` the spatial sum of ``conv(x)[channel]`` (C_in, float64)."""
+    import torch.nn.functional as F
+
+    x = inputs.double().detach().requires_grad_(True)
+    w = conv.weight.double()
+    b = conv.bias.double() if conv.bias is not None else None
+    with torch.enable_grad():
+        if conv.padding_mode != "zeros":
+            out = F.conv2d(F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), w, b,
+                           conv.stride, 0, conv.dilation)
+        else:
+            out = F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation)
+        (g,) = torch.autograd.grad(out[:, channel].sum(), x)
+    return (x * g).sum(dim=(2, 3)).mean(0).detach()
+
+
+def conv_meta(conv: nn.Conv2d) -> dict:
+    """The ``meta["conv"]`` entry stage 1 writes for ``conv``."""
+    return {"kernel_size": list(conv.kernel_size), "stride": list(conv.stride),
+            "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
+            "dilation": list(conv.dilation), "padding_mode": conv.padding_mode, "bias": conv.bias is not None}
+
+
+def write_store(path: str, conv: nn.Conv2d, input_sums: np.ndarray, class_counts: list[int]) -> str:
+    """A complete stage-1 store at ``path`` holding only what the ARVs need (no relevance rows)."""
+    from utils.files import save_npy, write_json
+    from utils.store import FORMAT_VERSION
+
+    os.makedirs(path, exist_ok=True)
+    save_npy(os.path.join(path, "input_sums.npy"), np.asarray(input_sums, np.float64))
+    save_npy(os.path.join(path, "layer_weight.npy"), conv.weight.detach().float().numpy())
+    if conv.bias is not None:
+        save_npy(os.path.join(path, "layer_bias.npy"), conv.bias.detach().float().numpy())
+    write_json(os.path.join(path, "meta.json"), {
+        "format_version": FORMAT_VERSION, "complete": True, "model": "hand", "weights": "none", "layer": "conv",
+        "in_channels": conv.in_channels, "out_channels": conv.out_channels, "conv": conv_meta(conv),
+        "classes": [f"class{t}" for t in range(len(class_counts))], "class_names": None,
+        "class_counts": list(class_counts), "num_images": int(sum(class_counts))})
+    return path
+
+
+def make_record(model_dir: str, lm: LoadedModel, layer: str | None, channel: int, concepts: list[list[int]],
+                A: torch.Tensor, best_rho: float = 0.5, class_names: dict | None = None):
+    """A stage-3 record (record.json and filters.pt for every rho) of ``channel`` split by the concept ARVs
+    ``A`` (k x C_in), written to ``model_dir/<its name>`` through the project's own record schema; no pass
+    over images (its scores are zeros)."""
+    from utils.models import default_layer, get_layer
+    from utils.records import Record, load_record, rho_key, save_record
+    from utils.split import RHOS, sweep
+
+    name, conv = get_layer(lm.model, layer)
+    sw = sweep(conv.weight.detach().cpu()[channel], A)
+    rec = Record(model=lm.name, weights=lm.weights, layer=name, default_layer=name == default_layer(lm.model),
+                 in_channels=conv.in_channels, out_channels=conv.out_channels, channel=channel, concepts=concepts,
+                 class_names=class_names or {}, store="", data_dir="", data_fingerprint="", rhos=list(RHOS),
+                 scores={rho_key(r): 0.0 for r in RHOS}, best_rho=best_rho,
+                 sources={rho_key(r): sw.sources(i) for i, r in enumerate(RHOS)}, max_abs_logit_diff=0.0,
+                 equivalence_images=0, train_images={f"concept{j}": 0 for j in range(1, len(concepts) + 1)},
+                 seconds=0.0, images_per_second=0.0)
+    folder = os.path.join(model_dir, rec.name())
+    save_record(folder, rec, sw)
+    return load_record(folder)

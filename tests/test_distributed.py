@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from conftest import write_image_folder
-from utils.importances import EXIT_AFTER_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "get_importances_for_classes.py")
@@ -38,10 +37,9 @@ def single(data, store):
     return os.path.join(str(store), "resnet18_channel_importances")
 
 
-def torchrun(data, store, env=None, nproc=2):
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", EXIT_AFTER_ENV)}
-    e.update(env or {})
-    return subprocess.run([TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", SCRIPT, *args(data, store)],
+def torchrun(data, store, nproc=2, script=(SCRIPT,)):
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run([TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *script, *args(data, store)],
                           capture_output=True, text=True, cwd=ROOT, env=e, timeout=300)
 
 
@@ -79,7 +77,8 @@ def test_two_processes_give_the_single_process_store(data_and_reference, tmp_pat
 
 def test_killed_rank_then_restart_gives_the_same_store(data_and_reference, tmp_path):
     data, ref = data_and_reference
-    r = torchrun(data, tmp_path / "two", env={EXIT_AFTER_ENV: "1:1"})  # rank 1 dies after its first chunk
+    killer = (os.path.join(ROOT, "tests", "kill_after_chunks.py"), "1", "1")  # rank 1 dies after its first chunk
+    r = torchrun(data, tmp_path / "two", script=killer)
     assert r.returncode != 0
     path = os.path.join(str(tmp_path / "two"), "resnet18_channel_importances")
     meta = json.load(open(os.path.join(path, "meta.json")))
@@ -110,7 +109,7 @@ STAGE_COUNTS = {"A_red": 5, "B_blue": 5, "C_gray": 7}  # odd counts: batches of 
 
 def _launch(script, argv, nproc=1, ok=True):
     """``python script`` (nproc 1) or ``torchrun --nproc_per_node=nproc script`` from the repository root."""
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", EXIT_AFTER_ENV)}
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     e["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable] if nproc == 1 else [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}"]
     r = subprocess.run([*cmd, os.path.join(ROOT, script), *argv], capture_output=True, text=True, cwd=ROOT, env=e,

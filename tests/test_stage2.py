@@ -14,22 +14,16 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import arv_autograd, planted_loaded, write_image_folder, write_store
+from utils import arv as arvs
 from utils import selection as sel
 from utils.errors import UserError
 from utils.importances import Stage1Config, compute_importances
-from utils.relevance import arv, arv_autograd, layer_input, tap_maps
-from utils.store import Store
+from utils.relevance import layer_input
+from utils.store import Store, open_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "get_cosine_similarities.py")
-
-
-def conv_meta(conv: nn.Conv2d) -> dict:
-    """The ``meta["conv"]`` entry stage 1 writes for ``conv``."""
-    return {"conv": {"kernel_size": list(conv.kernel_size), "stride": list(conv.stride),
-                     "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
-                     "dilation": list(conv.dilation), "padding_mode": conv.padding_mode,
-                     "bias": conv.bias is not None}}
 
 
 # ---------------------------------------------------------------- closed-form ARVs
@@ -49,36 +43,38 @@ CONVS = {
 
 
 @pytest.mark.parametrize("name", list(CONVS))
-def test_closed_form_arv_equals_autograd_definition(name):
+def test_closed_form_arv_equals_autograd_definition(name, tmp_path):
     torch.manual_seed(0)
     kw = {"bias": False, **CONVS[name]}
     conv = nn.Conv2d(6, 5, **kw).double()
     with torch.no_grad():
         conv.weight.copy_(conv.weight.float().double())  # the store keeps float32 weights
     x = torch.randn(4, 6, 9, 8, dtype=torch.float64).relu() + 0.1 * torch.randn(4, 6, 9, 8, dtype=torch.float64)
-    rebuilt = sel.conv_from_meta(conv_meta(conv), conv.weight.detach().float(),
-                                 conv.bias.detach() if conv.bias is not None else None)
-    maps = tap_maps(rebuilt, (9, 8))
+    store = Store.open(write_store(str(tmp_path / "s"), conv, x.sum(0, keepdim=True).numpy(), [4]))
+    rebuilt = arvs.store_conv(store)
+    assert rebuilt.padding_mode == conv.padding_mode and rebuilt.stride == conv.stride
     for c in range(5):
         want = arv_autograd(conv, c, x)
-        got_arv = arv(rebuilt, c, x.mean(0), maps)
-        got_sums = sel.concept_arv_from_sums(rebuilt, c, x.sum(0), 4)
-        for got in (got_arv, got_sums):
-            assert got.dtype == torch.float64 and got.shape == (6,)
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9 * want.abs().max().item())
+        got = arvs.concept_arvs(store, c, [[0]])[0]
+        assert got.dtype == torch.float64 and got.shape == (6,)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9 * want.abs().max().item())
 
 
-def test_candidate_arvs_match_autograd_per_class():
+def test_candidate_arvs_match_autograd_per_class(tmp_path):
     torch.manual_seed(1)
     conv = nn.Conv2d(4, 3, 3, padding=1, stride=2, bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(conv.weight.float().double())
     xs = {0: torch.randn(3, 4, 7, 7, dtype=torch.float64), 2: torch.randn(5, 4, 7, 7, dtype=torch.float64)}
     sums = np.zeros((3, 4, 7, 7))
-    counts = torch.tensor([3, 0, 5])
     for t, x in xs.items():
         sums[t] = x.sum(0).numpy()
-    got = sel.candidate_arvs(conv, sums, counts, {1: [0, 2]})
+    store = Store.open(write_store(str(tmp_path / "s"), conv, sums, [3, 0, 5]))
+    got = arvs.candidate_arvs(store, {1: [0, 2]})
     for i, t in enumerate([0, 2]):
         torch.testing.assert_close(got[1][i], arv_autograd(conv, 1, xs[t]), rtol=1e-5, atol=1e-12)
+    with pytest.raises(UserError, match="no training images"):
+        arvs.candidate_arvs(store, {1: [0, 1]})
 
 
 # ---------------------------------------------------------------- steps 1-4 on hand-built relevance
@@ -171,8 +167,9 @@ def test_pairs_cosines_bounds_and_order():
 
 def test_cosine_does_not_overflow_for_large_arvs():
     big = torch.tensor([[300.0, 400.0, 0.0], [400.0, 300.0, 1.0]], dtype=torch.float64)  # norms > 255
-    s = sel.cosine_matrix(big)[0, 1].item()
-    assert s == pytest.approx(240000 / (500 * math.sqrt(250001)), rel=1e-14)
+    (pair,) = sel.polysemantic_pairs({4: big}, {4: [2, 6]}, 0.0, 1.0)
+    assert (pair["channel"], pair["class1"], pair["class2"]) == (4, 2, 6)
+    assert pair["cosine_similarity"] == pytest.approx(240000 / (500 * math.sqrt(250001)), rel=1e-14)
 
 
 def test_parameters_that_make_no_sense_are_refused():
@@ -211,10 +208,9 @@ def test_planted_channel0_is_polysemantic_channel1_is_not(planted_store, planted
     everything = sel.find_pairs(store, tau=0.03, p=0.75, gamma_low=-1.0, gamma_high=1.5)
     cos1 = [d["cosine_similarity"] for d in everything.pairs if d["channel"] == 1]
     assert cos1 and min(cos1) > 0.99
-    # stage 3 recomputes the ARVs it needs with concept_arv: the same vectors, the same s
+    # stage 3 recomputes the ARVs it needs with concept_arvs: the same vectors, the same s
     for d in everything.pairs:
-        a1 = sel.concept_arv(store, d["channel"], [d["class1"]])
-        a2 = sel.concept_arv(store, d["channel"], [d["class2"]])
+        a1, a2 = arvs.concept_arvs(store, d["channel"], [[d["class1"]], [d["class2"]]])
         s = float(a1 @ a2 / (a1.norm() * a2.norm()))
         assert s == pytest.approx(d["cosine_similarity"], abs=1e-12)
 
@@ -229,12 +225,8 @@ def test_planted_concept_arv_equals_autograd_over_the_images(planted_store, plan
     conv = planted_model.model.conv
     for channel, classes in ((0, [0]), (0, [1]), (1, [0, 1]), (3, [0, 1, 2])):
         want = arv_autograd(conv, channel, x[torch.isin(t, torch.tensor(classes))])
-        got = sel.concept_arv(planted_store, channel, classes)
+        got = arvs.concept_arvs(planted_store, channel, [classes])[0]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
-    with pytest.raises(UserError):
-        sel.concept_arv(planted_store, 4, [0])
-    with pytest.raises(UserError):
-        sel.concept_arv(planted_store, 0, [3])
 
 
 # ---------------------------------------------------------------- the script
@@ -258,30 +250,64 @@ def cli_store(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def planted_cli_store(tmp_path_factory):
+    """Stage-1 stores of the planted network (layers ``conv`` and ``stem``) and, independently, the cosine
+    similarity of channel 0's ARVs for red (class 0) and blue (class 1) by autograd over the images."""
+    from utils.data import list_images, make_loader
+
+    root = tmp_path_factory.mktemp("stage2_planted")
+    data = write_image_folder(str(root / "data"), n_train=8, n_val=1)
+    lm = planted_loaded()
+    for layer in ("conv", "stem"):
+        compute_importances(Stage1Config(data, str(root / "store"), model="planted", weights="planted-v1", layer=layer,
+                                         batch_size=8, num_workers=0, progress=False), loaded=lm)
+    images = list_images(data, "train")
+    x = torch.cat([layer_input(lm.model, lm.model.conv, b[0]) for b in make_loader(images, batch_size=8, num_workers=0)])
+    t = torch.tensor(images.targets)
+    red, blue = (arv_autograd(lm.model.conv, 0, x[t == c]) for c in (0, 1))
+    shutil.rmtree(data)  # stage 2 must not need the images
+    return root, float(red @ blue / (red.norm() * blue.norm()))
+
+
 @pytest.mark.slow
-def test_cli_prints_list_number_path_and_writes_txt(cli_store):
-    root = str(cli_store)
-    out_json = os.path.join(root, "out.json")
-    r = _run([SCRIPT, "--model", "resnet18", "--nr_channels_in_layer_of_interest", "512",
+def test_cli_prints_list_number_path_and_writes_txt(planted_cli_store):
+    root, s = planted_cli_store
+    out_json = os.path.join(str(root), "out.json")
+    r = _run([SCRIPT, "--model", "planted", "--nr_channels_in_layer_of_interest", "4",
               "--proportion_attribution_required", "0.03", "--p", "0.75", "--cos_sim_high", "0.5",
-              "--data_dir", "/nonexistent", "--batch_size", "7", "--no_progress", "--json", out_json], cwd=root)
+              "--data_dir", "/nonexistent", "--batch_size", "7", "--no_progress", "--json", out_json], cwd=str(root))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    txt = os.path.join("./store", "results_get_cosine_similarities", "resnet18_required0.03_p0.75_cossim0.0to0.5.txt")
+    txt = os.path.join("./store", "results_get_cosine_similarities", "planted_required0.03_p0.75_cossim0.0to0.5.txt")
     assert lines[-1] == f"written: {txt}"
-    printed = ast.literal_eval(lines[-3])
-    assert int(lines[-2]) == len(printed)
-    with open(os.path.join(root, txt)) as f:
+    # the planted answer: channel 0 alone serves red and blue through different inputs (s near 0)
+    assert ast.literal_eval(lines[-3]) == [{"channel": 0, "class1": 0, "class2": 1, "cosine_similarity": round(s, 4)}]
+    assert lines[-2] == "1"
+    with open(os.path.join(str(root), txt)) as f:
         rows = f.read().splitlines()
-    assert rows[0] == "Channel,Class1,Class2,CosineSimilarity"
+    assert rows[0] == "Channel,Class1,Class2,CosineSimilarity" and len(rows) == 2
+    assert rows[1].startswith("0,0,1,") and float(rows[1].split(",")[3]) == pytest.approx(s, abs=1e-9)
     with open(out_json) as f:
         js = json.load(f)
-    want = sel.find_pairs(sel.open_store(os.path.join(root, "store"), "resnet18"), 0.03, 0.75, 0.0, 0.5)
-    assert js["pairs"] == want.pairs
-    assert js["candidates"] == {str(c): ts for c, ts in want.candidates.items()}
-    assert printed == [{**d, "cosine_similarity": round(d["cosine_similarity"], 4)} for d in want.pairs]
-    assert rows[1:] == [f"{d['channel']},{d['class1']},{d['class2']},{d['cosine_similarity']}" for d in want.pairs]
-    assert [d["cosine_similarity"] for d in printed] == sorted((d["cosine_similarity"] for d in printed), reverse=True)
+    assert [(d["channel"], d["class1"], d["class2"]) for d in js["pairs"]] == [(0, 0, 1)]
+    assert js["pairs"][0]["cosine_similarity"] == float(rows[1].split(",")[3])
+    assert js["candidates"]["0"] == [0, 1] and "2" not in js["candidates"] and "3" not in js["candidates"]
+    assert any(line.split()[:5] == ["0", "0", "red", "thing", "1"] for line in lines)  # the table with names
+
+
+@pytest.mark.slow
+def test_cli_names_the_results_file_of_another_layer(planted_cli_store):
+    root, _ = planted_cli_store
+    r = _run([SCRIPT, "--model", "planted", "--layer", "stem", "--proportion_attribution_required", "0.03",
+              "--p", "0.5", "--cos_sim_low", "-1", "--cos_sim_high", "1.5", "--no_progress"], cwd=str(root))
+    assert r.returncode == 0, r.stderr
+    name = "planted_stem_required0.03_p0.5_cossim-1.0to1.5.txt"
+    assert r.stdout.splitlines()[-1] == f"written: {os.path.join('./store', 'results_get_cosine_similarities', name)}"
+    with open(os.path.join(str(root), "store", "results_get_cosine_similarities", name)) as f:
+        rows = f.read().splitlines()
+    assert len(rows) - 1 == int(r.stdout.splitlines()[-2])
+    assert "store ./store/planted_stem_channel_importances: planted stem" in r.stdout
 
 
 @pytest.mark.slow
@@ -313,12 +339,12 @@ def test_cli_refusals_are_one_line_exit_2(cli_store, extra, words):
 @pytest.mark.slow
 def test_store_lookup_checks_model_layer_and_weights_without_loading_them(cli_store):
     store_dir = os.path.join(str(cli_store), "store")
-    assert sel.open_store(store_dir, "resnet18").meta["layer"] == "layer4.1.conv2"
-    assert sel.open_store(store_dir, "resnet18", "last_conv", "none").path.endswith("resnet18_channel_importances")
-    assert sel.open_store(store_dir, "resnet18", "layer4.1.conv2", "/not/here.pth").meta["weights"] == "none"
+    assert open_store(store_dir, "resnet18").meta["layer"] == "layer4.1.conv2"
+    assert open_store(store_dir, "resnet18", "last_conv", "none").path.endswith("resnet18_channel_importances")
+    assert open_store(store_dir, "resnet18", "layer4.1.conv2", "/not/here.pth").meta["weights"] == "none"
     with pytest.raises(UserError, match="weights"):
-        sel.open_store(store_dir, "resnet18", None, "IMAGENET1K_V1")
+        open_store(store_dir, "resnet18", None, "IMAGENET1K_V1")
     with pytest.raises(UserError, match="no stage-1 store"):
-        sel.open_store(store_dir, "resnet18", "layer3.0.conv1")
+        open_store(store_dir, "resnet18", "layer3.0.conv1")
     with pytest.raises(UserError, match="no stage-1 store"):
-        sel.open_store(store_dir, "resnet50")
+        open_store(store_dir, "resnet50")

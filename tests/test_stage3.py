@@ -13,28 +13,39 @@ import torch
 import torchvision
 from torch import nn
 
+from conftest import arv_autograd, make_record
 from utils import disentangle as dis
+from utils.arv import concept_arvs
+from utils.concepts import check_concepts
 from utils.data import list_images, make_loader
 from utils.errors import UserError, run_cli
 from utils.importances import Stage1Config, compute_importances
 from utils.models import get_layer, load_model
-from utils.relevance import arv_autograd, layer_input
-from utils.selection import concept_arv
-from utils.surgery import (RHOS, disentangle_model, export_checkpoint, load_checkpoint, load_filters, load_record,
-                           make_split_layer)
+from utils.records import load_record, load_split, record_keys, save_record
+from utils.relevance import layer_input
+from utils.scoring import batch_ratio_sums, best_index, score_filters, scores_from_sums
+from utils.split import RHOS, Sweep, sweep
+from utils.surgery import disentangle_model, export_checkpoint, load_checkpoint, make_split_layer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
-RECORD_SCHEMA = {"format_version", "model", "weights", "layer", "default_layer", "in_channels", "out_channels",
-                 "channel", "classes_for_concept1", "classes_for_concept2", "class_names", "store", "data_dir",
-                 "data_fingerprint", "rhos", "scores", "best_rho", "sources", "max_abs_logit_diff",
-                 "equivalence_images", "train_images", "filters", "seconds", "images_per_second"}
 
 
-def _random_sweep(conv: nn.Conv2d, channel: int, seed: int = 0) -> dis.Sweep:
+def _random_sweep(conv: nn.Conv2d, channel: int, seed: int = 0) -> Sweep:
     g = torch.Generator().manual_seed(seed)
-    A1, A2 = torch.randn(2, conv.in_channels, generator=g, dtype=torch.float64)
-    return dis.sweep(conv.weight[channel], A1, A2)
+    return sweep(conv.weight[channel], torch.randn(2, conv.in_channels, generator=g, dtype=torch.float64))
+
+
+def sweep_scores(model, conv, channel, sw, batches):
+    """score per rho over ``batches`` of (images, concept 1..k), as stage 3 computes it, plus the counts."""
+    bank = score_filters(sw)
+    bias = None if conv.bias is None else conv.bias.detach()[channel].expand(len(bank))
+    parts, counts = [], [0] * sw.k
+    with torch.no_grad():
+        for images, concept in batches:
+            parts.append(batch_ratio_sums(conv, layer_input(model, conv, images), bank, bias, sw.k, concept))
+            counts = [n + int((concept == j + 1).sum()) for j, n in enumerate(counts)]
+    return scores_from_sums(sw, parts, counts), counts
 
 
 def _swap(model: nn.Module, layer: str, splits) -> nn.Module:
@@ -73,37 +84,30 @@ class BiasNet(nn.Module):
 def test_index_sets_follow_the_signed_rule_with_ties():
     A1 = torch.tensor([3.0, 1.0, -1.0, -2.0, 0.5, 2.0, 0.0], dtype=torch.float64)
     A2 = torch.tensor([1.0, 3.0, -2.0, -1.0, 0.5, 2.0, 0.0], dtype=torch.float64)
-    sw = dis.sweep(torch.ones(7, 1, 1), A1, A2)
+    sw = sweep(torch.ones(7, 1, 1), torch.stack([A1, A2]))
     i05, i10 = RHOS.index(0.5), RHOS.index(1.0)
     # rho = 0.5: 1.5 > 1 -> S1; 0.5*3 > 1 -> S2; -0.5 > -2 -> S1 (negative weights: |A2| > rho|A1|);
     # -1 > -1 no, -0.5 > -2 -> S2; 0.25 vs 0.5 both ways no -> S0; 1 vs 2 no -> S0; 0 > 0 no -> S0
-    assert sw.S1[i05].nonzero().flatten().tolist() == [0, 2]
-    assert sw.S2[i05].nonzero().flatten().tolist() == [1, 3]
-    assert sw.S0[i05].nonzero().flatten().tolist() == [4, 5, 6]
+    assert sw.sources(i05) == {"concept1": [0, 2], "concept2": [1, 3], "shared": [4, 5, 6]}
     # rho = 1.0: only exact ties (A1[k] == A2[k]) are shared
-    assert sw.S1[i10].nonzero().flatten().tolist() == [0, 2]
-    assert sw.S2[i10].nonzero().flatten().tolist() == [1, 3]
-    assert sw.S0[i10].nonzero().flatten().tolist() == [4, 5, 6]
+    assert sw.sources(i10) == {"concept1": [0, 2], "concept2": [1, 3], "shared": [4, 5, 6]}
     # rho = 0.05: -0.05 > -2 and -0.1 > -1: every negative-weight input lands in S1; 0.15 > 1 fails
-    i005 = RHOS.index(0.05)
-    assert sw.S1[i005].nonzero().flatten().tolist() == [2, 3]
-    assert sw.S2[i005].nonzero().flatten().tolist() == []
-    assert sw.S0[i005].nonzero().flatten().tolist() == [0, 1, 4, 5, 6]
+    assert sw.sources(RHOS.index(0.05)) == {"concept1": [2, 3], "concept2": [], "shared": [0, 1, 4, 5, 6]}
     # D1 drops S2, D2 drops S1, Res keeps S0 only
-    assert sw.D1[i05].flatten().tolist() == [1, 0, 1, 0, 1, 1, 1]
-    assert sw.D2[i05].flatten().tolist() == [0, 1, 0, 1, 1, 1, 1]
+    assert sw.D[i05, 0].flatten().tolist() == [1, 0, 1, 0, 1, 1, 1]
+    assert sw.D[i05, 1].flatten().tolist() == [0, 1, 0, 1, 1, 1, 1]
     assert sw.Res[i05].flatten().tolist() == [0, 0, 0, 0, 1, 1, 1]
 
 
 def test_filters_add_up_to_the_original_exactly():
     g = torch.Generator().manual_seed(1)
     W = torch.randn(64, 3, 3, generator=g)
-    A1, A2 = torch.randn(2, 64, generator=g, dtype=torch.float64)
-    sw = dis.sweep(W, A1, A2)
-    assert sw.D1.shape == (20, 64, 3, 3) and torch.allclose(sw.rhos, torch.tensor(RHOS, dtype=torch.float64))
+    sw = sweep(W, torch.randn(2, 64, generator=g, dtype=torch.float64))
+    assert sw.D.shape == (20, 2, 64, 3, 3) and torch.allclose(sw.rhos, torch.tensor(RHOS, dtype=torch.float64))
     for i in range(20):
-        assert torch.equal(sw.D1[i] + sw.D2[i] - sw.Res[i], W)
-        assert torch.equal(sw.S1[i].int() + sw.S2[i].int() + sw.S0[i].int(), torch.ones(64, dtype=torch.int32))
+        assert torch.equal(sw.D[i, 0] + sw.D[i, 1] - sw.Res[i], W)
+        src = sw.sources(i)
+        assert sorted(src["concept1"] + src["concept2"] + src["shared"]) == list(range(64))
 
 
 # ------------------------------------------------------------------ the disentangled network
@@ -117,29 +121,19 @@ def _random_model_and_image(name: str, seed: int):
 
 
 @pytest.fixture(scope="module")
-def resnet50():
-    return _random_model_and_image("resnet50", 0)
-
-
-def test_resnet50_disentangled_logits_equal_original(resnet50):
-    model, x, ref = resnet50
-    _, conv = get_layer(model, "layer4.2.conv3")
-    net = _swap(model, "layer4.2.conv3", [_random_sweep(conv, 1660).split(1660, RHOS.index(0.5))])
-    assert (_logits(net, x) - ref).abs().max() <= 1e-4
-    assert ref.abs().max() > 1e-3  # the comparison is not trivially zero
-
-
-@pytest.fixture(scope="module")
 def resnet18():
     return _random_model_and_image("resnet18", 1)
 
 
-def test_resnet18_3x3_layer_disentangled_logits_equal_original(resnet18):
-    model, x, ref = resnet18
-    _, conv = get_layer(model, "layer3.1.conv2")
-    assert conv.kernel_size == (3, 3) and conv.padding == (1, 1)
-    net = _swap(model, "layer3.1.conv2", [_random_sweep(conv, 77, seed=3).split(77, 2)])
+@pytest.mark.parametrize("arch, layer, channel, kernel", [("resnet50", "layer4.2.conv3", 1660, (1, 1)),
+                                                          ("resnet18", "layer3.1.conv2", 77, (3, 3))])
+def test_disentangled_logits_equal_original(arch, layer, channel, kernel):
+    model, x, ref = _random_model_and_image(arch, 0)
+    _, conv = get_layer(model, layer)
+    assert conv.kernel_size == kernel
+    net = _swap(model, layer, [_random_sweep(conv, channel, seed=3).split(channel, RHOS.index(0.5))])
     assert (_logits(net, x) - ref).abs().max() <= 1e-4
+    assert ref.abs().max() > 1e-3  # the comparison is not trivially zero
 
 
 def test_conv_with_bias_stride_and_reflect_padding():
@@ -154,30 +148,26 @@ def test_conv_with_bias_stride_and_reflect_padding():
     out = net.mid.expanded(h)
     C, b = 5, model.mid.bias[2]
     pad = nn.functional.pad(h, (1, 1, 1, 1), mode="reflect")
-    for j, filt in ((2, split.D1), (C, split.D2), (C + 1, split.Res)):
+    for j, filt in ((2, split.D[0]), (C, split.D[1]), (C + 1, split.Res)):
         direct = nn.functional.conv2d(pad, filt[None], b[None], stride=2)
         assert torch.allclose(out[:, j:j + 1], direct, atol=1e-5)
     assert torch.allclose(net.mid(h), model.mid(h), atol=1e-5)
 
 
-def _write_record(folder: str, model_name: str, layer: str, channel: int, sw: dis.Sweep, best: float) -> dict:
-    rec = {k: None for k in dis.RECORD_KEYS}
-    rec.update(model=model_name, layer=layer, channel=channel, best_rho=best, filters="filters.pt")
-    dis.save_record(folder, rec, sw)
-    return load_record(folder)
-
-
 def test_several_splits_and_checkpoint_round_trip(tmp_path, resnet18):
+    from utils.models import LoadedModel
+
     model, x, ref = resnet18
+    lm = LoadedModel(model, "resnet18", "none", 1000, None)
     records = []
     for j, (layer, channel) in enumerate((("layer4.1.conv2", 5), ("layer4.1.conv2", 300), ("layer3.0.conv1", 9))):
         _, conv = get_layer(model, layer)
-        records.append(_write_record(str(tmp_path / f"r{j}"), "resnet18", layer, channel,
-                                     _random_sweep(conv, channel, seed=j), best=[0.3, 0.6, 1.0][j]))
+        A = torch.randn(2, conv.in_channels, generator=torch.Generator().manual_seed(j), dtype=torch.float64)
+        records.append(make_record(str(tmp_path / f"r{j}"), lm, layer, channel, [[0], [1]], A, [0.3, 0.6, 1.0][j]))
     net = disentangle_model(model, records)
     assert isinstance(net.layer4[1].conv2, nn.Sequential) and net.layer4[1].conv2.expanded.out_channels == 512 + 4
     assert net.layer3[0].conv1.expanded.stride == (2, 2)
-    assert torch.equal(net.layer4[1].conv2.expanded.weight[300], load_filters(records[1]).D1)
+    assert torch.equal(net.layer4[1].conv2.expanded.weight[300], load_split(records[1]).D[0])
     out = _logits(net, x)
     assert (out - ref).abs().max() <= 1e-4
     assert isinstance(model.layer4[1].conv2, nn.Conv2d)  # the original is untouched
@@ -217,35 +207,36 @@ def test_scores_equal_slow_direct_computation():
     images = torch.randn(7, 3, 15, 15, generator=g)
     concept = torch.tensor([1, 2, 1, 1, 2, 2, 1])
     A1, A2 = torch.rand(2, 6, generator=g, dtype=torch.float64) + 0.1
-    sw = dis.sweep(model.mid.weight[3], A1, A2)
-    assert len({tuple(m.tolist()) for m in sw.S1}) > 2  # the sweep really changes the split
+    sw = sweep(model.mid.weight[3], torch.stack([A1, A2]))
+    assert len(sw.distinct()[0]) > 2  # the sweep really changes the split
     batches = [(images[:3], concept[:3]), (images[3:], concept[3:])]
-    fast, n1, n2 = dis.sweep_scores(model, model.mid, 3, sw, batches)
-    assert (n1, n2) == (4, 3)
+    fast, counts = sweep_scores(model, model.mid, 3, sw, batches)
+    assert counts == [4, 3]
     slow = _slow_scores(model, "mid", 3, sw, images, concept)
     assert torch.allclose(fast, slow, rtol=1e-5, atol=0)
 
 
 def test_best_rho_is_the_first_maximal_score():
-    assert dis.best_index(torch.tensor([1.0, 3.0, 2.0, 3.0])) == 1
-    assert dis.best_index(torch.full((20,), 7.0, dtype=torch.float64)) == 0
+    assert best_index(torch.tensor([1.0, 3.0, 2.0, 3.0])) == 1
+    assert best_index(torch.full((20,), 7.0, dtype=torch.float64)) == 0
     # the same index sets at every rho give exactly the same score: the first rho wins
     model = BiasNet(seed=6).eval()
     A1 = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
-    sw = dis.sweep(model.mid.weight[1], A1, 1.0 - A1)
+    sw = sweep(model.mid.weight[1], torch.stack([A1, 1.0 - A1]))
     images = torch.randn(4, 3, 15, 15, generator=torch.Generator().manual_seed(7))
-    scores, _, _ = dis.sweep_scores(model, model.mid, 1, sw, [(images, torch.tensor([1, 2, 1, 2]))])
+    scores, _ = sweep_scores(model, model.mid, 1, sw, [(images, torch.tensor([1, 2, 1, 2]))])
     assert torch.equal(scores, torch.full_like(scores, scores[0]))
-    assert dis.best_index(scores) == 0
+    assert best_index(scores) == 0
 
 
 def test_concept_checks():
-    dis.check_concepts([0, 1], [2], [3, 3, 3])
-    for c1, c2, counts, words in (([0], [0], [3, 3], "both concepts"), ([5], [0], [3, 3], "outside"),
-                                  ([0], [-1], [3, 3], "outside"), ([0], [1], [3, 0], "no training images"),
-                                  ([0, 0], [1], [3, 3], "twice")):
+    check_concepts([[0, 1], [2]], range(3), "the data", {0: 3, 1: 3, 2: 3})
+    for concepts, counts, words in (([[0], [0]], [3, 3], "both concepts"), ([[5], [0]], [3, 3], "not one of the 2"),
+                                    ([[0], [-1]], [3, 3], "not one of"), ([[0], [1]], [3, 0], "no training images"),
+                                    ([[0, 0], [1]], [3, 3], "twice"), ([[0]], [3, 3], "at least two"),
+                                    ([[0], []], [3, 3], "no classes")):
         with pytest.raises(UserError, match=words):
-            dis.check_concepts(c1, c2, counts)
+            check_concepts(concepts, range(len(counts)), "the data", dict(enumerate(counts)))
 
 
 # ------------------------------------------------------------------ the planted network, end to end
@@ -266,30 +257,31 @@ def _layer_inputs(model, conv, data_dir, classes):
 
 
 def test_planted_channel_splits_into_red_and_blue(planted_model, planted_data, planted_store, tmp_path):
-    cfg = dis.Stage3Config(planted_data, planted_store, channel=0, classes_for_concept1=[0],
-                           classes_for_concept2=[1], layer="conv", num_workers=0, progress=False, device="cpu")
+    cfg = dis.Stage3Config(planted_data, planted_store, channel=0, concepts=[[0], [1]], layer="conv", num_workers=0,
+                           progress=False, device="cpu")
     rec, sw = dis.disentangle_channel(cfg, loaded=planted_model)
-    assert set(rec) == RECORD_SCHEMA
-    assert rec["train_images"] == {"concept1": 8, "concept2": 8} and rec["max_abs_logit_diff"] <= 1e-5
-    best = rec["sources"][f"{rec['best_rho']:.2f}"]
+    assert set(rec.to_json()) == record_keys(2)
+    assert rec.train_images == {"concept1": 8, "concept2": 8} and rec.max_abs_logit_diff <= 1e-5
+    best = rec.sources[f"{rec.best_rho:.2f}"]
     assert best == {"concept1": [0, 1, 2, 3], "concept2": [4, 5, 6, 7], "shared": [8, 9]}
-    assert rec["best_rho"] == 0.05  # every rho gives that split, so the first one wins
+    assert rec.best_rho == 0.05  # every rho gives that split, so the first one wins
     model, conv = planted_model.model, planted_model.model.conv
-    i = RHOS.index(rec["best_rho"])
+    i = RHOS.index(rec.best_rho)
     act = {}
     for t in (0, 1):
         x = _layer_inputs(model, conv, planted_data, [t])
         act[t] = {name: nn.functional.conv2d(x, w).sum().item() for name, w in
-                  (("orig", conv.weight[:1]), ("D1", sw.D1[i:i + 1]), ("D2", sw.D2[i:i + 1]))}
+                  (("orig", conv.weight[:1]), ("D1", sw.D[i, 0:1]), ("D2", sw.D[i, 1:2]))}
     assert act[0]["D1"] > 0.95 * act[0]["orig"] and act[0]["D2"] < 0.05 * act[0]["D1"]  # red: D1 only
     assert act[1]["D2"] > 0.95 * act[1]["orig"] and act[1]["D1"] < 0.05 * act[1]["D2"]  # blue: D2 only
     # the record on disk rebuilds the same network
-    folder = dis.record_folder(planted_store, rec)
+    folder = os.path.join(planted_store, "models_disentangled", rec.name())
     assert folder.endswith(os.path.join("models_disentangled", "planted_channel0_c1-0_c2-1"))
-    dis.save_record(folder, rec, sw)
+    save_record(folder, rec, sw)
     loaded = load_record(folder)
+    assert loaded == rec  # every field survives the round trip through record.json
     f = torch.load(os.path.join(folder, "filters.pt"), weights_only=True)
-    assert f["D1"].shape == (20, 10, 1, 1) and torch.equal(load_filters(loaded).D2, sw.D2[i])
+    assert f["D1"].shape == (20, 10, 1, 1) and torch.equal(load_split(loaded).D[1], sw.D[i, 1])
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(_logits(disentangle_model(model, [loaded]), x), _logits(model, x), atol=1e-5)
 
@@ -298,7 +290,7 @@ def test_concept_arv_of_several_classes_is_the_mean_over_their_images(planted_mo
     from utils.store import Store
     store = Store.open(os.path.join(planted_store, "planted_channel_importances"))
     conv = planted_model.model.conv
-    got = concept_arv(store, 0, [0, 2])
+    got = concept_arvs(store, 0, [[0, 2], [1]])[0]
     x = _layer_inputs(planted_model.model, conv, planted_data, [0, 2])
     assert len(x) == 16
     assert torch.allclose(got, arv_autograd(conv, 0, x), rtol=1e-6, atol=1e-9)
@@ -339,7 +331,7 @@ def test_cli_seed_command(cli_store):
     assert "max |logit difference|" in p.stdout and "img/s" in p.stdout
     folder = os.path.join(store, "models_disentangled", "resnet18_channel100_c1-0_c2-1")
     rec = json.load(open(os.path.join(folder, "record.json")))
-    assert set(rec) == RECORD_SCHEMA
+    assert set(rec) == record_keys(2)
     assert rec["layer"] == "layer4.1.conv2" and rec["default_layer"] and rec["weights"] == "none"
     assert rec["class_names"] == {"0": "A_red", "1": "B_blue"} and rec["train_images"] == {"concept1": 2, "concept2": 2}
     assert rec["max_abs_logit_diff"] <= 1e-4 and rec["equivalence_images"] == 4
@@ -386,7 +378,7 @@ def test_cli_refuses_bad_input_with_one_line(cli_store, tmp_path, capsys, monkey
               for d in os.listdir(os.path.join(store, "models_disentangled"))} \
         if os.path.isdir(os.path.join(store, "models_disentangled")) else {}
     assert "outside layer" in _cli_error(_argv(data, store, "512"), capsys)
-    assert "outside the data" in _cli_error(_argv(data, store, "5", ("3",)), capsys)
+    assert "not one of the 3 classes of the data" in _cli_error(_argv(data, store, "5", ("3",)), capsys)
     assert "both concepts" in _cli_error(_argv(data, store, "5", ("1",), ("2", "1")), capsys)
     assert "no stage-1 store" in _cli_error(_argv(data, str(tmp_path / "nothing")), capsys)
     other = os.path.join(str(tmp_path), "other")

@@ -18,14 +18,17 @@ from PIL import Image
 from torch import nn
 
 import get_results
+from conftest import arv_autograd, make_record
 from utils.data import list_images, make_loader
 from utils.errors import UserError
-from utils.evaluation import (Activations, Stage4Config, evaluate_batch, fraction_rows, read_rows_csv, run_stage4,
-                              summarize, write_rows_csv)
-from utils.models import LoadedModel, default_layer, get_layer
-from utils.plots import density_curves, density_plot, fit_kde, pgfplots_blocks, read_pgfplots, write_pgfplots
-from utils.relevance import arv, layer_input, tap_maps
-from utils.surgery import RHOS, disentangle_model, index_sets, load_record, record_name, split_filters
+from utils.evaluation import Activations, Stage4Config, evaluate_batch, fraction_rows, relative_attribution, run_stage4
+from utils.models import LoadedModel, get_layer
+from utils.plots import density_curves, density_plot, fit_kde, pgfplots_blocks, write_pgfplots
+from utils.records import load_split
+from utils.relevance import layer_input
+from utils.results import read_rows_csv, summarize, write_rows_csv
+from utils.split import assign_inputs
+from utils.surgery import disentangle_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -40,42 +43,23 @@ PAPER_TRIPLES = [(522, 62, 687), (1404, 385, 834), (895, 631, 946), (242, 515, 6
 # ------------------------------------------------------------------ helpers
 
 
-def make_record(model_dir: str, lm: LoadedModel, layer: str | None, channel: int, c1: list[int], c2: list[int],
-                A1: torch.Tensor, A2: torch.Tensor, best_rho: float = 0.5, class_names: dict | None = None) -> dict:
-    """Write a stage-3 record (record.json + filters.pt for every rho) from ARVs ``A1``, ``A2`` (C_in,)."""
-    name, conv = get_layer(lm.model, layer)
-    W = conv.weight.detach().cpu()
-    filt = {"D1": [], "D2": [], "Res": []}
-    sources = {}
-    for rho in RHOS:
-        S1, S2, S0 = index_sets(A1, A2, rho)
-        for key, f in zip(("D1", "D2", "Res"), split_filters(W[channel], S1, S2)):
-            filt[key].append(f)
-        sources[f"{rho:.2f}"] = {"concept1": S1.nonzero().flatten().tolist(), "concept2": S2.nonzero().flatten().tolist(),
-                             "shared": S0.nonzero().flatten().tolist()}
-    folder = os.path.join(model_dir, record_name(lm.name, name, default_layer(lm.model), channel, c1, c2))
-    os.makedirs(folder, exist_ok=True)
-    torch.save({"rhos": torch.tensor(RHOS), **{k: torch.stack(v) for k, v in filt.items()}},
-               os.path.join(folder, "filters.pt"))
-    rec = {"format_version": 1, "model": lm.name, "weights": lm.weights, "layer": name,
-           "default_layer": name == default_layer(lm.model), "in_channels": conv.in_channels,
-           "out_channels": conv.out_channels, "channel": channel, "classes_for_concept1": c1,
-           "classes_for_concept2": c2, "class_names": class_names or {}, "store": "", "data_dir": "",
-           "data_fingerprint": "", "rhos": list(RHOS), "scores": {f"{r:.2f}": 0.0 for r in RHOS}, "best_rho": best_rho,
-           "sources": sources, "max_abs_logit_diff": 0.0, "equivalence_images": 0, "train_images": {},
-           "filters": "filters.pt", "seconds": 0.0, "images_per_second": 0.0}
-    with open(os.path.join(folder, "record.json"), "w") as f:
-        json.dump(rec, f)
-    return load_record(folder)
-
-
 def class_arv(lm: LoadedModel, layer: str, channel: int, data_dir: str, t: int) -> torch.Tensor:
-    """ARV(c, t) from the mean input map of class t's training images (closed form of utils.relevance)."""
+    """ARV(c, t) by autograd over class t's training images."""
     _, conv = get_layer(lm.model, layer)
     images = list_images(data_dir, "train")
     xs = [layer_input(lm.model, conv, x) for x, _, _ in make_loader(images, images.indices_of([t]), 16, 0)]
-    mean_input = torch.cat(xs).double().mean(0)
-    return arv(conv, channel, mean_input, tap_maps(conv, tuple(mean_input.shape[1:])))
+    return arv_autograd(conv, channel, torch.cat(xs))
+
+
+def read_pgfplots(path: str) -> dict[str, np.ndarray]:
+    """Parse the ``filecontents*`` blocks of a .tex file into {name: (G x 2) array}, independently of utils.plots."""
+    with open(path) as f:
+        text = f.read()
+    out = {}
+    for m in re.finditer(r"\\begin\{filecontents\*\}(?:\[[^\]]*\])?\{([^}]*)\}\n(.*?)\\end\{filecontents\*\}", text, re.S):
+        rows = [line.split() for line in m.group(2).splitlines()[1:] if line.strip()]
+        out[m.group(1)] = np.array(rows, dtype=np.float64).reshape(-1, 2)
+    return out
 
 
 class TinyNet(nn.Module):
@@ -127,14 +111,12 @@ def test_attribution_and_activations_match_independent_computations(tmp_path):
     g = torch.Generator().manual_seed(3)
     A1 = torch.tensor([2.0, 0.1, 1.0, -1.0, 1.0, 0.5])
     A2 = torch.tensor([0.1, 2.0, 1.0, 0.3, 0.9, -0.2])
-    rec = make_record(str(tmp_path), lm, "conv", channel, [0], [1], A1, A2, best_rho=0.5)
-    S1, S2, S0 = index_sets(A1, A2, 0.5)
-    assert S1.any() and S2.any() and S0.any()  # all three sub-channels differ
+    rec = make_record(str(tmp_path), lm, "conv", channel, [[0], [1]], torch.stack([A1, A2]).double(), best_rho=0.5)
+    assert set(assign_inputs(torch.stack([A1, A2]), 0.5).tolist()) == {0, 1, 2}  # all three sub-channels differ
     images = torch.randn(4, 3, 17, 19, generator=g)
     labels = torch.tensor([0, 2, 1, 0])
 
-    from utils.surgery import load_filters
-    got = evaluate_batch(lm.model, lm.model.conv, load_filters(rec), images, labels)
+    got = evaluate_batch(lm.model, lm.model.conv, load_split(rec), images, labels)
 
     # sub-channels from the DISENTANGLED network: hook on the expanded conv of the split layer
     net = disentangle_model(lm.model, [rec])
@@ -144,9 +126,7 @@ def test_attribution_and_activations_match_independent_computations(tmp_path):
         net(images)
     h.remove()
     e = seen["e"].double().sum((2, 3))
-    torch.testing.assert_close(got["d1"], e[:, channel], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got["d2"], e[:, C], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got["res"], e[:, C + 1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["sub"], e[:, [channel, C, C + 1]], rtol=1e-5, atol=1e-5)  # d1, d2, res
 
     # original activation and the attribution by plain autograd from the image
     x = images.clone().requires_grad_(True)
@@ -165,13 +145,21 @@ def test_attribution_and_activations_match_independent_computations(tmp_path):
     torch.testing.assert_close(got["orig"], a[:, channel].detach().double().sum((1, 2)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["rel"], P[:, channel] / P.sum(1), rtol=1e-5, atol=1e-6)
     # D1 + D2 - Res = W[c] (the bias enters b + b - b = b): the parts add up to the original
-    torch.testing.assert_close(got["d1"] + got["d2"] - got["res"], got["orig"], rtol=1e-4, atol=1e-4)
+    d1, d2, res = got["sub"].T
+    torch.testing.assert_close(d1 + d2 - res, got["orig"], rtol=1e-4, atol=1e-4)
+
+
+def test_relative_attribution_of_an_image_without_positive_attribution_is_zero():
+    P = torch.tensor([[1.0, 3.0, 0.0], [0.0, 0.0, 0.0], [2.0, 0.0, 2.0]])
+    rel = relative_attribution(P, 0)
+    assert rel.dtype == torch.float64 and rel.tolist() == [0.25, 0.0, 0.5]  # no 0/0 = NaN for the silent image
+    assert relative_attribution(P, 1).tolist() == [0.75, 0.0, 0.0]
 
 
 def test_fraction_rows_keep_images_above_tau():
     acts = Activations(index=np.arange(4), labels=np.zeros(4, int), rel=np.array([0.5, 0.02, 0.03, 0.9]),
-                       orig=np.array([2.0, 1.0, 4.0, 0.0]), d1=np.array([1.0, 1.0, 2.0, 1.0]),
-                       d2=np.array([3.0, 1.0, -2.0, 1.0]), res=np.array([2.0, 1.0, -4.0, 0.0]))
+                       orig=np.array([2.0, 1.0, 4.0, 0.0]),
+                       sub=np.array([[1.0, 3.0, 2.0], [1.0, 1.0, 1.0], [2.0, -2.0, -4.0], [1.0, 1.0, 0.0]]))
     rows = fraction_rows(acts, 0.03)
     # image 1 is below tau, image 3 has orig == 0 (no fraction)
     np.testing.assert_array_equal(rows, [[0.5, 1.5, 1.0], [0.5, -0.5, -1.0]])
@@ -191,10 +179,10 @@ def planted_run(tmp_path_factory):
     A1 = class_arv(planted_model, "conv", 0, planted_data, 0)
     A2 = class_arv(planted_model, "conv", 0, planted_data, 1)
     model_dir = str(tmp_path / "models_disentangled")
-    rec = make_record(model_dir, planted_model, "conv", 0, [0], [1], A1, A2, best_rho=0.5,
+    rec = make_record(model_dir, planted_model, "conv", 0, [[0], [1]], torch.stack([A1, A2]), best_rho=0.5,
                       class_names={"0": "red thing", "1": "blue thing"})
     out_dir = str(tmp_path / "out")
-    cfg = Stage4Config(data_dir=planted_data, model_dir=model_dir, channel=0, classes1=[0], classes2=[1],
+    cfg = Stage4Config(data_dir=planted_data, model_dir=model_dir, channel=0, concepts=[[0], [1]],
                        model="planted", weights="planted-v1", layer="conv", out_dir=out_dir, batch_size=3,
                        num_workers=0, device="cpu", progress=False)
     logs: list[str] = []
@@ -223,26 +211,61 @@ def test_planted_channel_splits_into_its_two_concepts(planted_run):
 
 def test_end_to_end_through_stages_1_and_3(tmp_path, planted_model, planted_data):
     """Stage 1 store -> stage 3 record (utils.disentangle, as disentangle_channel.py) -> stage 4."""
-    dis = pytest.importorskip("utils.disentangle")
+    from utils import disentangle as dis
     from utils.importances import Stage1Config, compute_importances
+    from utils.records import save_record
 
     store = str(tmp_path / "store")
     compute_importances(Stage1Config(planted_data, store, model="planted", weights="planted-v1", layer="conv",
                                      batch_size=8, device="cpu", num_workers=0, progress=False), loaded=planted_model)
-    rec, sw = dis.disentangle_channel(dis.Stage3Config(planted_data, store, 0, [0], [1], model="planted",
+    rec, sw = dis.disentangle_channel(dis.Stage3Config(planted_data, store, 0, [[0], [1]], model="planted",
                                                        weights="planted-v1", layer="conv", batch_size=8,
                                                        device="cpu", num_workers=0, check_images=4, progress=False),
                                       loaded=planted_model)
-    dis.save_record(dis.record_folder(store, rec), rec, sw)
+    save_record(os.path.join(store, "models_disentangled", rec.name()), rec, sw)
     out = get_results.main(_namespace(data_dir=planted_data, model_dir=os.path.join(store, "models_disentangled"),
                                       model="planted", weights="planted-v1", layer_of_interest="last_conv",
                                       channel_of_interest=0, classes_for_concept1=[0], classes_for_concept2=[1],
                                       device="cpu", num_workers=0, out_dir=str(tmp_path / "o"), no_progress=True),
                            loaded=planted_model)
-    assert out["rho"] == rec["best_rho"] and len(out["plots"]) == 3 and len(out["csv"]) == 2
+    assert out["rho"] == rec.best_rho and len(out["plots"]) == 3 and len(out["csv"]) == 2
     for k, own in ((1, 0), (2, 1)):
         mean = out[f"concept{k}"]["mean"]
         assert out[f"concept{k}"]["rows"] == 4 and abs(mean[own] - 1) < 0.05 and abs(mean[1 - own]) < 0.05
+
+
+def test_concepts_in_any_class_order_name_one_folder_and_are_found(tmp_path, planted_model, planted_data):
+    """Stage 3 given concept 1 = classes 2, 0 (unsorted) names its folder c1-0-2; stage 4 finds it given either
+    order, and also finds a folder an older version named c1-2-0."""
+    from utils import disentangle as dis
+    from utils.importances import Stage1Config, compute_importances
+    from utils.records import save_record
+
+    store = str(tmp_path / "store")
+    compute_importances(Stage1Config(planted_data, store, model="planted", weights="planted-v1", layer="conv",
+                                     batch_size=8, device="cpu", num_workers=0, progress=False), loaded=planted_model)
+    rec, sw = dis.disentangle_channel(dis.Stage3Config(planted_data, store, 0, [[2, 0], [1]], model="planted",
+                                                       weights="planted-v1", layer="conv", batch_size=8, device="cpu",
+                                                       num_workers=0, check_images=4, progress=False),
+                                      loaded=planted_model)
+    assert rec.concepts == [[0, 2], [1]] and rec.name() == "planted_channel0_c1-0-2_c2-1"
+    model_dir = os.path.join(store, "models_disentangled")
+    save_record(os.path.join(model_dir, rec.name()), rec, sw)
+    args = dict(data_dir=planted_data, model_dir=model_dir, model="planted", weights="planted-v1",
+                channel_of_interest=0, classes_for_concept2=[1], device="cpu", num_workers=0, get_quantitative=True,
+                no_progress=True)
+    for order in ([2, 0], [0, 2]):
+        out = get_results.main(_namespace(**args, classes_for_concept1=order, out_dir=str(tmp_path / str(order[0]))),
+                               loaded=planted_model)
+        assert out["record"] == os.path.join(model_dir, "planted_channel0_c1-0-2_c2-1")
+        assert out["concept1"]["images"] == 8  # the val images of both classes of concept 1
+    os.rename(os.path.join(model_dir, rec.name()), os.path.join(model_dir, "planted_channel0_c1-2-0_c2-1"))
+    out = get_results.main(_namespace(**args, classes_for_concept1=[0, 2], out_dir=str(tmp_path / "old")),
+                           loaded=planted_model)
+    assert out["record"].endswith("planted_channel0_c1-2-0_c2-1")
+    with pytest.raises(UserError, match="no disentanglement of channel 0"):  # the concepts swapped are another split
+        get_results.main(_namespace(**{**args, "classes_for_concept2": [0, 2]}, classes_for_concept1=[1],
+                                    out_dir=str(tmp_path / "swap")), loaded=planted_model)
 
 
 def test_planted_plots_are_pngs_and_pgfplots_data(planted_run):
@@ -340,16 +363,6 @@ def test_rows_csv_is_replaced_not_appended(tmp_path):
 # ------------------------------------------------------------------ shell scripts
 
 
-def _doc_triples() -> list[tuple[int, int, int]]:
-    """The triples at the end of ALGORITHM.md when the docs are at hand, else the copy above."""
-    for path in (os.path.join(REPO, "docs", "ALGORITHM.md"), "/work/shared/docs/ALGORITHM.md"):
-        if os.path.isfile(path):
-            with open(path) as f:
-                tail = f.read().split("The 20 channel/concept triples")[-1]
-            return [tuple(map(int, m)) for m in re.findall(r"(\d+): (\d+) (\d+)", tail)]
-    return PAPER_TRIPLES
-
-
 @pytest.mark.parametrize("script,flag", [("disentanglement_calls.sh", "--channel_disentangle"),
                                          ("quantitative_evaluation_calls.sh", "--channel_of_interest")])
 def test_shell_scripts_dry_run_the_paper_triples(script, flag, tmp_path):
@@ -365,7 +378,7 @@ def test_shell_scripts_dry_run_the_paper_triples(script, flag, tmp_path):
             triples.append((int(w[w.index(flag) + 1]), int(w[w.index("--classes_for_concept1") + 1]),
                             int(w[w.index("--classes_for_concept2") + 1])))
             assert "/data/imagenet" in w
-    assert triples == PAPER_TRIPLES == _doc_triples()
+    assert triples == PAPER_TRIPLES
     if script.startswith("quantitative"):
         assert "summarize_results.py" in r.stdout.splitlines()[-1]
     assert not os.listdir(tmp_path)  # a dry run writes nothing
@@ -398,8 +411,8 @@ def test_cli_seed_command_and_quantitative_reruns(tmp_path, image_folder):
     lm = load_model("resnet18", "none")
     g = torch.Generator().manual_seed(0)
     store = tmp_path / "store"
-    make_record(str(store / "models_disentangled"), lm, None, 7, [0], [1], torch.randn(512, generator=g),
-                torch.randn(512, generator=g), best_rho=0.35)
+    make_record(str(store / "models_disentangled"), lm, None, 7, [[0], [1]],
+                torch.randn(2, 512, generator=g, dtype=torch.float64), best_rho=0.35)
     common = ["--data_dir", data, "--model_dir", str(store / "models_disentangled") + "/", "--model", "resnet18",
               "--weights", "none", "--nr_channels_in_layer_of_interest", "512", "--classes_for_concept1", "0",
               "--classes_for_concept2", "1", "--channel_of_interest", "7", "--device", "cpu", "--num_workers", "0",
@@ -441,8 +454,8 @@ def test_cli_seed_command_and_quantitative_reruns(tmp_path, image_folder):
 @pytest.fixture
 def planted_setup(tmp_path, planted_model, planted_data):
     model_dir = str(tmp_path / "md")
-    make_record(model_dir, planted_model, "conv", 0, [0], [1], torch.tensor([1.0] * 4 + [0.0] * 6),
-                torch.tensor([0.0] * 4 + [1.0] * 4 + [0.0] * 2))
+    make_record(model_dir, planted_model, "conv", 0, [[0], [1]],
+                torch.tensor([[1.0] * 4 + [0.0] * 6, [0.0] * 4 + [1.0] * 4 + [0.0] * 2], dtype=torch.float64))
     base = dict(data_dir=planted_data, model_dir=model_dir, model="planted", weights="planted-v1",
                 channel_of_interest=0, classes_for_concept1=[0], classes_for_concept2=[1], device="cpu",
                 num_workers=0, get_quantitative=True, out_dir=str(tmp_path / "o"), no_progress=True)
@@ -450,7 +463,7 @@ def planted_setup(tmp_path, planted_model, planted_data):
 
 
 @pytest.mark.parametrize("change,words", [
-    ({"classes_for_concept2": [7]}, "class 7 is not in"),
+    ({"classes_for_concept2": [7]}, "class 7 of concept 2 is not one of the 3 classes of"),
     ({"classes_for_concept2": [0]}, "in both concepts"),
     ({"channel_of_interest": 2}, "disentangle_channel.py"),
     ({"nr_channels_in_layer_of_interest": 2048}, "does not match"),

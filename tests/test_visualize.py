@@ -12,38 +12,22 @@ import torch
 from PIL import Image
 from torch import nn
 
+from conftest import arv_autograd, make_record
 from utils.data import list_images, make_loader
 from utils.errors import UserError
 from utils.featvis import FVConfig, activation, magnitude_spectrum, visualize
-from utils.models import LoadedModel, default_layer, get_layer, load_model
-from utils.relevance import arv_from_profile, layer_input, tap_maps, tap_profile
-from utils.store import write_json
-from utils.surgery import RHOS, Split, index_sets, load_filters, load_record, record_name, split_filters
+from utils.models import get_layer, load_model
+from utils.receptive import receptive_field
+from utils.records import load_split
+from utils.relevance import layer_input
+from utils.split import Split, filter_bank
 from utils.teaser import Panel, teaser_figure
-from utils.topk import filter_bank, purity, receptive_field, stream_topk
+from utils.topk import purity, stream_topk
 
 from visualize_channel import get_args_parser, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(2)
-
-
-def make_record(model_dir: str, lm: LoadedModel, layer: str | None, channel: int, c1: list[int], c2: list[int],
-                A1: torch.Tensor, A2: torch.Tensor, best_rho: float = 0.5) -> str:
-    """Write a stage-3 record (filters.pt over RHOS + record.json) for ARVs A1, A2; returns its folder."""
-    layer, conv = get_layer(lm.model, layer)
-    W = conv.weight[channel].detach()
-    fs = [split_filters(W, *index_sets(A1, A2, r)[:2]) for r in RHOS]
-    folder = os.path.join(model_dir, record_name(lm.name, layer, default_layer(lm.model), channel, c1, c2))
-    os.makedirs(folder, exist_ok=True)
-    torch.save({"rhos": torch.tensor(RHOS), **{k: torch.stack([f[i] for f in fs]) for i, k in enumerate(("D1", "D2", "Res"))}},
-               os.path.join(folder, "filters.pt"))
-    write_json(os.path.join(folder, "record.json"), {
-        "format_version": 1, "model": lm.name, "weights": lm.weights, "layer": layer,
-        "default_layer": default_layer(lm.model), "in_channels": conv.in_channels, "out_channels": conv.out_channels,
-        "channel": channel, "classes_for_concept1": c1, "classes_for_concept2": c2, "best_rho": best_rho,
-        "rhos": list(RHOS)})
-    return folder
 
 
 class RedNet(nn.Module):
@@ -87,8 +71,7 @@ def test_streaming_topk_equals_brute_force(planted_model, image_folder):
     images = list_images(data, "train")
     _, conv = get_layer(planted_model.model, "conv")
     g = torch.Generator().manual_seed(3)
-    splits = [Split(c, torch.randn(10, 1, 1, generator=g), torch.randn(10, 1, 1, generator=g),
-                    torch.randn(10, 1, 1, generator=g)) for c in (0, 2)]
+    splits = [Split(c, torch.randn(2, 10, 1, 1, generator=g), torch.randn(10, 1, 1, generator=g)) for c in (0, 2)]
     bank = filter_bank(conv, splits, ("original", "D1", "D2", "Res"))
     assert len(bank.keys) == 8 and torch.equal(bank.weight[bank.index(2, "original")], conv.weight[2])
     top = stream_topk(planted_model.model, conv, bank, make_loader(images, batch_size=4, num_workers=0), k=6,
@@ -121,7 +104,7 @@ def test_receptive_field_and_crop_land_on_planted_red_square(tmp_path):
             Image.fromarray(img).save(root / cls / f"{i}.png")
             squares[str(root / cls / f"{i}.png")] = (top - 16 + 5.5, left - 16 + 5.5)  # centre in the 224 crop
     images = list_images(str(tmp_path / "data"), "train")
-    bank = filter_bank(net.conv, [Split(0, net.conv.weight[0], net.conv.weight[0], net.conv.weight[0])], ("original",))
+    bank = filter_bank(net.conv, [Split(0, net.conv.weight[0].expand(2, -1, -1, -1), net.conv.weight[0])], ("original",))
     top = stream_topk(net, net.conv, bank, make_loader(images, batch_size=4, num_workers=0), k=6, progress=False)
     for r in range(6):
         i, j = (int(v) for v in top.positions[0, r])
@@ -153,27 +136,27 @@ def test_purity_on_planted_network(planted_model, planted_data, tmp_path):
     _, conv = get_layer(lm.model, "conv")
     images = list_images(planted_data, "train")
     x = layer_input(lm.model, conv, next(iter(make_loader(images, batch_size=64, num_workers=0)))[0])
-    maps = tap_maps(conv, tuple(x.shape[-2:]))
     t = torch.tensor(images.targets)
-    A1, A2 = (arv_from_profile(conv.weight[0], tap_profile(x[t == c].mean(0), maps)) for c in (0, 1))
-    rec = load_record(make_record(str(tmp_path / "md"), lm, "conv", 0, [0], [1], A1, A2))
-    split = load_filters(rec)
+    A = torch.stack([arv_autograd(conv, 0, x[t == c]) for c in (0, 1)])
+    split = load_split(make_record(str(tmp_path / "md"), lm, "conv", 0, [[0], [1]], A))
     top = stream_topk(lm.model, conv, filter_bank(conv, [split]), make_loader(images, batch_size=5, num_workers=0),
                       k=8, progress=False)
-    assert purity(top.get(0, "D1")["labels"], [0], [1]) == {"concept1": 1.0, "concept2": 0.0, "other": 0.0, "k": 8}
-    assert purity(top.get(0, "D2")["labels"], [0], [1])["concept2"] == 1.0
+    assert purity(top.get(0, "D1")["labels"], [[0], [1]]) == {"concept1": 1.0, "concept2": 0.0, "other": 0.0, "k": 8}
+    assert purity(top.get(0, "D2")["labels"], [[0], [1]])["concept2"] == 1.0
     top16 = stream_topk(lm.model, conv, filter_bank(conv, [split]), make_loader(images, batch_size=5, num_workers=0),
                         k=16, progress=False)
-    p = purity(top16.get(0, "original")["labels"], [0], [1])
+    p = purity(top16.get(0, "original")["labels"], [[0], [1]])
     assert p == {"concept1": 0.5, "concept2": 0.5, "other": 0.0, "k": 16}  # the original serves both
-    assert purity([0, 2, 1, 2], [0], [1]) == {"concept1": 0.25, "concept2": 0.25, "other": 0.5, "k": 4}
+    assert purity([0, 2, 1, 2], [[0], [1]]) == {"concept1": 0.25, "concept2": 0.25, "other": 0.5, "k": 4}
+    assert purity([0, 2, 1, 2], [[0], [1], [2]]) == {"concept1": 0.25, "concept2": 0.25, "concept3": 0.5, "other": 0.0,
+                                                     "k": 4}
 
 
 def test_teaser_is_png_of_expected_size(tmp_path):
     g = torch.Generator().manual_seed(0)
     panels = [Panel(name, torch.rand(3, 64, 64, generator=g), [torch.rand(3, 20, 20, generator=g) for _ in range(9)],
                     [f"{i % 3} class" for i in range(9)], [i % 3 for i in range(9)],
-                    purity([i % 3 for i in range(9)], [1], [2])) for name in ("Original", "Disentangled 1", "Disentangled 2")]
+                    purity([i % 3 for i in range(9)], [[1], [2]])) for name in ("Original", "Disentangled 1", "Disentangled 2")]
     paths = (str(tmp_path / "t.png"), str(tmp_path / "t.pdf"))
     teaser_figure(panels, "title", ("1 red", "2 blue"), paths, panel_inches=3.0, dpi=80)
     with Image.open(paths[0]) as im:
@@ -191,8 +174,8 @@ def test_cli_resnet18(image_folder, tmp_path):
     data = image_folder(n_train=3, n_val=1, size=48)
     lm = load_model("resnet18", "none")
     g = torch.Generator().manual_seed(1)
-    make_record(str(tmp_path / "store" / "models_disentangled"), lm, None, 7, [0], [1],
-                torch.randn(512, generator=g), torch.randn(512, generator=g))
+    make_record(str(tmp_path / "store" / "models_disentangled"), lm, None, 7, [[0], [1]],
+                torch.randn(2, 512, generator=g, dtype=torch.float64))
     common = ["--data_dir", data, "--store_dir", str(tmp_path / "store"), "--model", "resnet18", "--weights", "none",
               "--classes_for_concept1", "0", "--classes_for_concept2", "1", "--num_workers", "0",
               "--out_dir", str(tmp_path / "out"), "--top_k", "4"]

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 from .errors import UserError
-from .store import write_json
+from .files import write_json
 
 
 @dataclass(kw_only=True)
@@ -32,12 +32,13 @@ class RunOptions:
     progress: bool = True
 
 
-def add_model_args(p: argparse.ArgumentParser, layer_flags=("--layer",)) -> None:
+def add_model_args(p: argparse.ArgumentParser, layer_flags=("--layer",), weights_default: str | None = "IMAGENET1K_V1",
+                   weights_help: str | None = None) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="resnet50", help="torchvision classification model name (default: resnet50)")
-    g.add_argument("--weights", default="IMAGENET1K_V1",
-                   help="torchvision weights name, a checkpoint file (state_dict), or 'none' "
-                        "(default: IMAGENET1K_V1; read offline from $TORCH_HOME/hub/checkpoints)")
+    g.add_argument("--weights", default=weights_default,
+                   help=weights_help or "torchvision weights name, a checkpoint file (state_dict), or 'none' "
+                                        "(default: IMAGENET1K_V1; read offline from $TORCH_HOME/hub/checkpoints)")
     g.add_argument(*layer_flags, dest="layer", default=None,
                    help="dotted name of the Conv2d of interest (default: the last conv, "
                         "layer4.2.conv3 for resnet50; 'last_conv' means the same)")
@@ -63,7 +64,16 @@ def add_store_arg(p: argparse.ArgumentParser, default: str = "./store") -> None:
     p.add_argument("--store_dir", default=default, help=f"folder of the stage-1 store(s) (default: {default})")
 
 
-def _json_path(path: str) -> str:
+def add_image_pass_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a script that runs the model over images into a store: data, model, store, device."""
+    add_data_args(p)
+    add_model_args(p)
+    add_store_arg(p)
+    add_device_args(p)
+
+
+def output_path(path: str) -> str:
+    """argparse type of an output file: its folder must exist."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"no folder {folder} to write {path} into")
@@ -71,13 +81,26 @@ def _json_path(path: str) -> str:
 
 
 def add_json_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", metavar="PATH", type=_json_path, default=None,
+    p.add_argument("--json", metavar="PATH", type=output_path, default=None,
                    help="also write the results as JSON to PATH")
 
 
 def write_json_output(path: str | None, obj) -> None:
     if path:
         write_json(path, obj)
+
+
+def add_concept_args(g, required: bool = True) -> None:
+    """``--classes_for_concept1 T [T ...]`` and ``--classes_for_concept2`` (several classes make one concept)."""
+    for j in (1, 2):
+        g.add_argument(f"--classes_for_concept{j}", type=int, nargs="+", required=required, default=None,
+                       metavar="T", help=f"class index(es) of concept {j}")
+
+
+def concepts_of(args: argparse.Namespace) -> list[list[int]] | None:
+    """The concepts given on the command line, in order (None when none were given)."""
+    concepts = [getattr(args, f"classes_for_concept{j}") for j in (1, 2)]
+    return None if any(c is None for c in concepts) else concepts
 
 
 def check_channels(expected: int | None, actual: int, what: str) -> None:

@@ -85,6 +85,21 @@ def list_images(data_dir: str, split: str, max_images_per_class: int | None = No
     return ImageList(os.path.abspath(root), classes, paths, targets)
 
 
+def read_rgb(path: str) -> Image.Image:
+    """The image at ``path`` as an RGB PIL image (fully read, file closed)."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def load_image(images: ImageList, i: int, transform=None) -> torch.Tensor:
+    """Image ``i`` of ``images`` through ``transform`` (default: the evaluation transform); an unreadable
+    file is a UserError that names it."""
+    try:
+        return (transform or eval_transform())(read_rgb(images.paths[i]))
+    except Exception:  # noqa: BLE001 - any failure to decode is a bad file
+        raise UserError(f"cannot read image {images.paths[i]}") from None
+
+
 class ImageDataset(Dataset):
     """Yields ``(image, label, index)``; an unreadable image yields label -1 so the caller can name it."""
 
@@ -97,9 +112,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            with Image.open(self.images.paths[i]) as im:
-                x = self.transform(im.convert("RGB"))
-            return x, self.images.targets[i], i
+            return self.transform(read_rgb(self.images.paths[i])), self.images.targets[i], i
         except Exception:  # noqa: BLE001 - reported by check_batch with the file name
             return torch.zeros(3, 224, 224), -1, i
 

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .data import eval_transform, list_images
+from .data import list_images, load_image
 from .errors import UserError
+from .files import save_torch
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -45,12 +46,7 @@ def make_digits_folder(root: str, val_fraction: float = 0.25, size: int = 64, se
 
 def _tensors(data_dir: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     images = list_images(data_dir, split)
-    tf = eval_transform()
-    xs = []
-    for p in images.paths:
-        with Image.open(p) as im:
-            xs.append(tf(im.convert("RGB")))
-    return torch.stack(xs), torch.tensor(images.targets)
+    return torch.stack([load_image(images, i) for i in range(len(images))]), torch.tensor(images.targets)
 
 
 def recalibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 64) -> None:
@@ -109,7 +105,5 @@ def train_classifier(data_dir: str, model_name: str, out_path: str, epochs: int 
     with torch.no_grad():
         acc = {name: float((torch.cat([model(xx[b:b + 256]).argmax(1) for b in range(0, len(yy), 256)]) == yy)
                            .float().mean()) for name, xx, yy in (("train", x, y), ("val", xv, yv))}
-    tmp = f"{out_path}.tmp-{os.getpid()}"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, out_path)
+    save_torch(out_path, model.state_dict())
     return {"train_accuracy": acc["train"], "val_accuracy": acc["val"], "seconds": time.perf_counter() - start}

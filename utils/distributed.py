@@ -4,12 +4,14 @@ from __future__ import annotations
 import datetime
 import os
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .errors import UserError
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -59,28 +61,26 @@ def batch_shard(n: int, batch_size: int, rank: int, world: int) -> tuple[int, in
     return min(n, first * batch_size), min(n, last * batch_size)
 
 
-def run_together(step: Callable[[], None], world: int, device: torch.device | str = "cpu",
-                 what: str = "the job") -> None:
-    """Run ``step`` on every rank, then agree: if it failed anywhere, it fails everywhere (a barrier too).
-
-    The failing rank re-raises its own error; the others raise a UserError that points to it.
-    With ``world`` 1 this is just ``step()``.
+def run_together(step: Callable[[], T], world: int, device: torch.device | str = "cpu", what: str = "the job") -> T:
+    """Run ``step`` on every rank and return its value, then agree: if it failed anywhere, it fails
+    everywhere (a barrier too). The failing rank re-raises its own error; the others raise a UserError
+    that points to it. With ``world`` 1 this is just ``step()``.
     """
-    error = None
+    error, value = None, None
     try:
-        step()
+        value = step()
     except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have been told
         error = e
+    failed = 0
     if world > 1:
         t = torch.tensor([error is not None], dtype=torch.int64, device=_comm_device(device))
         dist.all_reduce(t)
         failed = int(t.item())
-    else:
-        failed = 0
     if error is not None:
         raise error
     if failed:
         raise UserError(f"{what} stopped: {failed} other process(es) of this job failed (see their error)")
+    return value
 
 
 def all_gather_rows(rows: torch.Tensor, world: int, device: torch.device | str = "cpu") -> torch.Tensor:

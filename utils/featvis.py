@@ -19,13 +19,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, ImageList
-from .relevance import layer_input
-from .surgery import conv_with_filters
+from .data import IMAGENET_MEAN, IMAGENET_STD, ImageList, load_image
+from .relevance import conv_with_filters, layer_input
 
 # Square root of ImageNet's colour correlation (Lucid), columns scaled to unit max norm.
 _COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
@@ -77,9 +75,7 @@ def magnitude_spectrum(images: ImageList, size: int = 224, n: int = 256, seed: i
     picks = list(range(0, len(images), step))[:n]
     total = torch.zeros(3, size, size // 2 + 1, dtype=torch.float64)
     for i in picks:
-        with Image.open(images.paths[i]) as im:
-            x = tf(im.convert("RGB"))
-        x = decorrelate(x - 0.5)  # about zero, so the mean colour is a learnable sign at the DC bin
+        x = decorrelate(load_image(images, i, tf) - 0.5)  # about zero, so the mean colour is a learnable sign at the DC bin
         total += torch.fft.rfft2(x.double()).abs()
     return (total / max(len(picks), 1)).float()
 

@@ -67,6 +67,55 @@ def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def _is_checkpoint(weights: str) -> bool:
+    return os.path.exists(weights) or os.sep in weights or weights.endswith((".pt", ".pth"))
+
+
+def weights_id(name: str, weights: str) -> str | None:
+    """The id a store or record keeps for ``weights`` of model ``name``: ``none``, ``file:<sha256 prefix>``
+    or ``<WeightsEnum>.<NAME>``; None when it cannot be known here (a checkpoint file that is not here)."""
+    if weights.lower() == "none":
+        return "none"
+    if _is_checkpoint(weights):
+        return "file:" + file_sha256(weights)[:16] if os.path.isfile(weights) else None
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        return None
+    return f"{enum.__name__}.{weights}"
+
+
+def _from_checkpoint(name: str, path: str, num_classes: int | None) -> nn.Module:
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint file {path} does not exist")
+    state = _read_checkpoint(path)
+    if num_classes is None:  # infer the classifier size from the checkpoint
+        head = _last_linear_name(torchvision.models.get_model(name, weights=None))
+        if head and f"{head}.weight" in state:
+            num_classes = int(state[f"{head}.weight"].shape[0])
+    model = torchvision.models.get_model(name, weights=None, **({"num_classes": num_classes} if num_classes else {}))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise UserError(f"checkpoint {path} does not fit {name}: {detail[:300]}") from None
+    return model
+
+
+def _from_torchvision_weights(name: str, weights: str) -> tuple[nn.Module, list[str] | None]:
+    enum = torchvision.models.get_model_weights(name)
+    if weights not in enum.__members__:
+        raise UserError(f"model {name} has no weights {weights!r}; choose one of "
+                        f"{', '.join(enum.__members__)}, a checkpoint file, or none")
+    w = enum[weights]
+    fname = os.path.basename(w.url)
+    if not os.path.isfile(os.path.join(_hub_checkpoint_dir(), fname)):
+        raise UserError(f"weights {name}/{weights} are not on this machine: put {fname} into "
+                        f"{_hub_checkpoint_dir()} (set TORCH_HOME to move it), or pass a checkpoint "
+                        "file or --weights none")
+    return torchvision.models.get_model(name, weights=w), list(w.meta.get("categories") or []) or None
+
+
 def load_model(name: str, weights: str = DEFAULT_WEIGHTS, num_classes: int | None = None) -> LoadedModel:
     """Build torchvision model ``name`` in eval mode with ``weights``.
 
@@ -80,40 +129,11 @@ def load_model(name: str, weights: str = DEFAULT_WEIGHTS, num_classes: int | Non
     categories = None
     if weights.lower() == "none":
         torch.manual_seed(0)
-        kwargs = {"num_classes": num_classes} if num_classes else {}
-        model = torchvision.models.get_model(name, weights=None, **kwargs)
-        weights_id = "none"
-    elif os.path.exists(weights) or os.sep in weights or weights.endswith((".pt", ".pth")):
-        if not os.path.isfile(weights):
-            raise UserError(f"checkpoint file {weights} does not exist")
-        state = _read_checkpoint(weights)
-        if num_classes is None:  # infer the classifier size from the checkpoint
-            probe = torchvision.models.get_model(name, weights=None)
-            head = _last_linear_name(probe)
-            if head and f"{head}.weight" in state:
-                num_classes = int(state[f"{head}.weight"].shape[0])
         model = torchvision.models.get_model(name, weights=None, **({"num_classes": num_classes} if num_classes else {}))
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            detail = " ".join(str(e).split())
-            raise UserError(f"checkpoint {weights} does not fit {name}: {detail[:300]}") from None
-        weights_id = "file:" + file_sha256(weights)[:16]
+    elif _is_checkpoint(weights):
+        model = _from_checkpoint(name, weights, num_classes)
     else:
-        enum = torchvision.models.get_model_weights(name)
-        if weights not in enum.__members__:
-            raise UserError(f"model {name} has no weights {weights!r}; choose one of "
-                            f"{', '.join(enum.__members__)}, a checkpoint file, or none")
-        w = enum[weights]
-        fname = os.path.basename(w.url)
-        local = os.path.join(_hub_checkpoint_dir(), fname)
-        if not os.path.isfile(local):
-            raise UserError(f"weights {name}/{weights} are not on this machine: put {fname} into "
-                            f"{_hub_checkpoint_dir()} (set TORCH_HOME to move it), or pass a checkpoint "
-                            "file or --weights none")
-        model = torchvision.models.get_model(name, weights=w)
-        weights_id = f"{w.__class__.__name__}.{weights}"
-        categories = list(w.meta.get("categories") or []) or None
+        model, categories = _from_torchvision_weights(name, weights)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -121,7 +141,7 @@ def load_model(name: str, weights: str = DEFAULT_WEIGHTS, num_classes: int | Non
     out = dict(model.named_modules())[head].out_features if head else None
     if categories is not None and out is not None and len(categories) != out:
         categories = None
-    return LoadedModel(model, name, weights_id, int(out or 0), categories)
+    return LoadedModel(model, name, weights_id(name, weights), int(out or 0), categories)
 
 
 def default_layer(model: nn.Module) -> str:

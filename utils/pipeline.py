@@ -6,11 +6,13 @@ import time
 from dataclasses import dataclass
 
 from . import store as st
-from .disentangle import Stage3Config, disentangle_channel, record_folder, save_record
+from .disentangle import Stage3Config, disentangle_channel
 from .errors import UserError
 from .evaluation import Stage4Config, run_stage4
+from .files import read_json, write_json
 from .importances import Stage1Config, compute_importances
 from .models import get_layer, load_model
+from .records import save_record
 from .selection import find_pairs
 
 
@@ -66,14 +68,29 @@ def _prepare_digits(cfg: DemoConfig) -> tuple[str, str, str, dict]:
     ckpt = os.path.join(cfg.demo_root, f"{tag}.pt")
     info_path = ckpt.replace(".pt", ".json")
     if os.path.isfile(ckpt) and os.path.isfile(info_path):
-        info = {**st.read_json(info_path), "cached": True}
+        info = {**read_json(info_path), "cached": True}
         print(f"using the trained model {ckpt} (val accuracy {info['val_accuracy']:.3f}); delete it to retrain")
     else:
         info = train_classifier(data_dir, model, ckpt, epochs=cfg.epochs, seed=cfg.seed, max_train=cfg.max_train)
-        st.write_json(info_path, info)
+        write_json(info_path, info)
         print(f"trained {model}: train accuracy {info['train_accuracy']:.3f}, val accuracy "
               f"{info['val_accuracy']:.3f} in {info['seconds']:.0f} s -> {ckpt}")
     return data_dir, model, ckpt, info
+
+
+@dataclass
+class Setup:
+    """What every stage of the demo shares: data, model, layer and the store folder."""
+
+    data_dir: str
+    model_name: str
+    weights: str
+    lm: object
+    layer: str
+    channels: int
+    store_dir: str
+    training: dict | None
+    common: dict
 
 
 def run_demo(cfg: DemoConfig) -> str:
@@ -85,6 +102,34 @@ def run_demo(cfg: DemoConfig) -> str:
     os.makedirs(cfg.out_dir, exist_ok=True)
     timings: dict[str, dict] = {}
     t0 = _stage("data and model")
+    run = _setup(cfg)
+    timings["data and model"] = {"seconds": time.perf_counter() - t0}
+    store, images = _stage1(cfg, run, timings)
+    found = _stage2(cfg, store, timings)
+    chosen = pick_pairs(found.pairs, cfg.top_k)
+    results = [_disentangle_pair(cfg, run, pair, i, len(chosen), timings) for i, pair in enumerate(chosen)]
+    if results:
+        t0 = _stage("pictures: what the channels respond to (one top-k pass over val/ for all of them)")
+        _pictures(cfg, run.lm, run.data_dir, os.path.join(run.store_dir, "models_disentangled"), run.layer, results)
+        timings["pictures"] = {"seconds": time.perf_counter() - t0}
+    for key in ("stage 3", "stage 4"):
+        if key in timings and timings[key]["seconds"] > 0:
+            timings[key]["images_per_second"] = timings[key]["images"] / timings[key]["seconds"]
+    settings = {"data_dir": os.path.abspath(run.data_dir), "model": run.model_name, "weights": run.lm.weights,
+                "layer": run.layer, "channels": run.channels, "training images": images, "tau": cfg.tau, "p": cfg.p,
+                "gamma": f"[0.0, {cfg.cos_sim_high})", "pairs disentangled": len(chosen)}
+    if run.training:
+        settings["demo model"] = (f"{run.model_name} trained {cfg.epochs} epochs from scratch: train accuracy "
+                                  f"{run.training['train_accuracy']:.3f}, val accuracy "
+                                  f"{run.training['val_accuracy']:.3f}")
+    path = os.path.join(cfg.out_dir, "report.html")
+    write_report(path, settings=settings, store=store, pairs=found.pairs, candidates=found.candidates,
+                 results=results, timings=timings)
+    return path
+
+
+def _setup(cfg: DemoConfig) -> Setup:
+    """The data (the digits, built and a model trained for them, unless ``--data_dir``), model and layer."""
     training = None
     if cfg.data_dir is None:
         data_dir, model_name, weights, training = _prepare_digits(cfg)
@@ -95,71 +140,59 @@ def run_demo(cfg: DemoConfig) -> str:
         cfg.tau = 0.01 if cfg.data_dir is None else 0.03
     lm = load_model(model_name, weights)
     layer, conv = get_layer(lm.model, cfg.layer)
-    timings["data and model"] = {"seconds": time.perf_counter() - t0}
-    store_dir = cfg.store_dir or os.path.join(cfg.out_dir, "store")
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device)
+    return Setup(data_dir, model_name, weights, lm, layer, conv.out_channels,
+                 cfg.store_dir or os.path.join(cfg.out_dir, "store"), training,
+                 dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device))
 
+
+def _stage1(cfg: DemoConfig, run: Setup, timings: dict) -> tuple[st.Store, int]:
+    """Stage 1 (or the complete store of an earlier run); the store and its number of training images."""
     t0 = _stage("stage 1: relevance of every channel for every training image")
-    s1 = compute_importances(Stage1Config(data_dir=data_dir, store_dir=store_dir, model=model_name, weights=weights,
-                                          layer=layer, max_images_per_class=cfg.max_images_per_class,
-                                          progress=cfg.progress, **common), loaded=lm)
+    s1 = compute_importances(Stage1Config(data_dir=run.data_dir, store_dir=run.store_dir, model=run.model_name,
+                                          weights=run.weights, layer=run.layer,
+                                          max_images_per_class=cfg.max_images_per_class, progress=cfg.progress,
+                                          **run.common), loaded=run.lm)
     if s1.get("already_complete"):
         print(f"store {s1['store']} is already complete; reusing it")
     timings["stage 1"] = {"seconds": time.perf_counter() - t0, "images": s1.get("processed", 0),
                           "images_per_second": s1.get("images_per_second", 0.0)}
-    store = st.Store.open(s1["store"])
+    return st.Store.open(s1["store"]), s1["images"]
 
+
+def _stage2(cfg: DemoConfig, store: st.Store, timings: dict):
+    """Stage 2 on the store: candidates and pairs, the first 20 printed."""
     t0 = _stage("stage 2: candidate channels and gamma-polysemantic pairs")
     found = find_pairs(store, cfg.tau, cfg.p, 0.0, cfg.cos_sim_high)
     timings["stage 2"] = {"seconds": time.perf_counter() - t0}
     print(f"{len(found.candidates)} candidate channels, {len(found.pairs)} pairs with s < {cfg.cos_sim_high}")
     for pair in found.pairs[:20]:
-        print(f"  channel {pair['channel']}: {store.class_label(pair['class1'])} / {store.class_label(pair['class2'])}"
+        print(f"  channel {pair['channel']}: {store.names.label(pair['class1'])} / {store.names.label(pair['class2'])}"
               f"  s = {pair['cosine_similarity']:.4f}")
-    chosen = pick_pairs(found.pairs, cfg.top_k)
+    return found
 
-    results = []
-    model_dir = os.path.join(store_dir, "models_disentangled")
-    for i, pair in enumerate(chosen):
-        c, c1, c2 = pair["channel"], [pair["class1"]], [pair["class2"]]
-        t0 = _stage(f"stage 3 ({i + 1}/{len(chosen)}): disentangle channel {c}")
-        rec, sw = disentangle_channel(Stage3Config(data_dir=data_dir, store_dir=store_dir, channel=c,
-                                                   classes_for_concept1=c1, classes_for_concept2=c2, model=model_name,
-                                                   weights=weights, layer=layer, progress=cfg.progress, **common),
-                                      loaded=lm)
-        folder = record_folder(store_dir, rec)
-        save_record(folder, rec, sw)
-        t3 = time.perf_counter() - t0
-        print(f"best rho {rec['best_rho']}, max |logit difference| {rec['max_abs_logit_diff']:.2e}")
-        t0 = _stage(f"stage 4 ({i + 1}/{len(chosen)}): evaluate channel {c} on the validation images")
-        s4 = run_stage4(Stage4Config(data_dir=data_dir, model_dir=model_dir, channel=c, classes1=c1, classes2=c2,
-                                     model=model_name, weights=weights, layer=layer, tau=cfg.tau,
-                                     out_dir=cfg.out_dir, progress=cfg.progress, **common), loaded=lm)
-        t4 = time.perf_counter() - t0
-        results.append({"pair": pair, "record": {**rec, "dir": folder}, "stage4": s4})
-        for key, sec in (("stage 3", t3), ("stage 4", t4)):
-            entry = timings.setdefault(key, {"seconds": 0.0, "images": 0})
-            entry["seconds"] += sec
-        timings["stage 3"]["images"] += sum(rec["train_images"].values())
-        timings["stage 4"]["images"] += s4["images"]
-    if results:
-        t0 = _stage("pictures: what the channels respond to (one top-k pass over val/ for all of them)")
-        _pictures(cfg, lm, data_dir, model_dir, layer, results)
-        timings["pictures"] = {"seconds": time.perf_counter() - t0}
-    for key in ("stage 3", "stage 4"):
-        if key in timings and timings[key]["seconds"] > 0:
-            timings[key]["images_per_second"] = timings[key]["images"] / timings[key]["seconds"]
 
-    settings = {"data_dir": os.path.abspath(data_dir), "model": model_name, "weights": lm.weights, "layer": layer,
-                "channels": conv.out_channels, "training images": s1["images"], "tau": cfg.tau, "p": cfg.p,
-                "gamma": f"[0.0, {cfg.cos_sim_high})", "pairs disentangled": len(chosen)}
-    if training:
-        settings["demo model"] = (f"{model_name} trained {cfg.epochs} epochs from scratch: train accuracy "
-                                  f"{training['train_accuracy']:.3f}, val accuracy {training['val_accuracy']:.3f}")
-    path = os.path.join(cfg.out_dir, "report.html")
-    write_report(path, settings=settings, store=store, pairs=found.pairs, candidates=found.candidates,
-                 results=results, timings=timings)
-    return path
+def _disentangle_pair(cfg: DemoConfig, run: Setup, pair: dict, i: int, n: int, timings: dict) -> dict:
+    """Stages 3 and 4 for one pair: the record (saved) and stage 4's summary."""
+    c, concepts = pair["channel"], [[pair["class1"]], [pair["class2"]]]
+    model_dir = os.path.join(run.store_dir, "models_disentangled")
+    t0 = _stage(f"stage 3 ({i + 1}/{n}): disentangle channel {c}")
+    rec, sw = disentangle_channel(Stage3Config(data_dir=run.data_dir, store_dir=run.store_dir, channel=c,
+                                               concepts=concepts, model=run.model_name, weights=run.weights,
+                                               layer=run.layer, progress=cfg.progress, **run.common), loaded=run.lm)
+    rec.dir = os.path.join(model_dir, rec.name())
+    save_record(rec.dir, rec, sw)
+    t3 = time.perf_counter() - t0
+    print(f"best rho {rec.best_rho}, max |logit difference| {rec.max_abs_logit_diff:.2e}")
+    t0 = _stage(f"stage 4 ({i + 1}/{n}): evaluate channel {c} on the validation images")
+    s4 = run_stage4(Stage4Config(data_dir=run.data_dir, model_dir=model_dir, channel=c, concepts=concepts,
+                                 model=run.model_name, weights=run.weights, layer=run.layer, tau=cfg.tau,
+                                 out_dir=cfg.out_dir, progress=cfg.progress, **run.common), loaded=run.lm)
+    for key, sec, k in (("stage 3", t3, sum(rec.train_images.values())),
+                        ("stage 4", time.perf_counter() - t0, s4["images"])):
+        entry = timings.setdefault(key, {"seconds": 0.0, "images": 0})
+        entry["seconds"] += sec
+        entry["images"] += k
+    return {"pair": pair, "record": rec, "stage4": s4}
 
 
 def _pictures(cfg: DemoConfig, lm, data_dir, model_dir, layer, results: list[dict]) -> None:
@@ -177,10 +210,8 @@ def _pictures(cfg: DemoConfig, lm, data_dir, model_dir, layer, results: list[dic
     fv = featvis.FVConfig(steps=cfg.fv_steps) if cfg.fv_steps > 0 else None
     for r in results:
         rec = r["record"]
-        pc = PicturesConfig(data_dir=data_dir, model_dir=model_dir, channel=rec["channel"],
-                            classes_for_concept1=rec["classes_for_concept1"],
-                            classes_for_concept2=rec["classes_for_concept2"], model=lm.name, layer=layer, split="val",
-                            top_k=cfg.pictures_k, out_dir=os.path.join(cfg.out_dir, "pictures"), fv=fv,
-                            batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
-                            progress=cfg.progress)
+        pc = PicturesConfig(data_dir=data_dir, model_dir=model_dir, channel=rec.channel, concepts=rec.concepts,
+                            model=lm.name, layer=layer, split="val", top_k=cfg.pictures_k,
+                            out_dir=os.path.join(cfg.out_dir, "pictures"), fv=fv, batch_size=cfg.batch_size,
+                            num_workers=cfg.num_workers, device=cfg.device, progress=cfg.progress)
         r["pictures"] = channel_pictures(pc, loaded=lm, top=top)

@@ -5,8 +5,6 @@ headless and does not disturb a notebook's backend.
 """
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,10 +12,18 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.stats import gaussian_kde
 
-# (key in the data, legend label, pgfplots block prefix, colour)
-SERIES = (("orig", "Original", "original", "#222222"),
-          ("d1", "Disentangled 1", "disentangled1", "#1f77b4"),
-          ("d2", "Disentangled 2", "disentangled2", "#d62728"))
+from .files import save_figure, write_text
+
+# Colours of Original and Disentangled 1, 2, ... (concept j keeps its colour in every plot).
+COLOURS = ("#222222", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+
+
+def series_info(key: str) -> tuple[str, str, str]:
+    """Legend label, pgfplots block tag and colour of a series key: ``orig`` or ``d<j>``."""
+    if key == "orig":
+        return "Original", "original", COLOURS[0]
+    j = int(key[1:])
+    return f"Disentangled {j}", f"disentangled{j}", COLOURS[1 + (j - 1) % (len(COLOURS) - 1)]
 
 
 @dataclass
@@ -43,12 +49,12 @@ def fit_kde(values: np.ndarray) -> gaussian_kde | None:
 
 
 def density_curves(series: dict[str, np.ndarray], points: int = 256) -> tuple[np.ndarray, list[Curve]]:
-    """A shared grid (G,) and one :class:`Curve` per entry of :data:`SERIES` found in ``series``.
+    """A shared grid (G,) and one :class:`Curve` per entry of ``series`` (keys ``orig``, ``d1``, ``d2``, ...).
 
     The grid spans all values plus three bandwidths on either side. Degenerate series (fewer than
     2 values or zero variance) get ``y = None`` and ``constant`` = their value (or None if empty).
     """
-    kdes = {k: fit_kde(series[k]) for k, *_ in SERIES if k in series}
+    kdes = {k: fit_kde(v) for k, v in series.items()}
     allv = np.concatenate([np.asarray(series[k], np.float64).ravel() for k in kdes]) if kdes else np.zeros(0)
     allv = allv[np.isfinite(allv)]
     if len(allv) == 0:
@@ -59,9 +65,8 @@ def density_curves(series: dict[str, np.ndarray], points: int = 256) -> tuple[np
         lo, hi = float(allv.min()) - pad, float(allv.max()) + pad
     grid = np.linspace(lo, hi, points)
     curves = []
-    for key, label, *_ in SERIES:
-        if key not in series:
-            continue
+    for key in series:
+        label = series_info(key)[0]
         v = np.asarray(series[key], np.float64).ravel()
         kde = kdes[key]
         if kde is not None:
@@ -92,10 +97,9 @@ def density_plot(path: str, grid: np.ndarray, curves: list[Curve], title: str) -
     fig = Figure(figsize=(6.4, 4.2), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    colours = {k: c for k, _, _, c in SERIES}
     top = _spike_height(curves)
     for c in curves:
-        col = colours[c.key]
+        col = series_info(c.key)[2]
         if c.y is not None and c.key == "orig":  # dashed and on top: stays visible where a part equals it
             ax.plot(grid, c.y, color=col, lw=1.8, ls="--", zorder=3, label=f"{c.label} (n={c.n})")
         elif c.y is not None:
@@ -111,9 +115,7 @@ def density_plot(path: str, grid: np.ndarray, curves: list[Curve], title: str) -
     ax.set_ylim(bottom=0)
     ax.set_xlim(grid[0], grid[-1])
     ax.legend(frameon=False)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    save_figure(path, fig)
 
 
 def curve_points(grid: np.ndarray, curve: Curve, spike: float) -> np.ndarray:
@@ -130,9 +132,8 @@ def pgfplots_blocks(prefix: str, concepts: dict[int, tuple[np.ndarray, list[Curv
     blocks = []
     for k, (grid, curves) in concepts.items():
         spike = _spike_height(curves)
-        tags = {key: tag for key, _, tag, _ in SERIES}
         for c in curves:
-            blocks.append((f"{prefix}_{tags[c.key]}_c{k}.dat", curve_points(grid, c, spike)))
+            blocks.append((f"{prefix}_{series_info(c.key)[1]}_c{k}.dat", curve_points(grid, c, spike)))
     return blocks
 
 
@@ -149,18 +150,4 @@ def write_pgfplots(path: str, blocks: list[tuple[str, np.ndarray]], comment: str
         lines += [f"{x:.10g} {y:.10g}" for x, y in pts]
         lines.append("\\end{filecontents*}")
         lines.append("")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
-
-
-def read_pgfplots(path: str) -> dict[str, np.ndarray]:
-    """Parse the ``filecontents*`` blocks of a .tex file back into {name: (G x 2) array}."""
-    with open(path) as f:
-        text = f.read()
-    out = {}
-    for m in re.finditer(r"\\begin\{filecontents\*\}(?:\[[^\]]*\])?\{([^}]*)\}\n(.*?)\\end\{filecontents\*\}", text, re.S):
-        rows = [line.split() for line in m.group(2).splitlines()[1:] if line.strip()]
-        out[m.group(1)] = np.array(rows, dtype=np.float64).reshape(-1, 2)
-    return out
+    write_text(path, "\n".join(lines))

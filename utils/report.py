@@ -5,6 +5,9 @@ import base64
 import html
 import os
 
+from .files import write_text
+from .records import Record
+from .split import sub_label
 from .store import Store
 
 CSS = """
@@ -47,58 +50,56 @@ def _num(v, digits: int = 4) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def _sweep_table(rec: dict) -> str:
+def _sweep_table(rec: Record) -> str:
     rows, classes = [], []
-    for rho in rec["rhos"]:
+    k = rec.k
+    for rho in rec.rhos:
         key = f"{rho:.2f}"
-        src = rec["sources"][key]
-        best = abs(rho - rec["best_rho"]) < 1e-9
-        rows.append([f"{rho:.2f}", len(src["concept1"]), len(src["concept2"]), len(src["shared"]),
-                     f'{rec["scores"][key]:.4g}' + (" ◀ best" if best else "")])
+        src = rec.sources[key]
+        best = abs(rho - rec.best_rho) < 1e-9
+        rows.append([f"{rho:.2f}"] + [len(src[f"concept{j}"]) for j in range(1, k + 1)] + [len(src["shared"]),
+                    f"{rec.scores[key]:.4g}" + (" ◀ best" if best else "")])
         classes.append("best" if best else "")
-    return _table(["rho", "|S1|", "|S2|", "|S0|", "score"], rows, classes=classes)
+    return _table(["rho"] + [f"|S{j}|" for j in range(1, k + 1)] + ["|S0|", "score"], rows, classes=classes)
 
 
-def _quant_table(s4: dict) -> str:
+def _quant_table(s4: dict, k: int) -> str:
     rows = []
-    for k in (1, 2):
-        entry = s4.get(f"concept{k}", {})
-        mean = entry.get("mean") or [None] * 3
-        rows.append([f"concept {k}: {_e(', '.join(entry.get('classes', [])))}", entry.get("rows", 0),
+    for j in range(1, k + 1):
+        entry = s4.get(f"concept{j}", {})
+        mean = entry.get("mean") or [None] * (k + 1)
+        rows.append([f"concept {j}: {_e(', '.join(entry.get('classes', [])))}", entry.get("rows", 0),
                      entry.get("images", 0)] + [_num(m, 3) for m in mean])
-    return _table(["images of", "rows (rel ≥ τ)", "images", "D1 / orig", "D2 / orig", "Res / orig"], rows, left=1)
+    head = [f"D{j} / orig" for j in range(1, k + 1)] + ["Res / orig"]
+    return _table(["images of", "rows (rel ≥ τ)", "images"] + head, rows, left=1)
 
 
 def _purity_table(purity: dict) -> str:
-    names = {"original": "Original", "D1": "Disentangled 1", "D2": "Disentangled 2", "Res": "Residual"}
-    rows = []
-    for name, p in purity.items():
-        rows.append([_e(names.get(name, name)), _num(p.get("concept1"), 2), _num(p.get("concept2"), 2), _num(p.get("other"), 2)])
-    return _table(["channel", "concept 1", "concept 2", "other"], rows, left=1)
+    k = sum(key.startswith("concept") for key in next(iter(purity.values()), {}))
+    rows = [[_e(sub_label(name))] + [_num(p.get(f"concept{j}"), 2) for j in range(1, k + 1)] + [_num(p.get("other"), 2)]
+            for name, p in purity.items()]
+    return _table(["channel"] + [f"concept {j}" for j in range(1, k + 1)] + ["other"], rows, left=1)
 
 
 def _result_card(i: int, res: dict, store: Store) -> str:
     rec, s4, pair = res["record"], res["stage4"], res["pair"]
-    c = rec["channel"]
-    n1 = ", ".join(store.class_label(t) for t in rec["classes_for_concept1"])
-    n2 = ", ".join(store.class_label(t) for t in rec["classes_for_concept2"])
-    diff = rec["max_abs_logit_diff"]
-    ok = diff is not None and diff <= 1e-3
-    verdict = "ok" if ok else "bad"
-    best_score = rec["scores"][f"{rec['best_rho']:.2f}"]
-    parts = [f'<div class="card"><h3>{i}. Channel {c}: {_e(n1)} &nbsp;vs&nbsp; {_e(n2)}</h3>',
+    names = " &nbsp;vs&nbsp; ".join(_e(store.names.labels(cs)) for cs in rec.concepts)
+    diff = rec.max_abs_logit_diff
+    verdict = "ok" if diff is not None and diff <= 1e-3 else "bad"
+    scored = " + ".join(str(rec.train_images[f"concept{j}"]) for j in range(1, rec.k + 1))
+    parts = [f'<div class="card"><h3>{i}. Channel {rec.channel}: {names}</h3>',
              f"<p>cosine similarity of the two ARVs s = {pair['cosine_similarity']:.4f}; best rho "
-             f"<b>{rec['best_rho']:.2f}</b> (score {best_score:.4g}); "
-             f"training images scored: {rec['train_images']['concept1']} + {rec['train_images']['concept2']}.</p>",
+             f"<b>{rec.best_rho:.2f}</b> (score {rec.scores[f'{rec.best_rho:.2f}']:.4g}); "
+             f"training images scored: {scored}.</p>",
              f'<p>Equivalence: largest |logit difference| between the original and the disentangled network on '
-             f'{rec["equivalence_images"]} images: <b class="{verdict}">{diff:.2e}</b></p>',
+             f'{rec.equivalence_images} images: <b class="{verdict}">{diff:.2e}</b></p>',
              "<details><summary>rho sweep</summary>", _sweep_table(rec),
              '<p class="muted">score = mean over concept-1 images of pos(D1)/(pos(D2)+1e-5) + the same for '
              "concept 2: images on which one sub-channel is silent make it large.</p></details>",
              "<h4>Activations on validation images</h4>",
              '<div class="plots">' + "".join(_img(p) for p in s4.get("plots", []) if p.endswith(".png")) + "</div>",
              "<h4>Share of the original activation (mean over images with relative attribution ≥ τ)</h4>",
-             _quant_table(s4)]
+             _quant_table(s4, rec.k)]
     pics = res.get("pictures")
     if pics:
         parts.append("<h4>What the channels respond to</h4>")
@@ -128,14 +129,11 @@ def write_report(path: str, settings: dict, store: Store, pairs: list[dict], can
            f"classes); {len(pairs)} pairs with cosine similarity in {_e(settings['gamma'])}.</p>"]
     if pairs:
         out.append(_table(["channel", "class 1", "class 2", "cosine similarity"],
-                          [[p["channel"], _e(store.class_label(p["class1"])), _e(store.class_label(p["class2"])),
+                          [[p["channel"], _e(store.names.label(p["class1"])), _e(store.names.label(p["class2"])),
                             f"{p['cosine_similarity']:.4f}"] for p in pairs[:50]], left=0))
     else:
         out.append('<p class="bad">No pair found at these settings: lower --p or raise --cos_sim_high.</p>')
     out.append("<h2>Disentangled channels</h2>")
     out += [_result_card(i + 1, r, store) for i, r in enumerate(results)]
     out.append("</body></html>")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write("\n".join(out))
-    os.replace(tmp, path)
+    write_text(path, "\n".join(out))

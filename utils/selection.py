@@ -7,7 +7,7 @@ the layer's input map, ``T = kh*kw`` kernel taps.
 2. ``count_important``: ``count[t, c]`` = images of class t with c important, streamed in chunks;
 3. ``relevant_classes``: ``count[t, c] >= p * n_t`` (classes without images: nothing);
 4. ``candidate_channels``: channels relevant to two or more classes;
-5. ``class_arvs`` / ``concept_arv``: ARVs in closed form from the per-class input sums;
+5. ARVs in closed form from the per-class input sums (``utils.arv``);
 6. ``polysemantic_pairs``: ``gamma_low <= cos(ARV(c,t1), ARV(c,t2)) < gamma_high`` in float64.
 """
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from . import store as st
 from .errors import UserError
-from .relevance import arv_from_profile, tap_maps, tap_profile
+from .files import write_text
+from .arv import candidate_arvs
 
 DEFAULT_ROWS = 16384  # rows per step: ~0.5 GB of temporaries for C = 2048
 
@@ -162,76 +162,7 @@ def candidate_channels(relevant: torch.Tensor) -> dict[int, list[int]]:
     return out
 
 
-# ---------------------------------------------------------------- step 5: ARVs in closed form
-
-
-def conv_from_meta(meta: dict, weight: np.ndarray | torch.Tensor, bias: np.ndarray | torch.Tensor | None = None) -> nn.Conv2d:
-    """Rebuild the layer ``L`` (float64) from a store's ``meta["conv"]`` geometry and its weight (C x C_in x kh x kw)."""
-    g = meta["conv"]
-    w = torch.as_tensor(np.asarray(weight), dtype=torch.float64)
-    pad = g["padding"] if isinstance(g["padding"], str) else tuple(g["padding"])
-    conv = nn.Conv2d(w.shape[1], w.shape[0], tuple(g["kernel_size"]), stride=tuple(g["stride"]), padding=pad,
-                     dilation=tuple(g["dilation"]), bias=bool(g.get("bias")), padding_mode=g["padding_mode"],
-                     device="meta")
-    conv.weight = nn.Parameter(w, requires_grad=False)
-    if conv.bias is not None:
-        b = torch.zeros(w.shape[0]) if bias is None else torch.as_tensor(np.asarray(bias))
-        conv.bias = nn.Parameter(b.double(), requires_grad=False)
-    return conv
-
-
-def class_arvs(weight: torch.Tensor, maps: torch.Tensor, input_sums: torch.Tensor, n: torch.Tensor,
-               channels: torch.Tensor) -> torch.Tensor:
-    """ARVs (P x C_in, float64) for P (channel, group) pairs: ``ARV = sum_ij W[c,k,ij] * Q[k,ij]``.
-
-    ``weight``: C x C_in x kh x kw; ``maps``: ``tap_maps`` (T x H x W); ``input_sums``: P x C_in x H x W,
-    the summed input maps of each pair's images; ``n`` (P): their image counts; ``channels`` (P): c.
-    """
-    mean = input_sums.double() / n.double().view(-1, 1, 1, 1)
-    return arv_from_profile(weight[channels], tap_profile(mean, maps))
-
-
-def concept_arv_from_sums(conv: nn.Conv2d, channel: int, sums: torch.Tensor, n: int,
-                          maps: torch.Tensor | None = None) -> torch.Tensor:
-    """ARV (C_in, float64) of ``channel`` over ``n`` images whose input maps sum to ``sums`` (C_in x H x W)."""
-    if maps is None:
-        maps = tap_maps(conv, tuple(sums.shape[-2:]))
-    return class_arvs(conv.weight, maps, sums[None], torch.tensor([n]), torch.tensor([channel]))[0]
-
-
-def concept_arv(store: st.Store, channel: int, classes: list[int]) -> torch.Tensor:
-    """ARV (C_in, float64) of a concept: mean of r_i over all training images of ``classes`` (stage 2 and 3)."""
-    K, C = store.num_classes, store.num_channels
-    if not 0 <= channel < C:
-        raise UserError(f"channel {channel} is out of range: the layer has {C} channels (0..{C - 1})")
-    bad = [t for t in classes if not 0 <= t < K]
-    if bad:
-        raise UserError(f"class {bad[0]} is out of range: the store has {K} classes (0..{K - 1})")
-    cls = sorted(set(classes))
-    n = int(store.class_counts[cls].sum())
-    if n == 0:
-        raise UserError(f"classes {cls} have no training images in the store")
-    conv = store_conv(store)
-    sums = torch.from_numpy(np.asarray(store.input_sums[cls], dtype=np.float64)).sum(0)
-    return concept_arv_from_sums(conv, channel, sums, n)
-
-
-def store_conv(store: st.Store) -> nn.Conv2d:
-    """The layer ``L`` (float64) rebuilt from the store's geometry, weight and bias."""
-    bias_path = os.path.join(store.path, "layer_bias.npy")
-    bias = np.load(bias_path, allow_pickle=False) if os.path.isfile(bias_path) else None
-    return conv_from_meta(store.meta, store.layer_weight, bias)
-
-
 # ---------------------------------------------------------------- step 6: cosine similarities and pairs
-
-
-def cosine_matrix(A: torch.Tensor) -> torch.Tensor:
-    """Pairwise cosine similarities (m x m, float64) of the rows of ``A`` (m x C_in); NaN where a row is zero."""
-    A = A.double()
-    norms = A.norm(dim=1)
-    s = (A @ A.T) / (norms[:, None] * norms[None, :])
-    return torch.where((norms[:, None] > 0) & (norms[None, :] > 0), s, torch.full_like(s, math.nan))
 
 
 def polysemantic_pairs(arvs: dict[int, torch.Tensor], candidates: dict[int, list[int]],
@@ -267,29 +198,6 @@ def polysemantic_pairs(arvs: dict[int, torch.Tensor], candidates: dict[int, list
                 pairs.append({"channel": c, "class1": t1, "class2": t2, "cosine_similarity": v})
     pairs.sort(key=lambda d: (-d["cosine_similarity"], d["channel"], d["class1"], d["class2"]))
     return pairs
-
-
-def candidate_arvs(conv: nn.Conv2d, input_sums: np.ndarray, class_counts: torch.Tensor,
-                   candidates: dict[int, list[int]], batch: int = 4096) -> dict[int, torch.Tensor]:
-    """ARVs of every candidate for each of its relevant classes: ``c -> (m x C_in float64)``.
-
-    ``input_sums``: the store's K x C_in x H x W per-class sums (memory-mapped: only the needed rows are
-    read). All (channel, class) ARVs are computed in batches of ``batch`` rows.
-    """
-    if not candidates:
-        return {}
-    used = sorted({t for ts in candidates.values() for t in ts})
-    row = {t: i for i, t in enumerate(used)}
-    sums = torch.from_numpy(np.asarray(input_sums[used], dtype=np.float64))
-    maps = tap_maps(conv, tuple(sums.shape[-2:]))
-    profiles = tap_profile(sums / class_counts[used].double().view(-1, 1, 1, 1), maps)  # |used| x C_in x T
-    del sums
-    cs = torch.tensor([c for c, ts in candidates.items() for _ in ts])
-    ts = torch.tensor([row[t] for ts_ in candidates.values() for t in ts_])
-    flat = torch.cat([arv_from_profile(conv.weight[cs[lo:lo + batch]], profiles[ts[lo:lo + batch]])
-                      for lo in range(0, len(cs), batch)])
-    parts = torch.split(flat, [len(v) for v in candidates.values()])
-    return dict(zip(candidates, parts))
 
 
 # ---------------------------------------------------------------- the whole stage on a store
@@ -335,7 +243,7 @@ def find_pairs(store: st.Store, tau: float, p: float, gamma_low: float = 0.0, ga
     candidates = candidate_channels(relevant_classes(counts, n, p))
     sec["candidates"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    arvs = candidate_arvs(store_conv(store), store.input_sums, n, candidates)
+    arvs = candidate_arvs(store, candidates)
     sec["arvs"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     pairs = polysemantic_pairs(arvs, candidates, gamma_low, gamma_high)
@@ -343,50 +251,7 @@ def find_pairs(store: st.Store, tau: float, p: float, gamma_low: float = 0.0, ga
     return Stage2Result(pairs, candidates, counts, sec)
 
 
-# ---------------------------------------------------------------- finding the store and writing results
-
-
-def _weights_id(model: str, weights: str) -> str | None:
-    """The id stage 1 records for ``--weights``, when it can be known without the weights file."""
-    if weights.lower() == "none":
-        return "none"
-    if os.path.isfile(weights):
-        from .models import file_sha256  # torchvision is imported only when needed
-        return "file:" + file_sha256(weights)[:16]
-    if os.sep in weights or weights.endswith((".pt", ".pth")):
-        return None  # a checkpoint that is not here: stage 2 does not need it
-    try:
-        import torchvision
-        enum = torchvision.models.get_model_weights(model)
-    except (ValueError, KeyError):
-        return None
-    return f"{enum.__name__}.{weights}"
-
-
-def open_store(store_dir: str, model: str, layer: str | None = None, weights: str | None = None) -> st.Store:
-    """Open the complete stage-1 store of ``model`` (and ``layer``) in ``store_dir``, without loading the model.
-
-    The default layer's store is ``<model>_channel_importances`` (its meta.json names the layer);
-    another layer's is ``<model>_<layer>_channel_importances``.
-    """
-    default_path = os.path.join(store_dir, f"{model}_channel_importances")
-    path = default_path
-    if layer not in (None, "", "last_conv"):
-        own = os.path.join(store_dir, f"{model}_{layer}_channel_importances")
-        meta = os.path.join(default_path, "meta.json")
-        if os.path.isfile(os.path.join(own, "meta.json")) or not os.path.isfile(meta) \
-                or st.read_json(meta).get("layer") != layer:
-            path = own
-    store = st.Store.open(path)
-    wanted = {"model": model}
-    if layer not in (None, "", "last_conv"):
-        wanted["layer"] = layer
-    if weights is not None:
-        wid = _weights_id(model, weights)
-        if wid is not None:
-            wanted["weights"] = wid
-    store.check(**wanted)
-    return store
+# ---------------------------------------------------------------- the results file
 
 
 def results_path(store_dir: str, model: str, tau: float, p: float, gamma_low: float, gamma_high: float,
@@ -403,12 +268,7 @@ def pairs_text(pairs: list[dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary name, then rename); creates the folder."""
+def write_pairs(path: str, pairs: list[dict]) -> None:
+    """Write the results file of :func:`pairs_text` to ``path`` (atomically), creating its folder."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, pairs_text(pairs))

@@ -15,15 +15,15 @@ state. All arrays open with ``numpy.load(path, mmap_mode="r")``; nothing is pick
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .concepts import ClassNames
 from .errors import UserError
+from .files import read_json
 
 FORMAT_VERSION = 1
 # What must agree between a store and a run that uses it: key -> words for the message.
@@ -36,46 +36,17 @@ def store_name(model: str, layer: str, default: str) -> str:
     return f"{model}_channel_importances" if layer == default else f"{model}_{layer}_channel_importances"
 
 
-def _tmp(path: str) -> str:
-    return f"{path}.tmp-{os.getpid()}"
-
-
-def write_json(path: str, obj: Any) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_npy(path: str, arr: np.ndarray) -> None:
-    tmp = _tmp(path) + ".npy"
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
-def save_npz(path: str, **arrays: np.ndarray) -> None:
-    tmp = _tmp(path) + ".npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-
-
 def identity_difference(meta: dict, wanted: dict) -> str | None:
     """Name the first identity field in which ``wanted`` differs from ``meta``, or None."""
     for key, words in IDENTITY_KEYS.items():
         if key in wanted and meta.get(key) != wanted[key]:
             return f"{words}: store has {meta.get(key)!r}, this run has {wanted[key]!r}"
     return None
+
+
+def _array(name: str, mmap: bool = False) -> property:
+    """A store array as a read-only property (memory-mapped where it can be large)."""
+    return property(lambda self: self._load(f"{name}.npy", mmap))
 
 
 @dataclass
@@ -101,25 +72,11 @@ class Store:
     def _load(self, name: str, mmap: bool = True) -> np.ndarray:
         return np.load(os.path.join(self.path, name), mmap_mode="r" if mmap else None, allow_pickle=False)
 
-    @property
-    def relevance(self) -> np.ndarray:
-        return self._load("relevance.npy")
-
-    @property
-    def targets(self) -> np.ndarray:
-        return self._load("targets.npy", mmap=False)
-
-    @property
-    def predictions(self) -> np.ndarray:
-        return self._load("predictions.npy", mmap=False)
-
-    @property
-    def input_sums(self) -> np.ndarray:
-        return self._load("input_sums.npy")
-
-    @property
-    def layer_weight(self) -> np.ndarray:
-        return self._load("layer_weight.npy", mmap=False)
+    relevance = _array("relevance", mmap=True)  # N x C float16, memory-mapped
+    targets = _array("targets")  # N int64
+    predictions = _array("predictions")  # N int64
+    input_sums = _array("input_sums", mmap=True)  # K x C_in x H x W float64, memory-mapped
+    layer_weight = _array("layer_weight")  # C x C_in x kh x kw float32
 
     @property
     def class_counts(self) -> np.ndarray:
@@ -133,23 +90,40 @@ class Store:
     def num_channels(self) -> int:
         return int(self.meta["out_channels"])
 
-    def class_label(self, t: int) -> str:
-        names = self.meta.get("class_names") or self.meta["classes"]
-        return f"{t} {names[t]}"
+    @property
+    def names(self) -> ClassNames:
+        """Human class names (the weights' categories, else the class folders)."""
+        return ClassNames(self.meta.get("class_names"), self.meta["classes"])
 
     def check(self, **wanted: Any) -> None:
         diff = identity_difference(self.meta, wanted)
         if diff:
             raise UserError(f"store {self.path} was made with another {diff}")
 
-    def conv_geometry(self) -> dict:
-        return self.meta["conv"]
 
+def open_store(store_dir: str, model: str, layer: str | None = None, weights: str | None = None) -> Store:
+    """Open the complete stage-1 store of ``model`` (and ``layer``) in ``store_dir``, without loading the model.
 
-def remove_partial(path: str) -> None:
-    """Delete a store folder that holds no finished work (used when the first chunk fails)."""
-    chunks = os.path.join(path, "chunks")
-    if os.path.isdir(path) and not (os.path.isdir(chunks) and os.listdir(chunks)):
-        meta = os.path.join(path, "meta.json")
-        if not os.path.isfile(meta) or not read_json(meta).get("complete"):
-            shutil.rmtree(path, ignore_errors=True)
+    The default layer's store is ``<model>_channel_importances`` (its meta.json names the layer);
+    another layer's is ``<model>_<layer>_channel_importances``. ``weights``, when given, is checked
+    against the store as far as it can be known without the weights file.
+    """
+    from .models import weights_id
+
+    default_path = os.path.join(store_dir, f"{model}_channel_importances")
+    path = default_path
+    if layer not in (None, "", "last_conv"):
+        own = os.path.join(store_dir, f"{model}_{layer}_channel_importances")
+        meta = os.path.join(default_path, "meta.json")
+        if os.path.isfile(os.path.join(own, "meta.json")) or not os.path.isfile(meta) \
+                or read_json(meta).get("layer") != layer:
+            path = own
+    store = Store.open(path)
+    wanted = {"model": model}
+    if layer not in (None, "", "last_conv"):
+        wanted["layer"] = layer
+    wid = weights_id(model, weights) if weights is not None else None
+    if wid is not None:
+        wanted["weights"] = wid
+    store.check(**wanted)
+    return store

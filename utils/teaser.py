@@ -1,15 +1,25 @@
 """The composite figure, laid out like the paper's teaser: one panel per sub-channel (Original,
-Disentangled 1, Disentangled 2, optionally Residual), each a feature visualisation in the middle with the
-top-k images around it, framed by concept (blue: concept 1, orange: concept 2, gray: other classes)."""
+Disentangled 1 .. k, optionally Residual), each a feature visualisation in the middle with the top-k
+images around it, framed by concept (blue: concept 1, orange: concept 2, green, purple, ...; gray: other
+classes). Drawn on matplotlib's Agg canvas directly: no pyplot, no global backend switch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-COLORS = {1: "#1f77b4", 2: "#ff7f0e", 0: "#9a9a9a"}  # concept 1, concept 2, other
+from .files import atomic_path, save_figure
+
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+OTHER = "#9a9a9a"
+
+
+def concept_color(j: int) -> str:
+    """Frame colour of concept ``j`` (1..k); 0 is every other class."""
+    return OTHER if j == 0 else _PALETTE[(j - 1) % len(_PALETTE)]
 
 
 @dataclass
@@ -64,32 +74,33 @@ def overlay(image: torch.Tensor, amap: torch.Tensor, alpha: float = 0.5, cmap: s
 def purity_line(p: dict | None) -> str:
     if not p:
         return ""
-    return f"concept 1 {p['concept1']:.0%} · concept 2 {p['concept2']:.0%} · other {p['other']:.0%}"
+    k = sum(key.startswith("concept") for key in p)
+    return " · ".join([f"concept {j} {p[f'concept{j}']:.0%}" for j in range(1, k + 1)] + [f"other {p['other']:.0%}"])
 
 
-def teaser_figure(panels: list[Panel], title: str = "", legend: tuple[str, str] = ("", ""),
-                  paths: tuple[str, ...] = (), panel_inches: float = 4.0, dpi: int = 100):
+def teaser_figure(panels: list[Panel], title: str = "", legend: Sequence[str] = ("", ""),
+                  paths: Sequence[str] = (), panel_inches: float = 4.0, dpi: int = 100):
     """Draw the panels side by side and save to every path in ``paths`` (PNG, PDF, ...).
 
-    The figure is ``len(panels) * panel_inches`` wide and ``panel_inches + 1`` high (inches, no tight
-    bounding box), so a PNG is exactly that times ``dpi`` pixels. Returns the matplotlib figure.
+    ``legend[j - 1]`` names concept j's classes. The figure is ``len(panels) * panel_inches`` wide and
+    ``panel_inches + 1`` high (inches, no tight bounding box), so a PNG is exactly that times ``dpi``
+    pixels. Returns the matplotlib figure.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.gridspec import GridSpec, GridSpecFromSubplotSpec
 
     k = max((len(p.images) for p in panels), default=0)
     n = ring_side(k)
-    fig = plt.figure(figsize=(len(panels) * panel_inches, panel_inches + 1.0), dpi=dpi)
+    fig = Figure(figsize=(len(panels) * panel_inches, panel_inches + 1.0), dpi=dpi)
+    FigureCanvasAgg(fig)
     outer = GridSpec(1, len(panels), figure=fig, left=0.01, right=0.99, bottom=0.1,
                      top=1 - 0.8 / (panel_inches + 1.0), wspace=0.06)
     for pi, panel in enumerate(panels):
         grid = GridSpecFromSubplotSpec(n, n, subplot_spec=outer[pi], wspace=0.08, hspace=0.22)
         for r, (i, j) in enumerate(ring_cells(n)):
             ax = fig.add_subplot(grid[i, j])
-            _frame(ax, COLORS[0] if r >= len(panel.images) else COLORS[panel.concepts[r]], 2.5)
+            _frame(ax, concept_color(0 if r >= len(panel.images) else panel.concepts[r]), 2.5)
             if r < len(panel.images):
                 ax.imshow(to_hwc(panel.images[r]))
                 ax.set_xlabel(panel.captions[r], fontsize=5.5, labelpad=1)
@@ -106,14 +117,23 @@ def teaser_figure(panels: list[Panel], title: str = "", legend: tuple[str, str] 
                  fontsize=7, color="#444444")
     if title:
         fig.text(0.5, 1 - 0.12 / (panel_inches + 1.0), title, ha="center", va="top", fontsize=10, weight="bold")
-    for (x, key), text in zip(((0.25, 1), (0.75, 2)), legend):
-        if text:
-            fig.text(x, 0.03, f"\u25a0 concept {key}: {text}", color=COLORS[key], ha="center", va="bottom", fontsize=8)
-    if any(legend):
-        fig.text(0.5, 0.03, "\u25a0 other", color=COLORS[0], ha="center", va="bottom", fontsize=8)
+    _legend(fig, list(legend))
     for path in paths:
-        fig.savefig(path, dpi=dpi)
+        save_figure(path, fig, dpi=dpi)
     return fig
+
+
+def _legend(fig, legend: list[str]) -> None:
+    """One coloured line per concept along the bottom, and "other" (for two concepts: left, right, middle)."""
+    if not any(legend):
+        return
+    k = len(legend)
+    xs = [0.25, 0.75, 0.5] if k == 2 else [(j + 0.5) / (k + 1) for j in range(k + 1)]
+    for j, text in enumerate(legend, 1):
+        if text:
+            fig.text(xs[j - 1], 0.03, f"\u25a0 concept {j}: {text}", color=concept_color(j), ha="center", va="bottom",
+                     fontsize=8)
+    fig.text(xs[k], 0.03, "\u25a0 other", color=OTHER, ha="center", va="bottom", fontsize=8)
 
 
 def _frame(ax, color: str, width: float) -> None:
@@ -129,4 +149,5 @@ def save_image(img: torch.Tensor, path: str) -> None:
     from PIL import Image
 
     arr = (to_hwc(img) * 255 + 0.5).astype(np.uint8)
-    Image.fromarray(arr).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")

@@ -1,0 +1,118 @@
+"""Average relevance vectors (ARVs) in closed form (ALGORITHM.md, stage 2 step 5), from the store alone.
+
+For a candidate channel ``c`` and the images of a class (or a concept's classes),
+
+    ARV[k] = mean over the images of  sum_hw x[k, h, w] * dS/dx[k, h, w],   S = sum over (h', w') of L(x)[c]
+
+``S`` is linear in ``x``, so ``dS/dx[k, h, w] = sum_ij W[c, k, i, j] * M[ij, h, w]`` with ``M`` the
+tap maps of the layer's geometry (:func:`tap_maps`), and every ARV follows exactly from the mean input
+map of the images: its *tap profile* ``Q[k, ij] = sum_hw mean_x[k, h, w] * M[ij, h, w]`` gives
+``ARV[k] = sum_ij W[c, k, ij] * Q[k, ij]``. Shapes: ``C_in`` inputs, ``T = kh*kw`` taps, ``H x W`` input map.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import store as st
+from .errors import UserError
+
+def tap_maps(conv: nn.Conv2d, in_hw: tuple[int, int]) -> torch.Tensor:
+    """``M`` (kh*kw x H x W, float64): how often input position (h, w) meets kernel tap (i, j).
+
+    For ``S = sum over output positions of conv(x)[c]`` the gradient is
+    ``dS/dx[k, h, w] = sum_ij W[c, k, i, j] * M[ij, h, w]`` for any stride, padding (mode
+    included) and dilation; the bias does not enter. Computed by autograd on a one-channel
+    copy of the convolution's geometry, so it follows PyTorch's own padding rules.
+    """
+    kh, kw = conv.kernel_size
+    probe = nn.Conv2d(1, kh * kw, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                      dilation=conv.dilation, bias=False, padding_mode=conv.padding_mode).double()
+    with torch.no_grad():
+        probe.weight.zero_()
+        probe.weight.view(kh * kw, kh * kw)[torch.arange(kh * kw), torch.arange(kh * kw)] = 1.0
+    x = torch.zeros(kh * kw, 1, *in_hw, dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        out = probe(x)  # (kh*kw, kh*kw, H', W'): batch element b keeps only tap b
+        (g,) = torch.autograd.grad(out[torch.arange(kh * kw), torch.arange(kh * kw)].sum(), x)
+    return g[:, 0]
+
+
+def tap_profile(mean_input: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """``Q[..., k, ij] = sum_hw mean_input[..., k, h, w] * M[ij, h, w]`` (... x C_in x kh*kw, float64)."""
+    return torch.einsum("...khw,thw->...kt", mean_input.double(), maps.double())
+
+
+def arv_from_profile(weight: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+    """ARVs from a tap profile: ``ARV[..., k] = sum_ij W[k, i, j] * Q[..., k, ij]``.
+
+    ``weight``: the filter(s) of channel c (C_in x kh x kw, or n x C_in x kh x kw);
+    ``profile``: ``tap_profile`` of a class's mean input (C_in x kh*kw). Float64.
+    """
+    w = weight.double().flatten(-2)
+    return (w * profile).sum(-1)
+
+
+def conv_from_meta(meta: dict, weight: np.ndarray | torch.Tensor, bias: np.ndarray | torch.Tensor | None = None) -> nn.Conv2d:
+    """Rebuild the layer ``L`` (float64) from a store's ``meta["conv"]`` geometry and its weight (C x C_in x kh x kw)."""
+    g = meta["conv"]
+    w = torch.as_tensor(np.asarray(weight), dtype=torch.float64)
+    pad = g["padding"] if isinstance(g["padding"], str) else tuple(g["padding"])
+    conv = nn.Conv2d(w.shape[1], w.shape[0], tuple(g["kernel_size"]), stride=tuple(g["stride"]), padding=pad,
+                     dilation=tuple(g["dilation"]), bias=bool(g.get("bias")), padding_mode=g["padding_mode"],
+                     device="meta")
+    conv.weight = nn.Parameter(w, requires_grad=False)
+    if conv.bias is not None:
+        b = torch.zeros(w.shape[0]) if bias is None else torch.as_tensor(np.asarray(bias))
+        conv.bias = nn.Parameter(b.double(), requires_grad=False)
+    return conv
+
+
+def store_conv(store: st.Store) -> nn.Conv2d:
+    """The layer ``L`` (float64) rebuilt from the store's geometry, weight and bias."""
+    bias_path = os.path.join(store.path, "layer_bias.npy")
+    bias = np.load(bias_path, allow_pickle=False) if os.path.isfile(bias_path) else None
+    return conv_from_meta(store.meta, store.layer_weight, bias)
+
+
+def group_profiles(store: st.Store, groups: list[list[int]], maps: torch.Tensor | None = None) -> torch.Tensor:
+    """Tap profiles (G x C_in x T, float64) of the mean input map over all training images of each group
+    of classes (a class, or a concept's classes); only the needed rows of the store are read."""
+    counts = store.class_counts
+    n = torch.tensor([float(counts[sorted(g)].sum()) for g in groups], dtype=torch.float64)
+    if (n == 0).any():
+        raise UserError(f"classes {groups[int((n == 0).nonzero()[0, 0])]} have no training images in the store")
+    if all(len(g) == 1 for g in groups):  # one read for all classes
+        sums = torch.from_numpy(np.asarray(store.input_sums[[g[0] for g in groups]], dtype=np.float64))
+    else:
+        sums = torch.stack([torch.from_numpy(np.asarray(store.input_sums[sorted(g)], dtype=np.float64)).sum(0)
+                            for g in groups])
+    if maps is None:
+        maps = tap_maps(store_conv(store), tuple(sums.shape[-2:]))
+    return tap_profile(sums / n.view(-1, 1, 1, 1), maps)
+
+
+def concept_arvs(store: st.Store, channel: int, concepts: list[list[int]]) -> torch.Tensor:
+    """ARVs (k x C_in, float64) of ``channel`` for each concept: the mean of r_i over all training images
+    of the concept's classes (stage 3; for single classes the ARVs stage 2 compares)."""
+    conv = store_conv(store)
+    return arv_from_profile(conv.weight[channel], group_profiles(store, [sorted(set(c)) for c in concepts]))
+
+
+def candidate_arvs(store: st.Store, candidates: dict[int, list[int]], batch: int = 4096) -> dict[int, torch.Tensor]:
+    """ARVs of every candidate for each of its relevant classes: ``c -> (m x C_in float64)``, computed
+    in batches of ``batch`` (channel, class) rows."""
+    if not candidates:
+        return {}
+    conv = store_conv(store)
+    used = sorted({t for ts in candidates.values() for t in ts})
+    row = {t: i for i, t in enumerate(used)}
+    profiles = group_profiles(store, [[t] for t in used])  # |used| x C_in x T
+    cs = torch.tensor([c for c, ts in candidates.items() for _ in ts])
+    ts = torch.tensor([row[t] for ts_ in candidates.values() for t in ts_])
+    flat = torch.cat([arv_from_profile(conv.weight[cs[lo:lo + batch]], profiles[ts[lo:lo + batch]])
+                      for lo in range(0, len(cs), batch)])
+    return dict(zip(candidates, torch.split(flat, [len(v) for v in candidates.values()])))

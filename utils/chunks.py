@@ -1,0 +1,92 @@
+"""Stage 1's resumable writing: the chunk plan, one atomic ``.npz`` per finished chunk, and the assembly
+of all chunks, in order, into the store's final arrays.
+
+Chunk ``j`` covers images ``[j*size, min((j+1)*size, N))`` of the dataset order. A rerun skips finished
+chunks, so a kill at any moment loses at most the chunks in flight; the per-class input sums are added
+chunk by chunk in chunk order, so the result does not depend on how chunks were split between runs or
+processes.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import torch
+
+from .files import atomic_path, read_json, save_npy, save_npz, write_json
+
+
+class ChunkPlan:
+    """The chunk plan: chunk ``j`` covers images ``[j*size, min((j+1)*size, N))``."""
+
+    def __init__(self, n: int, size: int, batch_size: int):
+        self.n, self.size, self.batch_size = n, size, batch_size
+        self.count = (n + size - 1) // size
+
+    def bounds(self, j: int) -> tuple[int, int]:
+        return j * self.size, min((j + 1) * self.size, self.n)
+
+    def batches(self, chunks: list[int]):
+        for j in chunks:
+            lo, hi = self.bounds(j)
+            for b in range(lo, hi, self.batch_size):
+                yield list(range(b, min(b + self.batch_size, hi)))
+
+
+def _chunk_path(path: str, j: int) -> str:
+    return os.path.join(path, "chunks", f"chunk_{j:06d}.npz")
+
+
+def chunk_path(path: str, j: int) -> str:
+    return os.path.join(path, "chunks", f"chunk_{j:06d}.npz")
+
+
+def missing_chunks(path: str, plan: ChunkPlan) -> list[int]:
+    return [j for j in range(plan.count) if not os.path.isfile(chunk_path(path, j))]
+
+
+def write_chunk(path: str, j: int, rel: torch.Tensor, pred: torch.Tensor, tgt: torch.Tensor,
+                 sums: torch.Tensor) -> None:
+    """One finished chunk as ``chunks/chunk_<j>.npz`` (atomic): only the classes present get their sums."""
+    tgt = tgt.numpy().astype(np.int64)
+    present = np.unique(tgt)
+    save_npz(chunk_path(path, j), relevance=rel.cpu().numpy(), targets=tgt,
+             predictions=pred.cpu().numpy().astype(np.int64), sum_classes=present,
+             sums=sums[torch.from_numpy(present).to(sums.device)].cpu().numpy())
+
+
+def assemble(path: str, meta: dict, plan: ChunkPlan) -> None:
+    """Join the chunk files, in order, into the final arrays; then mark the store complete."""
+    n, C = meta["num_images"], meta["out_channels"]
+    K = len(meta["classes"])
+    targets = np.empty(n, np.int64)
+    preds = np.empty(n, np.int64)
+    sums = np.zeros((K, *meta["input_shape"]), np.float64)
+    with atomic_path(os.path.join(path, "relevance.npy")) as tmp:
+        rel = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, C))
+        for j in range(plan.count):
+            lo, hi = plan.bounds(j)
+            with np.load(chunk_path(path, j), allow_pickle=False) as z:
+                rel[lo:hi] = z["relevance"]
+                targets[lo:hi] = z["targets"]
+                preds[lo:hi] = z["predictions"]
+                sums[z["sum_classes"]] += z["sums"]
+        rel.flush()
+        del rel
+    save_npy(os.path.join(path, "targets.npy"), targets)
+    save_npy(os.path.join(path, "predictions.npy"), preds)
+    save_npy(os.path.join(path, "input_sums.npy"), sums)
+    meta["complete"] = True
+    write_json(os.path.join(path, "meta.json"), meta)
+    # rmtree, not rmdir: a killed run can leave a half-written chunk_*.tmp-* behind
+    shutil.rmtree(os.path.join(path, "chunks"), ignore_errors=True)
+
+
+def remove_partial(path: str) -> None:
+    """Delete a store folder that holds no finished work (used when the first chunk fails)."""
+    chunks = os.path.join(path, "chunks")
+    if os.path.isdir(path) and not (os.path.isdir(chunks) and os.listdir(chunks)):
+        meta = os.path.join(path, "meta.json")
+        if not os.path.isfile(meta) or not read_json(meta).get("complete"):
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,83 @@
+"""Every file the project writes goes through :func:`atomic_path`: a temporary name beside the target,
+flushed to disk, then renamed over it. A crash, a kill or a full disk leaves the old file or the new
+one, never a half-written one, and never a stray temporary."""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import UserError
+
+
+def temp_name(path: str) -> str:
+    """``<path>.tmp-<pid><ext>``: beside the target (same file system) and with its extension, so that
+    writers that add or read an extension (``np.save``, ``savefig``) keep the file's format."""
+    return f"{path}.tmp-{os.getpid()}{os.path.splitext(path)[1]}"
+
+
+@contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary path to write ``path``'s content to; on success it is synced and renamed to ``path``.
+
+    On any error (or interrupt) the temporary file is removed and ``path`` is left as it was.
+    """
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON (one trailing newline) to ``path`` atomically."""
+    write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def read_json(path: str) -> dict:
+    """The JSON object in ``path``; an unreadable or damaged file is a UserError naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def save_npy(path: str, arr: np.ndarray) -> None:
+    """``np.save`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        np.save(tmp, arr)
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+    """``np.savez`` (uncompressed) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
+
+
+def save_torch(path: str, obj: Any) -> None:
+    """``torch.save`` of tensors and plain containers to ``path`` atomically (read back with weights_only=True)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_figure(path: str, fig, **kwargs) -> None:
+    """``fig.savefig`` to ``path`` atomically; the format follows the extension of ``path``."""
+    fmt = os.path.splitext(path)[1].lstrip(".") or "png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, **kwargs)

@@ -1,0 +1,169 @@
+"""The record of one disentanglement on disk: ``models_disentangled/<name>/{record.json, filters.pt}``.
+
+The schema is :class:`Record`, defined here once; writing, reading and the tests use it. In
+``record.json`` the concepts appear as ``classes_for_concept1 .. classes_for_conceptk`` (the seed's
+flag names). ``filters.pt`` holds ``rhos`` (R,) and, per sub-channel, ``D1 .. Dk`` and ``Res``
+(R x C_in x kh x kw each), read with ``torch.load(..., weights_only=True)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .concepts import concept_classes_text
+from .errors import UserError
+from .files import read_json, save_torch, write_json
+from .split import Split, Sweep, sub_names
+
+RECORD_VERSION = 1
+
+
+@dataclass
+class Record:
+    """One disentanglement of ``channel`` of ``layer`` between ``concepts`` (lists of class indices)."""
+
+    model: str
+    weights: str
+    layer: str
+    default_layer: bool
+    in_channels: int
+    out_channels: int
+    channel: int
+    concepts: list[list[int]]
+    class_names: dict[str, str]
+    store: str
+    data_dir: str
+    data_fingerprint: str
+    rhos: list[float]
+    scores: dict[str, float]  # "0.05" -> score
+    best_rho: float
+    sources: dict[str, dict[str, list[int]]]  # "0.05" -> {"concept1": [...], ..., "shared": [...]}
+    max_abs_logit_diff: float | None
+    equivalence_images: int
+    train_images: dict[str, int]  # "concept1" -> images scored
+    seconds: float
+    images_per_second: float
+    filters: str = "filters.pt"
+    format_version: int = RECORD_VERSION
+    dir: str | None = field(default=None, compare=False)  # the folder it was read from (not stored)
+
+    @property
+    def k(self) -> int:
+        return len(self.concepts)
+
+    def name(self) -> str:
+        """Folder name under ``models_disentangled/``."""
+        head = self.model if self.default_layer else f"{self.model}_{self.layer}"
+        return record_name(head, self.channel, self.concepts)
+
+    def to_json(self) -> dict:
+        """The ``record.json`` object: the fields in schema order, ``concepts`` as ``classes_for_conceptj``."""
+        out = {"format_version": self.format_version}
+        for f in dataclasses.fields(self):
+            if f.name == "concepts":
+                out.update({f"classes_for_concept{j}": list(cs) for j, cs in enumerate(self.concepts, 1)})
+            elif f.name not in ("format_version", "dir"):
+                out[f.name] = getattr(self, f.name)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict, folder: str | None = None) -> "Record":
+        concepts = []
+        while f"classes_for_concept{len(concepts) + 1}" in obj:
+            concepts.append([int(t) for t in obj[f"classes_for_concept{len(concepts) + 1}"]])
+        names = {f.name for f in dataclasses.fields(cls)} - {"concepts", "dir"}
+        return cls(concepts=concepts, dir=folder, **{k: v for k, v in obj.items() if k in names})
+
+
+def record_keys(k: int = 2) -> set[str]:
+    """The keys of a ``record.json`` with ``k`` concepts."""
+    return ({f.name for f in dataclasses.fields(Record)} - {"concepts", "dir"}) | {
+        f"classes_for_concept{j}" for j in range(1, k + 1)}
+
+
+def record_name(head: str, channel: int, concepts: list[list[int]]) -> str:
+    """``<model>[_<layer>]_channel<c>_c1-<classes>_c2-<classes>``, classes sorted within each concept."""
+    return f"{head}_channel{channel}_{concept_classes_text([sorted(cs) for cs in concepts])}"
+
+
+def rho_key(rho: float) -> str:
+    return f"{float(rho):.2f}"
+
+
+def save_record(folder: str, record: Record, sw: Sweep) -> list[str]:
+    """Write ``filters.pt`` and ``record.json`` into ``folder``, each atomically; returns both paths."""
+    os.makedirs(folder, exist_ok=True)
+    fpath = os.path.join(folder, record.filters)
+    filters = {"rhos": sw.rhos.clone()}
+    for j, name in enumerate(sub_names(sw.k)):
+        filters[name] = (sw.D[:, j] if name != "Res" else sw.Res).contiguous().clone()
+    save_torch(fpath, filters)
+    rpath = os.path.join(folder, "record.json")
+    write_json(rpath, record.to_json())
+    return [rpath, fpath]
+
+
+def load_record(folder: str) -> Record:
+    """The record in ``folder`` (``record.dir`` is set to it)."""
+    path = os.path.join(folder, "record.json")
+    if not os.path.isfile(path):
+        raise UserError(f"no disentanglement record at {folder} (run disentangle_channel.py first)")
+    try:
+        return Record.from_json(read_json(path), folder)
+    except TypeError as e:
+        raise UserError(f"{path} is not a disentanglement record ({e})") from None
+
+
+def find_record(model_dir: str, head: str, channel: int, concepts: list[list[int]]) -> Record:
+    """The record of ``channel`` split between ``concepts`` in ``model_dir``, whatever the order of the
+    classes within each concept in its folder name; a missing one is a UserError naming the folder."""
+    if not os.path.isdir(model_dir):
+        raise UserError(f"no folder {model_dir} (--model_dir: STORE_DIR/models_disentangled/ of disentangle_channel.py)")
+    wanted = record_name(head, channel, concepts)
+    prefix = f"{head}_channel{channel}_"
+    for entry in sorted(os.listdir(model_dir)):
+        if entry.startswith(prefix) and _folder_concepts(entry[len(prefix):]) == [sorted(c) for c in concepts]:
+            if os.path.isfile(os.path.join(model_dir, entry, "record.json")):
+                return load_record(os.path.join(model_dir, entry))
+    text = " / ".join(str(list(c)) for c in concepts)
+    raise UserError(f"no disentanglement of channel {channel} for classes {text} at {os.path.join(model_dir, wanted)}: "
+                    "disentangle_channel.py makes it (same --model, --layer)")
+
+
+def _folder_concepts(tail: str) -> list[list[int]] | None:
+    parts = tail.split("_")
+    if not all(re.fullmatch(rf"c{j}(-\d+)+", p) for j, p in enumerate(parts, 1)):
+        return None
+    return [sorted(int(t) for t in p.split("-")[1:]) for p in parts]
+
+
+def check_record(rec: Record, model: str, weights: str, layer: str, conv: nn.Conv2d | None = None) -> None:
+    """Refuse a record made with another model, weights or layer, or (``conv``) for another layer shape."""
+    for key, have in (("model", model), ("weights", weights), ("layer", layer)):
+        if getattr(rec, key) != have:
+            raise UserError(f"disentanglement {rec.dir} was made with {key} {getattr(rec, key)!r}, "
+                            f"this run uses {have!r}")
+    if conv is not None and (rec.in_channels, rec.out_channels) != (conv.in_channels, conv.out_channels):
+        raise UserError(f"disentanglement {rec.dir} is for a layer of {rec.in_channels} -> {rec.out_channels} "
+                        f"channels, layer {layer} has {conv.in_channels} -> {conv.out_channels}")
+
+
+def load_split(rec: Record, rho: float | None = None) -> Split:
+    """The split of a record at ``rho`` (default: its best rho)."""
+    path = os.path.join(rec.dir or "", rec.filters)
+    try:
+        f = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad or missing file
+        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    rhos = [round(float(r), 2) for r in f["rhos"]]
+    rho = round(float(rec.best_rho if rho is None else rho), 2)
+    if rho not in rhos:
+        raise UserError(f"rho {rho} is not one of the swept values {rhos[0]}..{rhos[-1]} (step 0.05)")
+    i = rhos.index(rho)
+    names = sub_names(rec.k)
+    return Split(int(rec.channel), torch.stack([f[n][i] for n in names[:-1]]), f["Res"][i])

@@ -1,0 +1,153 @@
+"""The split of one channel into ``k`` concept channels and a residual: index sets, filters, the rho sweep.
+
+For channel ``c`` of a Conv2d ``L`` with filter ``W[c]`` (C_in x kh x kw) and the ARVs ``A_1..A_k``
+(C_in each) of ``k >= 2`` concepts, at a given ``rho``:
+
+    input k' goes to S_j for the FIRST j with  rho * A_j[k'] > max over l != j of A_l[k'];  S_0 = the rest
+    D_j = W[c] with the inputs of every S_l (l != j) set to zero;   Res = W[c] on S_0 only
+    sum_j D_j - (k - 1) Res = W[c]
+
+For k = 2 this is the paper's rule: S1 = {rho A1 > A2}, S2 = {not S1, rho A2 > A1}; D1 + D2 - Res = W[c].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+RHOS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05, 0.10, ..., 1.00
+
+
+def sub_names(k: int) -> tuple[str, ...]:
+    """Names of a split's sub-channels, in the order of :meth:`Split.weight`: D1 .. Dk, Res."""
+    return tuple(f"D{j}" for j in range(1, k + 1)) + ("Res",)
+
+
+def sub_label(name: str) -> str:
+    """Words for a sub-channel name: Original, Disentangled j, Residual."""
+    if name == "original":
+        return "Original"
+    return "Residual" if name == "Res" else f"Disentangled {name[1:]}"
+
+
+def assign_inputs(A: torch.Tensor, rho: float) -> torch.Tensor:
+    """Which set each input channel goes to (C_in, int64): j in 1..k for S_j, 0 for the shared S_0.
+
+    ``A``: the concepts' ARVs, k x C_in, compared as signed values.
+    """
+    A = A.double()
+    out = torch.zeros(A.shape[1], dtype=torch.int64)
+    for j in range(A.shape[0]):
+        others = torch.cat([A[:j], A[j + 1:]]).max(0).values
+        out[(rho * A[j] > others) & (out == 0)] = j + 1
+    return out
+
+
+def split_filters(weight_c: torch.Tensor, assign: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``D`` (k x C_in x kh x kw) and ``Res`` (C_in x kh x kw) from filter ``W[c]`` and an input assignment."""
+    w = weight_c.detach()
+    shared = (assign == 0)[:, None, None]
+    D = torch.stack([w * (shared | (assign == j)[:, None, None]).to(w.dtype) for j in range(1, k + 1)])
+    return D, w * shared.to(w.dtype)
+
+
+@dataclass
+class Split:
+    """One split channel: ``channel`` of its layer, its concept filters ``D`` (k x C_in x kh x kw) and ``Res``."""
+
+    channel: int
+    D: torch.Tensor
+    Res: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return int(self.D.shape[0])
+
+    def weight(self) -> torch.Tensor:
+        """The sub-channels' filters stacked ((k + 1) x C_in x kh x kw): D_1 .. D_k, Res."""
+        return torch.cat([self.D, self.Res[None]])
+
+
+@dataclass
+class Sweep:
+    """Every rho of one split: ``rhos`` (R,), ``assign`` (R x C_in), ``D`` (R x k x C_in x kh x kw), ``Res``."""
+
+    rhos: torch.Tensor
+    assign: torch.Tensor
+    D: torch.Tensor
+    Res: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return int(self.D.shape[1])
+
+    def split(self, channel: int, i: int) -> Split:
+        """The i-th rho's filters as a :class:`Split` of ``channel``."""
+        return Split(channel, self.D[i], self.Res[i])
+
+    def sources(self, i: int) -> dict[str, list[int]]:
+        """The index sets of the i-th rho: ``{"concept1": [...], ..., "conceptk": [...], "shared": [...]}``."""
+        a = self.assign[i]
+        out = {f"concept{j}": (a == j).nonzero().flatten().tolist() for j in range(1, self.k + 1)}
+        out["shared"] = (a == 0).nonzero().flatten().tolist()
+        return out
+
+    def distinct(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rhos with the same index sets share filters (and scores): ``first`` (U,) = one rho index per
+        distinct split, in sweep order; ``inverse`` (R,) = which distinct split each rho has."""
+        first: dict[tuple, int] = {}
+        inverse = []
+        for i, row in enumerate(self.assign.tolist()):
+            inverse.append(first.setdefault(tuple(row), len(first)))
+        starts = [inverse.index(u) for u in range(len(first))]
+        return torch.tensor(starts), torch.tensor(inverse)
+
+
+def sweep(weight_c: torch.Tensor, A: torch.Tensor, rhos: Iterable[float] = RHOS) -> Sweep:
+    """Index sets and filters for every rho, from filter ``W[c]`` (C_in x kh x kw) and ARVs ``A`` (k x C_in)."""
+    rhos = [float(r) for r in rhos]
+    k = A.shape[0]
+    assign = torch.stack([assign_inputs(A, r) for r in rhos])
+    parts = [split_filters(weight_c, a, k) for a in assign]
+    D, Res = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    w = weight_c.detach().double()
+    if not torch.equal(D.double().sum(1) - (k - 1) * Res.double(), w.expand_as(Res)):  # exact in float64
+        raise AssertionError("the concept filters do not add up to the original")  # cannot happen: a partition
+    return Sweep(torch.tensor(rhos, dtype=torch.float64), assign, D, Res)
+
+
+@dataclass
+class FilterBank:
+    """Sub-channels of one layer applied together: ``keys[s] = (channel, name)`` (name ``original``, ``D1`` ..
+    ``Dk`` or ``Res``); ``weight`` S x C_in x kh x kw; ``bias`` (S,) or None (channel c's bias on each)."""
+
+    keys: list[tuple[int, str]]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def index(self, channel: int, name: str) -> int:
+        return self.keys.index((int(channel), name))
+
+    def to(self, device) -> "FilterBank":
+        return FilterBank(self.keys, self.weight.to(device), None if self.bias is None else self.bias.to(device))
+
+    def maps(self, conv, x: torch.Tensor) -> torch.Tensor:
+        """Output maps (B x S x H' x W') of every sub-channel on the layer input ``x`` (B x C_in x H x W)."""
+        from .relevance import conv_with_filters
+
+        return conv_with_filters(conv, x, self.weight, self.bias)
+
+
+def filter_bank(conv, splits: list[Split], names: tuple[str, ...] | None = None) -> FilterBank:
+    """Stack the sub-channels ``names`` of every split of ``conv`` into one bank (default: ``original`` and
+    the concept channels ``D1 .. Dk``)."""
+    keys, ws, bs = [], [], []
+    for s in splits:
+        for n in names or ("original",) + sub_names(s.k)[:-1]:
+            w = conv.weight[s.channel] if n == "original" else s.Res if n == "Res" else s.D[int(n[1:]) - 1]
+            keys.append((int(s.channel), n))
+            ws.append(w.detach().to(conv.weight))
+            if conv.bias is not None:
+                bs.append(conv.bias[s.channel].detach())
+    return FilterBank(keys, torch.stack(ws), torch.stack(bs) if bs else None)
