@@ -23,11 +23,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default=None,
                    help="ImageFolder root with train/ and val/ (default: build the digits demo in demo_data/digits)")
-    p.add_argument("--model", default=None, help=f"torchvision model (default: {DEMO_MODEL} trained on the digits, "
-                                                 "resnet50 with --data_dir)")
+    p.add_argument("--model", default=None, help=f"torchvision model, timm/<name> or file.py:function (default: "
+                                                 f"{DEMO_MODEL} trained on the digits, resnet50 with --data_dir)")
     p.add_argument("--weights", default=None,
-                   help="weights name, checkpoint file or none (default: the trained demo checkpoint, "
-                        "IMAGENET1K_V1 with --data_dir)")
+                   help="weights name, checkpoint file or none (default: the trained demo checkpoint; with "
+                        "--data_dir the model's pretrained weights, IMAGENET1K_V1 for resnet50)")
     p.add_argument("--layer", default=None, help="Conv2d of interest (default: the model's last conv)")
     p.add_argument("--store_dir", default=None, help="stage-1 store and disentanglements (default: OUT_DIR/store)")
     p.add_argument("--out_dir", default="demo_output", help="report, plots and results (default: demo_output)")
@@ -40,10 +40,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_images_per_class", type=int, default=None, help="first N training images per class")
     p.add_argument("--pictures_k", type=int, default=12, help="top activating images per panel (default: 12)")
     p.add_argument("--fv_steps", type=int, default=64, help="feature-visualisation steps, 0 for none (default: 64)")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class_index", metavar="FILE", default=None,
+                   help="JSON {\"folder\": logit index} when --data_dir's class folders are neither one per model "
+                        "output nor ImageNet wnids (default: automatic)")
+    p.add_argument("--batch_size", type=int, default=64, help="images per batch in every pass (default: 64)")
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data loader processes (default: min(4, CPUs))")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the digits model's training and of the feature visualisations (default: 0)")
     return p
 
 

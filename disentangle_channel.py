@@ -49,7 +49,8 @@ def main(args: argparse.Namespace) -> None:
     with distributed_context(args.device, args.gpu) as (rank, world, device):
         cfg = Stage3Config(data_dir=args.data_dir, store_dir=args.store_dir, channel=args.channel_disentangle,
                            concepts=concepts_of(args), model=args.model, weights=args.weights, layer=args.layer,
-                           batch_size=args.batch_size, device=device, gpu=args.gpu, num_workers=args.num_workers,
+                           batch_size=args.batch_size, device=device, num_workers=args.num_workers,
+                           class_index=args.class_index,
                            check_images=args.check_images, rank=rank, world_size=world)
         lm = load_model(args.model, args.weights)
         rec, sw = disentangle_channel(cfg, loaded=lm, check=lambda c: check_channels(

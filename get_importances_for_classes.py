@@ -39,7 +39,8 @@ def main(args: argparse.Namespace) -> None:
         raise UserError("--chunk_images must be at least 1")
     with distributed_context(args.device, args.gpu) as (rank, world, device):
         cfg = Stage1Config(data_dir=args.data_dir, store_dir=args.store_dir, model=args.model, weights=args.weights,
-                           layer=args.layer, batch_size=args.batch_size, device=device, gpu=args.gpu,
+                           layer=args.layer, batch_size=args.batch_size, device=device,
+                           class_index=args.class_index,
                            num_workers=args.num_workers, max_images_per_class=args.max_images_per_class,
                            precision=args.precision, chunk_images=args.chunk_images, rank=rank, world_size=world)
         s = compute_importances(cfg, check=lambda c: check_channels(args.nr_channels_in_layer_of_interest, c,

@@ -96,7 +96,8 @@ def main(args: argparse.Namespace, loaded=None) -> dict:
                            layer=args.layer, channel=args.channel, concepts=concepts_of(args), rho=args.rho,
                            tau=args.tau, out_dir=args.out_dir,
                            qualitative=qualitative, quantitative=quantitative, batch_size=args.batch_size,
-                           num_workers=args.num_workers, device=device, gpu=args.gpu,
+                           num_workers=args.num_workers, device=device,
+                           class_index=args.class_index,
                            nr_channels=args.nr_channels_in_layer_of_interest, progress=not args.no_progress,
                            purity_k=args.purity_k, rank=rank, world_size=world)
         out = run_stage4(cfg, loaded=loaded, log=print)

@@ -74,7 +74,8 @@ def main(args: argparse.Namespace) -> None:
         channel=args.channel, concepts=concepts_of(args), model=args.model, weights=args.weights, layer=args.layer,
         rho=args.rho, split=args.split, top_k=args.top_k, out_dir=args.out_dir, residual=args.residual,
         heatmap=args.heatmap, crop_size=args.crop_size, fv=fv, fv_spectrum_images=args.fv_spectrum_images,
-        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, gpu=args.gpu)
+        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, gpu=args.gpu,
+        class_index=args.class_index)
     s = channel_pictures(cfg, check=lambda c: check_channels(args.nr_channels_in_layer_of_interest, c,
                                                              f"layer {args.layer or 'last_conv'}"))
     print(f"channel {s['channel']} of {s['model']} {s['layer']} at rho {s['rho']:.2f}: top {s['top_k']} of "

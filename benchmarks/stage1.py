@@ -29,18 +29,22 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.data import list_images, make_loader  # noqa: E402
-from utils.importances import PRECISIONS, Stage1Config, _add_class_sums, compute_importances  # noqa: E402
+from utils.data import class_folders, list_images, make_loader  # noqa: E402
+from utils.arv import tap_maps  # noqa: E402
+from utils.concepts import class_map, imagenet_wnids  # noqa: E402
+from utils.importances import PRECISIONS, Stage1Config, add_class_tap_sums, compute_importances  # noqa: E402
 from utils.models import get_layer, load_model  # noqa: E402
 from utils.relevance import relevance_batch  # noqa: E402
 
 
 def make_image_folder(root: str, classes: int, images: int, size: int, seed: int = 0) -> str:
-    """``root/train/class_k/i.jpg``: ``images`` noisy JPEGs of ``size`` px spread unevenly over ``classes``."""
+    """``root/train/<wnid k>/i.jpg``: ``images`` noisy JPEGs of ``size`` px, one per class first, the rest
+    spread unevenly over the ``classes`` (the first ``classes`` ImageNet classes, so that a 1000-output model
+    maps them by itself)."""
     rng = np.random.default_rng(seed)
     for i in range(images):
-        k = (i * i) % classes  # uneven class sizes
-        d = os.path.join(root, "train", f"class_{k:03d}")
+        k = i if i < classes else (i * i) % classes  # every class, then uneven class sizes
+        d = os.path.join(root, "train", imagenet_wnids()[k])  # wnid folders: ImageNet logits for any subset
         os.makedirs(d, exist_ok=True)
         base = rng.integers(0, 255, 3)
         img = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
@@ -103,7 +107,7 @@ def forward_pass(model, loader, device, dtype) -> tuple[float, int]:
 def tensor_passes(model, conv, batches, K, device, dtype, stage1: bool) -> float:
     """--no_loader: the per-batch work of stage 1 (or a plain forward) on pre-made tensors; seconds."""
     start = time.perf_counter()
-    sums = None
+    sums, maps = None, None
     for x, y in batches:
         with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             if stage1:
@@ -113,8 +117,9 @@ def tensor_passes(model, conv, batches, K, device, dtype, stage1: bool) -> float
                     model(x).argmax(1)
         if stage1:
             if sums is None:
-                sums = torch.zeros((K, *xin.shape[1:]), dtype=torch.float64, device=device)
-            _add_class_sums(sums, y, xin)
+                maps = tap_maps(conv, tuple(xin.shape[-2:])).to(device)
+                sums = torch.zeros(K, xin.shape[1] * maps.shape[0], dtype=torch.float64, device=device)
+            add_class_tap_sums(sums, y, xin, maps)
             R.to(torch.float16).cpu()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -152,12 +157,12 @@ def main() -> None:
           f"CPUs {os.cpu_count()}")
 
     if args.no_loader:
-        bench_tensors(args, model, conv, device, dtype)
+        report(*bench_tensors(args, model, conv, device, dtype))
     else:
-        bench_loader(args, lm, model, device, dtype)
+        bench_loader(args, lm, model, device, dtype)  # reports while its store exists
 
 
-def bench_tensors(args, model, conv, device, dtype) -> None:
+def bench_tensors(args, model, conv, device, dtype) -> tuple[dict, dict, int, None]:
     """Plain forward vs stage 1 on random tensors already on the device (no loader, no decoding)."""
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(len(idx), 3, 224, 224, generator=g).to(device),
@@ -172,18 +177,19 @@ def bench_tensors(args, model, conv, device, dtype) -> None:
                 sec = tensor_passes(model, conv, batches, args.classes, device, dtype, s1)
             best[name] = max(best[name], args.images / sec)
             mem[name] = max(mem.get(name, 0), m["MiB"])
-    report(best, mem, args.images, None)
+    return best, mem, args.images, None
 
 
-def bench_loader(args, lm, model, device, dtype) -> None:
-    """Plain forward vs the whole stage 1 (compute_importances) over generated JPEGs, loader included."""
-    tmp = tempfile.mkdtemp(prefix="bench_stage1_")
+def bench_loader(args, lm, model, device, dtype, keep: str | None = None) -> tuple[dict, dict, int, str | None]:
+    """Plain forward vs the whole stage 1 (compute_importances) over generated JPEGs, loader included.
+    Images/s and peak MiB of each, the images, and the last store (kept, with the data, in ``keep``)."""
+    tmp = keep or tempfile.mkdtemp(prefix="bench_stage1_")
     try:
         data = args.data_dir or make_image_folder(os.path.join(tmp, "data"), args.classes, args.images,
                                                   args.image_size)
-        images = list_images(data, "train")
+        images = list_images(data, "train", classes=class_map(class_folders(data, "train"), lm.num_classes))
         loader = make_loader(images, batch_size=args.batch_size, num_workers=args.num_workers,
-                             pin_memory=device.type == "cuda")
+                             pin_memory=device.type == "cuda", transform=lm.preprocess)
         next(iter(loader))  # warm the page cache and the decoder
         best = {"forward": 0.0, "stage 1": 0.0}
         mem = {}
@@ -201,9 +207,12 @@ def bench_loader(args, lm, model, device, dtype) -> None:
             best["stage 1"] = max(best["stage 1"], s["images_per_second"])
             mem["stage 1"] = max(mem.get("stage 1", 0), m["MiB"])
             store = s["store"]
-        report(best, mem, len(images), store)
+        if keep is None:
+            report(best, mem, len(images), store)  # before the store is deleted
+        return best, mem, len(images), store
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def report(best: dict, mem: dict, n: int, store: str | None) -> None:
@@ -213,14 +222,18 @@ def report(best: dict, mem: dict, n: int, store: str | None) -> None:
     print(f"   ratio: {best['stage 1'] / best['forward']:.3f} (stage 1 / plain forward)")
     if store is None:
         return
-    fixed = ("input_sums.npy", "layer_weight.npy", "layer_bias.npy", "meta.json")
+    fixed = ("tap_sums.npy", "layer_weight.npy", "layer_bias.npy", "meta.json")
     sizes = {f: os.path.getsize(os.path.join(store, f)) for f in os.listdir(store)}
     per_image = sum(v for f, v in sizes.items() if f not in fixed) / n
     import json
-    C = json.load(open(os.path.join(store, "meta.json")))["out_channels"]
+    meta = json.load(open(os.path.join(store, "meta.json")))
+    C, K, (c_in, h, w) = meta["out_channels"], meta["num_classes"], meta["input_shape"]
     print(f"  stored: {per_image:.1f} bytes/image (relevance, targets, predictions; bar 2*C+32 = {2 * C + 32}); "
-          f"fixed: input_sums {sizes['input_sums.npy']} B, layer_weight {sizes['layer_weight.npy']} B, "
+          f"fixed: tap_sums {sizes['tap_sums.npy']} B, layer_weight {sizes['layer_weight.npy']} B, "
           f"meta.json {sizes['meta.json']} B")
+    print(f"  class sums: {K} x {' x '.join(map(str, meta['tap_shape']))} float64 = {K * np.prod(meta['tap_shape']) * 8 / 2**20:.1f} "
+          f"MiB (held once on the device and once per chunk file); whole input maps would be {K} x {c_in} x {h} x {w} "
+          f"= {K * c_in * h * w * 8 / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

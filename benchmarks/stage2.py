@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 """Benchmark stage 2 on a synthetic ImageNet-sized store (no images, no model weights needed).
 
-Writes ``<dir>/resnet50_channel_importances/`` in the store format: 1,281,167 x 2048 float16
-relevance (5.2 GB), 1000 classes (sorted labels, 1281-1282 images each), input sums
-1000 x 512 x 7 x 7 float64, a 2048 x 512 x 1 x 1 layer weight and meta.json. Each class has one or
-two planted channels that are important in ~85% of its images (a few hundred channels end up
-relevant to 2+ classes); every image also has ~10 random spikes. Then runs stage 2 in this
-process and prints seconds per step, total seconds and peak memory (ru_maxrss). The store is
-generated in a child process, so the peak memory is stage 2's alone.
+Writes ``<dir>/resnet50[_<layer>]_channel_importances/`` in the store format: 1,281,167 x C float16
+relevance, 1000 classes (sorted labels, 1281-1282 images each), per-class tap sums K x C_in x kh x kw
+float64, the layer weight and meta.json. ``--layer layer4.2.conv3`` (default): C = 2048 from 512 inputs,
+1x1 (5.2 GB relevance); ``--layer layer1``: C = 256 columns from 64 inputs with layer1.0.conv2's 3x3 taps
+(655 MB relevance; tap sums 4.6 MB). Each class has one or two planted channels that are important in
+~85% of its images (a few hundred channels end up relevant to 2+ classes); every image also has random
+spikes. Then runs stage 2 in this process and prints seconds per step, total seconds and peak memory
+(ru_maxrss). The store is generated in a child process, so the peak memory is stage 2's alone.
 
     python benchmarks/stage2.py                 # temp dir under /tmp, deleted afterwards
+    python benchmarks/stage2.py --layer layer1  # the early-layer store (1.28 M x 256, 3x3 taps)
     python benchmarks/stage2.py --dir D --keep  # reuse / keep the synthetic store in D
     python benchmarks/stage2.py --cold          # evict the relevance file from the page cache first
 """
@@ -29,7 +31,15 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-N, C, K, C_IN, HW = 1_281_167, 2048, 1000, 512, 7
+N, K = 1_281_167, 1000
+# layer -> (channels C, inputs C_in, kernel, input side, padding, layer name in meta.json)
+LAYERS = {"layer4.2.conv3": (2048, 512, 1, 7, 0, "layer4.2.conv3"), "layer1": (256, 64, 3, 56, 1, "layer1.0.conv2")}
+C, C_IN, KS, HW, PAD, LAYER = LAYERS["layer4.2.conv3"]
+
+
+def set_layer(name: str) -> None:
+    global C, C_IN, KS, HW, PAD, LAYER
+    C, C_IN, KS, HW, PAD, LAYER = LAYERS[name]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,6 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=N, help=f"number of images (default: {N})")
     p.add_argument("--rows", type=int, default=16384, help="relevance rows per step (default: 16384, as stage 2)")
     p.add_argument("--cold", action="store_true", help="drop the relevance file from the page cache before stage 2")
+    p.add_argument("--layer", choices=tuple(LAYERS), default="layer4.2.conv3",
+                   help="geometry of the synthetic layer (default: layer4.2.conv3)")
     p.add_argument("--generate_only", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -78,7 +90,8 @@ def generate(path: str, n: int, block_rows: int = 65536, seed: int = 0) -> None:
     spikes = rng.random((block_rows, C), dtype=np.float32) < 0.005
     noise[spikes] = np.float16(2.0)
     del spikes
-    rel = np.lib.format.open_memmap(os.path.join(path, "relevance.npy.partial"), mode="w+", dtype=np.float16, shape=(n, C))
+    rel = np.lib.format.open_memmap(os.path.join(path, "relevance.npy.partial"), mode="w+", dtype=np.float16,
+                                    shape=(n, C))
     block = np.empty_like(noise)
     for lo in range(0, n, block_rows):
         hi = min(lo + block_rows, n)
@@ -97,26 +110,30 @@ def generate(path: str, n: int, block_rows: int = 65536, seed: int = 0) -> None:
     os.replace(os.path.join(path, "relevance.npy.partial"), os.path.join(path, "relevance.npy"))
     files.save_npy(os.path.join(path, "targets.npy"), targets)
     files.save_npy(os.path.join(path, "predictions.npy"), targets)
-    # sparse non-negative input maps (post-ReLU): each class uses ~20% of the input channels
+    # sparse non-negative inputs (post-ReLU): each class uses ~20% of the input channels
     mask = rng.random((K, C_IN, 1, 1)) < 0.2
-    sums = rng.exponential(1.0, (K, C_IN, HW, HW)) * mask * counts[:, None, None, None]
-    files.save_npy(os.path.join(path, "input_sums.npy"), sums)
-    files.save_npy(os.path.join(path, "layer_weight.npy"), (rng.standard_normal((C, C_IN, 1, 1)) * 0.02).astype(np.float32))
+    taps = rng.exponential(HW * HW, (K, C_IN, KS, KS)) * mask * counts[:, None, None, None]
+    files.save_npy(os.path.join(path, "tap_sums.npy"), taps)
+    weight = (rng.standard_normal((C, C_IN, KS, KS)) * 0.02).astype(np.float32)
+    files.save_npy(os.path.join(path, "layer_weight.npy"), weight)
     files.write_json(os.path.join(path, "meta.json"), {
         "format_version": st.FORMAT_VERSION, "complete": True, "model": "resnet50",
-        "weights": "ResNet50_Weights.IMAGENET1K_V1", "layer": "layer4.2.conv3", "in_channels": C_IN,
-        "out_channels": C, "input_shape": [C_IN, HW, HW], "output_hw": [HW, HW],
-        "conv": {"kernel_size": [1, 1], "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1],
+        "weights": "ResNet50_Weights.IMAGENET1K_V1", "layer": LAYER, "in_channels": C_IN,
+        "out_channels": C, "input_shape": [C_IN, HW, HW], "output_hw": [HW, HW], "tap_shape": [C_IN, KS, KS],
+        "conv": {"kernel_size": [KS, KS], "stride": [1, 1], "padding": [PAD, PAD], "dilation": [1, 1],
                  "padding_mode": "zeros", "bias": False},
         "data_root": "synthetic", "split": "train", "data_fingerprint": "synthetic", "max_images_per_class": None,
-        "num_images": n, "classes": [f"n{t:08d}" for t in range(K)], "class_names": None,
+        "num_images": n, "classes": [f"n{t:08d}" for t in range(K)], "num_classes": K,
+        "class_index": {f"n{t:08d}": t for t in range(K)}, "class_names": None,
         "class_counts": counts.tolist(), "relevance_dtype": "float16", "chunk_images": 4096, "batch_size": 256,
         "created": "synthetic"})
 
 
 def main(args: argparse.Namespace) -> None:
+    set_layer(args.layer)
     base = args.dir or tempfile.mkdtemp(prefix="stage2_bench_")
-    path = os.path.join(base, "resnet50_channel_importances")
+    folder = "resnet50_channel_importances" if LAYER == "layer4.2.conv3" else f"resnet50_{LAYER}_channel_importances"
+    path = os.path.join(base, folder)
     if args.generate_only:
         generate(path, args.images)
         return
@@ -124,7 +141,7 @@ def main(args: argparse.Namespace) -> None:
         if not os.path.isfile(os.path.join(path, "meta.json")):
             t0 = time.perf_counter()
             subprocess.run([sys.executable, os.path.abspath(__file__), "--generate_only", "--dir", base,
-                            "--images", str(args.images)], check=True)
+                            "--images", str(args.images), "--layer", args.layer], check=True)
             size = os.path.getsize(os.path.join(path, "relevance.npy")) / 1e9
             print(f"generated {path} ({size:.2f} GB relevance) in {time.perf_counter() - t0:.1f} s")
         if args.cold:
@@ -132,20 +149,20 @@ def main(args: argparse.Namespace) -> None:
             os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
-        run_stage2(base, args.rows)
+        run_stage2(base, args.rows, None if LAYER == "layer4.2.conv3" else LAYER)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
             print(f"deleted {base}")
 
 
-def run_stage2(base: str, rows: int) -> None:
+def run_stage2(base: str, rows: int, layer: str | None) -> None:
     t_start = time.perf_counter()
     from utils.selection import find_pairs, results_path, write_pairs
     from utils.store import open_store
 
     t_imp = time.perf_counter()
-    store = open_store(base, "resnet50")
+    store = open_store(base, "resnet50", layer)
     t_open = time.perf_counter()
     res = find_pairs(store, tau=0.03, p=0.75, gamma_low=0.0, gamma_high=0.5, rows=rows)
     t_find = time.perf_counter()

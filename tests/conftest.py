@@ -124,19 +124,38 @@ def conv_meta(conv: nn.Conv2d) -> dict:
             "dilation": list(conv.dilation), "padding_mode": conv.padding_mode, "bias": conv.bias is not None}
 
 
-def write_store(path: str, conv: nn.Conv2d, input_sums: np.ndarray, class_counts: list[int]) -> str:
-    """A complete stage-1 store at ``path`` holding only what the ARVs need (no relevance rows)."""
+def taps_by_formula(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Tap sums by their definition (B x C_in x kh x kw, float64), independently of utils.arv:
+    ``T[b, k, i, j] = sum over output positions (h', w') of xp[b, k, h'*s_h + i*d_h, w'*s_w + j*d_w]``
+    with ``xp`` the input after the layer's own padding (any padding mode)."""
+    import torch.nn.functional as F
+
+    x = x.double()
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    xp = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    out_h, out_w = conv(torch.zeros(1, *x.shape[1:], dtype=conv.weight.dtype)).shape[-2:]
+    (sh, sw), (dh, dw), (kh, kw) = conv.stride, conv.dilation, conv.kernel_size
+    T = torch.zeros(x.shape[0], x.shape[1], kh, kw, dtype=torch.float64)
+    for i in range(kh):
+        for j in range(kw):
+            T[:, :, i, j] = xp[:, :, i * dh:i * dh + (out_h - 1) * sh + 1:sh, j * dw:j * dw + (out_w - 1) * sw + 1:sw].sum((2, 3))
+    return T
+
+
+def write_store(path: str, conv: nn.Conv2d, class_sums: np.ndarray, class_counts: list[int], version: int = 2) -> str:
+    """A complete stage-1 store at ``path`` holding only what the ARVs need (no relevance rows): per-class
+    tap sums (format 2, K x C_in x kh x kw) or, for format 1, per-class input-map sums (K x C_in x H x W)."""
     from utils.files import save_npy, write_json
-    from utils.store import FORMAT_VERSION
 
     os.makedirs(path, exist_ok=True)
-    save_npy(os.path.join(path, "input_sums.npy"), np.asarray(input_sums, np.float64))
+    save_npy(os.path.join(path, "tap_sums.npy" if version == 2 else "input_sums.npy"), np.asarray(class_sums, np.float64))
     save_npy(os.path.join(path, "layer_weight.npy"), conv.weight.detach().float().numpy())
     if conv.bias is not None:
         save_npy(os.path.join(path, "layer_bias.npy"), conv.bias.detach().float().numpy())
     write_json(os.path.join(path, "meta.json"), {
-        "format_version": FORMAT_VERSION, "complete": True, "model": "hand", "weights": "none", "layer": "conv",
+        "format_version": version, "complete": True, "model": "hand", "weights": "none", "layer": "conv",
         "in_channels": conv.in_channels, "out_channels": conv.out_channels, "conv": conv_meta(conv),
+        "tap_shape": [conv.in_channels, *conv.kernel_size],
         "classes": [f"class{t}" for t in range(len(class_counts))], "class_names": None,
         "class_counts": list(class_counts), "num_images": int(sum(class_counts))})
     return path
@@ -163,3 +182,14 @@ def make_record(model_dir: str, lm: LoadedModel, layer: str | None, channel: int
     folder = os.path.join(model_dir, rec.name())
     save_record(folder, rec, sw)
     return load_record(folder)
+
+
+def class_index_for(data_dir: str) -> str:
+    """A ``--class_index`` file mapping ``data_dir/train``'s folders to logits 0, 1, 2, ... (their positions):
+    what a 3-folder test dataset needs with a 1000-output model such as a random-weight resnet18."""
+    import json
+
+    path = os.path.join(data_dir, "class_index.json")
+    with open(path, "w") as f:
+        json.dump({c: t for t, c in enumerate(sorted(os.listdir(os.path.join(data_dir, "train"))))}, f)
+    return path

@@ -14,12 +14,12 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import write_image_folder
+from conftest import class_index_for, write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "get_importances_for_classes.py")
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
-ARRAYS = ("relevance", "targets", "predictions", "input_sums")
+ARRAYS = ("relevance", "targets", "predictions", "tap_sums")
 COUNTS = {"A_red": 5, "B_blue": 4, "C_gray": 4}
 
 pytestmark = pytest.mark.slow
@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 def args(data, store):
     return ["--data_dir", data, "--model", "resnet18", "--weights", "none", "--batch_size", "2",
+            "--class_index", class_index_for(data),
             "--chunk_images", "3", "--num_workers", "0", "--device", "cpu", "--store_dir", str(store)]
 
 
@@ -123,6 +124,7 @@ def test_stages_3_and_4_under_torchrun_equal_a_single_process(tmp_path):
 
     data = write_image_folder(str(tmp_path / "data"), n_train=STAGE_COUNTS, n_val=5)
     common = ["--data_dir", data, "--model", "resnet18", "--weights", "none", "--num_workers", "0",
+              "--class_index", class_index_for(data),
               "--device", "cpu", "--batch_size", "4"]
     _launch("get_importances_for_classes.py", [*common, "--store_dir", str(tmp_path / "s1")])
     shutil.copytree(tmp_path / "s1", tmp_path / "s2")
@@ -171,7 +173,9 @@ def test_stages_3_and_4_under_torchrun_equal_a_single_process(tmp_path):
                                  "--classes_for_concept1", "2", "--classes_for_concept2", "0", "1",
                                  "--get_quantitative", "--out_dir", str(tmp_path)])):
         bad = os.path.join(data, split, "C_gray", "img_004.png")
-        open(bad, "wb").write(b"not a png")
+        st = os.stat(bad)  # damaged in place: same size and time, so the store's fingerprint cannot tell
+        open(bad, "wb").write(b"x" * st.st_size)
+        os.utime(bad, ns=(st.st_atime_ns, st.st_mtime_ns))
         script = "disentangle_channel.py" if split == "train" else "get_results.py"
         r = _launch(script, [*common, *argv], nproc=2, ok=False)
         assert f"error: cannot read image {bad}" in r.stderr and "other process(es) of this job failed" in r.stderr

@@ -19,6 +19,7 @@ import torch
 
 from utils.data import ImageDataset, list_images
 from utils.errors import UserError
+from conftest import class_index_for
 from utils import chunks
 from utils.importances import Stage1Config, compute_importances
 from utils.models import LoadedModel, get_layer, load_model
@@ -57,6 +58,15 @@ def relevance_via_image(model: torch.nn.Module, layer_name: str, images: torch.T
         h.remove()
     assert img.grad is not None  # it really went back to the image
     return (seen["a"] * seen["g"]).sum(dim=(2, 3)), logits.detach().argmax(1), seen["x"]
+
+
+def taps_by_shifting(x: torch.Tensor, pad: int) -> np.ndarray:
+    """Tap sums of a 3x3, stride-1 conv with zero padding ``pad``, by shifting the padded input: for tap
+    (i, j), the sum of the window that tap sees over all output positions (B x C_in x 3 x 3)."""
+    xp = torch.nn.functional.pad(x.double(), (pad,) * 4)
+    H, W = x.shape[-2] + 2 * pad - 2, x.shape[-1] + 2 * pad - 2
+    return torch.stack([torch.stack([xp[:, :, i:i + H, j:j + W].sum((2, 3)) for j in range(3)], -1)
+                        for i in range(3)], -2).numpy()
 
 
 def assert_relevance_close(R: torch.Tensor, ref: torch.Tensor, rtol: float = 2e-3) -> None:
@@ -126,7 +136,7 @@ def run_stage1(data_dir, store_dir, lm, **kw):
 
 def load_store(path):
     return {k: np.load(os.path.join(path, f"{k}.npy"), allow_pickle=False)
-            for k in ("relevance", "targets", "predictions", "input_sums")}
+            for k in ("relevance", "targets", "predictions", "tap_sums")}
 
 
 def direct_images(data_dir):
@@ -150,14 +160,14 @@ def test_store_matches_direct_computation(planted_model, image_folder, tmp_path)
     with torch.no_grad():
         m = planted_model.model
         x = m.relu(m.stem(x_img)).double()
-    direct = torch.stack([x[labels == t].sum(0) for t in range(3)]).numpy()
-    assert got["input_sums"].shape == (3, 10, 224, 224)
-    assert np.allclose(got["input_sums"], direct, rtol=1e-9, atol=1e-9)
+    direct = torch.stack([x[labels == t].sum((0, 2, 3)) for t in range(3)]).numpy()[..., None, None]  # 1x1 conv
+    assert got["tap_sums"].shape == (3, 10, 1, 1)
+    assert np.allclose(got["tap_sums"], direct, rtol=1e-9, atol=1e-9)
     meta = json.load(open(os.path.join(s["store"], "meta.json")))
     assert meta["complete"] and meta["class_counts"] == [3, 5, 2] and meta["precision"] == "fp32"
     assert not os.path.exists(os.path.join(s["store"], "chunks"))
     # every array opens memory-mapped, without pickle
-    for name in ("relevance", "targets", "predictions", "input_sums", "layer_weight"):
+    for name in ("relevance", "targets", "predictions", "tap_sums", "layer_weight"):
         np.load(os.path.join(s["store"], f"{name}.npy"), mmap_mode="r", allow_pickle=False)
 
 
@@ -316,6 +326,8 @@ def test_cli_bad_input_one_line_nothing_written(kind, image_folder, tmp_path):
     (store / "earlier_work" / "keep.npy").write_bytes(b"precious")
     before = tree(store)
     args, env, words = _bad_input(kind, data, tmp_path)
+    if os.path.isdir(os.path.join(data, "train")):  # 3 folders, 1000 outputs: say which logits they are
+        args += ["--class_index", class_index_for(data)]
     r = cli(*args, "--store_dir", str(store), env=env)
     assert_one_error_line(r, *words)
     assert tree(store) == before
@@ -326,7 +338,7 @@ def test_cli_seed_command_and_store_is_readable(image_folder, tmp_path):
     data = image_folder(n_train={"A_red": 3, "B_blue": 2, "C_gray": 2}, n_val=1)
     out = tmp_path / "out.json"
     r = cli("--data_dir", data, "--model", "resnet18", "--weights", "none", "--batch_size", "4",
-            "--store_dir", str(tmp_path / "S"), "--json", str(out))
+            "--store_dir", str(tmp_path / "S"), "--json", str(out), "--class_index", class_index_for(data))
     assert r.returncode == 0, r.stderr
     assert "done: 7 images" in r.stdout and "img/s" in r.stdout
     summary = json.load(open(out))
@@ -335,20 +347,20 @@ def test_cli_seed_command_and_store_is_readable(image_folder, tmp_path):
     assert os.path.basename(path) == "resnet18_channel_importances"
     rel = np.load(os.path.join(path, "relevance.npy"), mmap_mode="r", allow_pickle=False)
     assert isinstance(rel, np.memmap) and rel.shape == (7, 512) and rel.dtype == np.float16
-    sums = np.load(os.path.join(path, "input_sums.npy"), mmap_mode="r", allow_pickle=False)
-    assert sums.shape == (3, 512, 7, 7)
+    sums = np.load(os.path.join(path, "tap_sums.npy"), mmap_mode="r", allow_pickle=False)
+    assert sums.shape == (1000, 512, 3, 3) and not sums[3:].any()  # classes 3..999 have no images
     assert np.array_equal(np.load(os.path.join(path, "targets.npy")), [0, 0, 0, 1, 1, 2, 2])
     # the numbers are the relevance of the same (seeded) random resnet18, computed independently
     _, x_img, labels = direct_images(data)
     ref, pred, ref_x = relevance_via_image(load_model("resnet18", "none").model, "layer4.1.conv2", x_img, labels)
     assert_relevance_close(torch.from_numpy(np.asarray(rel, dtype=np.float32)), ref, rtol=3e-3)
     assert np.array_equal(np.load(os.path.join(path, "predictions.npy")), pred.numpy())
-    direct = torch.stack([ref_x[labels == t].sum(0) for t in range(3)]).numpy()
-    assert np.allclose(sums, direct, rtol=1e-4, atol=1e-4 * np.abs(direct).max())
+    direct = np.stack([taps_by_shifting(ref_x[labels == t], 1).sum(0) for t in range(3)])
+    assert np.allclose(sums[:3], direct, rtol=1e-4, atol=1e-4 * np.abs(direct).max())
     # rerun: says so, does nothing
     stamp = tree(path)
     r2 = cli("--data_dir", data, "--model", "resnet18", "--weights", "none", "--batch_size", "4",
-             "--store_dir", str(tmp_path / "S"), "--device", "cpu")
+             "--store_dir", str(tmp_path / "S"), "--device", "cpu", "--class_index", class_index_for(data))
     assert r2.returncode == 0 and "already complete" in r2.stdout and "nothing to do" in r2.stdout
     assert tree(path) == stamp
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import arv_autograd, planted_loaded, write_image_folder, write_store
+from conftest import arv_autograd, class_index_for, planted_loaded, taps_by_formula, write_image_folder, write_store
 from utils import arv as arvs
 from utils import selection as sel
 from utils.errors import UserError
@@ -44,20 +44,27 @@ CONVS = {
 
 @pytest.mark.parametrize("name", list(CONVS))
 def test_closed_form_arv_equals_autograd_definition(name, tmp_path):
+    """ARVs from tap sums (format 2) and from input-map sums (format 1, converted when read) both equal the
+    autograd definition, and each other."""
     torch.manual_seed(0)
     kw = {"bias": False, **CONVS[name]}
     conv = nn.Conv2d(6, 5, **kw).double()
     with torch.no_grad():
         conv.weight.copy_(conv.weight.float().double())  # the store keeps float32 weights
     x = torch.randn(4, 6, 9, 8, dtype=torch.float64).relu() + 0.1 * torch.randn(4, 6, 9, 8, dtype=torch.float64)
-    store = Store.open(write_store(str(tmp_path / "s"), conv, x.sum(0, keepdim=True).numpy(), [4]))
-    rebuilt = arvs.store_conv(store)
+    taps = Store.open(write_store(str(tmp_path / "v2"), conv, taps_by_formula(conv, x).sum(0, keepdim=True), [4]))
+    maps = Store.open(write_store(str(tmp_path / "v1"), conv, x.sum(0, keepdim=True).numpy(), [4], version=1))
+    rebuilt = arvs.store_conv(taps)
     assert rebuilt.padding_mode == conv.padding_mode and rebuilt.stride == conv.stride
+    # the production tap sums of a batch equal the definition
+    torch.testing.assert_close(arvs.batch_tap_sums(x, arvs.tap_maps(conv, (9, 8))).view(4, 6, *conv.kernel_size),
+                               taps_by_formula(conv, x), rtol=1e-12, atol=1e-12)
     for c in range(5):
         want = arv_autograd(conv, c, x)
-        got = arvs.concept_arvs(store, c, [[0]])[0]
+        got, old = arvs.concept_arvs(taps, c, [[0]])[0], arvs.concept_arvs(maps, c, [[0]])[0]
         assert got.dtype == torch.float64 and got.shape == (6,)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9 * want.abs().max().item())
+        torch.testing.assert_close(got, old, rtol=1e-12, atol=1e-12 * want.abs().max().item())
 
 
 def test_candidate_arvs_match_autograd_per_class(tmp_path):
@@ -66,10 +73,10 @@ def test_candidate_arvs_match_autograd_per_class(tmp_path):
     with torch.no_grad():
         conv.weight.copy_(conv.weight.float().double())
     xs = {0: torch.randn(3, 4, 7, 7, dtype=torch.float64), 2: torch.randn(5, 4, 7, 7, dtype=torch.float64)}
-    sums = np.zeros((3, 4, 7, 7))
+    sums = torch.zeros(3, 4, 3, 3, dtype=torch.float64)
     for t, x in xs.items():
-        sums[t] = x.sum(0).numpy()
-    store = Store.open(write_store(str(tmp_path / "s"), conv, sums, [3, 0, 5]))
+        sums[t] = taps_by_formula(conv, x).sum(0)
+    store = Store.open(write_store(str(tmp_path / "s"), conv, sums.numpy(), [3, 0, 5]))
     got = arvs.candidate_arvs(store, {1: [0, 2]})
     for i, t in enumerate([0, 2]):
         torch.testing.assert_close(got[1][i], arv_autograd(conv, 1, xs[t]), rtol=1e-5, atol=1e-12)
@@ -243,7 +250,8 @@ def cli_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage2_cli")
     data = write_image_folder(str(root / "data"), n_train=3, n_val=1, size=16)
     r = _run([os.path.join(ROOT, "get_importances_for_classes.py"), "--data_dir", data, "--model", "resnet18",
-              "--weights", "none", "--store_dir", str(root / "store"), "--num_workers", "0", "--batch_size", "9"],
+              "--weights", "none", "--store_dir", str(root / "store"), "--num_workers", "0", "--batch_size", "9",
+              "--class_index", class_index_for(data)],
              cwd=str(root))
     assert r.returncode == 0, r.stderr
     shutil.rmtree(data)  # stage 2 must not need the images

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import arv_autograd, make_record
+from conftest import arv_autograd, class_index_for, make_record
 from utils import disentangle as dis
 from utils.arv import concept_arvs
 from utils.concepts import check_concepts
@@ -307,7 +307,8 @@ def cli_store(tmp_path_factory):
     data = write_image_folder(str(root / "data"), n_train=2, n_val=1, size=16)
     store = str(root / "store")
     subprocess.run([PY, "get_importances_for_classes.py", "--data_dir", data, "--model", "resnet18", "--weights",
-                    "none", "--store_dir", store, "--num_workers", "0", "--batch_size", "6", "--device", "cpu"],
+                    "none", "--store_dir", store, "--num_workers", "0", "--batch_size", "6", "--device", "cpu",
+                    "--class_index", class_index_for(data)],
                    cwd=ROOT, check=True, capture_output=True, text=True)
     return data, store, root
 

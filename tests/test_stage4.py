@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 import get_results
-from conftest import arv_autograd, make_record
+from conftest import arv_autograd, class_index_for, make_record
 from utils.data import list_images, make_loader
 from utils.errors import UserError
 from utils.evaluation import Activations, Stage4Config, evaluate_batch, fraction_rows, relative_attribution, run_stage4
@@ -413,7 +413,8 @@ def test_cli_seed_command_and_quantitative_reruns(tmp_path, image_folder):
     store = tmp_path / "store"
     make_record(str(store / "models_disentangled"), lm, None, 7, [[0], [1]],
                 torch.randn(2, 512, generator=g, dtype=torch.float64), best_rho=0.35)
-    common = ["--data_dir", data, "--model_dir", str(store / "models_disentangled") + "/", "--model", "resnet18",
+    common = ["--class_index", class_index_for(data), "--data_dir", data, "--model_dir",
+              str(store / "models_disentangled") + "/", "--model", "resnet18",
               "--weights", "none", "--nr_channels_in_layer_of_interest", "512", "--classes_for_concept1", "0",
               "--classes_for_concept2", "1", "--channel_of_interest", "7", "--device", "cpu", "--num_workers", "0",
               "--batch_size", "4"]
@@ -489,19 +490,25 @@ def test_f_picks_that_rho_and_names_the_files(planted_setup):
     assert out["rho"] == 0.25 and out["csv"][0].endswith("planted_channel0_c1-0_c2-1_rho0.25_concept1.csv")
 
 
-def test_val_folders_unlike_the_stores_train_folders_are_refused(planted_setup, tmp_path):
+def test_val_folders_are_mapped_by_the_stores_class_index(planted_setup, tmp_path):
+    """Class indices are logits: stage 4 maps val/ folders with the class map the stage-1 store recorded
+    (here red and blue swapped), and names a val folder that map does not know."""
     lm, base = planted_setup
     store = tmp_path / "store"
     store.mkdir()
-    (store / "meta.json").write_text(json.dumps({"classes": ["A_red", "B_blue"]}))
+    (store / "meta.json").write_text(json.dumps({"classes": ["A_red", "B_blue"], "class_index": {"A_red": 1, "B_blue": 0},
+                                                "class_counts": [8, 8, 0]}))
     path = os.path.join(base["model_dir"], "planted_channel0_c1-0_c2-1", "record.json")
     with open(path) as f:
         rec = json.load(f)
     rec["store"] = str(store)
     with open(path, "w") as f:
         json.dump(rec, f)
-    with pytest.raises(UserError, match="other class folders"):
-        get_results.main(_namespace(**base), loaded=lm)
+    out = get_results.main(_namespace(**base), loaded=lm)
+    d1, d2, res = out["concept1"]["mean"]  # concept 1 is class 0: the blue folder, which D1 (red inputs) ignores
+    assert out["concept1"]["rows"] == 4 and abs(d1) < 0.05 and abs(d2 - 1) < 0.05
+    with pytest.raises(UserError, match="C_gray .*not in the class index"):
+        get_results.main(_namespace(**base, purity=4), loaded=lm)  # purity searches every val folder
 
 
 def test_no_rows_above_tau_give_an_empty_csv_and_null_means(planted_setup, tmp_path):

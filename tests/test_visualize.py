@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import arv_autograd, make_record
+from conftest import arv_autograd, class_index_for, make_record
 from utils.data import list_images, make_loader
 from utils.errors import UserError
 from utils.featvis import FVConfig, activation, magnitude_spectrum, visualize
@@ -177,6 +177,7 @@ def test_cli_resnet18(image_folder, tmp_path):
     make_record(str(tmp_path / "store" / "models_disentangled"), lm, None, 7, [[0], [1]],
                 torch.randn(2, 512, generator=g, dtype=torch.float64))
     common = ["--data_dir", data, "--store_dir", str(tmp_path / "store"), "--model", "resnet18", "--weights", "none",
+              "--class_index", class_index_for(data),
               "--classes_for_concept1", "0", "--classes_for_concept2", "1", "--num_workers", "0",
               "--out_dir", str(tmp_path / "out"), "--top_k", "4"]
     r = _run(*common, "--channel_disentangle", "7", "--fv_steps", "2", "--fv_size", "32", "--fv_views", "1",

@@ -4,10 +4,12 @@ For a candidate channel ``c`` and the images of a class (or a concept's classes)
 
     ARV[k] = mean over the images of  sum_hw x[k, h, w] * dS/dx[k, h, w],   S = sum over (h', w') of L(x)[c]
 
-``S`` is linear in ``x``, so ``dS/dx[k, h, w] = sum_ij W[c, k, i, j] * M[ij, h, w]`` with ``M`` the
-tap maps of the layer's geometry (:func:`tap_maps`), and every ARV follows exactly from the mean input
-map of the images: its *tap profile* ``Q[k, ij] = sum_hw mean_x[k, h, w] * M[ij, h, w]`` gives
-``ARV[k] = sum_ij W[c, k, ij] * Q[k, ij]``. Shapes: ``C_in`` inputs, ``T = kh*kw`` taps, ``H x W`` input map.
+``S`` is linear in ``x``, so ``dS/dx[k, h, w] = sum_ij W[c, k, i, j] * M[ij, h, w]`` with ``M`` the tap maps
+of the layer's geometry (:func:`tap_maps`: how often input position (h, w) meets kernel tap (i, j)). So
+every ARV follows exactly from the *tap sums* ``T[t, k, ij] = sum_hw x[k, h, w] * M[ij, h, w]`` (what tap
+(i, j) of input channel k sees, summed over output positions and over the images of class t), which
+stage 1 accumulates: ``ARV(c, t)[k] = sum_ij W[c, k, ij] * T[t, k, ij] / n_t``. Shapes: ``C_in`` inputs,
+``T = kh*kw`` taps, ``H x W`` input map; ``K x C_in x kh x kw`` per store, independent of the image size.
 """
 from __future__ import annotations
 
@@ -39,6 +41,20 @@ def tap_maps(conv: nn.Conv2d, in_hw: tuple[int, int]) -> torch.Tensor:
         out = probe(x)  # (kh*kw, kh*kw, H', W'): batch element b keeps only tap b
         (g,) = torch.autograd.grad(out[torch.arange(kh * kw), torch.arange(kh * kw)].sum(), x)
     return g[:, 0]
+
+
+def batch_tap_sums(x: torch.Tensor, maps: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """What each kernel tap sees, summed over the output positions: ``T[b, k, ij]`` (B x C_in x T, float64)
+    for layer inputs ``x`` (B x C_in x H x W) and the layer's ``tap_maps`` (T x H x W, on ``x``'s device).
+
+    ``T[b, k, ij] = sum over (h', w') of xp[b, k, h'*s + i*d, w'*s + j*d]`` (``xp`` padded as the layer pads),
+    computed as ``sum_hw x * M[ij]`` in float64, ``block`` images at a time (a bounded temporary).
+    """
+    out = torch.empty(x.shape[0], x.shape[1], maps.shape[0], dtype=torch.float64, device=x.device)
+    m = maps.flatten(1).T.to(device=x.device, dtype=torch.float64)  # HW x T
+    for s in range(0, len(x), block):
+        out[s:s + block] = x[s:s + block].double().flatten(2) @ m
+    return out
 
 
 def tap_profile(mean_input: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
@@ -78,21 +94,29 @@ def store_conv(store: st.Store) -> nn.Conv2d:
     return conv_from_meta(store.meta, store.layer_weight, bias)
 
 
-def group_profiles(store: st.Store, groups: list[list[int]], maps: torch.Tensor | None = None) -> torch.Tensor:
-    """Tap profiles (G x C_in x T, float64) of the mean input map over all training images of each group
-    of classes (a class, or a concept's classes); only the needed rows of the store are read."""
+def class_tap_sums(store: st.Store, rows: list[int]) -> torch.Tensor:
+    """The tap sums of classes ``rows`` (len(rows) x C_in x T, float64); a store of format 1 keeps whole input
+    maps, which convert exactly: ``T = sum_hw S * M`` with the layer's tap maps."""
+    if store.format_version >= 2:
+        T = np.asarray(store.tap_sums[rows], dtype=np.float64)
+        return torch.from_numpy(T).reshape(len(rows), T.shape[1], -1)
+    maps = tap_maps(store_conv(store), tuple(store.input_sums.shape[-2:]))
+    return torch.cat([tap_profile(torch.from_numpy(np.asarray(store.input_sums[rows[lo:lo + 64]], np.float64)), maps)
+                      for lo in range(0, len(rows), 64)])  # 64 classes at a time: input maps can be large
+
+
+def group_profiles(store: st.Store, groups: list[list[int]]) -> torch.Tensor:
+    """Tap profiles (G x C_in x T, float64): the mean over all training images of each group of classes
+    (a class, or a concept's classes) of what each kernel tap sees; only the needed rows are read."""
     counts = store.class_counts
     n = torch.tensor([float(counts[sorted(g)].sum()) for g in groups], dtype=torch.float64)
     if (n == 0).any():
         raise UserError(f"classes {groups[int((n == 0).nonzero()[0, 0])]} have no training images in the store")
-    if all(len(g) == 1 for g in groups):  # one read for all classes
-        sums = torch.from_numpy(np.asarray(store.input_sums[[g[0] for g in groups]], dtype=np.float64))
-    else:
-        sums = torch.stack([torch.from_numpy(np.asarray(store.input_sums[sorted(g)], dtype=np.float64)).sum(0)
-                            for g in groups])
-    if maps is None:
-        maps = tap_maps(store_conv(store), tuple(sums.shape[-2:]))
-    return tap_profile(sums / n.view(-1, 1, 1, 1), maps)
+    used = sorted({t for g in groups for t in g})
+    row = {t: i for i, t in enumerate(used)}
+    T = class_tap_sums(store, used)
+    sums = torch.stack([T[[row[t] for t in sorted(g)]].sum(0) for g in groups])
+    return sums / n.view(-1, 1, 1)
 
 
 def concept_arvs(store: st.Store, channel: int, concepts: list[list[int]]) -> torch.Tensor:

@@ -2,7 +2,7 @@
 of all chunks, in order, into the store's final arrays.
 
 Chunk ``j`` covers images ``[j*size, min((j+1)*size, N))`` of the dataset order. A rerun skips finished
-chunks, so a kill at any moment loses at most the chunks in flight; the per-class input sums are added
+chunks, so a kill at any moment loses at most the chunks in flight; the per-class tap sums are added
 chunk by chunk in chunk order, so the result does not depend on how chunks were split between runs or
 processes.
 """
@@ -48,7 +48,8 @@ def missing_chunks(path: str, plan: ChunkPlan) -> list[int]:
 
 def write_chunk(path: str, j: int, rel: torch.Tensor, pred: torch.Tensor, tgt: torch.Tensor,
                  sums: torch.Tensor) -> None:
-    """One finished chunk as ``chunks/chunk_<j>.npz`` (atomic): only the classes present get their sums."""
+    """One finished chunk as ``chunks/chunk_<j>.npz`` (atomic): relevance, labels, predictions, and the tap
+    sums (K x C_in*T) of the classes present in it."""
     tgt = tgt.numpy().astype(np.int64)
     present = np.unique(tgt)
     save_npz(chunk_path(path, j), relevance=rel.cpu().numpy(), targets=tgt,
@@ -59,10 +60,10 @@ def write_chunk(path: str, j: int, rel: torch.Tensor, pred: torch.Tensor, tgt: t
 def assemble(path: str, meta: dict, plan: ChunkPlan) -> None:
     """Join the chunk files, in order, into the final arrays; then mark the store complete."""
     n, C = meta["num_images"], meta["out_channels"]
-    K = len(meta["classes"])
+    K = meta["num_classes"]
     targets = np.empty(n, np.int64)
     preds = np.empty(n, np.int64)
-    sums = np.zeros((K, *meta["input_shape"]), np.float64)
+    sums = np.zeros((K, int(np.prod(meta["tap_shape"]))), np.float64)
     with atomic_path(os.path.join(path, "relevance.npy")) as tmp:
         rel = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, C))
         for j in range(plan.count):
@@ -76,7 +77,7 @@ def assemble(path: str, meta: dict, plan: ChunkPlan) -> None:
         del rel
     save_npy(os.path.join(path, "targets.npy"), targets)
     save_npy(os.path.join(path, "predictions.npy"), preds)
-    save_npy(os.path.join(path, "input_sums.npy"), sums)
+    save_npy(os.path.join(path, "tap_sums.npy"), sums.reshape(K, *meta["tap_shape"]))
     meta["complete"] = True
     write_json(os.path.join(path, "meta.json"), meta)
     # rmtree, not rmdir: a killed run can leave a half-written chunk_*.tmp-* behind

@@ -23,22 +23,28 @@ class RunOptions:
     """What every image pass takes (stages 1, 3, 4 and the pictures), filled from the flags below."""
 
     model: str = "resnet50"
-    weights: str = "IMAGENET1K_V1"
+    weights: str = "default"
     layer: str | None = None
     batch_size: int = 64
     device: str = "auto"
     gpu: int | None = None
     num_workers: int = 4
     progress: bool = True
+    class_index: str | None = None  # --class_index FILE: JSON {folder: logit index}
 
 
-def add_model_args(p: argparse.ArgumentParser, layer_flags=("--layer",), weights_default: str | None = "IMAGENET1K_V1",
+def add_model_args(p: argparse.ArgumentParser, layer_flags=("--layer",), weights_default: str | None = "default",
                    weights_help: str | None = None) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="resnet50", help="torchvision classification model name (default: resnet50)")
+    g.add_argument("--model", default="resnet50",
+                   help="a torchvision classification model (resnet50, vgg16, ...), timm/<name> (a timm model, e.g. "
+                        "timm/resnet50.a1_in1k), or path/to/file.py:function (your own: the function returns the "
+                        "nn.Module, or (module, class names)) (default: resnet50)")
     g.add_argument("--weights", default=weights_default,
-                   help=weights_help or "torchvision weights name, a checkpoint file (state_dict), or 'none' "
-                                        "(default: IMAGENET1K_V1; read offline from $TORCH_HOME/hub/checkpoints)")
+                   help=weights_help or "default (torchvision: IMAGENET1K_V1, read offline from "
+                                        "$TORCH_HOME/hub/checkpoints; timm: its pretrained weights from the local "
+                                        "Hugging Face cache; your own: as the function returns it), a torchvision "
+                                        "weights name, a checkpoint file (state_dict), or none (random, seeded)")
     g.add_argument(*layer_flags, dest="layer", default=None,
                    help="dotted name of the Conv2d of interest (default: the last conv, "
                         "layer4.2.conv3 for resnet50; 'last_conv' means the same)")
@@ -52,6 +58,9 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--batch_size", type=int, default=64, help="images per batch (default: 64)")
     g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data loader processes (default: min(8, CPUs))")
+    g.add_argument("--class_index", metavar="FILE", default=None,
+                   help="JSON {\"folder\": logit index} for class folders that are neither one per model output nor "
+                        "ImageNet wnids (n01440764, ...) with a 1000-output model (default: automatic)")
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:

@@ -1,15 +1,86 @@
-"""Classes and concepts: human class names, and the one check of a channel and its concepts.
+"""Classes and concepts: which logit each class folder is, human class names, and the one check of a
+channel and its concepts.
 
-A *concept* is a set of class indices (kept sorted); a split has ``k >= 2`` concepts, numbered
-1..k in the order the user gave them. Class indices are the model's logit indices.
+A *class index* is always the model's logit index. A *concept* is a set of class indices (kept sorted);
+a split has ``k >= 2`` concepts, numbered 1..k in the order the user gave them.
 """
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 import torch
 
 from .errors import UserError
+
+CLASS_INDEX_HINT = ("say which output each folder is with --class_index FILE (a JSON object "
+                    "{\"folder\": index}); folders named by ImageNet wnids (n01440764, ...) map by themselves "
+                    "for a 1000-output model")
+
+
+@lru_cache(maxsize=1)
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k wnids in logit order (their sorted order), from timm's bundled class info."""
+    from timm.data import ImageNetInfo
+
+    return tuple(ImageNetInfo().label_names())
+
+
+@dataclass
+class ClassMap:
+    """Which logit each class folder is: ``index[folder]``; ``num_classes`` is the length of every
+    per-class array (the model's outputs)."""
+
+    index: dict[str, int]
+    num_classes: int
+
+    def of(self, folder: str, root: str = "") -> int:
+        if folder not in self.index:
+            raise UserError(f"class folder {os.path.join(root, folder)} is not in the class index "
+                            f"({len(self.index)} folders); {CLASS_INDEX_HINT}")
+        return self.index[folder]
+
+
+def read_class_index(path: str) -> dict[str, int]:
+    """The ``{folder: index}`` JSON object of ``--class_index``."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read --class_index {path}: {e}") from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                            for k, v in obj.items()):
+        raise UserError(f"--class_index {path} must be a JSON object of folder names to integer class indices")
+    return obj
+
+
+def class_map(folders: Sequence[str], outputs: int, class_index: str | dict | None = None,
+              where: str = "the data") -> ClassMap:
+    """The class map of ``folders``: ``class_index`` (a file or dict) when given; else the folder position
+    when there are as many folders as outputs (``outputs`` 0: unknown, position too); else, for a
+    1000-output model and ImageNet wnid folders, the wnid's position among the 1000 wnids; else an error."""
+    if class_index is not None:
+        index = read_class_index(class_index) if isinstance(class_index, str) else dict(class_index)
+        source = f"--class_index {class_index}" if isinstance(class_index, str) else "the class index"
+        missing = [f for f in folders if f not in index]
+        if missing:
+            raise UserError(f"class folder {missing[0]} of {where} is not in {source}")
+        index = {f: index[f] for f in folders}
+        bad = [v for v in index.values() if not 0 <= v < (outputs or max(index.values()) + 1)]
+        if bad:
+            raise UserError(f"{source} maps a folder to class {bad[0]}, outside the model's {outputs} outputs")
+        if len(set(index.values())) != len(index):
+            raise UserError(f"{source} maps two folders to one class")
+        return ClassMap(index, outputs or max(index.values()) + 1)
+    if outputs in (0, len(folders)):
+        return ClassMap({f: t for t, f in enumerate(folders)}, len(folders))
+    if outputs == 1000 and set(folders) <= set(imagenet_wnids()):
+        position = {w: t for t, w in enumerate(imagenet_wnids())}
+        return ClassMap({f: position[f] for f in folders}, 1000)
+    raise UserError(f"{where} has {len(folders)} class folders but the model has {outputs} outputs: {CLASS_INDEX_HINT}")
 
 
 class ClassNames:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 from PIL import Image
@@ -15,74 +16,155 @@ from .errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_INTERPOLATION = {"nearest": transforms.InterpolationMode.NEAREST, "bilinear": transforms.InterpolationMode.BILINEAR,
+                  "bicubic": transforms.InterpolationMode.BICUBIC}
 
 
-def eval_transform() -> transforms.Compose:
-    """Resize(256), CenterCrop(224), ToTensor, ImageNet Normalize: every image, train and val."""
-    return transforms.Compose([
-        transforms.Resize(256),
-        transforms.CenterCrop(224),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+@dataclass(frozen=True)
+class Preprocess:
+    """The evaluation transform of every image, train and val (no augmentation anywhere): Resize(``resize``,
+    ``interpolation``), CenterCrop(``crop``), ToTensor, Normalize(``mean``, ``std``). The default is the
+    paper's (ResNet-50 ``IMAGENET1K_V1``: 256, 224, bilinear, ImageNet statistics)."""
+
+    resize: int = 256
+    crop: int = 224
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def display(self) -> transforms.Compose:
+        """The transform without Normalize: what the network sees, as a picture in [0, 1]."""
+        return transforms.Compose([transforms.Resize(self.resize, _INTERPOLATION.get(self.interpolation)),
+                                   transforms.CenterCrop(self.crop), transforms.ToTensor()])
+
+    def normalize(self) -> transforms.Normalize:
+        return transforms.Normalize(self.mean, self.std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize()(self.display()(image))
+
+    def to_json(self) -> dict:
+        return {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "Preprocess":
+        if not d:
+            return cls()
+        return cls(int(d["resize"]), int(d["crop"]), d["interpolation"], tuple(d["mean"]), tuple(d["std"]))
+
+
+def eval_transform() -> Preprocess:
+    """The paper's evaluation transform: Resize(256), CenterCrop(224), ToTensor, ImageNet Normalize."""
+    return Preprocess()
 
 
 @dataclass
 class ImageList:
-    """The images of one split: ``paths[i]`` has label ``targets[i]`` (index of its sorted class folder)."""
+    """The images of one split: ``paths[i]`` has label ``targets[i]``, the logit index of its class folder.
+
+    ``classes`` are all class folders (sorted); ``index`` maps each to its logit index; ``listed`` are the
+    folders whose images were listed (all, or those a caller asked for), with ``stats`` (size, mtime).
+    """
 
     root: str
     classes: list[str]
     paths: list[str]
     targets: list[int]
+    index: dict[str, int] = field(default_factory=dict)
+    listed: list[str] = field(default_factory=list)
+    stats: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def class_fingerprints(self) -> dict[str, str]:
+        """sha256 per listed class folder over its images' relative paths, sizes and modification times."""
+        out: dict[str, hashlib._Hash] = {c: hashlib.sha256() for c in self.listed}
+        for p, (size, mtime) in zip(self.paths, self.stats):
+            rel = os.path.relpath(p, self.root)
+            out[rel.split(os.sep, 1)[0]].update(f"{rel}\t{size}\t{mtime}\n".encode())
+        return {c: h.hexdigest() for c, h in out.items()}
+
     def fingerprint(self) -> str:
-        """sha256 over class folders and relative image paths: tells two image lists apart."""
+        """sha256 over every class folder's logit index and fingerprint: tells two image lists apart."""
+        h = hashlib.sha256()
+        for c, f in self.class_fingerprints().items():
+            h.update(f"{c}\t{self.index.get(c)}\t{f}\n".encode())
+        return h.hexdigest()
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint of stores of format version 1: class folders and relative paths only."""
         h = hashlib.sha256()
         h.update("\n".join(self.classes).encode())
         for p, t in zip(self.paths, self.targets):
             h.update(f"\n{t}\t{os.path.relpath(p, self.root)}".encode())
         return h.hexdigest()
 
-    def class_counts(self) -> list[int]:
-        counts = [0] * len(self.classes)
+    def class_counts(self, num_classes: int) -> list[int]:
+        """Images per class index (length ``num_classes``)."""
+        counts = [0] * num_classes
         for t in self.targets:
             counts[t] += 1
         return counts
 
-    def indices_of(self, classes: list[int]) -> list[int]:
+    def indices_of(self, classes) -> list[int]:
         wanted = set(classes)
         return [i for i, t in enumerate(self.targets) if t in wanted]
 
 
-def list_images(data_dir: str, split: str, max_images_per_class: int | None = None) -> ImageList:
-    """List ``data_dir/split`` as ImageFolder does (sorted classes, sorted files).
-
-    With ``max_images_per_class`` only the first N files of each class are kept.
-    Raises :class:`UserError` for a missing folder, no class folders, or an empty class folder.
-    """
+def class_folders(data_dir: str, split: str) -> list[str]:
+    """The class folders of ``data_dir/split``, sorted (ImageFolder's classes)."""
     root = os.path.join(data_dir, split)
     if not os.path.isdir(root):
         raise UserError(f"no folder {root} (expected an ImageFolder tree with {split}/<class>/<image>)")
     try:
-        classes, _ = find_classes(root)
+        return find_classes(root)[0]
     except FileNotFoundError:
         raise UserError(f"{root} holds no class folders") from None
-    paths, targets = [], []
-    for t, c in enumerate(classes):
-        files = []
-        for dirpath, _, names in sorted(os.walk(os.path.join(root, c), followlinks=True)):
-            files += [os.path.join(dirpath, n) for n in sorted(names) if has_file_allowed_extension(n, IMG_EXTENSIONS)]
-        if not files:
-            raise UserError(f"class folder {os.path.join(root, c)} holds no images")
-        if max_images_per_class:
-            files = files[:max_images_per_class]
-        paths += files
-        targets += [t] * len(files)
-    return ImageList(os.path.abspath(root), classes, paths, targets)
+
+
+def list_images(data_dir: str, split: str, max_images_per_class: int | None = None, classes=None,
+                only: Iterable[int] | None = None) -> ImageList:
+    """List ``data_dir/split`` as ImageFolder does (sorted classes, sorted files).
+
+    ``classes``: a :class:`utils.concepts.ClassMap` giving each folder's logit index (default: its position).
+    ``only``: list only the folders of these class indices (the others are not even walked). With
+    ``max_images_per_class`` only the first N files of each class are kept. Raises :class:`UserError` for
+    a missing folder, no class folders, an empty class folder, or a folder the class map does not know.
+    """
+    root = os.path.join(data_dir, split)
+    folders = class_folders(data_dir, split)
+    wanted = None if only is None else set(only)
+    if classes is None:
+        index = {f: t for t, f in enumerate(folders)}
+    else:  # a folder the map does not know is an error, unless only some classes are listed
+        index = {f: classes.of(f, root) for f in folders if only is None or f in classes.index}
+    out = ImageList(os.path.abspath(root), folders, [], [], index)
+    for c in folders:
+        if c not in index or (wanted is not None and index[c] not in wanted):
+            continue
+        files = _class_files(os.path.join(root, c), max_images_per_class)
+        out.listed.append(c)
+        out.paths += [p for p, _ in files]
+        out.stats += [st for _, st in files]
+        out.targets += [index[c]] * len(files)
+    return out
+
+
+def _class_files(folder: str, max_images: int | None) -> list[tuple[str, tuple[int, int]]]:
+    """The image files of one class folder (recursively, sorted) with their (size, mtime_ns)."""
+    files = []
+    for dirpath, _, names in sorted(os.walk(folder, followlinks=True)):
+        files += [os.path.join(dirpath, n) for n in sorted(names) if has_file_allowed_extension(n, IMG_EXTENSIONS)]
+    if not files:
+        raise UserError(f"class folder {folder} holds no images")
+    files = files[:max_images] if max_images else files
+    out = []
+    for p in files:
+        st = os.stat(p)
+        out.append((p, (st.st_size, st.st_mtime_ns)))
+    return out
 
 
 def read_rgb(path: str) -> Image.Image:
@@ -92,8 +174,8 @@ def read_rgb(path: str) -> Image.Image:
 
 
 def load_image(images: ImageList, i: int, transform=None) -> torch.Tensor:
-    """Image ``i`` of ``images`` through ``transform`` (default: the evaluation transform); an unreadable
-    file is a UserError that names it."""
+    """Image ``i`` of ``images`` through ``transform`` (default: the paper's evaluation transform); an
+    unreadable file is a UserError that names it."""
     try:
         return (transform or eval_transform())(read_rgb(images.paths[i]))
     except Exception:  # noqa: BLE001 - any failure to decode is a bad file
@@ -103,9 +185,10 @@ def load_image(images: ImageList, i: int, transform=None) -> torch.Tensor:
 class ImageDataset(Dataset):
     """Yields ``(image, label, index)``; an unreadable image yields label -1 so the caller can name it."""
 
-    def __init__(self, images: ImageList, transform=None):
+    def __init__(self, images: ImageList, transform: Preprocess | None = None):
         self.images = images
         self.transform = transform or eval_transform()
+        self.side = getattr(self.transform, "crop", 224)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -114,7 +197,7 @@ class ImageDataset(Dataset):
         try:
             return self.transform(read_rgb(self.images.paths[i])), self.images.targets[i], i
         except Exception:  # noqa: BLE001 - reported by check_batch with the file name
-            return torch.zeros(3, 224, 224), -1, i
+            return torch.zeros(3, self.side, self.side), -1, i
 
 
 def check_batch(images: ImageList, labels: torch.Tensor, index: torch.Tensor) -> None:
@@ -125,24 +208,13 @@ def check_batch(images: ImageList, labels: torch.Tensor, index: torch.Tensor) ->
 
 
 def make_loader(images: ImageList, indices=None, batch_size: int = 64, num_workers: int = 4,
-                pin_memory: bool = False, batch_sampler=None) -> DataLoader:
-    """A DataLoader over ``images`` (optionally a subset ``indices``) in list order."""
-    ds = ImageDataset(images)
+                pin_memory: bool = False, batch_sampler=None, transform: Preprocess | None = None) -> DataLoader:
+    """A DataLoader over ``images`` (optionally a subset ``indices``) in list order, through ``transform``
+    (default: the paper's evaluation transform)."""
+    ds = ImageDataset(images, transform)
     if batch_sampler is not None:
         return DataLoader(ds, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
                           persistent_workers=False)
     if indices is not None:
         ds = torch.utils.data.Subset(ds, list(indices))
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
-
-
-def resolve_device(device: str = "auto", gpu: int | None = None) -> torch.device:
-    """``auto``: cuda if available, else cpu. ``--gpu N`` (the reference's flag) means ``cuda:N``."""
-    if gpu is not None and device == "auto":
-        device = f"cuda:{gpu}"
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} requested but CUDA is not available")
-    return dev

@@ -22,11 +22,13 @@ from . import store as st
 from .arv import concept_arvs
 from .cli import RunOptions
 from .concepts import check_channel, check_concepts, concept_ids, normalise
-from .data import ImageList, check_batch, list_images, make_loader, resolve_device
+from .data import ImageList, check_batch, make_loader
+from .device import model_on, pin, resolve_device, synchronize, to_device
 from .distributed import all_gather_rows, batch_shard, broadcast_float, reduce_over_ranks, run_together
 from .errors import UserError
 from .models import LoadedModel, default_layer, get_layer, load_model
 from .records import Record, rho_key
+from .store import training_images
 from .relevance import layer_input
 from .scoring import batch_ratio_sums, best_index, score_filters, scores_from_sums
 from .split import Sweep, sweep
@@ -87,13 +89,14 @@ def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, ch
     store, images = _store_and_images(cfg, lm, layer, concepts)
     sw = sweep(conv.weight.detach()[cfg.channel].cpu(), concept_arvs(store, cfg.channel, concepts))
     device = resolve_device(cfg.device, cfg.gpu)
-    model = lm.model.to(device).eval()
+    model = model_on(lm.model, device)
     groups = [images.indices_of(cs) for cs in concepts]
     keep = check_indices(groups, cfg.check_images)
-    parts, counts, kept, seconds = _score_pass(cfg, model, conv.to(device), sw, images, concepts, keep, device)
+    parts, counts, kept, seconds = _score_pass(cfg, model, model.get_submodule(layer), sw, images, concepts, keep,
+                                               lm.preprocess, device)
     scores = scores_from_sums(sw, parts, counts)
     best = best_index(scores)
-    diff = _equivalence(cfg, model, layer, sw, best, images, keep, kept, device)
+    diff = _equivalence(cfg, model, layer, sw, best, images, keep, kept, lm.preprocess, device)
     record = Record(
         model=lm.name, weights=lm.weights, layer=layer, default_layer=layer == default_layer(lm.model),
         in_channels=conv.in_channels, out_channels=conv.out_channels, channel=int(cfg.channel), concepts=concepts,
@@ -109,20 +112,17 @@ def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, ch
 
 def _store_and_images(cfg: Stage3Config, lm: LoadedModel, layer: str,
                       concepts: list[list[int]]) -> tuple[st.Store, ImageList]:
-    """The stage-1 store of this model and layer, the concepts checked against it, and its training images."""
-    store = st.Store.open(os.path.join(cfg.store_dir, st.store_name(lm.name, layer, default_layer(lm.model))))
+    """The stage-1 store of this model and layer, the concepts checked against it, and the training images
+    of the concepts' classes (only those folders are listed and checked)."""
+    store = st.Store.open(os.path.join(cfg.store_dir, st.store_name(lm.tag, layer, default_layer(lm.model))))
     store.check(model=lm.name, weights=lm.weights, layer=layer)
     counts = {t: int(n) for t, n in enumerate(store.class_counts)}
-    check_concepts(concepts, counts, "the data", counts)
-    images = list_images(cfg.data_dir, "train", store.meta.get("max_images_per_class"))
-    if images.fingerprint() != store.meta["data_fingerprint"]:
-        raise UserError(f"the training images in {cfg.data_dir} are not those of store {store.path} "
-                        f"(made from {store.meta.get('data_root')}); pass the same --data_dir as in stage 1")
-    return store, images
+    check_concepts(concepts, store.class_index.values(), "the data", counts)
+    return store, training_images(store, cfg.data_dir, [t for cs in concepts for t in cs], cfg.class_index)
 
 
 def _score_pass(cfg: Stage3Config, model: nn.Module, conv: nn.Conv2d, sw: Sweep, images: ImageList,
-                concepts: list[list[int]], keep: list[int], device: torch.device):
+                concepts: list[list[int]], keep: list[int], preprocess, device: torch.device):
     """One truncated forward per concept image (under torchrun, each rank a block of whole batches).
 
     Returns the per-batch ratio sums of all ranks in batch order (k x U each), the images per concept,
@@ -130,7 +130,8 @@ def _score_pass(cfg: Stage3Config, model: nn.Module, conv: nn.Conv2d, sw: Sweep,
     """
     order = sorted(i for cs in concepts for i in images.indices_of(cs))
     lo, hi = batch_shard(len(order), cfg.batch_size, cfg.rank, cfg.world_size)
-    loader = make_loader(images, order[lo:hi], cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda")
+    loader = make_loader(images, order[lo:hi], cfg.batch_size, cfg.num_workers, pin_memory=pin(device),
+                         transform=preprocess)
     desc = "stage 3" if cfg.world_size == 1 else f"stage 3 (rank 0 of {cfg.world_size})"
     bar = tqdm(total=hi - lo, unit="img", desc=desc, disable=not cfg.progress or cfg.rank != 0, dynamic_ncols=True)
     bank = score_filters(sw)
@@ -147,11 +148,10 @@ def _score_pass(cfg: Stage3Config, model: nn.Module, conv: nn.Conv2d, sw: Sweep,
                 kept.update({i: x[j].clone() for j, i in enumerate(index.tolist()) if i in wanted})
                 concept = concept_ids(labels, concepts)
                 counts += torch.bincount(concept, minlength=sw.k + 1)[1:]
-                xl = layer_input(model, conv, x.to(device, non_blocking=True))
+                xl = layer_input(model, conv, to_device(x, device, images=True))
                 parts.append(batch_ratio_sums(conv, xl, bank, bias, sw.k, concept.to(device)))
                 bar.update(len(labels))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         return parts, counts.tolist(), kept
 
     parts, counts, kept = run_together(run, cfg.world_size, device, "stage 3")
@@ -171,14 +171,14 @@ def _gather_sums(parts: list[torch.Tensor], counts: list[int], k: int, U: int, w
 
 
 def _equivalence(cfg: Stage3Config, model: nn.Module, layer: str, sw: Sweep, best: int, images: ImageList,
-                 keep: list[int], kept: dict[int, torch.Tensor], device) -> float:
+                 keep: list[int], kept: dict[int, torch.Tensor], preprocess, device) -> float:
     """Largest logit difference between the original and the disentangled network (best rho) on the
     ``keep`` images, computed on rank 0 and known to every rank; above MAX_LOGIT_DIFF a UserError."""
     def check_logits() -> float | None:  # rank 0 alone; the others wait for its answer
         if cfg.rank != 0:
             return None
         missing = sorted(set(keep) - set(kept))  # check images that were in other ranks' shares
-        for x, _, index in make_loader(images, missing, cfg.batch_size, 0) if missing else ():
+        for x, _, index in make_loader(images, missing, cfg.batch_size, 0, transform=preprocess) if missing else ():
             kept.update({i: x[j] for j, i in enumerate(index.tolist())})
         check_x = torch.stack([kept[i] for i in sorted(kept)]).to(device)
         net = split_network(model, {layer: [sw.split(cfg.channel, best)]})

@@ -9,6 +9,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
+from .device import backend, resolve_device
 from .errors import UserError
 
 T = TypeVar("T")
@@ -18,14 +19,14 @@ T = TypeVar("T")
 def distributed_context(device: str = "auto", gpu: int | None = None) -> Iterator[tuple[int, int, str]]:
     """Yield ``(rank, world_size, device)``; under torchrun, join the process group for the block.
 
-    Plain ``python script.py`` is rank 0 of 1 and ``device``/``gpu`` pass through unchanged.
+    Plain ``python script.py`` is rank 0 of 1 on the device ``device``/``gpu`` name (``--gpu N``: ``cuda:N``).
     Under torchrun, a CUDA request (``auto`` with CUDA present, ``cuda``, ``cuda:N``, ``--gpu``)
     gives each process the GPU of its local rank and the nccl backend; otherwise every process
     runs on the CPU with gloo.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        yield 0, 1, device
+        yield 0, 1, str(resolve_device(device, gpu))
         return
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     wants_cuda = device.startswith("cuda") or gpu is not None
@@ -41,7 +42,7 @@ def distributed_context(device: str = "auto", gpu: int | None = None) -> Iterato
     else:
         device = "cpu"
     # Ranks wait for each other at the end of the pass, which can take hours on ImageNet.
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=72))
+    dist.init_process_group(backend(device), timeout=datetime.timedelta(hours=72))
     try:
         yield rank, world, device
     finally:

@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 from .cli import RunOptions
 from .concepts import ClassNames, check_channel, check_concepts, normalise
-from .data import ImageList, check_batch, list_images, make_loader, resolve_device
+from .data import ImageList, Preprocess, check_batch, list_images, make_loader
+from .device import model_on, pin, resolve_device, to_device
 from .distributed import all_gather_rows, batch_shard, reduce_over_ranks, run_together
 from .errors import UserError
-from .files import read_json
 from .models import LoadedModel, default_layer, get_layer, load_model
-from .records import Record, check_record, find_record, load_split
+from .records import Record, check_record, find_record, load_split, record_head
+from .store import data_class_map
 from .relevance import relevance_batch
 from .split import Split, filter_bank, sub_names
 
@@ -86,7 +87,8 @@ def fraction_rows(acts: Activations, tau: float = DEFAULT_TAU) -> np.ndarray:
 
 def evaluate_images(model: nn.Module, conv: nn.Conv2d, split: Split, images: ImageList, indices: list[int],
                     batch_size: int = 64, num_workers: int = 4, device: torch.device | str = "cpu",
-                    progress: bool = True, rank: int = 0, world_size: int = 1) -> tuple[Activations, float]:
+                    progress: bool = True, rank: int = 0, world_size: int = 1,
+                    preprocess: Preprocess | None = None) -> tuple[Activations, float]:
     """Stage 4's single pass over ``images[indices]``; returns the :class:`Activations` and the seconds taken.
 
     ``model`` and ``conv`` (its layer of interest) must already be on ``device``. Under torchrun
@@ -97,7 +99,7 @@ def evaluate_images(model: nn.Module, conv: nn.Conv2d, split: Split, images: Ima
     device = torch.device(device)
     lo, hi = batch_shard(len(indices), batch_size, rank, world_size)
     loader = make_loader(images, list(indices)[lo:hi], batch_size=batch_size, num_workers=num_workers,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=pin(device), transform=preprocess)
     desc = "stage 4" if world_size == 1 else f"stage 4 (rank 0 of {world_size})"
     bar = tqdm(total=hi - lo, unit="img", desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
     start = time.perf_counter()
@@ -106,7 +108,7 @@ def evaluate_images(model: nn.Module, conv: nn.Conv2d, split: Split, images: Ima
         rows = [torch.zeros(0, 4 + split.k + 1, dtype=torch.float64)]
         for x_img, labels, index in loader:
             check_batch(images, labels, index)
-            out = evaluate_batch(model, conv, split, x_img.to(device, non_blocking=True), labels.to(device))
+            out = evaluate_batch(model, conv, split, to_device(x_img, device, images=True), to_device(labels, device))
             rows.append(torch.cat([torch.stack([index.double(), labels.double(), out["rel"], out["orig"]], 1),
                                    out["sub"]], 1))
             bar.update(len(labels))
@@ -166,33 +168,20 @@ def prepare_evaluation(cfg: Stage4Config, loaded: LoadedModel | None = None) -> 
     if cfg.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
     concepts = normalise(cfg.concepts)
-    images = list_images(cfg.data_dir, "val")
-    check_concepts(concepts, range(len(images.classes)), images.root)
     lm = loaded or load_model(cfg.model, cfg.weights)
-    top = max(t for cs in concepts for t in cs)
-    if lm.num_classes and top >= lm.num_classes:
-        raise UserError(f"class {top} is outside the {lm.num_classes} outputs of {lm.name}")
     layer, conv = get_layer(lm.model, cfg.layer)
     check_channels(cfg.nr_channels, conv.out_channels, f"layer {layer} of {lm.name}")
     check_channel(cfg.channel, conv.out_channels, layer)
-    head = lm.name if layer == default_layer(lm.model) else f"{lm.name}_{layer}"
-    rec = find_record(cfg.model_dir, head, cfg.channel, concepts)
+    rec = find_record(cfg.model_dir, record_head(lm, layer), cfg.channel, concepts,
+                      known=lambda: data_class_map(cfg.data_dir, "val", lm.num_classes, cfg.class_index).index.values())
     check_record(rec, lm.name, lm.weights, layer, conv)
-    _check_class_folders(rec, images)
+    cmap = data_class_map(cfg.data_dir, "val", lm.num_classes, cfg.class_index, rec.store)
+    check_concepts(concepts, cmap.index.values(), os.path.join(cfg.data_dir, "val"))
+    wanted = None if cfg.purity_k > 0 else [t for cs in concepts for t in cs]  # purity: all val images
+    images = list_images(cfg.data_dir, "val", classes=cmap, only=wanted)
     rho = round(float(rec.best_rho if cfg.rho is None else cfg.rho), 2)
-    return Evaluation(lm, layer, conv, images, ClassNames(lm.categories, images.classes), concepts, rec,
-                      load_split(rec, cfg.rho), rho)
-
-
-def _check_class_folders(rec: Record, images: ImageList) -> None:
-    """Refuse val/ class folders that differ from the train/ ones of the record's stage-1 store (when it is at hand)."""
-    meta = os.path.join(rec.store or "", "meta.json")
-    if not rec.store or not os.path.isfile(meta):
-        return
-    train = read_json(meta).get("classes")
-    if train and list(train) != list(images.classes):
-        raise UserError(f"{images.root} has other class folders than the training images of store {rec.store} "
-                        f"({len(images.classes)} vs {len(train)}): class indices would not match")
+    names = ClassNames(lm.categories, list(cmap.index), list(cmap.index.values()))
+    return Evaluation(lm, layer, conv, images, names, concepts, rec, load_split(rec, cfg.rho), rho)
 
 
 def run_stage4(cfg: Stage4Config, loaded: LoadedModel | None = None, log=print) -> dict:
@@ -211,8 +200,10 @@ def run_stage4(cfg: Stage4Config, loaded: LoadedModel | None = None, log=print) 
             + "; ".join(f"concept {j}: {', '.join(lab)}" for j, lab in enumerate(labels, 1)))
     device = resolve_device(cfg.device, cfg.gpu)
     indices = ev.images.indices_of([t for cs in ev.concepts for t in cs])
-    acts, seconds = evaluate_images(ev.lm.model.to(device), ev.conv, ev.split, ev.images, indices, cfg.batch_size,
-                                    cfg.num_workers, device, cfg.progress, cfg.rank, cfg.world_size)
+    model = model_on(ev.lm.model, device)
+    acts, seconds = evaluate_images(model, model.get_submodule(ev.layer), ev.split, ev.images, indices, cfg.batch_size,
+                                    cfg.num_workers, device, cfg.progress, cfg.rank, cfg.world_size,
+                                    ev.lm.preprocess)
     if cfg.rank != 0:
         return {"rank": cfg.rank, "images": len(acts)}
     ips = len(acts) / max(seconds, 1e-9)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, ImageList, load_image
+from .data import ImageList, Preprocess, load_image
 from .relevance import conv_with_filters, layer_input
 
 # Square root of ImageNet's colour correlation (Lucid), columns scaled to unit max norm.
@@ -131,23 +131,25 @@ def augment(img: torch.Tensor, n: int, cfg: FVConfig, generator: torch.Generator
     return views + cfg.noise * torch.randn(views.shape, generator=generator).to(img)
 
 
-def normalize(img: torch.Tensor) -> torch.Tensor:
-    """[0, 1] pixels -> the network's input (ImageNet mean and std)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=img.device, dtype=img.dtype)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=img.device, dtype=img.dtype)[:, None, None]
+def normalize(img: torch.Tensor, preprocess: Preprocess | None = None) -> torch.Tensor:
+    """[0, 1] pixels -> the network's input (the mean and std of its evaluation transform)."""
+    pre = preprocess or Preprocess()
+    mean = torch.tensor(pre.mean, device=img.device, dtype=img.dtype)[:, None, None]
+    std = torch.tensor(pre.std, device=img.device, dtype=img.dtype)[:, None, None]
     return (img - mean) / std
 
 
 def activation(model: nn.Module, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None,
-               images: torch.Tensor) -> torch.Tensor:
+               images: torch.Tensor, preprocess: Preprocess | None = None) -> torch.Tensor:
     """Spatially summed output (B,) of one filter (C_in x kh x kw) at ``conv``'s place, for [0, 1] images."""
-    x = layer_input(model, conv, normalize(images), grad=True)
+    x = layer_input(model, conv, normalize(images, preprocess), grad=True)
     return conv_with_filters(conv, x, weight[None], None if bias is None else bias.reshape(1)).sum((1, 2, 3))
 
 
 def visualize(model: nn.Module, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None = None,
               cfg: FVConfig | None = None, magnitude: torch.Tensor | None = None,
-              device: torch.device | str = "cpu", progress: bool = False) -> tuple[torch.Tensor, list[float]]:
+              device: torch.device | str = "cpu", progress: bool = False,
+              preprocess: Preprocess | None = None) -> tuple[torch.Tensor, list[float]]:
     """Optimise an image for one sub-channel; returns the image (3 x size x size, [0, 1]) and the
     per-step mean activation of the views."""
     cfg = cfg or FVConfig()
@@ -165,7 +167,7 @@ def visualize(model: nn.Module, conv: nn.Conv2d, weight: torch.Tensor, bias: tor
     with torch.enable_grad():
         for _ in steps:
             opt.zero_grad(set_to_none=True)
-            act = activation(model, conv, weight, bias, augment(param(), cfg.views, cfg, g)).mean()
+            act = activation(model, conv, weight, bias, augment(param(), cfg.views, cfg, g), preprocess).mean()
             (-act).backward()
             opt.step()
             history.append(act.item())

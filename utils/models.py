@@ -1,21 +1,20 @@
-"""Model construction, weight loading and layer lookup for torchvision classifiers.
-
-All architecture knowledge lives here: which models exist, where their weights are, which
-``Conv2d`` is the default layer of interest, and what the classes are called.
-"""
+"""The model of interest and its layer: loading (``utils.model_sources``), what it is called in file names,
+its outputs, and the lookup of the ``Conv2d`` of interest. Architecture knowledge stays in these two files."""
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torchvision
 from torch import nn
 
+from .data import Preprocess
 from .errors import UserError
+from .model_sources import (DEFAULT_WEIGHTS, build_own, build_timm, build_torchvision, file_sha256, is_checkpoint,
+                            last_linear, split_file_spec, torchvision_weights_id)
 
-DEFAULT_WEIGHTS = "IMAGENET1K_V1"
+__all__ = ["DEFAULT_WEIGHTS", "LoadedModel", "load_model", "weights_id", "build_model", "model_tag", "default_layer",
+           "get_layer", "set_module", "file_sha256"]
 
 
 @dataclass
@@ -23,125 +22,80 @@ class LoadedModel:
     """A classifier in eval mode plus what produced it (recorded in every store and record)."""
 
     model: nn.Module
-    name: str
-    weights: str  # torchvision weights name, "file:<sha256 prefix>" or "none"
-    num_classes: int
-    categories: list[str] | None  # human class names from the weights' metadata, if any
+    name: str  # torchvision name, timm/<name>, or path/to/file.py:function
+    weights: str  # weights id: "<WeightsEnum>.<NAME>", "timm:<name>", "file:<sha256 prefix>", "none", ...
+    num_classes: int  # outputs (logits)
+    categories: list[str] | None  # human class names by logit index, from the weights' metadata, if any
+    preprocess: Preprocess = field(default_factory=Preprocess)  # the evaluation transform its weights declare
+
+    @property
+    def tag(self) -> str:
+        return model_tag(self.name)
 
 
-def classification_models() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+def model_tag(name: str) -> str:
+    """``name`` as it appears in file and folder names: ``timm/convnext_tiny`` -> ``timm-convnext_tiny``,
+    ``models/net.py:build`` -> ``net.py-build``; torchvision names stay as they are."""
+    own = split_file_spec(name)
+    if own:
+        return f"{own[0].replace(chr(92), '/').rsplit('/', 1)[-1]}-{own[1]}"
+    return name.replace("/", "-")
 
 
-def _hub_checkpoint_dir() -> str:
-    return os.path.join(torch.hub.get_dir(), "checkpoints")
-
-
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _last_linear_name(model: nn.Module) -> str | None:
-    name = None
-    for n, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            name = n
-    return name
-
-
-def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure here is a bad file
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"checkpoint {path} holds no state_dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def _is_checkpoint(weights: str) -> bool:
-    return os.path.exists(weights) or os.sep in weights or weights.endswith((".pt", ".pth"))
-
-
-def weights_id(name: str, weights: str) -> str | None:
-    """The id a store or record keeps for ``weights`` of model ``name``: ``none``, ``file:<sha256 prefix>``
-    or ``<WeightsEnum>.<NAME>``; None when it cannot be known here (a checkpoint file that is not here)."""
-    if weights.lower() == "none":
-        return "none"
-    if _is_checkpoint(weights):
-        return "file:" + file_sha256(weights)[:16] if os.path.isfile(weights) else None
-    try:
-        enum = torchvision.models.get_model_weights(name)
-    except (ValueError, KeyError):
-        return None
-    return f"{enum.__name__}.{weights}"
-
-
-def _from_checkpoint(name: str, path: str, num_classes: int | None) -> nn.Module:
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint file {path} does not exist")
-    state = _read_checkpoint(path)
-    if num_classes is None:  # infer the classifier size from the checkpoint
-        head = _last_linear_name(torchvision.models.get_model(name, weights=None))
-        if head and f"{head}.weight" in state:
-            num_classes = int(state[f"{head}.weight"].shape[0])
-    model = torchvision.models.get_model(name, weights=None, **({"num_classes": num_classes} if num_classes else {}))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())
-        raise UserError(f"checkpoint {path} does not fit {name}: {detail[:300]}") from None
-    return model
-
-
-def _from_torchvision_weights(name: str, weights: str) -> tuple[nn.Module, list[str] | None]:
-    enum = torchvision.models.get_model_weights(name)
-    if weights not in enum.__members__:
-        raise UserError(f"model {name} has no weights {weights!r}; choose one of "
-                        f"{', '.join(enum.__members__)}, a checkpoint file, or none")
-    w = enum[weights]
-    fname = os.path.basename(w.url)
-    if not os.path.isfile(os.path.join(_hub_checkpoint_dir(), fname)):
-        raise UserError(f"weights {name}/{weights} are not on this machine: put {fname} into "
-                        f"{_hub_checkpoint_dir()} (set TORCH_HOME to move it), or pass a checkpoint "
-                        "file or --weights none")
-    return torchvision.models.get_model(name, weights=w), list(w.meta.get("categories") or []) or None
+def _source(name: str):
+    if name.startswith("timm/"):
+        return lambda w, n: build_timm(name[5:], w, n)
+    if split_file_spec(name):
+        return lambda w, n: build_own(name, w, n)
+    return lambda w, n: build_torchvision(name, w, n)
 
 
 def load_model(name: str, weights: str = DEFAULT_WEIGHTS, num_classes: int | None = None) -> LoadedModel:
-    """Build torchvision model ``name`` in eval mode with ``weights``.
+    """Build model ``name`` in eval mode with ``weights`` (see ``utils.model_sources``), parameters frozen.
 
-    ``weights`` is a torchvision weights name (e.g. ``IMAGENET1K_V1``), a path to a checkpoint
-    file (a state_dict, loaded with ``weights_only=True``) or ``none`` (random init, seeded).
-    Nothing is downloaded: torchvision weights must already be in ``$TORCH_HOME/hub/checkpoints``.
+    Nothing is downloaded: torchvision weights must be in ``$TORCH_HOME/hub/checkpoints``, timm's in the
+    local Hugging Face (or torch hub) cache.
     """
-    if name not in classification_models():
-        raise UserError(f"unknown model {name!r}; torchvision classification models are e.g. "
-                        "resnet18, resnet50, vgg16, densenet121, convnext_tiny")
-    categories = None
+    weights = weights or DEFAULT_WEIGHTS
     if weights.lower() == "none":
-        torch.manual_seed(0)
-        model = torchvision.models.get_model(name, weights=None, **({"num_classes": num_classes} if num_classes else {}))
-    elif _is_checkpoint(weights):
-        model = _from_checkpoint(name, weights, num_classes)
-    else:
-        model, categories = _from_torchvision_weights(name, weights)
-    model.eval()
+        weights = "none"
+    built = _source(name)(weights, num_classes)
+    model = built.model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    head = _last_linear_name(model)
-    out = dict(model.named_modules())[head].out_features if head else None
-    if categories is not None and out is not None and len(categories) != out:
-        categories = None
-    return LoadedModel(model, name, weights_id(name, weights), int(out or 0), categories)
+    out = outputs(model, built.preprocess.crop)
+    categories = built.categories if built.categories and len(built.categories) == out else None
+    return LoadedModel(model, name, built.weights_id, out, categories, built.preprocess)
+
+
+def outputs(model: nn.Module, side: int = 224) -> int:
+    """The number of logits: the last Linear's outputs, else measured on one blank image."""
+    _, head = last_linear(model)
+    if head is not None:
+        return int(head.out_features)
+    p = next(iter(model.parameters()), None)
+    with torch.no_grad():
+        y = model(torch.zeros(1, 3, side, side, device=None if p is None else p.device))
+    return int(y.shape[-1]) if y.dim() == 2 else 0
+
+
+def weights_id(name: str, weights: str) -> str | None:
+    """The id a store or record keeps for ``weights`` of model ``name``, when it can be known without
+    building the model (None: a checkpoint file that is not here, or a source that cannot tell)."""
+    if weights.lower() == "none" and not split_file_spec(name):
+        return "none"
+    if is_checkpoint(weights):
+        return "file:" + file_sha256(weights)[:16] if os.path.isfile(weights) else None
+    if name.startswith("timm/"):
+        return f"timm:{name[5:]}" if weights in (DEFAULT_WEIGHTS, "pretrained") else None
+    if split_file_spec(name):
+        return None
+    return torchvision_weights_id(name, weights)
+
+
+def build_model(name: str, num_classes: int | None = None) -> nn.Module:
+    """The architecture ``name`` without pretrained weights (to load a saved state_dict into)."""
+    return _source(name)("none", num_classes).model
 
 
 def default_layer(model: nn.Module) -> str:
@@ -168,8 +122,7 @@ def get_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Conv2d]:
     if not isinstance(m, nn.Conv2d):
         raise UserError(f"layer {layer} is a {type(m).__name__}, not a Conv2d")
     if m.groups != 1:
-        raise UserError(f"layer {layer} is a grouped convolution (groups={m.groups}); "
-                        "only groups=1 is supported")
+        raise UserError(f"layer {layer} is a grouped convolution (groups={m.groups}); only groups=1 is supported")
     return layer, m
 
 

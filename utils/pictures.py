@@ -3,25 +3,25 @@ the teaser-style figure and the purity score (``visualize_channel.py``)."""
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
-from torchvision import transforms
 
 from . import featvis, teaser
 from .cli import RunOptions
 from .concepts import ClassNames, check_channel, check_concepts, normalise
-from .data import ImageList, eval_transform, list_images, load_image, make_loader, resolve_device
+from .data import ImageList, list_images, load_image, make_loader
+from .device import model_on, pin, resolve_device
 from .errors import UserError
 from .files import write_json
 from .models import LoadedModel, default_layer, get_layer, load_model
 from .receptive import ReceptiveField, crop, receptive_field
-from .records import Record, check_record, find_record, load_split
+from .records import Record, check_record, find_record, load_split, record_head
 from .relevance import layer_input
+from .store import data_class_map
 from .split import FilterBank, Split, filter_bank, sub_label, sub_names
 from .topk import TopK, purity, stream_topk
 
@@ -43,16 +43,19 @@ class PicturesConfig(RunOptions):
     fv_spectrum_images: int = 256
 
 
-def topk_for_splits(model: nn.Module, conv: nn.Conv2d, splits: list[Split], images: ImageList, k: int,
+def topk_for_splits(lm: LoadedModel, layer: str, splits: list[Split], images: ImageList, k: int,
                     residual: bool = False, batch_size: int = 64, num_workers: int = 4,
                     device: torch.device | str = "cpu", progress: bool = True) -> TopK:
     """Top-k images of the original channel and every sub-channel of ``splits`` (one layer) in ONE pass."""
+    device = torch.device(device)
+    model = model_on(lm.model, device)
+    conv = model.get_submodule(layer)
     banks = [filter_bank(conv, [s], ("original",) + sub_names(s.k)[:None if residual else -1]) for s in splits]
     bank = FilterBank(sum((b.keys for b in banks), []), torch.cat([b.weight for b in banks]),
                       None if conv.bias is None else torch.cat([b.bias for b in banks]))
-    loader = make_loader(images, batch_size=batch_size, num_workers=num_workers,
-                         pin_memory=torch.device(device).type == "cuda")
-    return stream_topk(model.to(device), conv, bank, loader, k, images, device, progress)
+    loader = make_loader(images, batch_size=batch_size, num_workers=num_workers, pin_memory=pin(device),
+                         transform=lm.preprocess)
+    return stream_topk(model, conv, bank, loader, k, images, device, progress)
 
 
 def topk_for_records(loaded: LoadedModel, records: list[Record], images: ImageList, k: int,
@@ -61,8 +64,7 @@ def topk_for_records(loaded: LoadedModel, records: list[Record], images: ImageLi
     layers = {r.layer for r in records}
     if len(layers) != 1:
         raise UserError(f"records of one layer at a time, got {sorted(layers)}")
-    _, conv = get_layer(loaded.model, layers.pop())
-    return topk_for_splits(loaded.model, conv, [load_split(r, rho) for r in records], images, k, residual, **kw)
+    return topk_for_splits(loaded, layers.pop(), [load_split(r, rho) for r in records], images, k, residual, **kw)
 
 
 @dataclass
@@ -94,17 +96,17 @@ def prepare(cfg: PicturesConfig, loaded: LoadedModel | None = None,
     if check is not None:
         check(conv.out_channels)
     check_channel(cfg.channel, conv.out_channels, layer)
-    head = lm.name if layer == default_layer(lm.model) else f"{lm.name}_{layer}"
-    rec = find_record(cfg.model_dir, head, cfg.channel, concepts)
+    rec = find_record(cfg.model_dir, record_head(lm, layer), cfg.channel, concepts,
+                      known=lambda: data_class_map(cfg.data_dir, cfg.split, lm.num_classes, cfg.class_index).index.values())
     check_record(rec, lm.name, lm.weights, layer, conv)
-    images = list_images(cfg.data_dir, cfg.split)
-    check_concepts(concepts, range(len(images.classes)), images.root)
-    if cfg.split == "train" and rec.data_fingerprint not in (None, "", images.fingerprint()):
-        print(f"warning: {images.root} differs from the images the record was made with", file=sys.stderr)
+    cmap = data_class_map(cfg.data_dir, cfg.split, lm.num_classes, cfg.class_index, rec.store)
+    images = list_images(cfg.data_dir, cfg.split, classes=cmap)
+    check_concepts(concepts, cmap.index.values(), images.root)
     split = load_split(rec, cfg.rho)
     rho = float(rec.best_rho) if cfg.rho is None else round(float(cfg.rho), 2)
     subs = ["original", *sub_names(split.k)[:-1]] + (["Res"] if cfg.residual else [])
-    return Job(lm, layer, conv, rec, split, concepts, images, ClassNames(lm.categories, images.classes), rho, subs)
+    names = ClassNames(lm.categories, list(cmap.index), list(cmap.index.values()))
+    return Job(lm, layer, conv, rec, split, concepts, images, names, rho, subs)
 
 
 def channel_pictures(cfg: PicturesConfig, loaded: LoadedModel | None = None,
@@ -117,15 +119,17 @@ def channel_pictures(cfg: PicturesConfig, loaded: LoadedModel | None = None,
     """
     job = prepare(cfg, loaded, check)
     device = resolve_device(cfg.device, cfg.gpu)
-    model = job.lm.model.to(device)
     t0 = time.time()
     if top is None:
-        top = topk_for_splits(model, job.conv, [job.split], job.images, cfg.top_k, cfg.residual, cfg.batch_size,
+        top = topk_for_splits(job.lm, job.layer, [job.split], job.images, cfg.top_k, cfg.residual, cfg.batch_size,
                               cfg.num_workers, device, cfg.progress)
+    model = model_on(job.lm.model, device)
+    job.conv = model.get_submodule(job.layer)
     seconds_topk = time.time() - t0
     out = os.path.join(cfg.out_dir, f"{os.path.basename(job.record.dir)}_rho{job.rho:.2f}")
     os.makedirs(out, exist_ok=True)
-    rf = receptive_field(model, job.conv, (224, 224), min_size=28)
+    side = job.lm.preprocess.crop
+    rf = receptive_field(model, job.conv, (side, side), min_size=max(1, side // 8))
     bank = filter_bank(job.conv, [job.split], tuple(job.subs))
     shown, maps = _top_images(model, job, top, bank, device)
     magnitude = _magnitude(cfg)
@@ -148,8 +152,7 @@ def channel_pictures(cfg: PicturesConfig, loaded: LoadedModel | None = None,
 def _top_images(model, job: Job, top: TopK, bank: FilterBank, device) -> tuple[dict, dict]:
     """The top-k images of all sub-channels, loaded once (224 centre crop, unnormalised) and run up to the
     layer once: ``shown[i]`` (3 x 224 x 224) and ``maps[i]`` (S x H' x W') by dataset index."""
-    display = transforms.Compose(eval_transform().transforms[:3])
-    norm = eval_transform().transforms[3]
+    display, norm = job.lm.preprocess.display(), job.lm.preprocess.normalize()
     wanted = sorted({int(i) for name in job.subs for i in top.get(job.split.channel, name)["indices"]})
     shown = {i: load_image(job.images, i, display) for i in wanted}
     with torch.no_grad():
@@ -190,14 +193,15 @@ def _feature_visualisation(cfg, model, job: Job, bank: FilterBank, s: int, magni
         return None, None, []
     t1 = time.time()
     w, b = bank.weight[s], None if bank.bias is None else bank.bias[s]
-    img, hist = featvis.visualize(model, job.conv, w, b, cfg.fv, magnitude, device, cfg.progress)
+    img, hist = featvis.visualize(model, job.conv, w, b, cfg.fv, magnitude, device, cfg.progress,
+                                  job.lm.preprocess)
     size = cfg.fv.input_size
     with torch.no_grad():
         noise = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(cfg.fv.seed)).to(device)
         dev_w, dev_b = w.to(device), None if b is None else b.to(device)
-        base = featvis.activation(model, job.conv, dev_w, dev_b, noise)
+        base = featvis.activation(model, job.conv, dev_w, dev_b, noise, job.lm.preprocess)
         final = featvis.activation(model, job.conv, dev_w, dev_b, nn.functional.interpolate(
-            img[None].to(device), size, mode="bilinear", align_corners=False))
+            img[None].to(device), size, mode="bilinear", align_corners=False), job.lm.preprocess)
     info = {"seconds": time.time() - t1, "activation": float(final[0]), "activation_on_noise": float(base.mean()),
             "last_step_activation": hist[-1]}
     path = os.path.join(out, f"fv_{name}.png")

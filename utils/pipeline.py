@@ -35,6 +35,7 @@ class DemoConfig:
     batch_size: int = 64
     num_workers: int = 2
     device: str = "auto"
+    class_index: str | None = None
     seed: int = 0
     demo_root: str = "demo_data"
     max_train: int | None = None  # fewer training images for the digits model (tests)
@@ -135,14 +136,15 @@ def _setup(cfg: DemoConfig) -> Setup:
         data_dir, model_name, weights, training = _prepare_digits(cfg)
         weights = cfg.weights or weights
     else:
-        data_dir, model_name, weights = cfg.data_dir, cfg.model or "resnet50", cfg.weights or "IMAGENET1K_V1"
+        data_dir, model_name, weights = cfg.data_dir, cfg.model or "resnet50", cfg.weights or "default"
     if cfg.tau is None:
         cfg.tau = 0.01 if cfg.data_dir is None else 0.03
     lm = load_model(model_name, weights)
     layer, conv = get_layer(lm.model, cfg.layer)
     return Setup(data_dir, model_name, weights, lm, layer, conv.out_channels,
                  cfg.store_dir or os.path.join(cfg.out_dir, "store"), training,
-                 dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device))
+                 dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
+                      class_index=cfg.class_index))
 
 
 def _stage1(cfg: DemoConfig, run: Setup, timings: dict) -> tuple[st.Store, int]:
@@ -201,10 +203,13 @@ def _pictures(cfg: DemoConfig, lm, data_dir, model_dir, layer, results: list[dic
     The top-k images of all channels come from ONE pass over the validation images.
     """
     from . import featvis
-    from .data import list_images, resolve_device
+    from .data import list_images
+    from .device import resolve_device
+    from .store import data_class_map
     from .pictures import PicturesConfig, channel_pictures, topk_for_records
 
-    top = topk_for_records(lm, [r["record"] for r in results], list_images(data_dir, "val"), cfg.pictures_k,
+    cmap = data_class_map(data_dir, "val", lm.num_classes, cfg.class_index, results[0]["record"].store)
+    top = topk_for_records(lm, [r["record"] for r in results], list_images(data_dir, "val", classes=cmap), cfg.pictures_k,
                            batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                            device=resolve_device(cfg.device), progress=cfg.progress)
     fv = featvis.FVConfig(steps=cfg.fv_steps) if cfg.fv_steps > 0 else None
@@ -213,5 +218,6 @@ def _pictures(cfg: DemoConfig, lm, data_dir, model_dir, layer, results: list[dic
         pc = PicturesConfig(data_dir=data_dir, model_dir=model_dir, channel=rec.channel, concepts=rec.concepts,
                             model=lm.name, layer=layer, split="val", top_k=cfg.pictures_k,
                             out_dir=os.path.join(cfg.out_dir, "pictures"), fv=fv, batch_size=cfg.batch_size,
-                            num_workers=cfg.num_workers, device=cfg.device, progress=cfg.progress)
+                            num_workers=cfg.num_workers, device=cfg.device, progress=cfg.progress,
+                            class_index=cfg.class_index)
         r["pictures"] = channel_pictures(pc, loaded=lm, top=top)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .concepts import concept_classes_text
+from .concepts import check_concepts, concept_classes_text
 from .errors import UserError
 from .files import read_json, save_torch, write_json
 from .split import Split, Sweep, sub_names
@@ -58,8 +58,10 @@ class Record:
 
     def name(self) -> str:
         """Folder name under ``models_disentangled/``."""
-        head = self.model if self.default_layer else f"{self.model}_{self.layer}"
-        return record_name(head, self.channel, self.concepts)
+        from .models import model_tag
+
+        tag = model_tag(self.model)
+        return record_name(tag if self.default_layer else f"{tag}_{self.layer}", self.channel, self.concepts)
 
     def to_json(self) -> dict:
         """The ``record.json`` object: the fields in schema order, ``concepts`` as ``classes_for_conceptj``."""
@@ -119,9 +121,17 @@ def load_record(folder: str) -> Record:
         raise UserError(f"{path} is not a disentanglement record ({e})") from None
 
 
-def find_record(model_dir: str, head: str, channel: int, concepts: list[list[int]]) -> Record:
+def record_head(lm, layer: str) -> str:
+    """The start of a record folder's name: the model's tag, and the layer unless it is the default one."""
+    from .models import default_layer
+
+    return lm.tag if layer == default_layer(lm.model) else f"{lm.tag}_{layer}"
+
+
+def find_record(model_dir: str, head: str, channel: int, concepts: list[list[int]], known=None) -> Record:
     """The record of ``channel`` split between ``concepts`` in ``model_dir``, whatever the order of the
-    classes within each concept in its folder name; a missing one is a UserError naming the folder."""
+    classes within each concept in its folder name; a missing one is a UserError naming the folder, or, when
+    ``known()`` (the data's class indices, if they can be told without the record) lacks a class, naming it."""
     if not os.path.isdir(model_dir):
         raise UserError(f"no folder {model_dir} (--model_dir: STORE_DIR/models_disentangled/ of disentangle_channel.py)")
     wanted = record_name(head, channel, concepts)
@@ -130,6 +140,13 @@ def find_record(model_dir: str, head: str, channel: int, concepts: list[list[int
         if entry.startswith(prefix) and _folder_concepts(entry[len(prefix):]) == [sorted(c) for c in concepts]:
             if os.path.isfile(os.path.join(model_dir, entry, "record.json")):
                 return load_record(os.path.join(model_dir, entry))
+    if known is not None:
+        try:
+            classes = set(known())
+        except UserError:  # the data's classes need the record's store to be told: say what is missing
+            classes = None
+        if classes is not None:
+            check_concepts(concepts, classes, f"{os.path.dirname(os.path.normpath(model_dir))} data")
     text = " / ".join(str(list(c)) for c in concepts)
     raise UserError(f"no disentanglement of channel {channel} for classes {text} at {os.path.join(model_dir, wanted)}: "
                     "disentangle_channel.py makes it (same --model, --layer)")

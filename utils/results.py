@@ -128,7 +128,7 @@ def purity_of_split(cfg, ev, device, log) -> dict:
     from .split import sub_names
     from .topk import purity
 
-    top = topk_for_splits(ev.lm.model, ev.conv, [ev.split], ev.images, cfg.purity_k, False, cfg.batch_size,
+    top = topk_for_splits(ev.lm, ev.layer, [ev.split], ev.images, cfg.purity_k, False, cfg.batch_size,
                           cfg.num_workers, device, cfg.progress)
     out = {name: purity(top.get(cfg.channel, name)["labels"], ev.concepts)
            for name in ("original",) + sub_names(ev.split.k)[:-1]}

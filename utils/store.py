@@ -2,13 +2,16 @@
 
 Layout of ``<store_dir>/<model>[_<layer>]_channel_importances/``::
 
-    meta.json         what made the store (model, weights, layer, data fingerprint, ...) and "complete"
+    meta.json         what made the store (model, weights, layer, data fingerprints, class map, ...) and "complete"
     relevance.npy     N x C float16, R_i[c] in dataset order
-    targets.npy       N int64, labels
+    targets.npy       N int64, labels (the model's logit indices)
     predictions.npy   N int64, argmax of the logits
-    input_sums.npy    K x C_in x H x W float64, per-class sums of the layer's input map
+    tap_sums.npy      K x C_in x kh x kw float64, per class what each kernel tap of the layer sees (summed)
     layer_weight.npy  C x C_in x kh x kw float32 (and layer_bias.npy when the layer has a bias)
     chunks/           while running: one .npz per finished chunk of images (deleted when complete)
+
+Format 1 stores (``input_sums.npy``: K x C_in x H x W whole input maps) still open; their ARVs follow from
+the input sums, which convert exactly into tap sums (``utils.arv.class_tap_sums``).
 
 Every file is written under a temporary name and renamed, so a crash leaves the old or the new
 state. All arrays open with ``numpy.load(path, mmap_mode="r")``; nothing is pickled.
@@ -21,11 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from .concepts import ClassNames
+from .concepts import ClassMap, ClassNames, class_map
+from .data import ImageList, class_folders, list_images
 from .errors import UserError
 from .files import read_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # What must agree between a store and a run that uses it: key -> words for the message.
 IDENTITY_KEYS = {"model": "model", "weights": "weights", "layer": "layer",
                  "data_fingerprint": "image list", "max_images_per_class": "--max_images_per_class"}
@@ -62,9 +67,9 @@ class Store:
         if not os.path.isfile(meta_path):
             raise UserError(f"no stage-1 store at {path} (run get_importances_for_classes.py first)")
         meta = read_json(meta_path)
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise UserError(f"store {path} has format version {meta.get('format_version')}, "
-                            f"this toolkit reads {FORMAT_VERSION}")
+                            f"this toolkit reads {', '.join(map(str, READABLE_VERSIONS))}")
         if require_complete and not meta.get("complete"):
             raise UserError(f"store {path} is incomplete: rerun get_importances_for_classes.py to finish it")
         return cls(path, meta)
@@ -75,7 +80,8 @@ class Store:
     relevance = _array("relevance", mmap=True)  # N x C float16, memory-mapped
     targets = _array("targets")  # N int64
     predictions = _array("predictions")  # N int64
-    input_sums = _array("input_sums", mmap=True)  # K x C_in x H x W float64, memory-mapped
+    tap_sums = _array("tap_sums", mmap=True)  # K x C_in x kh x kw float64 (format 2)
+    input_sums = _array("input_sums", mmap=True)  # K x C_in x H x W float64 (format 1), memory-mapped
     layer_weight = _array("layer_weight")  # C x C_in x kh x kw float32
 
     @property
@@ -84,7 +90,17 @@ class Store:
 
     @property
     def num_classes(self) -> int:
-        return len(self.meta["classes"])
+        """K: the length of every per-class array (the model's outputs; format 1: the class folders)."""
+        return len(self.meta["class_counts"])
+
+    @property
+    def format_version(self) -> int:
+        return int(self.meta["format_version"])
+
+    @property
+    def class_index(self) -> dict[str, int]:
+        """Class folder -> logit index (format 1: the folder's position)."""
+        return self.meta.get("class_index") or {f: t for t, f in enumerate(self.meta["classes"])}
 
     @property
     def num_channels(self) -> int:
@@ -93,7 +109,8 @@ class Store:
     @property
     def names(self) -> ClassNames:
         """Human class names (the weights' categories, else the class folders)."""
-        return ClassNames(self.meta.get("class_names"), self.meta["classes"])
+        index = self.class_index
+        return ClassNames(self.meta.get("class_names"), list(index), list(index.values()))
 
     def check(self, **wanted: Any) -> None:
         diff = identity_difference(self.meta, wanted)
@@ -108,12 +125,12 @@ def open_store(store_dir: str, model: str, layer: str | None = None, weights: st
     another layer's is ``<model>_<layer>_channel_importances``. ``weights``, when given, is checked
     against the store as far as it can be known without the weights file.
     """
-    from .models import weights_id
+    from .models import model_tag, weights_id
 
-    default_path = os.path.join(store_dir, f"{model}_channel_importances")
+    default_path = os.path.join(store_dir, f"{model_tag(model)}_channel_importances")
     path = default_path
     if layer not in (None, "", "last_conv"):
-        own = os.path.join(store_dir, f"{model}_{layer}_channel_importances")
+        own = os.path.join(store_dir, f"{model_tag(model)}_{layer}_channel_importances")
         meta = os.path.join(default_path, "meta.json")
         if os.path.isfile(os.path.join(own, "meta.json")) or not os.path.isfile(meta) \
                 or read_json(meta).get("layer") != layer:
@@ -127,3 +144,39 @@ def open_store(store_dir: str, model: str, layer: str | None = None, weights: st
         wanted["weights"] = wid
     store.check(**wanted)
     return store
+
+
+def data_class_map(data_dir: str, split: str, outputs: int, class_index: str | None = None,
+                   store_path: str | None = None) -> ClassMap:
+    """The class map of ``data_dir/split``: the one the stage-1 store at ``store_path`` recorded when it is at
+    hand (``--class_index``, if also given, must agree with it), else :func:`utils.concepts.class_map`."""
+    folders = class_folders(data_dir, split)
+    root = os.path.join(data_dir, split)
+    meta_path = os.path.join(store_path or "", "meta.json")
+    if not store_path or not os.path.isfile(meta_path):
+        return class_map(folders, outputs, class_index, root)
+    meta = read_json(meta_path)
+    recorded = meta.get("class_index") or {f: t for t, f in enumerate(meta["classes"])}
+    if class_index is not None:
+        given = class_map(folders, outputs, class_index, root).index
+        if any(recorded.get(f) != t for f, t in given.items()):
+            raise UserError(f"--class_index {class_index} differs from the class map of store {store_path}")
+    return ClassMap(recorded, meta.get("num_classes") or len(meta.get("class_counts") or recorded))
+
+
+def training_images(store: Store, data_dir: str, classes: list[int], class_index: str | None = None) -> ImageList:
+    """The training images of ``classes`` (only those folders are listed), checked against the store: the
+    same files (names, sizes, modification times) as when stage 1 ran."""
+    cmap = data_class_map(data_dir, "train", store.num_classes, class_index, store.path)
+    meta = store.meta
+    if store.format_version == 1:  # fingerprints of the whole list, names only
+        images = list_images(data_dir, "train", meta.get("max_images_per_class"), cmap)
+        same = images.legacy_fingerprint() == meta["data_fingerprint"]
+    else:
+        images = list_images(data_dir, "train", meta.get("max_images_per_class"), cmap, only=classes)
+        recorded = meta.get("class_fingerprints", {})
+        same = all(recorded.get(c) == f for c, f in images.class_fingerprints().items())
+    if not same:
+        raise UserError(f"the training images in {data_dir} are not those of store {store.path} "
+                        f"(made from {meta.get('data_root')}); pass the same --data_dir as in stage 1")
+    return images

@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import UserError
 from .files import save_torch
-from .models import get_layer, set_module
+from .models import build_model, get_layer, set_module
 from .split import Split
 
 
@@ -105,15 +105,13 @@ def export_checkpoint(model: nn.Module, model_name: str, records: list, path: st
 
 
 def load_checkpoint(path: str) -> nn.Module:
-    """Rebuild a network saved by :func:`export_network` (no custom classes needed)."""
-    import torchvision
+    """Rebuild a network saved by :func:`export_network` (no custom classes needed; a timm model needs timm,
+    your own model its file)."""
+    from .model_sources import head_size
 
     ck = torch.load(path, map_location="cpu", weights_only=True)
     sd = ck["state_dict"]
-    probe = torchvision.models.get_model(ck["model"], weights=None)
-    heads = [n for n, m in probe.named_modules() if isinstance(m, nn.Linear)]
-    kwargs = {"num_classes": int(sd[f"{heads[-1]}.weight"].shape[0])} if heads and f"{heads[-1]}.weight" in sd else {}
-    model = torchvision.models.get_model(ck["model"], weights=None, **kwargs)
+    model = build_model(ck["model"], head_size(sd, build_model(ck["model"])))
     for layer, channels in ck["splits"].items():
         _, conv = get_layer(model, layer)
         ks = ck.get("k", {}).get(layer, [2] * len(channels))

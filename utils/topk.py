@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import ImageList, check_batch
+from .device import to_device
 from .relevance import layer_input
 from .split import FilterBank
 
@@ -67,7 +68,7 @@ def stream_topk(model: nn.Module, conv: nn.Conv2d, bank: FilterBank, loader, k: 
     for x, y, idx in tqdm(loader, desc="top-k", unit="batch", disable=not progress, leave=False):
         if images is not None:
             check_batch(images, y, idx)
-        inp = layer_input(model, conv, x.to(device, non_blocking=True))
+        inp = layer_input(model, conv, to_device(x, torch.device(device), images=True))
         maps = bank.maps(conv, inp).float()  # B x S x H' x W'
         out_hw = tuple(maps.shape[-2:])
         act = maps.sum((2, 3)).T.cpu()  # S x B

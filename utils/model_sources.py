@@ -1,0 +1,259 @@
+"""Where a model comes from: torchvision by name, timm (``timm/<name>``), or a user's own Python file
+(``path/to/file.py:function``). Each source builds the network, loads its weights without downloading
+anything, and says what its weights declare: class names and the evaluation transform.
+
+Weights: ``default`` (torchvision: ``IMAGENET1K_V1``; timm: its pretrained weights; own file: the model
+as the function returns it), a weights name (torchvision) or ``pretrained`` (timm), a local checkpoint
+file (a state_dict, read with ``weights_only=True``), or ``none`` (random initialisation, seeded).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+
+from .data import Preprocess
+from .errors import UserError
+
+DEFAULT_WEIGHTS = "default"
+TORCHVISION_DEFAULT = "IMAGENET1K_V1"
+
+
+@dataclass
+class Built:
+    """A freshly built network and what its weights declare."""
+
+    model: nn.Module
+    weights_id: str
+    categories: list[str] | None = None
+    preprocess: Preprocess = Preprocess()
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_checkpoint(weights: str) -> bool:
+    return os.path.exists(weights) or os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def hub_checkpoint_dir() -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The state_dict in ``path`` (``torch.load(..., weights_only=True)``; a ``state_dict``/``model`` entry of a
+    training checkpoint works too). Anything else is one line saying how to make a plain state dict."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint file {path} does not exist")
+    how = ("save one with torch.save(model.state_dict(), PATH); this toolkit never unpickles arbitrary objects")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a pickled module, a damaged or foreign file: all "not a state dict"
+        raise UserError(f"checkpoint {path} is not a plain state dict of tensors: {how}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"checkpoint {path} is not a plain state dict of tensors: {how}")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_state(model: nn.Module, path: str, name: str) -> None:
+    """Load the checkpoint ``path`` into ``model`` strictly; a mismatch is one line."""
+    try:
+        model.load_state_dict(read_state_dict(path), strict=True)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit {name}: {' '.join(str(e).split())[:300]}") from None
+
+
+def last_linear(model: nn.Module) -> tuple[str | None, nn.Linear | None]:
+    found = (None, None)
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            found = (n, m)
+    return found
+
+
+def head_size(state: dict[str, torch.Tensor], probe: nn.Module) -> int | None:
+    """The classifier size a checkpoint was trained with (its last Linear's rows), if it says."""
+    head, _ = last_linear(probe)
+    w = state.get(f"{head}.weight") if head else None
+    return int(w.shape[0]) if w is not None else None
+
+
+# ------------------------------------------------------------------ torchvision
+
+
+def torchvision_models() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def torchvision_weights_id(name: str, weights: str) -> str | None:
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        return None
+    return f"{enum.__name__}.{TORCHVISION_DEFAULT if weights == DEFAULT_WEIGHTS else weights}"
+
+
+def build_torchvision(name: str, weights: str, num_classes: int | None) -> Built:
+    if name not in torchvision_models():
+        raise UserError(f"unknown model {name!r}; torchvision classification models are e.g. resnet18, resnet50, "
+                        "vgg16, densenet121, convnext_tiny (timm models: timm/<name>; your own: file.py:function)")
+    kw = {"num_classes": num_classes} if num_classes else {}
+    if weights == "none":
+        torch.manual_seed(0)
+        return Built(torchvision.models.get_model(name, weights=None, **kw), "none")
+    if is_checkpoint(weights):
+        if not kw:
+            n = head_size(read_state_dict(weights), torchvision.models.get_model(name, weights=None))
+            kw = {"num_classes": n} if n else {}
+        model = torchvision.models.get_model(name, weights=None, **kw)
+        load_state(model, weights, name)
+        return Built(model, "file:" + file_sha256(weights)[:16])
+    enum = torchvision.models.get_model_weights(name)
+    wname = TORCHVISION_DEFAULT if weights == DEFAULT_WEIGHTS else weights
+    if wname not in enum.__members__:
+        raise UserError(f"model {name} has no weights {wname!r}; choose one of {', '.join(enum.__members__)}, "
+                        "a checkpoint file, or none")
+    w = enum[wname]
+    fname = os.path.basename(w.url)
+    if not os.path.isfile(os.path.join(hub_checkpoint_dir(), fname)):
+        raise UserError(f"weights {name}/{wname} are not on this machine: put {fname} into {hub_checkpoint_dir()} "
+                        "(set TORCH_HOME to move it), or pass a checkpoint file or --weights none")
+    tf = w.transforms()
+    pre = Preprocess(int(tf.resize_size[0]), int(tf.crop_size[0]), tf.interpolation.value, tuple(tf.mean), tuple(tf.std))
+    return Built(torchvision.models.get_model(name, weights=w), torchvision_weights_id(name, wname),
+                 list(w.meta.get("categories") or []) or None, pre)
+
+
+# ------------------------------------------------------------------ timm
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise UserError("timm models need the timm package: pip install timm") from None
+    return timm
+
+
+def timm_local_weights(arch: str) -> str:
+    """The local file of timm's pretrained weights of ``arch`` (Hugging Face cache or torch hub cache)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    if cfg is None:
+        raise UserError(f"timm model {arch} has no pretrained weights; pass a checkpoint file or --weights none")
+    repo = cfg.hf_hub_id
+    if repo:
+        names = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else []
+        for fname in names + ["model.safetensors", "pytorch_model.bin"]:
+            found = try_to_load_from_cache(repo, fname)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    if cfg.url:
+        local = os.path.join(hub_checkpoint_dir(), os.path.basename(cfg.url))
+        if os.path.isfile(local):
+            return local
+    where = os.path.join(constants.HF_HUB_CACHE, "models--" + repo.replace("/", "--")) if repo else hub_checkpoint_dir()
+    raise UserError(f"timm weights of {arch} are not on this machine (looked in {where}); fetch them once on a "
+                    "machine with internet (timm.create_model(..., pretrained=True)) and copy the cache, or pass a "
+                    "checkpoint file or --weights none")
+
+
+def timm_preprocess(model: nn.Module) -> Preprocess:
+    """The evaluation transform timm's data config declares for ``model`` (centre crop)."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    crop = int(cfg["input_size"][-1])
+    interp = cfg.get("interpolation", "bilinear")
+    return Preprocess(int(math.floor(crop / cfg.get("crop_pct", 0.875))), crop,
+                      interp if interp in ("nearest", "bilinear", "bicubic") else "bilinear",
+                      tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def timm_categories(model: nn.Module) -> list[str] | None:
+    """Class names from timm's ImageNet info, for models trained on an ImageNet subset it knows."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    try:
+        subset = infer_imagenet_subset(model)
+        if not subset:
+            return None
+        info = ImageNetInfo(subset)
+        return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
+    except Exception:  # noqa: BLE001 - names are a nicety; folder names stand in
+        return None
+
+
+def build_timm(arch: str, weights: str, num_classes: int | None) -> Built:
+    timm = _timm()
+    if not timm.is_model(arch):
+        raise UserError(f"timm has no model {arch!r} (timm.list_models() lists them)")
+    kw = {"num_classes": num_classes} if num_classes else {}
+    if weights == "none":
+        torch.manual_seed(0)
+        model, wid = timm.create_model(arch, pretrained=False, **kw), "none"
+    elif is_checkpoint(weights):
+        if not kw:
+            n = head_size(read_state_dict(weights), timm.create_model(arch, pretrained=False))
+            kw = {"num_classes": n} if n else {}
+        model = timm.create_model(arch, pretrained=False, **kw)
+        load_state(model, weights, f"timm/{arch}")
+        wid = "file:" + file_sha256(weights)[:16]
+    elif weights in (DEFAULT_WEIGHTS, "pretrained"):
+        local = timm_local_weights(arch)
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": local}, **kw)
+        wid = f"timm:{arch}"
+    else:
+        raise UserError(f"--weights for a timm model is pretrained (default), a checkpoint file or none, not {weights!r}")
+    return Built(model, wid, timm_categories(model), timm_preprocess(model))
+
+
+# ------------------------------------------------------------------ a user's own file
+
+
+def split_file_spec(name: str) -> tuple[str, str] | None:
+    """``("path/to/file.py", "function")`` for ``path/to/file.py:function``, else None."""
+    m = re.fullmatch(r"(.+\.py):([A-Za-z_][A-Za-z0-9_]*)", name)
+    return (m[1], m[2]) if m else None
+
+
+def build_own(name: str, weights: str, num_classes: int | None) -> Built:
+    path, function = split_file_spec(name)
+    if not os.path.isfile(path):
+        raise UserError(f"no file {path} (--model path/to/file.py:function)")
+    spec = importlib.util.spec_from_file_location(f"_user_model_{hashlib.sha1(path.encode()).hexdigest()[:8]}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        fn = getattr(module, function)
+        out = fn()
+    except AttributeError:
+        raise UserError(f"{path} has no function {function}") from None
+    except Exception as e:  # noqa: BLE001 - the user's code: say what failed in one line
+        raise UserError(f"{name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    model, names = (out if isinstance(out, tuple) else (out, None))
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{name} must return an nn.Module (or a tuple of one and its class names), not {type(model).__name__}")
+    wid = "as-built:" + file_sha256(path)[:16]
+    if weights not in (DEFAULT_WEIGHTS, "none"):
+        load_state(model, weights, name)
+        wid = "file:" + file_sha256(weights)[:16]
+    return Built(model, wid, list(names) if names else None)
