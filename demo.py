@@ -14,13 +14,14 @@ The real setting is the same command with data and a model:
 import argparse
 import os
 
+from utils.cli import add_json_arg, make_parser, nonnegative_float, nonnegative_int, positive_int, write_json_output
 from utils.errors import run_cli
 
 DEMO_MODEL = "mobilenet_v3_small"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--data_dir", default=None,
                    help="ImageFolder root with train/ and val/ (default: build the digits demo in demo_data/digits)")
     p.add_argument("--model", default=None, help=f"torchvision model, timm/<name> or file.py:function (default: "
@@ -31,34 +32,36 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="Conv2d of interest (default: the model's last conv)")
     p.add_argument("--store_dir", default=None, help="stage-1 store and disentanglements (default: OUT_DIR/store)")
     p.add_argument("--out_dir", default="demo_output", help="report, plots and results (default: demo_output)")
-    p.add_argument("--top_k", type=int, default=2, help="how many pairs to disentangle (default: 2)")
-    p.add_argument("--tau", "--proportion_attribution_required", dest="tau", type=float, default=None,
+    p.add_argument("--top_k", type=positive_int, default=2, help="how many pairs to disentangle (default: 2)")
+    p.add_argument("--tau", "--proportion_attribution_required", dest="tau", type=nonnegative_float, default=None,
                    help="importance threshold tau (default: 0.01 for the digits demo, whose small network spreads relevance over many channels; 0.03, the paper's, with --data_dir)")
     p.add_argument("--p", type=float, default=0.75, help="share of a class's images (default: 0.75)")
     p.add_argument("--cos_sim_high", type=float, default=0.5, help="list pairs with s below this (default: 0.5)")
-    p.add_argument("--epochs", type=int, default=2, help="training epochs of the digits model (default: 2)")
-    p.add_argument("--max_images_per_class", type=int, default=None, help="first N training images per class")
-    p.add_argument("--pictures_k", type=int, default=12, help="top activating images per panel (default: 12)")
-    p.add_argument("--fv_steps", type=int, default=64, help="feature-visualisation steps, 0 for none (default: 64)")
+    p.add_argument("--epochs", type=positive_int, default=2, help="training epochs of the digits model (default: 2)")
+    p.add_argument("--max_images_per_class", type=positive_int, default=None, help="first N training images per class")
+    p.add_argument("--pictures_k", type=positive_int, default=12, help="top activating images per panel (default: 12)")
+    p.add_argument("--fv_steps", type=nonnegative_int, default=64, help="feature-visualisation steps, 0 for none (default: 64)")
     p.add_argument("--class_index", metavar="FILE", default=None,
                    help="JSON {\"folder\": logit index} when --data_dir's class folders are neither one per model "
                         "output nor ImageNet wnids (default: automatic)")
-    p.add_argument("--batch_size", type=int, default=64, help="images per batch in every pass (default: 64)")
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("--batch_size", type=positive_int, default=64, help="images per batch in every pass (default: 64)")
+    p.add_argument("--num_workers", type=nonnegative_int, default=min(4, os.cpu_count() or 1),
                    help="data loader processes (default: min(4, CPUs))")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the digits model's training and of the feature visualisations (default: 0)")
+    add_json_arg(p)
     return p
 
 
-def main(args: argparse.Namespace) -> str:
+def main(args: argparse.Namespace) -> dict:
     from utils.pipeline import DemoConfig, run_demo
 
-    cfg = DemoConfig(**{k: v for k, v in vars(args).items()})
-    report = run_demo(cfg)
-    print(f"report: {os.path.abspath(report)}")
-    return report
+    cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k != "json"})
+    out = run_demo(cfg)
+    print(f"report: {out['report']}")
+    write_json_output(args.json, out)
+    return out
 
 
 if __name__ == "__main__":

@@ -16,19 +16,19 @@ import argparse
 import os
 import time
 
-from utils.cli import (add_concept_args, add_image_pass_args, add_json_arg, check_channels, concepts_of, output_path,
-                       write_json_output)
+from utils.cli import (add_concept_args, add_image_pass_args, add_json_arg, check_channels, concepts_of, make_parser,
+                       output_path, positive_int, write_json_output)
 from utils.errors import run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_image_pass_args(p)
     g = p.add_argument_group("disentanglement")
     g.add_argument("--channel_disentangle", type=int, required=True, metavar="C",
                    help="the channel c of the layer to split")
     add_concept_args(g)
-    g.add_argument("--check_images", type=int, default=32, metavar="N",
+    g.add_argument("--check_images", type=positive_int, default=32, metavar="N",
                    help="concept images on which the original and the disentangled network's logits are "
                         "compared (full forwards; default: 32)")
     g.add_argument("--export", metavar="PATH", type=output_path, default=None,
@@ -40,17 +40,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     from utils.disentangle import Stage3Config, disentangle_channel
+    from utils.files import check_writable
     from utils.distributed import distributed_context
     from utils.models import load_model
     from utils.records import save_record
     from utils.surgery import export_checkpoint
 
     start = time.perf_counter()
+    check_writable(os.path.join(args.store_dir, "models_disentangled"))  # before the pass
     with distributed_context(args.device, args.gpu) as (rank, world, device):
         cfg = Stage3Config(data_dir=args.data_dir, store_dir=args.store_dir, channel=args.channel_disentangle,
                            concepts=concepts_of(args), model=args.model, weights=args.weights, layer=args.layer,
                            batch_size=args.batch_size, device=device, num_workers=args.num_workers,
-                           class_index=args.class_index,
+                           class_index=args.class_index, progress=not args.no_progress,
                            check_images=args.check_images, rank=rank, world_size=world)
         lm = load_model(args.model, args.weights)
         rec, sw = disentangle_channel(cfg, loaded=lm, check=lambda c: check_channels(

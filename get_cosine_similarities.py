@@ -11,12 +11,12 @@ and written to STORE_DIR/results_get_cosine_similarities/. Reads no images.
 import argparse
 import os
 
-from utils.cli import add_json_arg, add_model_args, add_store_arg, write_json_output
+from utils.cli import add_json_arg, add_model_args, add_store_arg, make_parser, positive_int, write_json_output
 from utils.errors import run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_model_args(p, weights_default=None,
                    weights_help="only checked against the store when given (a torchvision weights name, a "
                                 "checkpoint file, or 'none'); stage 2 never loads weights")
@@ -28,7 +28,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="p: share of a class's training images for which the channel must be important (default: 0.75)")
     g.add_argument("--cos_sim_low", type=float, default=0.0, help="gamma_low: list pairs with s >= this (default: 0.0)")
     g.add_argument("--cos_sim_high", type=float, default=1.0, help="gamma_high: list pairs with s < this (default: 1.0)")
-    g.add_argument("--rows", type=int, default=16384, help="relevance rows read per step (default: 16384)")
+    g.add_argument("--rows", type=positive_int, default=16384, help="relevance rows read per step (default: 16384)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     c = p.add_argument_group("accepted for compatibility (stage 2 reads no images)")
     c.add_argument("--data_dir", default=None, help="ignored")
@@ -52,6 +52,8 @@ def main(args: argparse.Namespace) -> None:
     from utils.cli import check_channels
     from utils.errors import UserError
     from utils.selection import check_params, find_pairs, results_path, write_pairs
+    from utils.files import check_writable
+    from utils.models import model_tag
     from utils.store import open_store
 
     check_params(args.tau, args.p, args.cos_sim_low, args.cos_sim_high)
@@ -61,6 +63,10 @@ def main(args: argparse.Namespace) -> None:
     check_channels(args.nr_channels_in_layer_of_interest, store.num_channels,
                    f"layer {store.meta['layer']} in store {store.path}")
     m = store.meta
+    layer_tag = "" if os.path.basename(store.path) == f"{model_tag(args.model)}_channel_importances" else f"_{m['layer']}"
+    path = results_path(args.store_dir, model_tag(args.model), args.tau, args.p, args.cos_sim_low, args.cos_sim_high,
+                        layer_tag)
+    check_writable(os.path.dirname(path))  # before the pass over the relevance rows
     print(f"store {store.path}: {m['model']} {m['layer']}, {m['num_images']} training images, "
           f"{store.num_classes} classes, {store.num_channels} channels")
     res = find_pairs(store, args.tau, args.p, args.cos_sim_low, args.cos_sim_high, rows=args.rows,
@@ -75,8 +81,6 @@ def main(args: argparse.Namespace) -> None:
     print("Objects with cosine similarity below threshold:")
     print([{**d, "cosine_similarity": round(d["cosine_similarity"], 4)} for d in res.pairs])
     print(len(res.pairs))
-    layer_tag = "" if os.path.basename(store.path) == f"{args.model}_channel_importances" else f"_{m['layer']}"
-    path = results_path(args.store_dir, args.model, args.tau, args.p, args.cos_sim_low, args.cos_sim_high, layer_tag)
     write_pairs(path, res.pairs)
     print(f"written: {path}")
     write_json_output(args.json, {"pairs": res.pairs,

@@ -12,20 +12,22 @@ Each process takes a disjoint share of the images; the store equals a single-pro
 """
 import argparse
 
-from utils.cli import add_image_pass_args, add_json_arg, write_json_output
+from utils.cli import add_image_pass_args, add_json_arg, make_parser, positive_int, write_json_output
 from utils.errors import UserError, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_image_pass_args(p)
-    p.add_argument("--max_images_per_class", type=int, default=None, metavar="N",
+    p.add_argument("--max_images_per_class", type=positive_int, default=None, metavar="N",
                    help="use only the first N images of each class (quick runs)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast dtype of the pass (default: fp32); recorded in the store")
-    p.add_argument("--chunk_images", type=int, default=None, metavar="N",
+    p.add_argument("--chunk_images", type=positive_int, default=None, metavar="N",
                    help="images per resumable chunk (default: about 4096, a multiple of --batch_size); "
                         "fixed when the store is created")
+    p.add_argument("--wait", action="store_true",
+                   help="if another job is writing this store, wait for it to finish (default: stop with one line)")
     add_json_arg(p)
     return p
 
@@ -42,7 +44,8 @@ def main(args: argparse.Namespace) -> None:
                            layer=args.layer, batch_size=args.batch_size, device=device,
                            class_index=args.class_index,
                            num_workers=args.num_workers, max_images_per_class=args.max_images_per_class,
-                           precision=args.precision, chunk_images=args.chunk_images, rank=rank, world_size=world)
+                           precision=args.precision, chunk_images=args.chunk_images, rank=rank, world_size=world,
+                           wait=args.wait, progress=not args.no_progress)
         s = compute_importances(cfg, check=lambda c: check_channels(args.nr_channels_in_layer_of_interest, c,
                                                                     f"layer {args.layer or 'last_conv'}"))
     if rank != 0:

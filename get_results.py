@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from utils.cli import add_concept_args, add_data_args, add_device_args, add_json_arg, add_model_args, concepts_of, \
-    write_json_output
+from utils.cli import (add_concept_args, add_data_args, add_device_args, add_json_arg, add_model_args, concepts_of,
+                       make_parser, nonnegative_float, nonnegative_int, write_json_output)
 from utils.errors import UserError, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_data_args(p, required=False)
     add_model_args(p, layer_flags=("--layer_of_interest", "--layer"))
     add_device_args(p)
@@ -45,15 +45,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("outputs")
     o.add_argument("--get_qualitative", action="store_true", help="write the density plots and pgfplots data")
     o.add_argument("--get_quantitative", action="store_true", help="write the per-image fraction rows as CSV")
-    o.add_argument("--proportion_attribution_required", "--tau", dest="tau", type=float, default=0.03,
+    o.add_argument("--proportion_attribution_required", "--tau", dest="tau", type=nonnegative_float, default=0.03,
                    help="tau: minimum relative attribution of the channel for an image to give a row (default: 0.03)")
     o.add_argument("--out_dir", default=".", help="where plots/ and results_quantitative/ go (default: .)")
-    o.add_argument("--purity", dest="purity_k", type=int, default=0, metavar="K",
+    o.add_argument("--purity", dest="purity_k", type=nonnegative_int, default=0, metavar="K",
                    help="also the purity of Original, D1, D2: shares of their top-K val images (all classes) "
                         "that belong to each concept (one more pass over val/; default: off)")
     o.add_argument("--summarize", metavar="DIR", default=None,
                    help="only print (and write summary.csv/.md into DIR) the table over the CSVs in DIR")
-    o.add_argument("--no_progress", action="store_true", help="no progress bar")
     add_json_arg(p)
     return p
 
@@ -86,9 +85,15 @@ def main(args: argparse.Namespace, loaded=None) -> dict:
         raise UserError(f"missing {', '.join(missing)} (or pass --summarize DIR)")
     from utils.distributed import distributed_context
 
+    from utils.files import check_writable
+
     qualitative, quantitative = args.get_qualitative, args.get_quantitative
+    both = not (qualitative or quantitative)
+    for wanted, sub in ((qualitative or both, "plots"), (quantitative or both, "results_quantitative")):
+        if wanted:
+            check_writable(os.path.join(args.out_dir, sub))  # before the pass
     with distributed_context(args.device, args.gpu) as (rank, world, device):
-        if not (qualitative or quantitative):
+        if both:
             if rank == 0:
                 print("neither --get_qualitative nor --get_quantitative given: doing both")
             qualitative = quantitative = True

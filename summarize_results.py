@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from utils.cli import add_json_arg, write_json_output
+from utils.cli import add_json_arg, make_parser, write_json_output
 from utils.errors import run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--results_dir", default=os.path.join(".", "results_quantitative"),
                    help="folder of the per-pair CSVs (default: ./results_quantitative)")
     add_json_arg(p)

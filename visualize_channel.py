@@ -19,12 +19,12 @@ folder of disentangle_channel.py) and, for the original channel, Disentangled 1 
 import argparse
 
 from utils.cli import (add_concept_args, add_data_args, add_device_args, add_json_arg, add_model_args, check_channels,
-                       concepts_of, write_json_output)
+                       concepts_of, make_parser, positive_int, write_json_output)
 from utils.errors import UserError, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_data_args(p)
     add_model_args(p, layer_flags=("--layer", "--layer_of_interest"))
     add_device_args(p)
@@ -37,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--f", dest="rho", type=float, default=None, help="rho of the split (default: the record's best)")
     g = p.add_argument_group("pictures")
     g.add_argument("--split", choices=("train", "val"), default="train", help="images to search (default: train)")
-    g.add_argument("--top_k", type=int, default=12, help="top activating images per sub-channel (default: 12)")
+    g.add_argument("--top_k", type=positive_int, default=12, help="top activating images per sub-channel (default: 12)")
     g.add_argument("--residual", action="store_true", help="also show the residual sub-channel")
     g.add_argument("--heatmap", action="store_true",
                    help="show whole images with the activation map instead of receptive-field crops")
@@ -61,12 +61,14 @@ def main(args: argparse.Namespace) -> None:
     import os
 
     from utils.featvis import FVConfig
+    from utils.files import check_writable
     from utils.pictures import PicturesConfig, channel_pictures
 
     for flag, v, low in (("--fv_steps", args.fv_steps, 1), ("--fv_size", args.fv_size, 16),
                          ("--fv_views", args.fv_views, 1), ("--fv_spectrum_images", args.fv_spectrum_images, 1)):
         if v < low:
             raise UserError(f"{flag} must be at least {low}")
+    check_writable(args.out_dir)  # before the passes
     fv = None if args.no_fv else FVConfig(method=args.fv_method, steps=args.fv_steps, size=args.fv_size,
                                           input_size=min(args.fv_size, 224), views=args.fv_views, seed=args.seed)
     cfg = PicturesConfig(
@@ -75,7 +77,7 @@ def main(args: argparse.Namespace) -> None:
         rho=args.rho, split=args.split, top_k=args.top_k, out_dir=args.out_dir, residual=args.residual,
         heatmap=args.heatmap, crop_size=args.crop_size, fv=fv, fv_spectrum_images=args.fv_spectrum_images,
         batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, gpu=args.gpu,
-        class_index=args.class_index)
+        class_index=args.class_index, progress=not args.no_progress)
     s = channel_pictures(cfg, check=lambda c: check_channels(args.nr_channels_in_layer_of_interest, c,
                                                              f"layer {args.layer or 'last_conv'}"))
     print(f"channel {s['channel']} of {s['model']} {s['layer']} at rho {s['rho']:.2f}: top {s['top_k']} of "

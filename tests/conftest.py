@@ -149,13 +149,17 @@ def write_store(path: str, conv: nn.Conv2d, class_sums: np.ndarray, class_counts
 
     os.makedirs(path, exist_ok=True)
     save_npy(os.path.join(path, "tap_sums.npy" if version == 2 else "input_sums.npy"), np.asarray(class_sums, np.float64))
+    targets = np.repeat(np.arange(len(class_counts)), class_counts).astype(np.int64)
+    save_npy(os.path.join(path, "relevance.npy"), np.zeros((len(targets), conv.out_channels), np.float16))
+    save_npy(os.path.join(path, "targets.npy"), targets)
+    save_npy(os.path.join(path, "predictions.npy"), targets)
     save_npy(os.path.join(path, "layer_weight.npy"), conv.weight.detach().float().numpy())
     if conv.bias is not None:
         save_npy(os.path.join(path, "layer_bias.npy"), conv.bias.detach().float().numpy())
     write_json(os.path.join(path, "meta.json"), {
         "format_version": version, "complete": True, "model": "hand", "weights": "none", "layer": "conv",
         "in_channels": conv.in_channels, "out_channels": conv.out_channels, "conv": conv_meta(conv),
-        "tap_shape": [conv.in_channels, *conv.kernel_size],
+        "tap_shape": [conv.in_channels, *conv.kernel_size], "input_shape": [conv.in_channels, *np.shape(class_sums)[2:]],
         "classes": [f"class{t}" for t in range(len(class_counts))], "class_names": None,
         "class_counts": list(class_counts), "num_images": int(sum(class_counts))})
     return path

@@ -28,8 +28,9 @@ def test_demo_pipeline_small(tmp_path):
     cfg = DemoConfig(demo_root=str(tmp_path / "demo_data"), out_dir=str(tmp_path / "out"), epochs=1, max_train=400,
                      max_images_per_class=30, top_k=1, p=0.5, cos_sim_high=1.0, pictures_k=4, fv_steps=4,
                      batch_size=32, num_workers=0, progress=False)
-    report = run_demo(cfg)
-    assert os.path.isfile(report)
+    out = run_demo(cfg)
+    report = out["report"]
+    assert os.path.isfile(report) and len(out["disentangled"]) == 1 and out["disentangled"][0]["best_rho"] > 0
     page = open(report).read()
     # the digits dataset in ImageFolder form, 10 classes, train and val
     for split in ("train", "val"):

@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import torch
 
+from .errors import UserError
 from .files import atomic_path, read_json, save_npy, save_npz, write_json
 
 
@@ -57,24 +58,37 @@ def write_chunk(path: str, j: int, rel: torch.Tensor, pred: torch.Tensor, tgt: t
              sums=sums[torch.from_numpy(present).to(sums.device)].cpu().numpy())
 
 
+def assembled_bytes(meta: dict) -> int:
+    """Bytes the final arrays of a store take (known before assembly, from its meta)."""
+    n, C, K = meta["num_images"], meta["out_channels"], meta["num_classes"]
+    return n * C * 2 + 2 * n * 8 + K * int(np.prod(meta["tap_shape"])) * 8 + 3 * 4096
+
+
 def assemble(path: str, meta: dict, plan: ChunkPlan) -> None:
-    """Join the chunk files, in order, into the final arrays; then mark the store complete."""
-    n, C = meta["num_images"], meta["out_channels"]
-    K = meta["num_classes"]
-    targets = np.empty(n, np.int64)
-    preds = np.empty(n, np.int64)
+    """Join the chunk files, in order, into the final arrays; then mark the store complete.
+
+    The space the arrays need is checked first; every file is written as a stream (no memory map, so a
+    full disk is an error, not a SIGBUS) under a temporary name, and the chunks stay until the end, so
+    a failed assembly is redone by the next run.
+    """
+    need, free = assembled_bytes(meta), shutil.disk_usage(path).free
+    if free < need:
+        raise UserError(f"not enough space in {path} to assemble the store: it needs {need / 1e9:.2f} GB, "
+                        f"{free / 1e9:.2f} GB are free; free some space and rerun the same command (the "
+                        f"{plan.count} finished chunks are kept)")
+    n, C, K = meta["num_images"], meta["out_channels"], meta["num_classes"]
+    targets, preds = np.empty(n, np.int64), np.empty(n, np.int64)
     sums = np.zeros((K, int(np.prod(meta["tap_shape"]))), np.float64)
-    with atomic_path(os.path.join(path, "relevance.npy")) as tmp:
-        rel = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, C))
+    with atomic_path(os.path.join(path, "relevance.npy")) as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                                 "fortran_order": False, "shape": (n, C)})
         for j in range(plan.count):
             lo, hi = plan.bounds(j)
             with np.load(chunk_path(path, j), allow_pickle=False) as z:
-                rel[lo:hi] = z["relevance"]
+                f.write(np.ascontiguousarray(z["relevance"], dtype=np.float16).tobytes())
                 targets[lo:hi] = z["targets"]
                 preds[lo:hi] = z["predictions"]
                 sums[z["sum_classes"]] += z["sums"]
-        rel.flush()
-        del rel
     save_npy(os.path.join(path, "targets.npy"), targets)
     save_npy(os.path.join(path, "predictions.npy"), preds)
     save_npy(os.path.join(path, "tap_sums.npy"), sums.reshape(K, *meta["tap_shape"]))

@@ -11,11 +11,43 @@ reference flag                        paper
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
 from dataclasses import dataclass
 
 from .errors import UserError
-from .files import write_json
+from .files import check_writable, write_json
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse in the project's error style: one line ``error: ...`` on stderr, exit code 2."""
+
+    def error(self, message: str) -> None:  # argparse's own prints the usage first: two lines and more
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def make_parser(doc: str | None) -> Parser:
+    return Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _number(kind, ok, words: str):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {words}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {words}")
+        return v
+    parse.__name__ = words
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "a whole number of at least 1")
+nonnegative_int = _number(int, lambda v: v >= 0, "a whole number of at least 0")
+nonnegative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number of at least 0")
 
 
 @dataclass(kw_only=True)
@@ -55,8 +87,8 @@ def add_model_args(p: argparse.ArgumentParser, layer_flags=("--layer",), weights
 def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", required=required, help="ImageFolder root holding train/ and val/")
-    g.add_argument("--batch_size", type=int, default=64, help="images per batch (default: 64)")
-    g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+    g.add_argument("--batch_size", type=positive_int, default=64, help="images per batch (default: 64)")
+    g.add_argument("--num_workers", type=nonnegative_int, default=min(8, os.cpu_count() or 1),
                    help="data loader processes (default: min(8, CPUs))")
     g.add_argument("--class_index", metavar="FILE", default=None,
                    help="JSON {\"folder\": logit index} for class folders that are neither one per model output nor "
@@ -67,6 +99,7 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("device")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     g.add_argument("--gpu", type=int, default=None, help="GPU index (same as --device cuda:N)")
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 
 def add_store_arg(p: argparse.ArgumentParser, default: str = "./store") -> None:
@@ -82,10 +115,14 @@ def add_image_pass_args(p: argparse.ArgumentParser) -> None:
 
 
 def output_path(path: str) -> str:
-    """argparse type of an output file: its folder must exist."""
+    """argparse type of an output file: its folder must exist and take files (checked before any pass)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"no folder {folder} to write {path} into")
+    try:
+        check_writable(folder)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return path
 
 

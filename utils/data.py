@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -168,8 +169,12 @@ def _class_files(folder: str, max_images: int | None) -> list[tuple[str, tuple[i
 
 
 def read_rgb(path: str) -> Image.Image:
-    """The image at ``path`` as an RGB PIL image (fully read, file closed)."""
+    """The image at ``path`` as an 8-bit RGB PIL image (fully read, file closed). 16-bit grey images are
+    scaled to 8 bit as an image viewer shows them (PIL's own conversion would clip them to 0/255)."""
     with Image.open(path) as im:
+        if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
+            a = np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
+            return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
         return im.convert("RGB")
 
 

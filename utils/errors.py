@@ -1,6 +1,7 @@
 """One exception type for mistakes a user can make, and the wrapper that turns it into one line."""
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable
 
@@ -9,12 +10,27 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line on stderr, exit code 2."""
 
 
+def describe_os_error(e: OSError) -> str:
+    """One line for a failed file operation: a full disk, a read-only or missing folder, ..."""
+    where = e.filename or "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device of {where}: free some space and rerun the same command "
+                "(finished work is kept)")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {where}: {e.strerror or 'not permitted'}"
+    return f"{e.strerror or type(e).__name__}: {where}"
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a script's ``main``; a :class:`UserError` becomes ``error: ...`` on stderr and exit 2."""
+    """Run a script's ``main``; a :class:`UserError` or a failed file operation becomes ``error: ...`` on
+    stderr and exit 2 (under torchrun the launcher reports the failed process with its own exit status)."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted (rerun the same command to continue where it stopped)", file=sys.stderr)

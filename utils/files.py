@@ -31,9 +31,30 @@ def atomic_path(path: str) -> Iterator[str]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # name the file the user knows, not its temporary name
+        raise OSError(e.errno, e.strerror, path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_writable(folder: str) -> str:
+    """Make sure files can be written into ``folder`` before any long pass, without creating anything: a
+    probe file is made and removed in ``folder`` or, when it does not exist yet, in its nearest existing
+    ancestor (where it will be made). A UserError names the folder otherwise. Returns ``folder``."""
+    here = os.path.abspath(folder)
+    while not os.path.isdir(here):
+        if os.path.exists(here):
+            raise UserError(f"cannot write into {folder}: {here} is not a folder")
+        here = os.path.dirname(here)
+    probe = os.path.join(here, f".write-test-{os.getpid()}")
+    try:
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write into {folder}: {e.strerror}") from None
+    return folder
 
 
 def write_text(path: str, text: str) -> None:

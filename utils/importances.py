@@ -25,7 +25,8 @@ from .data import ImageList, check_batch, class_folders, list_images, make_loade
 from .device import model_on, pin, resolve_device, to_device
 from .distributed import reduce_over_ranks, run_together
 from .errors import UserError
-from .files import read_json, save_npy, write_json
+from .files import check_writable, read_json, save_npy, write_json
+from .lock import writer_lock
 from .models import LoadedModel, default_layer, get_layer, load_model
 from .relevance import capture_layer, relevance_batch
 
@@ -42,6 +43,7 @@ class Stage1Config(RunOptions):
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast dtype of the forward and backward pass
     rank: int = 0
     world_size: int = 1
+    wait: bool = False  # another job writes this store: wait for it (else one line and stop)
 
 
 def _new_meta(cfg: Stage1Config, lm: LoadedModel, layer: str, conv, images: ImageList, cmap: ClassMap,
@@ -91,6 +93,8 @@ def prepare(cfg: Stage1Config, loaded: LoadedModel | None = None) -> Prepared:
     """Validate inputs and load what the pass needs; raises UserError before anything is written."""
     if cfg.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
+    if cfg.max_images_per_class is not None and cfg.max_images_per_class < 1:
+        raise UserError("--max_images_per_class must be at least 1")
     lm = loaded or load_model(cfg.model, cfg.weights)
     cmap = class_map(class_folders(cfg.data_dir, "train"), lm.num_classes, cfg.class_index,
                      os.path.join(cfg.data_dir, "train"))
@@ -106,8 +110,9 @@ def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None =
 
     ``check`` is called with the layer's number of output channels before anything is written.
     ``loaded`` replaces ``cfg.model``/``cfg.weights`` by a model already in memory (tests, notebooks); it is
-    left as it was given. Under ``torchrun`` (``cfg.world_size > 1``) every rank calls this; a UserError on
-    any rank stops all of them (none waits forever for a failed peer).
+    left as it was given. One job writes a store at a time (``cfg.wait``: wait for another one to finish).
+    Under ``torchrun`` (``cfg.world_size > 1``) every rank calls this and rank 0 holds the store's lock; a
+    UserError on any rank stops all of them within one chunk (none waits forever for a failed peer).
     """
     if cfg.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
@@ -115,14 +120,29 @@ def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None =
     if check is not None:
         check(job.conv.out_channels)
     device = resolve_device(cfg.device, cfg.gpu)
+    with contextlib.ExitStack() as held:
+        run_together(lambda: _claim(cfg, job, held), cfg.world_size, device, "stage 1")
+        return _fill(cfg, job, device)
+
+
+def _claim(cfg: Stage1Config, job: Prepared, held: contextlib.ExitStack) -> None:
+    """Rank 0: the store's folder takes files, and this job holds its write lock until it returns."""
+    if cfg.rank == 0:
+        check_writable(cfg.store_dir)
+        held.enter_context(writer_lock(job.path, cfg.wait))
+
+
+def _fill(cfg: Stage1Config, job: Prepared, device) -> dict:
+    """Create or continue the store at ``job.path`` (its lock held): the pass, then the assembly."""
     summary = {"store": job.path, "images": len(job.images), "channels": job.conv.out_channels}
     created = not _existing_store_fits(cfg, job)
     if _is_complete(job.path):
+        st.Store.open(job.path, writer=True)  # checked file by file before it is called complete
         return {**summary, "already_complete": True, "processed": 0, "seconds": 0.0, "images_per_second": 0.0}
     model = model_on(job.lm.model, device)
     conv = model.get_submodule(job.layer)
     in_shape, out_hw = _probe_shapes(model, conv, job.lm.preprocess.crop, device)
-    run_together(lambda: _create_store(cfg, job, in_shape, out_hw) if created and cfg.rank == 0 else None,
+    run_together(lambda: _create_store(cfg, job, in_shape, out_hw, created) if cfg.rank == 0 else None,
                  cfg.world_size, device, "stage 1")
     meta = read_json(os.path.join(job.path, "meta.json"))  # rank 0 wrote it before the others got here
     os.makedirs(os.path.join(job.path, "chunks"), exist_ok=True)
@@ -132,8 +152,10 @@ def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None =
         seconds, done = run_together(lambda: _run_chunks(cfg, job, model, conv, in_shape, plan, todo, device),
                                      cfg.world_size, device, "stage 1")
     except UserError:
-        if created and cfg.rank == 0:  # every rank has stopped writing by now
-            remove_partial(job.path)
+        if cfg.rank == 0:  # every rank has stopped writing by now
+            _clear_stop(job.path)
+            if created:
+                remove_partial(job.path)
         raise
     done = int(reduce_over_ranks(done, cfg.world_size, device, "sum"))
     seconds = reduce_over_ranks(seconds, cfg.world_size, device)  # the job's time: its slowest process
@@ -145,15 +167,24 @@ def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None =
     return {**summary, "processed": done, "seconds": seconds, "images_per_second": done / max(seconds, 1e-9)}
 
 
+def _stop_path(path: str) -> str:
+    """Under torchrun, a failing process leaves this flag; the others stop before their next chunk."""
+    return os.path.join(path, ".stop")
+
+
+def _clear_stop(path: str) -> None:
+    if os.path.exists(_stop_path(path)):
+        os.remove(_stop_path(path))
+
+
 def _existing_store_fits(cfg: Stage1Config, job: Prepared) -> bool:
     """True when ``job.path`` holds a store of this very run (to continue or reuse); False when there is none.
 
     A store made with another model, weights, layer, image list or precision is refused.
     """
-    meta_path = os.path.join(job.path, "meta.json")
-    if not os.path.isfile(meta_path):
+    if not os.path.isfile(os.path.join(job.path, "meta.json")):
         return False
-    meta = read_json(meta_path)
+    meta = st.read_meta(job.path)
     legacy = meta.get("format_version") == 1
     wanted = {"model": job.lm.name, "weights": job.lm.weights, "layer": job.layer,
               "data_fingerprint": job.images.legacy_fingerprint() if legacy else job.images.fingerprint(),
@@ -173,8 +204,12 @@ def _is_complete(path: str) -> bool:
     return os.path.isfile(meta_path) and bool(read_json(meta_path).get("complete"))
 
 
-def _create_store(cfg: Stage1Config, job: Prepared, in_shape, out_hw) -> dict:
-    """Write a new store's layer weights and ``meta.json`` (rank 0); returns the meta."""
+def _create_store(cfg: Stage1Config, job: Prepared, in_shape, out_hw, created: bool) -> None:
+    """Rank 0: write a new store's layer weights and ``meta.json`` (``created``), and clear a stop flag an
+    earlier failed job left."""
+    if not created:
+        _clear_stop(job.path)
+        return
     os.makedirs(os.path.join(job.path, "chunks"), exist_ok=True)
     chunk_images = cfg.chunk_images or max(1, DEFAULT_CHUNK_IMAGES // cfg.batch_size) * cfg.batch_size
     meta = _new_meta(cfg, job.lm, job.layer, job.conv, job.images, job.classes, in_shape, out_hw, chunk_images)
@@ -182,7 +217,6 @@ def _create_store(cfg: Stage1Config, job: Prepared, in_shape, out_hw) -> dict:
     if job.conv.bias is not None:
         save_npy(os.path.join(job.path, "layer_bias.npy"), job.conv.bias.detach().float().cpu().numpy())
     write_json(os.path.join(job.path, "meta.json"), meta)
-    return meta
 
 
 def _run_chunks(cfg, job: Prepared, model, conv, in_shape, plan: ChunkPlan, todo: list[int], device):
@@ -200,6 +234,8 @@ def _run_chunks(cfg, job: Prepared, model, conv, in_shape, plan: ChunkPlan, todo
     try:
         it = iter(loader)
         for j in todo:
+            if cfg.world_size > 1 and os.path.exists(_stop_path(job.path)):
+                raise UserError("stage 1 stopped: another process of this job failed (see its error)")
             lo, hi = plan.bounds(j)
             sums = torch.zeros(job.classes.num_classes, conv.in_channels * maps.shape[0], dtype=torch.float64,
                                device=device)
@@ -207,6 +243,8 @@ def _run_chunks(cfg, job: Prepared, model, conv, in_shape, plan: ChunkPlan, todo
             done += hi - lo
     except BaseException:
         bar.leave = False  # clear the bar, so that an error message starts on a clean line
+        if cfg.world_size > 1:  # tell the other processes to stop at their next chunk
+            open(_stop_path(job.path), "w").close()
         raise
     finally:
         bar.close()

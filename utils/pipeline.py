@@ -9,7 +9,7 @@ from . import store as st
 from .disentangle import Stage3Config, disentangle_channel
 from .errors import UserError
 from .evaluation import Stage4Config, run_stage4
-from .files import read_json, write_json
+from .files import check_writable, read_json, write_json
 from .importances import Stage1Config, compute_importances
 from .models import get_layer, load_model
 from .records import save_record
@@ -94,13 +94,14 @@ class Setup:
     common: dict
 
 
-def run_demo(cfg: DemoConfig) -> str:
-    """Run everything and write ``cfg.out_dir/report.html``; returns its path."""
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run everything and write ``cfg.out_dir/report.html``; returns ``{"report": path, "store": path,
+    "disentangled": [{"channel", "concepts", "best_rho", "record"}, ...]}``."""
     from .report import write_report
 
     if cfg.top_k < 1:
         raise UserError("--top_k must be at least 1")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    check_writable(cfg.out_dir)
     timings: dict[str, dict] = {}
     t0 = _stage("data and model")
     run = _setup(cfg)
@@ -126,7 +127,9 @@ def run_demo(cfg: DemoConfig) -> str:
     path = os.path.join(cfg.out_dir, "report.html")
     write_report(path, settings=settings, store=store, pairs=found.pairs, candidates=found.candidates,
                  results=results, timings=timings)
-    return path
+    return {"report": os.path.abspath(path), "store": store.path,
+            "disentangled": [{"channel": r["record"].channel, "concepts": r["record"].concepts,
+                              "best_rho": r["record"].best_rho, "record": r["record"].dir} for r in results]}
 
 
 def _setup(cfg: DemoConfig) -> Setup:

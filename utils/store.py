@@ -28,6 +28,7 @@ from .concepts import ClassMap, ClassNames, class_map
 from .data import ImageList, class_folders, list_images
 from .errors import UserError
 from .files import read_json
+from .lock import check_not_written
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -49,6 +50,32 @@ def identity_difference(meta: dict, wanted: dict) -> str | None:
     return None
 
 
+REDO = "rerun stage 1 (get_importances_for_classes.py) into a fresh --store_dir"
+
+
+def _array_problem(path: str, dtype: np.dtype, shape: tuple[int, ...]) -> str | None:
+    """What is wrong with the .npy file ``path`` against ``dtype`` and ``shape``, or None."""
+    if not os.path.isfile(path):
+        return "is missing"
+    if os.path.getsize(path) == 0:
+        return "is empty (0 bytes)"
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError):
+        return "is truncated or not a .npy file"
+    if a.dtype != dtype or tuple(a.shape) != shape:
+        return f"holds {a.dtype} {tuple(a.shape)}, meta.json implies {dtype} {shape}"
+    return None
+
+
+def read_meta(path: str) -> dict:
+    """The ``meta.json`` of the store at ``path``; an unreadable one is a damaged store (one line)."""
+    try:
+        return read_json(os.path.join(path, "meta.json"))
+    except UserError:
+        raise UserError(f"store {path} is damaged: meta.json cannot be read; {REDO}") from None
+
+
 def _array(name: str, mmap: bool = False) -> property:
     """A store array as a read-only property (memory-mapped where it can be large)."""
     return property(lambda self: self._load(f"{name}.npy", mmap))
@@ -62,17 +89,51 @@ class Store:
     meta: dict
 
     @classmethod
-    def open(cls, path: str, require_complete: bool = True) -> "Store":
+    def open(cls, path: str, require_complete: bool = True, writer: bool = False) -> "Store":
+        """Open the store at ``path``: a complete one (``require_complete``), checked file by file against its
+        meta.json, that no stage-1 run is writing (``writer``: the caller is that run)."""
         meta_path = os.path.join(path, "meta.json")
         if not os.path.isfile(meta_path):
             raise UserError(f"no stage-1 store at {path} (run get_importances_for_classes.py first)")
-        meta = read_json(meta_path)
+        if not writer:
+            check_not_written(path)
+        meta = read_meta(path)
         if meta.get("format_version") not in READABLE_VERSIONS:
             raise UserError(f"store {path} has format version {meta.get('format_version')}, "
                             f"this toolkit reads {', '.join(map(str, READABLE_VERSIONS))}")
         if require_complete and not meta.get("complete"):
             raise UserError(f"store {path} is incomplete: rerun get_importances_for_classes.py to finish it")
-        return cls(path, meta)
+        store = cls(path, meta)
+        if require_complete:
+            store.validate()
+        return store
+
+    def expected_arrays(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """Every array file of a complete store with the dtype and shape its meta.json implies."""
+        m = self.meta
+        n, C, c_in = int(m["num_images"]), int(m["out_channels"]), int(m["in_channels"])
+        K = len(m["class_counts"])
+        out = {"relevance.npy": (np.float16, (n, C)), "targets.npy": (np.int64, (n,)),
+               "predictions.npy": (np.int64, (n,)),
+               "layer_weight.npy": (np.float32, (C, c_in, *m["conv"]["kernel_size"]))}
+        if self.format_version >= 2:
+            out["tap_sums.npy"] = (np.float64, (K, *m["tap_shape"]))
+        else:
+            out["input_sums.npy"] = (np.float64, (K, *m["input_shape"]))
+        if m["conv"].get("bias"):
+            out["layer_bias.npy"] = (np.float32, (C,))
+        return out
+
+    def validate(self) -> None:
+        """Check every array's presence, dtype, shape and length against meta.json (headers only: cheap)."""
+        try:
+            expected = self.expected_arrays()
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"store {self.path} is damaged: meta.json lacks what it must say; {REDO}") from None
+        for name, (dtype, shape) in expected.items():
+            problem = _array_problem(os.path.join(self.path, name), np.dtype(dtype), tuple(int(v) for v in shape))
+            if problem:
+                raise UserError(f"store {self.path} is damaged: {name} {problem}; {REDO}")
 
     def _load(self, name: str, mmap: bool = True) -> np.ndarray:
         return np.load(os.path.join(self.path, name), mmap_mode="r" if mmap else None, allow_pickle=False)
