@@ -3,9 +3,10 @@
 
 Without arguments: builds a small real-image dataset (scikit-learn's bundled handwritten digits,
 upscaled, split into train/ and val/), trains a small torchvision CNN on it (CPU, seeded, cached),
-then runs stages 1-4 through the same functions as the scripts: lists the gamma-polysemantic pairs,
-disentangles the most polysemantic ones, evaluates them, draws what each channel responds to, and
-writes OUT_DIR/report.html.
+then runs stage 1 and the layer command (disentangle_layer.py) through the same functions as the
+scripts: finds each polysemantic channel's concepts from the data, splits the most polysemantic
+channels in one network, evaluates them, draws what each channel responds to, and writes
+OUT_DIR/report.html.
 
 The real setting is the same command with data and a model:
     python demo.py --data_dir /datasets/imagenet --model resnet50 --top_k 3
@@ -32,7 +33,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="Conv2d of interest (default: the model's last conv)")
     p.add_argument("--store_dir", default=None, help="stage-1 store and disentanglements (default: OUT_DIR/store)")
     p.add_argument("--out_dir", default="demo_output", help="report, plots and results (default: demo_output)")
-    p.add_argument("--top_k", type=positive_int, default=2, help="how many pairs to disentangle (default: 2)")
+    p.add_argument("--top_k", type=positive_int, default=4,
+                   help="how many polysemantic channels to split, those whose concepts are least alike first "
+                        "(default: 4)")
     p.add_argument("--tau", "--proportion_attribution_required", dest="tau", type=nonnegative_float, default=None,
                    help="importance threshold tau (default: 0.01 for the digits demo, whose small network spreads relevance over many channels; 0.03, the paper's, with --data_dir)")
     p.add_argument("--p", type=float, default=0.75, help="share of a class's images (default: 0.75)")

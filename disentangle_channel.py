@@ -16,8 +16,8 @@ import argparse
 import os
 import time
 
-from utils.cli import (add_concept_args, add_image_pass_args, add_json_arg, check_channels, concepts_of, make_parser,
-                       output_path, positive_int, write_json_output)
+from utils.cli import (add_concept_args, add_image_pass_args, add_json_arg, check_channels, make_parser, output_path,
+                       positive_int, required_concepts, write_json_output)
 from utils.errors import run_cli
 
 
@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> None:
     check_writable(os.path.join(args.store_dir, "models_disentangled"))  # before the pass
     with distributed_context(args.device, args.gpu) as (rank, world, device):
         cfg = Stage3Config(data_dir=args.data_dir, store_dir=args.store_dir, channel=args.channel_disentangle,
-                           concepts=concepts_of(args), model=args.model, weights=args.weights, layer=args.layer,
+                           concepts=required_concepts(args), model=args.model, weights=args.weights, layer=args.layer,
                            batch_size=args.batch_size, device=device, num_workers=args.num_workers,
                            class_index=args.class_index, progress=not args.no_progress,
                            check_images=args.check_images, rank=rank, world_size=world)

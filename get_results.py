@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from utils.cli import (add_concept_args, add_data_args, add_device_args, add_json_arg, add_model_args, concepts_of,
-                       make_parser, nonnegative_float, nonnegative_int, write_json_output)
+from utils.cli import (add_concept_args, add_data_args, add_device_args, add_json_arg, add_model_args, make_parser,
+                       nonnegative_float, nonnegative_int, required_concepts, write_json_output)
 from utils.errors import UserError, run_cli
 
 
@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(default: ./store/models_disentangled)")
     g.add_argument("--channel_of_interest", "--channel", dest="channel", type=int, default=None,
                    help="the disentangled channel c")
-    add_concept_args(g, required=False)
+    add_concept_args(g)
     g.add_argument("--f", "--rho", dest="rho", type=float, default=None,
                    help="evaluate this rho of the sweep (0.05 .. 1.0) instead of the best one")
     o = p.add_argument_group("outputs")
@@ -78,13 +78,11 @@ def main(args: argparse.Namespace, loaded=None) -> dict:
         return out
     from utils.evaluation import Stage4Config, run_stage4
 
-    missing = [f for f, v in (("--data_dir", args.data_dir), ("--channel_of_interest", args.channel),
-                              ("--classes_for_concept1", args.classes_for_concept1),
-                              ("--classes_for_concept2", args.classes_for_concept2)) if v is None]
+    missing = [f for f, v in (("--data_dir", args.data_dir), ("--channel_of_interest", args.channel)) if v is None]
     if missing:
         raise UserError(f"missing {', '.join(missing)} (or pass --summarize DIR)")
+    concepts = required_concepts(args)
     from utils.distributed import distributed_context
-
     from utils.files import check_writable
 
     qualitative, quantitative = args.get_qualitative, args.get_quantitative
@@ -98,7 +96,7 @@ def main(args: argparse.Namespace, loaded=None) -> dict:
                 print("neither --get_qualitative nor --get_quantitative given: doing both")
             qualitative = quantitative = True
         cfg = Stage4Config(data_dir=args.data_dir, model_dir=args.model_dir, model=args.model, weights=args.weights,
-                           layer=args.layer, channel=args.channel, concepts=concepts_of(args), rho=args.rho,
+                           layer=args.layer, channel=args.channel, concepts=concepts, rho=args.rho,
                            tau=args.tau, out_dir=args.out_dir,
                            qualitative=qualitative, quantitative=quantitative, batch_size=args.batch_size,
                            num_workers=args.num_workers, device=device,

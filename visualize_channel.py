@@ -19,7 +19,7 @@ folder of disentangle_channel.py) and, for the original channel, Disentangled 1 
 import argparse
 
 from utils.cli import (add_concept_args, add_data_args, add_device_args, add_json_arg, add_model_args, check_channels,
-                       concepts_of, make_parser, positive_int, write_json_output)
+                       make_parser, positive_int, required_concepts, write_json_output)
 from utils.errors import UserError, run_cli
 
 
@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> None:
                                           input_size=min(args.fv_size, 224), views=args.fv_views, seed=args.seed)
     cfg = PicturesConfig(
         data_dir=args.data_dir, model_dir=args.model_dir or os.path.join(args.store_dir, "models_disentangled"),
-        channel=args.channel, concepts=concepts_of(args), model=args.model, weights=args.weights, layer=args.layer,
+        channel=args.channel, concepts=required_concepts(args), model=args.model, weights=args.weights, layer=args.layer,
         rho=args.rho, split=args.split, top_k=args.top_k, out_dir=args.out_dir, residual=args.residual,
         heatmap=args.heatmap, crop_size=args.crop_size, fv=fv, fv_spectrum_images=args.fv_spectrum_images,
         batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, gpu=args.gpu,

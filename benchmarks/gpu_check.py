@@ -40,7 +40,8 @@ from utils.models import get_layer, load_model, model_tag  # noqa: E402
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="the device to check (default: cuda)")
-    p.add_argument("--model", default="resnet50", help="torchvision model, random weights (default: resnet50)")
+    p.add_argument("--model", default="resnet50",
+                   help="model (random weights: torchvision, timm/<name> or file.py:function) (default: resnet50)")
     p.add_argument("--batch_size", type=int, default=256, help="batch size of the speed checks (default: 256)")
     p.add_argument("--images", type=int, default=2048, help="images of the speed checks (default: 2048)")
     p.add_argument("--num_workers", type=int, default=min(16, os.cpu_count() or 1), help="loader processes")
@@ -145,7 +146,7 @@ def check_torchrun(args, data: str, tmp: str, single: dict, rows: list) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.tiny:
-        args.images, args.batch_size, args.num_workers = 32, 8, 0
+        args.images, args.batch_size, args.num_workers = 16, 8, 0
     tmp = args.keep or tempfile.mkdtemp(prefix="gpu_check_")
     rows: list[tuple[str, str, bool]] = []
     try:

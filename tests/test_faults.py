@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_image_folder
+from conftest import run_script, write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -297,11 +297,11 @@ def test_a_damaged_store_is_one_line_naming_the_file(tiny, tmp_path, damage, wor
     else:
         open(os.path.join(store, "meta.json"), "w").write("{not json")
     model = args[args.index("--model") + 1]
-    for r in (run("get_cosine_similarities.py", "--model", model, "--store_dir", str(tmp_path / "s"), "--no_progress"),
-              run("disentangle_channel.py", *args, "--store_dir", str(tmp_path / "s"), "--channel_disentangle", "1",
+    for r in (run_script("get_cosine_similarities.py", "--model", model, "--store_dir", str(tmp_path / "s"), "--no_progress"),
+              run_script("disentangle_channel.py", *args, "--store_dir", str(tmp_path / "s"), "--channel_disentangle", "1",
                   "--classes_for_concept1", "0", "--classes_for_concept2", "1")):
         one_error_line(r, "is damaged", words, "fresh --store_dir")
-    one_error_line(run("get_importances_for_classes.py", *stage1(args), "--store_dir", str(tmp_path / "s")), words)
+    one_error_line(run_script("get_importances_for_classes.py", *stage1(args), "--store_dir", str(tmp_path / "s")), words)
 
 
 # ------------------------------------------------------------------ unwritable outputs
@@ -316,17 +316,17 @@ def test_unwritable_outputs_are_refused_before_any_pass(tiny, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     model = args[args.index("--model") + 1]
-    r = run("disentangle_channel.py", *args, "--store_dir", store_dir, "--channel_disentangle", "1",
+    r = run_script("disentangle_channel.py", *args, "--store_dir", store_dir, "--channel_disentangle", "1",
             "--classes_for_concept1", "0", "--classes_for_concept2", "1", "--json", str(blocker / "out.json"))
     one_error_line(r, "--json", "a_file")
     rec = ["--channel_of_interest", "1", "--classes_for_concept1", "0", "--classes_for_concept2", "1"]
-    assert run("disentangle_channel.py", *args, "--store_dir", store_dir, "--channel_disentangle", "1",
+    assert run_script("disentangle_channel.py", *args, "--store_dir", store_dir, "--channel_disentangle", "1",
                *rec[2:]).returncode == 0
-    r = run("get_results.py", *args, "--model_dir", os.path.join(store_dir, "models_disentangled"), *rec,
+    r = run_script("get_results.py", *args, "--model_dir", os.path.join(store_dir, "models_disentangled"), *rec,
             "--out_dir", str(blocker / "out"))
     one_error_line(r, "cannot write into", "a_file is not a folder")
     assert "validation images" not in r.stdout  # refused before the pass
-    r = run("get_cosine_similarities.py", "--model", model, "--store_dir", store_dir, "--json", str(blocker / "x.json"))
+    r = run_script("get_cosine_similarities.py", "--model", model, "--store_dir", store_dir, "--json", str(blocker / "x.json"))
     one_error_line(r, "--json")
 
 
@@ -345,9 +345,9 @@ def test_read_only_folders_are_refused_before_any_pass(tiny, tmp_path):
             r = run(script, *args, "--store_dir", store_dir, *extra)
             one_error_line(r, "cannot write into", fs)
             assert "img/s" not in r.stdout
-        r = run("get_cosine_similarities.py", "--model", model, "--store_dir", store_dir, "--no_progress")
+        r = run_script("get_cosine_similarities.py", "--model", model, "--store_dir", store_dir, "--no_progress")
         one_error_line(r, "cannot write into", "results_get_cosine_similarities")
-        r = run("get_results.py", *args, "--model_dir", str(tmp_path), "--channel", "1", "--classes_for_concept1",
+        r = run_script("get_results.py", *args, "--model_dir", str(tmp_path), "--channel", "1", "--classes_for_concept1",
                 "0", "--classes_for_concept2", "1", "--out_dir", fs)
         one_error_line(r, "cannot write into", "Read-only")
 
@@ -383,13 +383,13 @@ def test_a_16_bit_png_gives_the_relevance_of_its_8_bit_original(planted_model, t
 ])
 def test_odd_flags_are_one_line(tiny, tmp_path, flags, words):
     args, _ = tiny
-    one_error_line(run("get_importances_for_classes.py", *stage1(args), "--store_dir", str(tmp_path / "s"), *flags), words)
+    one_error_line(run_script("get_importances_for_classes.py", *stage1(args), "--store_dir", str(tmp_path / "s"), *flags), words)
     assert not os.path.exists(tmp_path / "s")
 
 
 def test_stage4_refuses_a_tau_that_is_not_a_number(tmp_path):
     for tau in ("nan", "-0.1", "inf"):
-        r = run("get_results.py", "--tau", tau, "--data_dir", str(tmp_path), "--channel", "1",
+        r = run_script("get_results.py", "--tau", tau, "--data_dir", str(tmp_path), "--channel", "1",
                 "--classes_for_concept1", "0", "--classes_for_concept2", "1")
         one_error_line(r, f"'{tau}' is not a finite number of at least 0")
 

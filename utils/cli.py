@@ -136,17 +136,43 @@ def write_json_output(path: str | None, obj) -> None:
         write_json(path, obj)
 
 
-def add_concept_args(g, required: bool = True) -> None:
-    """``--classes_for_concept1 T [T ...]`` and ``--classes_for_concept2`` (several classes make one concept)."""
-    for j in (1, 2):
-        g.add_argument(f"--classes_for_concept{j}", type=int, nargs="+", required=required, default=None,
-                       metavar="T", help=f"class index(es) of concept {j}")
+MAX_CONCEPT_FLAGS = 8
+
+
+def add_concept_args(g) -> None:
+    """The concepts: ``--classes_for_concept1 T [T ...]``, ``--classes_for_concept2``, ... (the seed's flags, up
+    to 8), or ``--concept T [T ...]`` once per concept; several classes make one concept."""
+    for j in range(1, MAX_CONCEPT_FLAGS + 1):
+        g.add_argument(f"--classes_for_concept{j}", type=int, nargs="+", default=None, metavar="T",
+                       help=f"class index(es) of concept {j}" if j <= 3 else argparse.SUPPRESS)
+    g.add_argument("--concept", dest="concept_list", type=int, nargs="+", action="append", default=None, metavar="T",
+                   help="the class index(es) of one concept; give it once per concept (instead of "
+                        "--classes_for_conceptJ), e.g. --concept 57 58 53 --concept 515 808")
 
 
 def concepts_of(args: argparse.Namespace) -> list[list[int]] | None:
-    """The concepts given on the command line, in order (None when none were given)."""
-    concepts = [getattr(args, f"classes_for_concept{j}") for j in (1, 2)]
-    return None if any(c is None for c in concepts) else concepts
+    """The concepts given on the command line, in order; None when none were given."""
+    numbered = [getattr(args, f"classes_for_concept{j}") for j in range(1, MAX_CONCEPT_FLAGS + 1)]
+    given = [j for j, c in enumerate(numbered, 1) if c is not None]
+    if args.concept_list and given:
+        raise UserError("give the concepts either as --classes_for_conceptJ or as --concept, not both")
+    if args.concept_list:
+        return [list(c) for c in args.concept_list]
+    if not given:
+        return None
+    if given != list(range(1, len(given) + 1)):
+        missing = next(j for j in range(1, len(given) + 2) if j not in given)
+        raise UserError(f"--classes_for_concept{missing} is missing (concepts are numbered 1, 2, 3, ...)")
+    return [numbered[j - 1] for j in given]
+
+
+def required_concepts(args: argparse.Namespace) -> list[list[int]]:
+    """The concepts of the command line, two or more (a UserError otherwise)."""
+    concepts = concepts_of(args)
+    if not concepts or len(concepts) < 2:
+        raise UserError("give two or more concepts: --classes_for_concept1 T [T ...] --classes_for_concept2 T "
+                        "[T ...] (or --concept T [T ...] once per concept)")
+    return concepts
 
 
 def check_channels(expected: int | None, actual: int, what: str) -> None:

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Sequence
 
-import torch
-
 from .errors import UserError
 
 CLASS_INDEX_HINT = ("say which output each folder is with --class_index FILE (a JSON object "
@@ -145,14 +143,6 @@ def check_concepts(concepts: Sequence[Sequence[int]], known: Iterable[int], wher
             seen[t] = j
         if counts is not None and sum(counts.get(int(t), 0) for t in cs) == 0:
             raise UserError(f"concept {j} (classes {list(cs)}) has no training images")
-
-
-def concept_ids(labels: torch.Tensor, concepts: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Concept number (1..k) of each label (B,), 0 for a class in no concept."""
-    out = torch.zeros_like(labels)
-    for j, cs in enumerate(concepts, 1):
-        out[torch.isin(labels, torch.tensor(list(cs), dtype=labels.dtype, device=labels.device))] = j
-    return out
 
 
 def concept_classes_text(concepts: Sequence[Sequence[int]]) -> str:

@@ -168,6 +168,20 @@ def _class_files(folder: str, max_images: int | None) -> list[tuple[str, tuple[i
     return out
 
 
+def class_batches(images: ImageList, indices, batch_size: int) -> list[list[int]]:
+    """``indices`` (in list order) cut into batches that never mix classes: each class's images in batches of
+    ``batch_size`` (the last one shorter). An image then meets the same batch neighbours whichever other
+    classes a pass includes, so stage 3, stage 4 and the layer command compute it bit for bit alike."""
+    out: list[list[int]] = []
+    run: list[int] = []
+    for i in indices:
+        if run and (images.targets[i] != images.targets[run[0]] or len(run) == batch_size):
+            out.append(run)
+            run = []
+        run.append(i)
+    return out + ([run] if run else [])
+
+
 def read_rgb(path: str) -> Image.Image:
     """The image at ``path`` as an 8-bit RGB PIL image (fully read, file closed). 16-bit grey images are
     scaled to 8 bit as an image viewer shows them (PIL's own conversion would clip them to 0/255)."""

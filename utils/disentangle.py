@@ -21,8 +21,8 @@ from tqdm import tqdm
 from . import store as st
 from .arv import concept_arvs
 from .cli import RunOptions
-from .concepts import check_channel, check_concepts, concept_ids, normalise
-from .data import ImageList, check_batch, make_loader
+from .concepts import check_channel, check_concepts, normalise
+from .data import ImageList, check_batch, class_batches, make_loader
 from .device import model_on, pin, resolve_device, synchronize, to_device
 from .distributed import all_gather_rows, batch_shard, broadcast_float, reduce_over_ranks, run_together
 from .errors import UserError
@@ -92,9 +92,9 @@ def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, ch
     model = model_on(lm.model, device)
     groups = [images.indices_of(cs) for cs in concepts]
     keep = check_indices(groups, cfg.check_images)
-    parts, counts, kept, seconds = _score_pass(cfg, model, model.get_submodule(layer), sw, images, concepts, keep,
-                                               lm.preprocess, device)
-    scores = scores_from_sums(sw, parts, counts)
+    [(scores, counts)], seconds, kept = score_channels(
+        model, model.get_submodule(layer), images, [(cfg.channel, concepts, sw)], cfg.batch_size, cfg.num_workers,
+        lm.preprocess, device, cfg.progress, cfg.rank, cfg.world_size, set(keep))
     best = best_index(scores)
     diff = _equivalence(cfg, model, layer, sw, best, images, keep, kept, lm.preprocess, device)
     record = Record(
@@ -121,53 +121,56 @@ def _store_and_images(cfg: Stage3Config, lm: LoadedModel, layer: str,
     return store, training_images(store, cfg.data_dir, [t for cs in concepts for t in cs], cfg.class_index)
 
 
-def _score_pass(cfg: Stage3Config, model: nn.Module, conv: nn.Conv2d, sw: Sweep, images: ImageList,
-                concepts: list[list[int]], keep: list[int], preprocess, device: torch.device):
-    """One truncated forward per concept image (under torchrun, each rank a block of whole batches).
+def score_channels(model: nn.Module, conv: nn.Conv2d, images: ImageList, channels: list[tuple[int, list, Sweep]],
+                   batch_size: int, num_workers: int, preprocess, device: torch.device, progress: bool = True,
+                   rank: int = 0, world: int = 1, keep: set[int] = frozenset(), desc: str = "stage 3"):
+    """Score every rho of every channel ``(c, concepts, sweep)`` in ONE truncated pass over the union of the
+    concepts' training images (class-aligned batches; under torchrun each rank a block of whole batches).
 
-    Returns the per-batch ratio sums of all ranks in batch order (k x U each), the images per concept,
-    the images of ``keep`` this rank saw (index -> image) and the seconds of the slowest rank.
+    Each batch's layer input serves every channel with a concept of its class. Returns per channel
+    ``(scores (R,), images per concept)``, the seconds of the slowest rank, and the images of ``keep``
+    this rank saw (index -> image).
     """
-    order = sorted(i for cs in concepts for i in images.indices_of(cs))
-    lo, hi = batch_shard(len(order), cfg.batch_size, cfg.rank, cfg.world_size)
-    loader = make_loader(images, order[lo:hi], cfg.batch_size, cfg.num_workers, pin_memory=pin(device),
+    classes = {t for _, concepts, _ in channels for cs in concepts for t in cs}
+    batches = class_batches(images, images.indices_of(classes), batch_size)
+    lo, hi = batch_shard(len(batches), 1, rank, world)
+    loader = make_loader(images, batch_sampler=batches[lo:hi], num_workers=num_workers, pin_memory=pin(device),
                          transform=preprocess)
-    desc = "stage 3" if cfg.world_size == 1 else f"stage 3 (rank 0 of {cfg.world_size})"
-    bar = tqdm(total=hi - lo, unit="img", desc=desc, disable=not cfg.progress or cfg.rank != 0, dynamic_ncols=True)
-    bank = score_filters(sw)
-    bias = None if conv.bias is None else conv.bias.detach()[cfg.channel].expand(len(bank))
-    wanted = set(keep)
+    users: dict[int, list[tuple[int, int]]] = {}  # class -> (channel position, concept number)
+    for ci, (_, concepts, _) in enumerate(channels):
+        for j, cs in enumerate(concepts, 1):
+            for t in cs:
+                users.setdefault(t, []).append((ci, j))
+    banks = [score_filters(sw) for _, _, sw in channels]
+    biases = [None if conv.bias is None else conv.bias.detach()[c].expand(len(b)) for (c, _, _), b in zip(channels, banks)]
+    bar = tqdm(total=sum(len(b) for b in batches[lo:hi]), unit="img", disable=not progress or rank != 0,
+               desc=desc if world == 1 else f"{desc} (rank 0 of {world})", dynamic_ncols=True)
     t0 = time.perf_counter()
 
-    def run() -> tuple[list[torch.Tensor], list[int], dict[int, torch.Tensor]]:
-        parts, kept = [], {}
-        counts = torch.zeros(sw.k, dtype=torch.int64)
+    def run():
+        parts, counts, kept = [[] for _ in channels], [[0] * sw.k for _, _, sw in channels], {}
         with torch.no_grad():
             for x, labels, index in loader:
                 check_batch(images, labels, index)
-                kept.update({i: x[j].clone() for j, i in enumerate(index.tolist()) if i in wanted})
-                concept = concept_ids(labels, concepts)
-                counts += torch.bincount(concept, minlength=sw.k + 1)[1:]
+                kept.update({i: x[j].clone() for j, i in enumerate(index.tolist()) if i in keep})
                 xl = layer_input(model, conv, to_device(x, device, images=True))
-                parts.append(batch_ratio_sums(conv, xl, bank, bias, sw.k, concept.to(device)))
+                for ci, j in users[int(labels[0])]:
+                    concept = torch.full((len(labels),), j, dtype=torch.int64, device=device)
+                    parts[ci].append(batch_ratio_sums(conv, xl, banks[ci], biases[ci], channels[ci][2].k, concept))
+                    counts[ci][j - 1] += len(labels)
                 bar.update(len(labels))
         synchronize(device)
-        return parts, counts.tolist(), kept
+        return parts, counts, kept
 
-    parts, counts, kept = run_together(run, cfg.world_size, device, "stage 3")
+    parts, counts, kept = run_together(run, world, device, "stage 3")
     bar.close()
-    seconds = reduce_over_ranks(time.perf_counter() - t0, cfg.world_size, device)
-    if cfg.world_size > 1:  # every rank's batch sums, in rank order = batch order of the single-process pass
-        parts, counts = _gather_sums(parts, counts, sw.k, len(sw.distinct()[0]), cfg.world_size, device)
-    return parts, counts, kept, seconds
-
-
-def _gather_sums(parts: list[torch.Tensor], counts: list[int], k: int, U: int, world: int, device):
-    """All ranks' per-batch ratio sums (in rank order) and the summed image counts, on every rank (CPU)."""
-    mine = torch.stack([p.cpu().flatten() for p in parts]) if parts else torch.zeros(0, k * U, dtype=torch.float64)
-    rows = all_gather_rows(mine, world, device)
-    totals = all_gather_rows(torch.tensor([counts], dtype=torch.float64), world, device).sum(0)
-    return list(rows.view(-1, k, U)), [int(v) for v in totals]
+    seconds = reduce_over_ranks(time.perf_counter() - t0, world, device)
+    out = []
+    for (_, _, sw), p, n in zip(channels, parts, counts):
+        if world > 1:  # every rank's batch sums, in rank order = batch order of the single-process pass
+            p, n = _gather_sums(p, n, sw.k, len(sw.distinct()[0]), world, device)
+        out.append((scores_from_sums(sw, p, n), n))
+    return out, seconds, kept
 
 
 def _equivalence(cfg: Stage3Config, model: nn.Module, layer: str, sw: Sweep, best: int, images: ImageList,

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .cli import RunOptions
 from .concepts import ClassNames, check_channel, check_concepts, normalise
-from .data import ImageList, Preprocess, check_batch, list_images, make_loader
+from .data import ImageList, Preprocess, check_batch, class_batches, list_images, make_loader
 from .device import model_on, pin, resolve_device, to_device
 from .distributed import all_gather_rows, batch_shard, reduce_over_ranks, run_together
 from .errors import UserError
@@ -50,13 +50,20 @@ def sub_channel_sums(conv: nn.Conv2d, x: torch.Tensor, split: Split) -> torch.Te
     return bank.maps(conv, x.to(conv.weight.dtype)).double().sum(dim=(2, 3))
 
 
-def evaluate_batch(model: nn.Module, conv: nn.Conv2d, split: Split, images: torch.Tensor,
-                   labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One batch of stage 4: ``rel``, ``orig`` (B each) and ``sub`` (B x (k+1)), float64 on the CPU."""
-    P, _, a, x = relevance_batch(model, conv, images, labels, positive=True)
-    out = {"rel": relative_attribution(P, split.channel), "orig": a[:, split.channel].double().sum(dim=(1, 2)),
+def split_values(P: torch.Tensor, a: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d, split: Split) -> dict:
+    """Stage 4's values of one split from a batch's clamped attributions ``P`` (B x C), layer output ``a`` and
+    input ``x``: ``rel``, ``orig`` (B each) and ``sub`` (B x (k+1)), float64 on the CPU."""
+    c = split.channel
+    out = {"rel": relative_attribution(P, c), "orig": a[:, c].double().sum(dim=(1, 2)),
            "sub": sub_channel_sums(conv, x, split)}
     return {k: v.detach().cpu() for k, v in out.items()}
+
+
+def evaluate_batch(model: nn.Module, conv: nn.Conv2d, split: Split, images: torch.Tensor,
+                   labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One batch of stage 4 for one split: ``rel``, ``orig`` (B each) and ``sub`` (B x (k+1))."""
+    P, _, a, x = relevance_batch(model, conv, images, labels, positive=True)
+    return split_values(P, a, x, conv, split)
 
 
 @dataclass
@@ -85,43 +92,53 @@ def fraction_rows(acts: Activations, tau: float = DEFAULT_TAU) -> np.ndarray:
     return (acts.sub[keep] / acts.orig[keep][:, None]).reshape(-1, acts.sub.shape[1])
 
 
-def evaluate_images(model: nn.Module, conv: nn.Conv2d, split: Split, images: ImageList, indices: list[int],
-                    batch_size: int = 64, num_workers: int = 4, device: torch.device | str = "cpu",
-                    progress: bool = True, rank: int = 0, world_size: int = 1,
-                    preprocess: Preprocess | None = None) -> tuple[Activations, float]:
-    """Stage 4's single pass over ``images[indices]``; returns the :class:`Activations` and the seconds taken.
+def evaluate_splits(model: nn.Module, conv: nn.Conv2d, splits: list[Split], concepts: list[list[list[int]]],
+                    images: ImageList, indices: list[int], batch_size: int = 64, num_workers: int = 4,
+                    device: torch.device | str = "cpu", progress: bool = True, rank: int = 0, world_size: int = 1,
+                    preprocess: Preprocess | None = None) -> tuple[dict[int, Activations], float]:
+    """Stage 4's single pass over ``images[indices]`` for every split (its concepts' images only); returns
+    ``{channel: Activations}`` and the seconds taken.
 
-    ``model`` and ``conv`` (its layer of interest) must already be on ``device``. Under torchrun
-    (``world_size`` > 1, every rank calls this) each rank evaluates a contiguous block of whole batches
-    of ``indices``; every rank gets all images' values back in ``indices`` order (the same batches as a
-    single-process run, so the same numbers) and the seconds of the slowest rank.
+    Batches never mix classes (``utils.data.class_batches``), so an image gives the same numbers whichever
+    splits are evaluated with it. ``model`` and ``conv`` (its layer of interest) must be on ``device``.
+    Under torchrun (``world_size`` > 1, every rank calls this) each rank evaluates a block of whole batches;
+    every rank gets all images' values back in ``indices`` order and the seconds of the slowest rank.
     """
     device = torch.device(device)
-    lo, hi = batch_shard(len(indices), batch_size, rank, world_size)
-    loader = make_loader(images, list(indices)[lo:hi], batch_size=batch_size, num_workers=num_workers,
-                         pin_memory=pin(device), transform=preprocess)
+    batches = class_batches(images, indices, batch_size)
+    lo, hi = batch_shard(len(batches), 1, rank, world_size)
+    loader = make_loader(images, batch_sampler=batches[lo:hi], num_workers=num_workers, pin_memory=pin(device),
+                         transform=preprocess)
+    users: dict[int, list[int]] = {}  # class -> the splits with a concept of it
+    for si, cs in enumerate(concepts):
+        for t in {t for c in cs for t in c}:
+            users.setdefault(t, []).append(si)
     desc = "stage 4" if world_size == 1 else f"stage 4 (rank 0 of {world_size})"
-    bar = tqdm(total=hi - lo, unit="img", desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=sum(len(b) for b in batches[lo:hi]), unit="img", desc=desc, disable=not progress or rank != 0,
+               dynamic_ncols=True)
     start = time.perf_counter()
 
-    def run() -> torch.Tensor:  # one row per image: index, label, rel, orig, d_1 .. d_k, res (float64)
-        rows = [torch.zeros(0, 4 + split.k + 1, dtype=torch.float64)]
+    def run() -> list[torch.Tensor]:  # per split, one row per image: index, label, rel, orig, d_1 .. d_k, res
+        rows = [[torch.zeros(0, 4 + s.k + 1, dtype=torch.float64)] for s in splits]
         for x_img, labels, index in loader:
             check_batch(images, labels, index)
-            out = evaluate_batch(model, conv, split, to_device(x_img, device, images=True), to_device(labels, device))
-            rows.append(torch.cat([torch.stack([index.double(), labels.double(), out["rel"], out["orig"]], 1),
-                                   out["sub"]], 1))
+            P, _, a, x = relevance_batch(model, conv, to_device(x_img, device, images=True), to_device(labels, device),
+                                         positive=True)
+            for si in users[int(labels[0])]:
+                v = split_values(P, a, x, conv, splits[si])
+                rows[si].append(torch.cat([torch.stack([index.double(), labels.double(), v["rel"], v["orig"]], 1),
+                                           v["sub"]], 1))
             bar.update(len(labels))
-        return torch.cat(rows)
+        return [torch.cat(r) for r in rows]
 
     rows = run_together(run, world_size, device, "stage 4")
     bar.close()
     seconds = reduce_over_ranks(time.perf_counter() - start, world_size, device)
-    rows = all_gather_rows(rows, world_size, device).numpy()  # rank order = the order of ``indices``
-    acts = Activations(rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64), rows[:, 2], rows[:, 3], rows[:, 4:])
-    if not np.array_equal(acts.index, np.asarray(list(indices), dtype=np.int64)):
-        raise AssertionError("stage 4: the evaluated images are not those of the pass, in order")  # cannot happen
-    return acts, seconds
+    out = {}
+    for s, r in zip(splits, rows):
+        r = all_gather_rows(r, world_size, device).numpy()  # rank order = the order of ``indices``
+        out[s.channel] = Activations(r[:, 0].astype(np.int64), r[:, 1].astype(np.int64), r[:, 2], r[:, 3], r[:, 4:])
+    return out, seconds
 
 
 # ------------------------------------------------------------------ the whole stage
@@ -201,9 +218,10 @@ def run_stage4(cfg: Stage4Config, loaded: LoadedModel | None = None, log=print) 
     device = resolve_device(cfg.device, cfg.gpu)
     indices = ev.images.indices_of([t for cs in ev.concepts for t in cs])
     model = model_on(ev.lm.model, device)
-    acts, seconds = evaluate_images(model, model.get_submodule(ev.layer), ev.split, ev.images, indices, cfg.batch_size,
-                                    cfg.num_workers, device, cfg.progress, cfg.rank, cfg.world_size,
-                                    ev.lm.preprocess)
+    acts, seconds = evaluate_splits(model, model.get_submodule(ev.layer), [ev.split], [ev.concepts], ev.images,
+                                    indices, cfg.batch_size, cfg.num_workers, device, cfg.progress, cfg.rank,
+                                    cfg.world_size, ev.lm.preprocess)
+    acts = acts[ev.split.channel]
     if cfg.rank != 0:
         return {"rank": cfg.rank, "images": len(acts)}
     ips = len(acts) / max(seconds, 1e-9)

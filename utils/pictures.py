@@ -118,14 +118,19 @@ def channel_pictures(cfg: PicturesConfig, loaded: LoadedModel | None = None,
     channels) with the same ``top_k``, ``rho``, ``residual`` and split; otherwise it is searched here.
     """
     job = prepare(cfg, loaded, check)
-    device = resolve_device(cfg.device, cfg.gpu)
     t0 = time.time()
     if top is None:
         top = topk_for_splits(job.lm, job.layer, [job.split], job.images, cfg.top_k, cfg.residual, cfg.batch_size,
-                              cfg.num_workers, device, cfg.progress)
+                              cfg.num_workers, resolve_device(cfg.device, cfg.gpu), cfg.progress)
+    return draw(cfg, job, top, time.time() - t0)
+
+
+def draw(cfg: PicturesConfig, job: Job, top: TopK, seconds_topk: float = 0.0) -> dict:
+    """The pictures of one split channel from its top-k (``top``): crops, feature visualisations, the teaser
+    figure and purity.json in ``cfg.out_dir/<record>_rho<rho>/``; returns the summary."""
+    device = resolve_device(cfg.device, cfg.gpu)
     model = model_on(job.lm.model, device)
     job.conv = model.get_submodule(job.layer)
-    seconds_topk = time.time() - t0
     out = os.path.join(cfg.out_dir, f"{os.path.basename(job.record.dir)}_rho{job.rho:.2f}")
     os.makedirs(out, exist_ok=True)
     side = job.lm.preprocess.crop

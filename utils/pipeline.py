@@ -1,4 +1,5 @@
-"""The whole pipeline as one function (demo.py): stages 1-4 and the pictures, then the report."""
+"""The whole pipeline as one function (demo.py): stage 1, then the layer command (concepts found from the
+data, every polysemantic channel split in one network, evaluated, pictured), whose report is the demo's."""
 from __future__ import annotations
 
 import os
@@ -6,14 +7,10 @@ import time
 from dataclasses import dataclass
 
 from . import store as st
-from .disentangle import Stage3Config, disentangle_channel
 from .errors import UserError
-from .evaluation import Stage4Config, run_stage4
 from .files import check_writable, read_json, write_json
 from .importances import Stage1Config, compute_importances
 from .models import get_layer, load_model
-from .records import save_record
-from .selection import find_pairs
 
 
 @dataclass
@@ -24,7 +21,7 @@ class DemoConfig:
     layer: str | None = None
     store_dir: str | None = None
     out_dir: str = "demo_output"
-    top_k: int = 2
+    top_k: int = 4  # channels to split: the most polysemantic first
     tau: float | None = None  # default: 0.01 for the digits demo, 0.03 (the paper's) for real data
     p: float = 0.75
     cos_sim_high: float = 0.5
@@ -45,18 +42,6 @@ class DemoConfig:
 def _stage(name: str):
     print(f"\n== {name}", flush=True)
     return time.perf_counter()
-
-
-def pick_pairs(pairs: list[dict], k: int) -> list[dict]:
-    """The ``k`` most polysemantic pairs (lowest cosine similarity first), one per channel."""
-    chosen, seen = [], set()
-    for pair in sorted(pairs, key=lambda q: q["cosine_similarity"]):
-        if pair["channel"] not in seen:
-            chosen.append(pair)
-            seen.add(pair["channel"])
-        if len(chosen) == k:
-            break
-    return chosen
 
 
 def _prepare_digits(cfg: DemoConfig) -> tuple[str, str, str, dict]:
@@ -97,39 +82,29 @@ class Setup:
 def run_demo(cfg: DemoConfig) -> dict:
     """Run everything and write ``cfg.out_dir/report.html``; returns ``{"report": path, "store": path,
     "disentangled": [{"channel", "concepts", "best_rho", "record"}, ...]}``."""
-    from .report import write_report
+    from .featvis import FVConfig
+    from .layer import LayerConfig, disentangle_layer
 
     if cfg.top_k < 1:
         raise UserError("--top_k must be at least 1")
     check_writable(cfg.out_dir)
-    timings: dict[str, dict] = {}
     t0 = _stage("data and model")
     run = _setup(cfg)
-    timings["data and model"] = {"seconds": time.perf_counter() - t0}
+    timings = {"data and model": time.perf_counter() - t0}
     store, images = _stage1(cfg, run, timings)
-    found = _stage2(cfg, store, timings)
-    chosen = pick_pairs(found.pairs, cfg.top_k)
-    results = [_disentangle_pair(cfg, run, pair, i, len(chosen), timings) for i, pair in enumerate(chosen)]
-    if results:
-        t0 = _stage("pictures: what the channels respond to (one top-k pass over val/ for all of them)")
-        _pictures(cfg, run.lm, run.data_dir, os.path.join(run.store_dir, "models_disentangled"), run.layer, results)
-        timings["pictures"] = {"seconds": time.perf_counter() - t0}
-    for key in ("stage 3", "stage 4"):
-        if key in timings and timings[key]["seconds"] > 0:
-            timings[key]["images_per_second"] = timings[key]["images"] / timings[key]["seconds"]
-    settings = {"data_dir": os.path.abspath(run.data_dir), "model": run.model_name, "weights": run.lm.weights,
-                "layer": run.layer, "channels": run.channels, "training images": images, "tau": cfg.tau, "p": cfg.p,
-                "gamma": f"[0.0, {cfg.cos_sim_high})", "pairs disentangled": len(chosen)}
+    t0 = _stage("the layer: concepts from the data, every polysemantic channel split in one network, evaluated")
+    notes = {"training images": images, "stage 1 (seconds)": f"{timings['stage 1']:.1f}"}
     if run.training:
-        settings["demo model"] = (f"{run.model_name} trained {cfg.epochs} epochs from scratch: train accuracy "
-                                  f"{run.training['train_accuracy']:.3f}, val accuracy "
-                                  f"{run.training['val_accuracy']:.3f}")
-    path = os.path.join(cfg.out_dir, "report.html")
-    write_report(path, settings=settings, store=store, pairs=found.pairs, candidates=found.candidates,
-                 results=results, timings=timings)
-    return {"report": os.path.abspath(path), "store": store.path,
-            "disentangled": [{"channel": r["record"].channel, "concepts": r["record"].concepts,
-                              "best_rho": r["record"].best_rho, "record": r["record"].dir} for r in results]}
+        notes["demo model"] = (f"{run.model_name} trained {cfg.epochs} epochs from scratch: train accuracy "
+                               f"{run.training['train_accuracy']:.3f}, val accuracy {run.training['val_accuracy']:.3f}")
+    out = disentangle_layer(LayerConfig(
+        data_dir=run.data_dir, store_dir=run.store_dir, model=run.model_name, weights=run.weights, layer=run.layer,
+        progress=cfg.progress, tau=cfg.tau, p=cfg.p, gamma_high=cfg.cos_sim_high, max_channels=cfg.top_k,
+        top_k=cfg.pictures_k, seed=cfg.seed, out_dir=cfg.out_dir, notes=notes,
+        fv=FVConfig(steps=cfg.fv_steps, seed=cfg.seed) if cfg.fv_steps > 0 else None, **run.common), loaded=run.lm)
+    return {"report": os.path.abspath(out["report"]), "store": store.path,
+            "disentangled": [{"channel": int(c), "concepts": ch["concepts"], "best_rho": ch["best_rho"],
+                              "record": ch["record"]} for c, ch in out["channels"].items()]}
 
 
 def _setup(cfg: DemoConfig) -> Setup:
@@ -159,68 +134,5 @@ def _stage1(cfg: DemoConfig, run: Setup, timings: dict) -> tuple[st.Store, int]:
                                           **run.common), loaded=run.lm)
     if s1.get("already_complete"):
         print(f"store {s1['store']} is already complete; reusing it")
-    timings["stage 1"] = {"seconds": time.perf_counter() - t0, "images": s1.get("processed", 0),
-                          "images_per_second": s1.get("images_per_second", 0.0)}
+    timings["stage 1"] = time.perf_counter() - t0
     return st.Store.open(s1["store"]), s1["images"]
-
-
-def _stage2(cfg: DemoConfig, store: st.Store, timings: dict):
-    """Stage 2 on the store: candidates and pairs, the first 20 printed."""
-    t0 = _stage("stage 2: candidate channels and gamma-polysemantic pairs")
-    found = find_pairs(store, cfg.tau, cfg.p, 0.0, cfg.cos_sim_high)
-    timings["stage 2"] = {"seconds": time.perf_counter() - t0}
-    print(f"{len(found.candidates)} candidate channels, {len(found.pairs)} pairs with s < {cfg.cos_sim_high}")
-    for pair in found.pairs[:20]:
-        print(f"  channel {pair['channel']}: {store.names.label(pair['class1'])} / {store.names.label(pair['class2'])}"
-              f"  s = {pair['cosine_similarity']:.4f}")
-    return found
-
-
-def _disentangle_pair(cfg: DemoConfig, run: Setup, pair: dict, i: int, n: int, timings: dict) -> dict:
-    """Stages 3 and 4 for one pair: the record (saved) and stage 4's summary."""
-    c, concepts = pair["channel"], [[pair["class1"]], [pair["class2"]]]
-    model_dir = os.path.join(run.store_dir, "models_disentangled")
-    t0 = _stage(f"stage 3 ({i + 1}/{n}): disentangle channel {c}")
-    rec, sw = disentangle_channel(Stage3Config(data_dir=run.data_dir, store_dir=run.store_dir, channel=c,
-                                               concepts=concepts, model=run.model_name, weights=run.weights,
-                                               layer=run.layer, progress=cfg.progress, **run.common), loaded=run.lm)
-    rec.dir = os.path.join(model_dir, rec.name())
-    save_record(rec.dir, rec, sw)
-    t3 = time.perf_counter() - t0
-    print(f"best rho {rec.best_rho}, max |logit difference| {rec.max_abs_logit_diff:.2e}")
-    t0 = _stage(f"stage 4 ({i + 1}/{n}): evaluate channel {c} on the validation images")
-    s4 = run_stage4(Stage4Config(data_dir=run.data_dir, model_dir=model_dir, channel=c, concepts=concepts,
-                                 model=run.model_name, weights=run.weights, layer=run.layer, tau=cfg.tau,
-                                 out_dir=cfg.out_dir, progress=cfg.progress, **run.common), loaded=run.lm)
-    for key, sec, k in (("stage 3", t3, sum(rec.train_images.values())),
-                        ("stage 4", time.perf_counter() - t0, s4["images"])):
-        entry = timings.setdefault(key, {"seconds": 0.0, "images": 0})
-        entry["seconds"] += sec
-        entry["images"] += k
-    return {"pair": pair, "record": rec, "stage4": s4}
-
-
-def _pictures(cfg: DemoConfig, lm, data_dir, model_dir, layer, results: list[dict]) -> None:
-    """Teaser figure, top-k crops and purity of every disentangled channel (``result["pictures"]``).
-
-    The top-k images of all channels come from ONE pass over the validation images.
-    """
-    from . import featvis
-    from .data import list_images
-    from .device import resolve_device
-    from .store import data_class_map
-    from .pictures import PicturesConfig, channel_pictures, topk_for_records
-
-    cmap = data_class_map(data_dir, "val", lm.num_classes, cfg.class_index, results[0]["record"].store)
-    top = topk_for_records(lm, [r["record"] for r in results], list_images(data_dir, "val", classes=cmap), cfg.pictures_k,
-                           batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                           device=resolve_device(cfg.device), progress=cfg.progress)
-    fv = featvis.FVConfig(steps=cfg.fv_steps) if cfg.fv_steps > 0 else None
-    for r in results:
-        rec = r["record"]
-        pc = PicturesConfig(data_dir=data_dir, model_dir=model_dir, channel=rec.channel, concepts=rec.concepts,
-                            model=lm.name, layer=layer, split="val", top_k=cfg.pictures_k,
-                            out_dir=os.path.join(cfg.out_dir, "pictures"), fv=fv, batch_size=cfg.batch_size,
-                            num_workers=cfg.num_workers, device=cfg.device, progress=cfg.progress,
-                            class_index=cfg.class_index)
-        r["pictures"] = channel_pictures(pc, loaded=lm, top=top)

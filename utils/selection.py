@@ -211,6 +211,7 @@ class Stage2Result:
     candidates: dict[int, list[int]]
     counts: torch.Tensor  # K x C int64
     seconds: dict[str, float] = field(default_factory=dict)
+    arvs: dict[int, torch.Tensor] = field(default_factory=dict)  # c -> ARVs (m x C_in) of its classes
 
 
 def check_params(tau: float, p: float, gamma_low: float, gamma_high: float) -> None:
@@ -248,7 +249,7 @@ def find_pairs(store: st.Store, tau: float, p: float, gamma_low: float = 0.0, ga
     t0 = time.perf_counter()
     pairs = polysemantic_pairs(arvs, candidates, gamma_low, gamma_high)
     sec["pairs"] = time.perf_counter() - t0
-    return Stage2Result(pairs, candidates, counts, sec)
+    return Stage2Result(pairs, candidates, counts, sec, arvs)
 
 
 # ---------------------------------------------------------------- the results file

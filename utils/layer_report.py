@@ -1,0 +1,134 @@
+"""The layer command's report: one HTML page for the layer (pictures linked from the same folder)."""
+from __future__ import annotations
+
+import html
+import os
+
+from .files import write_text
+from .split import sub_label
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222;
+ line-height:1.45;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em} h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.5em 0 1em} td,th{border:1px solid #ddd;padding:3px 9px;text-align:right;
+ font-variant-numeric:tabular-nums;vertical-align:top} th{background:#f4f4f4} td.l,th.l{text-align:left}
+tr.best td{background:#e8f4ea;font-weight:600} .muted{color:#666} .ok{color:#1a7f37} .bad{color:#b42318}
+.plots{display:flex;flex-wrap:wrap;gap:1em} .plots img{width:48%;min-width:320px;border:1px solid #eee}
+img.teaser{max-width:100%;border:1px solid #eee} .card{border:1px solid #e3e3e3;border-radius:6px;
+ padding:.2em 1.2em 1em;margin:1.5em 0} .up{color:#1a7f37} .down{color:#b42318} a{color:#1f5fbf}
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _table(header: list[str], rows: list[list], left: int = 0, classes: list[str] | None = None) -> str:
+    th = "".join(f'<th class="{"l" if i < left else ""}">{_e(h)}</th>' for i, h in enumerate(header))
+    body = "".join(f'<tr class="{(classes or [""] * len(rows))[r]}">'
+                   + "".join(f'<td class="{"l" if i < left else ""}">{v}</td>' for i, v in enumerate(row)) + "</tr>"
+                   for r, row in enumerate(rows))
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _img(path: str, base: str, cls: str = "") -> str:
+    if not path or not os.path.isfile(path):
+        return f'<p class="muted">(no picture {_e(os.path.basename(path or ""))})</p>'
+    rel = os.path.relpath(path, base)
+    return f'<a href="{_e(rel)}"><img class="{cls}" alt="{_e(os.path.basename(path))}" src="{_e(rel)}"></a>'
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{v:.0%}"
+
+
+def _concepts_text(concepts: list[list[int]], names) -> str:
+    return " | ".join(f"<b>{j}</b>: " + _e(names.labels(cs)) for j, cs in enumerate(concepts, 1))
+
+
+def _overview(splits: list, names) -> str:
+    rows, classes = [], []
+    for s in sorted(splits, key=lambda s: -s.gain):
+        after = " / ".join(_pct(v) for v in s.purity["concepts"])
+        before = " / ".join(_pct(v) for v in s.purity["original"])
+        gain = f'<span class="{"up" if s.gain > 0 else "down"}">{s.gain:+.0%}</span>'
+        rows.append([f'<a href="#c{s.channel}">{s.channel}</a>', len(s.concepts), _concepts_text(s.concepts, names),
+                     f"{s.record.best_rho:.2f}", before, after, gain])
+        classes.append("")
+    return _table(["channel", "k", "concepts", "best rho", "before: original channel, share per concept",
+                   "after: concept channel j, share in concept j", "gain (mean)"], rows, left=3, classes=classes)
+
+
+def _sweep(rec) -> str:
+    rows, classes = [], []
+    for rho in rec.rhos:
+        key = f"{rho:.2f}"
+        src = rec.sources[key]
+        best = abs(rho - rec.best_rho) < 1e-9
+        rows.append([key] + [len(src[f"concept{j}"]) for j in range(1, rec.k + 1)] + [len(src["shared"]),
+                    f"{rec.scores[key]:.4g}" + (" ◀ best" if best else "")])
+        classes.append("best" if best else "")
+    return _table(["rho"] + [f"|S{j}|" for j in range(1, rec.k + 1)] + ["|S0|", "score"], rows, classes=classes)
+
+
+def _quantitative(s) -> str:
+    k = len(s.concepts)
+    rows = []
+    for j in range(1, k + 1):
+        e = s.stage4.get(f"concept{j}", {})
+        mean = e.get("mean") or [None] * (k + 1)
+        rows.append([f"concept {j}", e.get("rows", 0), e.get("images", 0)]
+                    + ["–" if m is None else f"{m:.3f}" for m in mean])
+    return _table(["images of", "rows (rel ≥ τ)", "images"] + [f"D{j} / orig" for j in range(1, k + 1)]
+                  + ["Res / orig"], rows, left=1)
+
+
+def _card(s, pictures: dict, names, base: str) -> str:
+    pics = pictures.get(str(s.channel), {})
+    purity = _table(["channel"] + [f"concept {j}" for j in range(1, len(s.concepts) + 1)],
+                    [[_e(sub_label("original"))] + [_pct(v) for v in s.purity["original"]]]
+                    + [[_e(sub_label(f"D{j}")), *(["–"] * (j - 1)), _pct(v), *(["–"] * (len(s.concepts) - j))]
+                       for j, v in enumerate(s.purity["concepts"], 1)], left=1)
+    return "\n".join([
+        f'<div class="card" id="c{s.channel}"><h3>Channel {s.channel}: {len(s.concepts)} concepts</h3>',
+        f"<p>{_concepts_text(s.concepts, names)}</p>",
+        f"<p>best rho <b>{s.record.best_rho:.2f}</b>; training images scored per concept: "
+        + ", ".join(str(v) for v in s.record.train_images.values()) + f'; record <code>{_e(s.record.dir)}</code></p>',
+        "<details><summary>rho sweep</summary>", _sweep(s.record), "</details>",
+        "<h4>What the channels respond to (top validation images; frames: colour of the concept, gray other)</h4>",
+        _img(pics.get("teaser", ""), base, "teaser"),
+        "<h4>Purity of the top images</h4>", purity,
+        "<h4>Activations on the concepts' validation images</h4>",
+        '<div class="plots">' + "".join(_img(p, base) for p in s.stage4["plots"] if p.endswith(".png")) + "</div>",
+        "<h4>Share of the original activation (mean over images with relative attribution ≥ τ)</h4>",
+        _quantitative(s), "</div>"])
+
+
+def write_layer_report(path: str, summary: dict, splits: list, pictures: dict, names, seconds: dict,
+                       notes: dict | None = None) -> None:
+    """Write the layer's report page (atomically); pictures and plots are linked relative to ``path``."""
+    base = os.path.dirname(os.path.abspath(path))
+    diff = summary["max_abs_logit_diff"]
+    b = summary["baseline_purity"]
+    ks = sorted({len(s.concepts) for s in splits})
+    settings = [["model", _e(summary["model"])], ["weights", _e(summary["weights"])], ["layer", _e(summary["layer"])],
+                ["tau, p, gamma", f"{summary['tau']}, {summary['p']}, {summary['gamma_high']}"],
+                ["split channels", f"{len(splits)} (k = {', '.join(map(str, ks))})"],
+                ["one network, max |logit difference|", f'<b class="{"ok" if diff <= 1e-3 else "bad"}">{diff:.2e}</b>'],
+                ["purity baseline (top-class share of random other channels)",
+                 f"{_pct(b['mean'])} over {len(b['channels'])} channels"],
+                ["seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())],
+                ["the whole network", f'<code>{_e(summary["export"])}</code>']]
+    settings += [[_e(k), _e(v)] for k, v in (notes or {}).items()]
+    page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(summary['model'])} {_e(summary['layer'])}"
+            f"</title><style>{CSS}</style></head><body>",
+            f"<h1>Disentangled layer: {_e(summary['model'])} {_e(summary['layer'])}</h1>",
+            '<p class="muted">Every polysemantic channel of the layer, its concepts found from the data (complete '
+            "linkage of its classes' average relevance vectors), split into one channel per concept plus a shared "
+            "residual, all in one network that computes the same logits (Hesse et al., CVPRW 2025, extended to k "
+            "concepts). Purity: the share of a channel's top validation images in a concept's classes.</p>",
+            "<h2>Settings</h2>", _table(["", ""], settings, left=2),
+            "<h2>Split channels, by purity gain</h2>", _overview(splits, names),
+            "<h2>Channels</h2>"] + [_card(s, pictures, names, base) for s in sorted(splits, key=lambda s: -s.gain)]
+    write_text(path, "\n".join(page + ["</body></html>"]))

@@ -1,0 +1,61 @@
+"""Concepts found from the data (ALGORITHM.md, "Extension"): a candidate channel's relevant classes grouped
+by complete linkage of their ARVs' cosine similarities.
+
+Start from one group per class; while two groups ``X, Y`` have ``min over t in X, u in Y of s(t, u) >=
+gamma_high``, merge the pair with the largest such minimum (ties: the pair whose smallest classes come
+first). The remaining groups, ordered by their smallest class, are the channel's concepts; a channel
+with one group is not polysemantic. An undefined ``s`` (a zero ARV) never links.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import store as st
+from .selection import find_pairs
+
+
+def cosine_matrix(A: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarities (m x m, float64) of the rows of ``A`` (m x C_in), with stage 2's arithmetic
+    (``sum(a * b) / (|a| |b|)``, so the same pair gives the same s); NaN where a row is zero."""
+    A = A.double()
+    norms = A.norm(dim=1)
+    return torch.stack([(A[i] * A).sum(1) / (norms[i] * norms) for i in range(len(A))]) if len(A) else A[:, :0]
+
+
+def complete_linkage(classes: list[int], s: torch.Tensor, gamma: float) -> list[list[int]]:
+    """Group ``classes`` (m, ascending) by complete linkage of their similarities ``s`` (m x m) at ``gamma``."""
+    groups = [[i] for i in range(len(classes))]
+    while True:
+        best = None  # (link, key, a, b)
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                link = min(float(s[i, j]) for i in groups[a] for j in groups[b])
+                if math.isnan(link) or link < gamma:
+                    continue
+                key = (min(groups[a]), min(groups[b]))
+                if best is None or link > best[0] or (link == best[0] and key < best[1]):
+                    best = (link, key, a, b)
+        if best is None:
+            break
+        _, _, a, b = best
+        groups[a] = sorted(groups[a] + groups[b])
+        del groups[b]
+    return sorted([sorted(classes[i] for i in g) for g in groups])
+
+
+def channel_concepts(store: st.Store, tau: float, p: float, gamma_high: float,
+                     progress: bool = False) -> tuple[dict[int, list[list[int]]], dict[int, float]]:
+    """Every candidate channel's concepts (stage 2's rules and counts): c -> groups of classes; and per channel
+    the lowest similarity between classes of different concepts (1.0 with one concept)."""
+    found = find_pairs(store, tau, p, 0.0, gamma_high, progress=progress)
+    concepts, least = {}, {}
+    for c, classes in found.candidates.items():
+        s = cosine_matrix(found.arvs[c])
+        concepts[c] = complete_linkage(classes, s, gamma_high)
+        group = {t: j for j, g in enumerate(concepts[c]) for t in g}
+        cross = [float(s[a, b]) for a, t in enumerate(classes) for b, u in enumerate(classes)
+                 if group[t] != group[u] and not math.isnan(float(s[a, b]))]
+        least[c] = min(cross) if cross else 1.0
+    return concepts, least
