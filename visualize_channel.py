@@ -31,7 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("disentanglement")
     g.add_argument("--model_dir", default=None, help="the models_disentangled folder (default: STORE_DIR/models_disentangled)")
     g.add_argument("--store_dir", default="./store", help="folder of the store (default: ./store)")
-    g.add_argument("--channel_of_interest", "--channel_disentangle", dest="channel", type=int, required=True,
+    g.add_argument("--channel_of_interest", "--channel_disentangle", "--channel", dest="channel", type=int, required=True,
                    help="the split channel c")
     add_concept_args(g)
     g.add_argument("--f", dest="rho", type=float, default=None, help="rho of the split (default: the record's best)")

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -201,8 +200,6 @@ def test_full_disk_while_writing_chunks_is_one_line_and_resumable(tiny, tmp_path
 
 
 def test_too_little_space_to_assemble_is_said_before_writing(tiny, tmp_path, monkeypatch):
-    import shutil
-
     from utils import chunks
 
     args, reference = tiny

@@ -173,6 +173,14 @@ def score_channels(model: nn.Module, conv: nn.Conv2d, images: ImageList, channel
     return out, seconds, kept
 
 
+def _gather_sums(parts: list[torch.Tensor], counts: list[int], k: int, U: int, world: int, device):
+    """All ranks' per-batch ratio sums (in rank order) and the summed image counts, on every rank (CPU)."""
+    mine = torch.stack([p.cpu().flatten() for p in parts]) if parts else torch.zeros(0, k * U, dtype=torch.float64)
+    rows = all_gather_rows(mine, world, device)
+    totals = all_gather_rows(torch.tensor([counts], dtype=torch.float64), world, device).sum(0)
+    return list(rows.view(-1, k, U)), [int(v) for v in totals]
+
+
 def _equivalence(cfg: Stage3Config, model: nn.Module, layer: str, sw: Sweep, best: int, images: ImageList,
                  keep: list[int], kept: dict[int, torch.Tensor], preprocess, device) -> float:
     """Largest logit difference between the original and the disentangled network (best rho) on the

@@ -27,7 +27,7 @@ from .data import ImageList, Preprocess, check_batch, class_batches, list_images
 from .device import model_on, pin, resolve_device, to_device
 from .distributed import all_gather_rows, batch_shard, reduce_over_ranks, run_together
 from .errors import UserError
-from .models import LoadedModel, default_layer, get_layer, load_model
+from .models import LoadedModel, get_layer, load_model
 from .records import Record, check_record, find_record, load_split, record_head
 from .store import data_class_map
 from .relevance import relevance_batch

@@ -21,7 +21,6 @@ import torch
 from . import store as st
 from .arv import concept_arvs
 from .cli import RunOptions
-from .concepts import ClassNames
 from .data import list_images
 from .device import model_on, resolve_device
 from .disentangle import check_indices, max_logit_diff, score_channels

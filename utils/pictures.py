@@ -17,7 +17,7 @@ from .data import ImageList, list_images, load_image, make_loader
 from .device import model_on, pin, resolve_device
 from .errors import UserError
 from .files import write_json
-from .models import LoadedModel, default_layer, get_layer, load_model
+from .models import LoadedModel, get_layer, load_model
 from .receptive import ReceptiveField, crop, receptive_field
 from .records import Record, check_record, find_record, load_split, record_head
 from .relevance import layer_input
