@@ -22,8 +22,8 @@ get_results.py and visualize_channel.py work on each channel too).
 """
 import argparse
 
-from utils.cli import (add_image_pass_args, add_json_arg, check_channels, make_parser, nonnegative_float, nonnegative_int,
-                       positive_int, write_json_output)
+from utils.cli import (add_image_pass_args, add_json_arg, add_selection_args, check_channels, make_parser,
+                       nonnegative_int, positive_int, write_json_output)
 from utils.errors import UserError, run_cli
 
 
@@ -31,13 +31,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__)
     add_image_pass_args(p)
     g = p.add_argument_group("which channels and concepts (stage 2's rules)")
-    g.add_argument("--proportion_attribution_required", "--tau", dest="tau", type=nonnegative_float, default=0.03,
-                   help="tau: share of an image's positive relevance a channel needs to be important (default: 0.03)")
-    g.add_argument("--p", type=float, default=0.75,
-                   help="p: share of a class's training images for which the channel must be important (default: 0.75)")
-    g.add_argument("--cos_sim_high", "--gamma", dest="gamma", type=float, default=0.5,
-                   help="gamma_high: classes whose ARVs are at least this similar (complete linkage) form one "
-                        "concept (default: 0.5)")
+    add_selection_args(g, 0.03, 0.5, "gamma_high: classes whose ARVs are at least this similar (complete "
+                                     "linkage) form one concept (default: 0.5)")
     g.add_argument("--channels", type=int, nargs="+", default=None, metavar="C",
                    help="split only these channels (each needs --min_concepts or more concepts)")
     g.add_argument("--min_concepts", type=positive_int, default=2, help="split channels with at least this many "
@@ -73,7 +68,7 @@ def main(args: argparse.Namespace) -> dict:
     cfg = LayerConfig(data_dir=args.data_dir, store_dir=args.store_dir, model=args.model, weights=args.weights,
                       layer=args.layer, batch_size=args.batch_size, num_workers=args.num_workers,
                       device=args.device, gpu=args.gpu, class_index=args.class_index, progress=not args.no_progress,
-                      tau=args.tau, p=args.p, gamma_high=args.gamma, channels=args.channels,
+                      tau=args.tau, p=args.p, gamma_high=args.cos_sim_high, channels=args.channels,
                       min_concepts=args.min_concepts, max_channels=args.max_channels, check_images=args.check_images,
                       top_k=args.top_k, baseline=args.baseline_channels, seed=args.seed, out_dir=args.out_dir,
                       fv=FVConfig(steps=args.fv_steps, seed=args.seed) if args.fv_steps > 0 else None)

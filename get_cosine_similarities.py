@@ -11,7 +11,8 @@ and written to STORE_DIR/results_get_cosine_similarities/. Reads no images.
 import argparse
 import os
 
-from utils.cli import add_json_arg, add_model_args, add_store_arg, make_parser, positive_int, write_json_output
+from utils.cli import (add_json_arg, add_model_args, add_selection_args, add_store_arg, make_parser, positive_int,
+                       write_json_output)
 from utils.errors import run_cli
 
 
@@ -22,12 +23,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 "checkpoint file, or 'none'); stage 2 never loads weights")
     add_store_arg(p)
     g = p.add_argument_group("selection")
-    g.add_argument("--proportion_attribution_required", "--tau", dest="tau", type=float, default=0.05,
-                   help="tau: share of an image's positive relevance a channel needs to be important (default: 0.05; the paper uses 0.03)")
-    g.add_argument("--p", type=float, default=0.75,
-                   help="p: share of a class's training images for which the channel must be important (default: 0.75)")
+    add_selection_args(g, 0.05, 1.0, "gamma_high: list pairs with s < this (default: 1.0)")
     g.add_argument("--cos_sim_low", type=float, default=0.0, help="gamma_low: list pairs with s >= this (default: 0.0)")
-    g.add_argument("--cos_sim_high", type=float, default=1.0, help="gamma_high: list pairs with s < this (default: 1.0)")
     g.add_argument("--rows", type=positive_int, default=16384, help="relevance rows read per step (default: 16384)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     c = p.add_argument_group("accepted for compatibility (stage 2 reads no images)")

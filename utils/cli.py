@@ -139,6 +139,17 @@ def write_json_output(path: str | None, obj) -> None:
 MAX_CONCEPT_FLAGS = 8
 
 
+def add_selection_args(g, tau_default: float, gamma_default: float, gamma_help: str) -> None:
+    """Stage 2's thresholds (the seed's names): ``--proportion_attribution_required`` (tau), ``--p`` and
+    ``--cos_sim_high`` (gamma_high, stored as ``args.cos_sim_high``)."""
+    g.add_argument("--proportion_attribution_required", "--tau", dest="tau", type=nonnegative_float, default=tau_default,
+                   help="tau: share of an image's positive relevance a channel needs to be important "
+                        f"(default: {tau_default}; the paper uses 0.03)")
+    g.add_argument("--p", type=float, default=0.75,
+                   help="p: share of a class's training images for which the channel must be important (default: 0.75)")
+    g.add_argument("--cos_sim_high", "--gamma", type=float, default=gamma_default, help=gamma_help)
+
+
 def add_concept_args(g) -> None:
     """The concepts: ``--classes_for_concept1 T [T ...]``, ``--classes_for_concept2``, ... (the seed's flags, up
     to 8), or ``--concept T [T ...]`` once per concept; several classes make one concept."""

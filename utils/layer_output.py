@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -67,6 +68,7 @@ def write_layer(cfg, lm, layer: str, store, splits: list, evaluation: dict, diff
 
     os.makedirs(out, exist_ok=True)
     names = ClassNames(lm.categories, list(store.class_index), list(store.class_index.values()))
+    t0 = time.perf_counter()
     export = os.path.join(out, "disentangled.pt")
     export_network(lm.model, lm.name, {layer: [s.sweep.split(s.channel, s.best) for s in splits]}, export)
     for s in splits:
@@ -79,7 +81,10 @@ def write_layer(cfg, lm, layer: str, store, splits: list, evaluation: dict, diff
                                                for j, (a, lab) in enumerate(zip(per_concept, labels), 1)}}
         results.write_quantitative(stage4, ev, per_concept, s.stage4, lambda *a: None)
         s.stage4["plots"] = results.write_density_plots(stage4, ev, per_concept, labels, lambda *a: None)
+    seconds["results and plots"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     pictures = _pictures(cfg, lm, layer, splits, evaluation, names, out)
+    seconds["pictures"] = time.perf_counter() - t0
     summary = _summary(cfg, lm, layer, splits, evaluation, diff, export, names)
     write_json(os.path.join(out, "layer.json"), {**summary, "pictures": pictures, "timings": seconds})
     report = os.path.join(out, "report.html")
@@ -91,16 +96,19 @@ def write_layer(cfg, lm, layer: str, store, splits: list, evaluation: dict, diff
 def _pictures(cfg, lm, layer: str, splits: list, evaluation: dict, names, out: str) -> dict:
     """The teaser figure (original and every concept channel) of each split, from the one top-k pass."""
     from .pictures import Job, PicturesConfig, draw
+    from .receptive import receptive_field
 
+    side = lm.preprocess.crop
+    rf = receptive_field(lm.model, lm.model.get_submodule(layer), (side, side), min_size=max(1, side // 8))
     done = {}
     for s in splits:
         pc = PicturesConfig(data_dir=cfg.data_dir, model_dir="", channel=s.channel, concepts=s.concepts, split="val",
                             top_k=cfg.top_k, out_dir=os.path.join(out, "pictures"), fv=cfg.fv,
                             batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
-                            progress=cfg.progress)
+                            progress=cfg.progress, formats=("png",), crop_files=False)
         split = s.sweep.split(s.channel, s.best)
         job = Job(lm, layer, lm.model.get_submodule(layer), s.record, split, s.concepts, evaluation["val"], names,
-                  s.record.best_rho, ["original", *sub_names(split.k)[:-1]])
+                  s.record.best_rho, ["original", *sub_names(split.k)[:-1]], rf)
         done[s.channel] = draw(pc, job, evaluation["top"])
     return {str(c): {"out_dir": p["out_dir"], "teaser": os.path.join(p["out_dir"], "teaser.png")}
             for c, p in done.items()}

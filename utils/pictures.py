@@ -41,6 +41,8 @@ class PicturesConfig(RunOptions):
     crop_size: int | None = None  # default: the layer's effective receptive field
     fv: featvis.FVConfig | None = field(default_factory=featvis.FVConfig)  # None: no feature visualisation
     fv_spectrum_images: int = 256
+    formats: tuple[str, ...] = ("png", "pdf")  # of the teaser figure
+    crop_files: bool = True  # each top-k picture as its own PNG too (the layer command keeps the figure only)
 
 
 def topk_for_splits(lm: LoadedModel, layer: str, splits: list[Split], images: ImageList, k: int,
@@ -81,6 +83,7 @@ class Job:
     names: ClassNames
     rho: float
     subs: list[str]  # original, D1 .. Dk (, Res)
+    rf: ReceptiveField | None = None  # the layer's receptive field, when already measured (several channels)
 
 
 def prepare(cfg: PicturesConfig, loaded: LoadedModel | None = None,
@@ -134,9 +137,9 @@ def draw(cfg: PicturesConfig, job: Job, top: TopK, seconds_topk: float = 0.0) ->
     out = os.path.join(cfg.out_dir, f"{os.path.basename(job.record.dir)}_rho{job.rho:.2f}")
     os.makedirs(out, exist_ok=True)
     side = job.lm.preprocess.crop
-    rf = receptive_field(model, job.conv, (side, side), min_size=max(1, side // 8))
+    rf = job.rf or receptive_field(model, job.conv, (side, side), min_size=max(1, side // 8))
     bank = filter_bank(job.conv, [job.split], tuple(job.subs))
-    shown, maps = _top_images(model, job, top, bank, device)
+    shown, maps = _top_images(cfg, model, job, top, bank, device)
     magnitude = _magnitude(cfg)
     panels, subs, files = [], {}, []
     for s, name in enumerate(job.subs):
@@ -154,16 +157,21 @@ def draw(cfg: PicturesConfig, job: Job, top: TopK, seconds_topk: float = 0.0) ->
     return summary
 
 
-def _top_images(model, job: Job, top: TopK, bank: FilterBank, device) -> tuple[dict, dict]:
-    """The top-k images of all sub-channels, loaded once (224 centre crop, unnormalised) and run up to the
-    layer once: ``shown[i]`` (3 x 224 x 224) and ``maps[i]`` (S x H' x W') by dataset index."""
+def _top_images(cfg, model, job: Job, top: TopK, bank: FilterBank, device) -> tuple[dict, dict]:
+    """The top-k images of all sub-channels, loaded once (the centre crop, unnormalised): ``shown[i]``
+    (3 x side x side) by dataset index; and ``maps[i]`` (S x H' x W') of the images that need an activation
+    map (all with ``--heatmap``; else each sub-channel's top-1 when there is no feature visualisation to
+    show in the middle), run up to the layer once. Crops need no maps: the top-k pass kept the maxima."""
     display, norm = job.lm.preprocess.display(), job.lm.preprocess.normalize()
-    wanted = sorted({int(i) for name in job.subs for i in top.get(job.split.channel, name)["indices"]})
-    shown = {i: load_image(job.images, i, display) for i in wanted}
+    tops = [[int(i) for i in top.get(job.split.channel, name)["indices"]] for name in job.subs]
+    shown = {i: load_image(job.images, i, display) for i in sorted({i for t in tops for i in t})}
+    need = sorted(shown if cfg.heatmap else {t[0] for t in tops if t} if cfg.fv is None else set())
+    if not need:
+        return shown, {}
     with torch.no_grad():
-        x = layer_input(model, job.conv, torch.stack([norm(shown[i]) for i in wanted]).to(device))
+        x = layer_input(model, job.conv, torch.stack([norm(shown[i]) for i in need]).to(device))
         m = bank.to(device).maps(job.conv, x).float().cpu()
-    return shown, dict(zip(wanted, m))
+    return shown, dict(zip(need, m))
 
 
 def _magnitude(cfg: PicturesConfig) -> torch.Tensor | None:
@@ -183,8 +191,9 @@ def _crops(cfg, job: Job, t: dict, shown: dict, maps: dict, s: int, rf: Receptiv
         box = rf.box(pi, pj, side)
         pic = teaser.overlay(shown[i], maps[i][s]) if cfg.heatmap else crop(shown[i], box)
         pictures.append(pic)
-        paths.append(os.path.join(out, f"topk_{name}_{r + 1:02d}.png"))
-        teaser.save_image(pic, paths[-1])
+        if cfg.crop_files:
+            paths.append(os.path.join(out, f"topk_{name}_{r + 1:02d}.png"))
+            teaser.save_image(pic, paths[-1])
         lab = int(t["labels"][r])
         entries.append({"rank": r + 1, "index": i, "path": job.images.paths[i], "label": lab,
                         "class_name": job.names.name(lab), "activation": float(t["values"][r]),
@@ -227,10 +236,10 @@ def _panel(cfg, job: Job, t: dict, name: str, pictures, fv_img, shown: dict, map
 
 
 def _figure(cfg, job: Job, panels: list[teaser.Panel], out: str) -> list[str]:
-    """The teaser figure as PNG and PDF; their paths."""
+    """The teaser figure in every format of ``cfg.formats`` (PNG, PDF); their paths."""
     legend = [job.names.labels(cs) for cs in job.concepts]
     title = f"{job.lm.name} {job.layer}, channel {cfg.channel} (rho = {job.rho:.2f}, top {cfg.top_k} of {cfg.split})"
-    paths = [os.path.join(out, "teaser.png"), os.path.join(out, "teaser.pdf")]
+    paths = [os.path.join(out, f"teaser.{fmt}") for fmt in cfg.formats]
     teaser.teaser_figure(panels, title, legend, paths)
     return paths
 
