@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .errors import UserError
+from .errors import UserError, say
 from .files import check_writable, write_json
 
 
@@ -24,7 +24,7 @@ class Parser(argparse.ArgumentParser):
     """argparse in the project's error style: one line ``error: ...`` on stderr, exit code 2."""
 
     def error(self, message: str) -> None:  # argparse's own prints the usage first: two lines and more
-        sys.stderr.write(f"error: {message} (see --help)\n")
+        say(f"error: {message} (see --help)")
         sys.exit(2)
 
 

@@ -21,17 +21,23 @@ def describe_os_error(e: OSError) -> str:
     return f"{e.strerror or type(e).__name__}: {where}"
 
 
+def say(line: str) -> None:
+    """``line`` on stderr in ONE write, so that lines of several processes (torchrun) never interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run a script's ``main``; a :class:`UserError` or a failed file operation becomes ``error: ...`` on
     stderr and exit 2 (under torchrun the launcher reports the failed process with its own exit status)."""
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         sys.exit(2)
     except OSError as e:
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        say(f"error: {describe_os_error(e)}")
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted (rerun the same command to continue where it stopped)", file=sys.stderr)
+        say("interrupted (rerun the same command to continue where it stopped)")
         sys.exit(130)
