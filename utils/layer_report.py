@@ -14,7 +14,7 @@ h1{font-size:1.6em;margin-bottom:.2em} h2{margin-top:2em;border-bottom:1px solid
 table{border-collapse:collapse;margin:.5em 0 1em} td,th{border:1px solid #ddd;padding:3px 9px;text-align:right;
  font-variant-numeric:tabular-nums;vertical-align:top} th{background:#f4f4f4} td.l,th.l{text-align:left}
 tr.best td{background:#e8f4ea;font-weight:600} .muted{color:#666} .ok{color:#1a7f37} .bad{color:#b42318}
-.plots{display:flex;flex-wrap:wrap;gap:1em} .plots img{width:48%;min-width:320px;border:1px solid #eee}
+.plots{display:flex;flex-wrap:wrap;gap:1em} .plots a{width:48%;min-width:320px} .plots img{width:100%;border:1px solid #eee}
 img.teaser{max-width:100%;border:1px solid #eee} .card{border:1px solid #e3e3e3;border-radius:6px;
  padding:.2em 1.2em 1em;margin:1.5em 0} .up{color:#1a7f37} .down{color:#b42318} a{color:#1f5fbf}
 """
@@ -52,7 +52,7 @@ def _overview(splits: list, names) -> str:
     for s in sorted(splits, key=lambda s: -s.gain):
         after = " / ".join(_pct(v) for v in s.purity["concepts"])
         before = " / ".join(_pct(v) for v in s.purity["original"])
-        gain = f'<span class="{"up" if s.gain > 0 else "down"}">{s.gain:+.0%}</span>'
+        gain = f'<span class="{"up" if s.gain >= 0.005 else "down" if s.gain <= -0.005 else "muted"}">{s.gain:+.0%}</span>'
         rows.append([f'<a href="#c{s.channel}">{s.channel}</a>', len(s.concepts), _concepts_text(s.concepts, names),
                      f"{s.record.best_rho:.2f}", before, after, gain])
         classes.append("")
