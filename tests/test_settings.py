@@ -273,7 +273,7 @@ def test_device_names(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda", 1) == torch.device("cuda:1")  # --device cuda --gpu 1 runs on GPU 1
-    assert resolve_device("auto", 1) == torch.device("cuda:1") and resolve_device("cuda:0") == torch.device("cuda:0")
+    assert resolve_device("auto", 1) == torch.device("cuda:1") and resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(UserError, match="shows 2 GPU"):
         resolve_device("cuda:2")
 

@@ -35,10 +35,6 @@ class ChunkPlan:
                 yield list(range(b, min(b + self.batch_size, hi)))
 
 
-def _chunk_path(path: str, j: int) -> str:
-    return os.path.join(path, "chunks", f"chunk_{j:06d}.npz")
-
-
 def chunk_path(path: str, j: int) -> str:
     return os.path.join(path, "chunks", f"chunk_{j:06d}.npz")
 

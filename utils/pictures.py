@@ -60,15 +60,6 @@ def topk_for_splits(lm: LoadedModel, layer: str, splits: list[Split], images: Im
     return stream_topk(model, conv, bank, loader, k, images, device, progress)
 
 
-def topk_for_records(loaded: LoadedModel, records: list[Record], images: ImageList, k: int,
-                     rho: float | None = None, residual: bool = False, **kw) -> TopK:
-    """:func:`topk_for_splits` of the records' splits (all of one layer)."""
-    layers = {r.layer for r in records}
-    if len(layers) != 1:
-        raise UserError(f"records of one layer at a time, got {sorted(layers)}")
-    return topk_for_splits(loaded, layers.pop(), [load_split(r, rho) for r in records], images, k, residual, **kw)
-
-
 @dataclass
 class Job:
     """One channel's pictures, resolved and checked."""
