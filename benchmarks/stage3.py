@@ -28,7 +28,8 @@ def make_images(root: str, n: int) -> str:
 
     rng = np.random.default_rng(0)
     for split, count in (("train", n), ("val", 2)):
-        for c, base in (("class_a", (200, 60, 40)), ("class_b", (40, 90, 200))):
+        # ImageNet wnid folders: classes 0 and 1 of the 1000-output model, mapped by themselves
+        for c, base in (("n01440764", (200, 60, 40)), ("n01443537", (40, 90, 200))):
             d = os.path.join(root, split, c)
             os.makedirs(d, exist_ok=True)
             for i in range(count):
