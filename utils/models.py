@@ -1,5 +1,6 @@
 """The model of interest and its layer: loading (``utils.model_sources``), what it is called in file names,
-its outputs, and the lookup of the ``Conv2d`` of interest. Architecture knowledge stays in these two files."""
+its outputs, and the lookup of the ``Conv2d`` of interest. Architecture knowledge stays in these two files and
+``utils.conv_kinds`` (timm's conv subclasses made plain, the conv head found)."""
 from __future__ import annotations
 
 import os
@@ -8,13 +9,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .conv_kinds import classifier_conv, has_own_forward, own_forward_problem, plain_convs, remember_side
 from .data import Preprocess
 from .errors import UserError
 from .model_sources import (DEFAULT_WEIGHTS, build_own, build_timm, build_torchvision, file_sha256, is_checkpoint,
                             last_linear, split_file_spec, torchvision_weights_id)
 
 __all__ = ["DEFAULT_WEIGHTS", "LoadedModel", "load_model", "weights_id", "build_model", "model_tag", "default_layer",
-           "get_layer", "set_module", "file_sha256"]
+           "get_layer", "set_module", "file_sha256", "plain_convs"]
 
 
 @dataclass
@@ -51,7 +53,8 @@ def _source(name: str):
 
 
 def load_model(name: str, weights: str = DEFAULT_WEIGHTS, num_classes: int | None = None) -> LoadedModel:
-    """Build model ``name`` in eval mode with ``weights`` (see ``utils.model_sources``), parameters frozen.
+    """Build model ``name`` in eval mode with ``weights`` (see ``utils.model_sources``), parameters frozen, timm's
+    weight-standardised and symmetric 'same'-padded convs made plain ``nn.Conv2d`` (:func:`plain_convs`).
 
     Nothing is downloaded: torchvision weights must be in ``$TORCH_HOME/hub/checkpoints``, timm's in the
     local Hugging Face (or torch hub) cache.
@@ -60,7 +63,8 @@ def load_model(name: str, weights: str = DEFAULT_WEIGHTS, num_classes: int | Non
     if weights.lower() == "none":
         weights = "none"
     built = _source(name)(weights, num_classes)
-    model = built.model.eval()
+    model = plain_convs(built.model).eval()
+    remember_side(model, built.preprocess.crop)
     for p in model.parameters():
         p.requires_grad_(False)
     out = outputs(model, built.preprocess.crop)
@@ -94,23 +98,31 @@ def weights_id(name: str, weights: str) -> str | None:
 
 
 def build_model(name: str, num_classes: int | None = None) -> nn.Module:
-    """The architecture ``name`` without pretrained weights (to load a saved state_dict into)."""
-    return _source(name)("none", num_classes).model
+    """The architecture ``name`` without pretrained weights, convs made plain as by :func:`load_model` (to load
+    a state_dict saved from a loaded model into)."""
+    built = _source(name)("none", num_classes)
+    model = plain_convs(built.model)
+    remember_side(model, built.preprocess.crop)
+    return model
 
 
-def default_layer(model: nn.Module) -> str:
-    """Dotted name of the model's last ``Conv2d`` with ``groups == 1`` (ResNet-50: ``layer4.2.conv3``)."""
-    last = None
-    for n, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and m.groups == 1:
-            last = n
-    if last is None:
-        raise UserError("the model has no Conv2d layer with groups=1")
-    return last
+def default_layer(model: nn.Module, side: int | None = None) -> str:
+    """Dotted name of the model's last ``Conv2d`` with ``groups == 1`` that is not its classifier (a conv head,
+    found by one cached probe forward at ``side`` px, see ``utils.conv_kinds.classifier_conv``) and that the
+    toolkit can compute (ResNet-50: ``layer4.2.conv3``; squeezenet1_1: ``features.12.expand3x3``)."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1
+             and not has_own_forward(m)]
+    if not convs:
+        raise UserError("the model has no plain Conv2d layer with groups=1")
+    head = classifier_conv(model, side)
+    convs = [n for n in convs if n != head]
+    if not convs:
+        raise UserError(f"the model's only Conv2d layer with groups=1 is its classifier {head}; pass --layer")
+    return convs[-1]
 
 
 def get_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Conv2d]:
-    """Resolve ``layer`` (dotted module path, ``None``/``last_conv`` for the default) to a Conv2d."""
+    """Resolve ``layer`` (dotted module path, ``None``/``last_conv`` for the default) to a plain Conv2d."""
     if layer in (None, "", "last_conv"):
         layer = default_layer(model)
     modules = dict(model.named_modules())
@@ -121,6 +133,8 @@ def get_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Conv2d]:
     m = modules[layer]
     if not isinstance(m, nn.Conv2d):
         raise UserError(f"layer {layer} is a {type(m).__name__}, not a Conv2d")
+    if has_own_forward(m):
+        raise UserError(own_forward_problem(layer, m))
     if m.groups != 1:
         raise UserError(f"layer {layer} is a grouped convolution (groups={m.groups}); only groups=1 is supported")
     return layer, m
