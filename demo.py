@@ -9,13 +9,14 @@ channels in one network, evaluates them, draws what each channel responds to, an
 OUT_DIR/report.html.
 
 The real setting is the same command with data and a model:
-    python demo.py --data_dir /datasets/imagenet --model resnet50 --top_k 3
+    python demo.py --data_dir /datasets/imagenet --model resnet50 --max_channels 3
 (pretrained weights from $TORCH_HOME/hub/checkpoints; nothing is trained then).
 """
 import argparse
 import os
 
 from utils.cli import add_json_arg, make_parser, nonnegative_float, nonnegative_int, positive_int, write_json_output
+from utils.defaults import DEFAULT_GAMMA, DEFAULT_P
 from utils.errors import run_cli
 
 DEMO_MODEL = "mobilenet_v3_small"
@@ -33,13 +34,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="Conv2d of interest (default: the model's last conv)")
     p.add_argument("--store_dir", default=None, help="stage-1 store and disentanglements (default: OUT_DIR/store)")
     p.add_argument("--out_dir", default="demo_output", help="report, plots and results (default: demo_output)")
-    p.add_argument("--top_k", type=positive_int, default=4,
+    p.add_argument("--max_channels", "--top_k", dest="max_channels", type=positive_int, default=4, metavar="N",
                    help="how many polysemantic channels to split, those whose concepts are least alike first "
-                        "(default: 4)")
+                        "(default: 4; --top_k is the older name of this flag)")
     p.add_argument("--tau", "--proportion_attribution_required", dest="tau", type=nonnegative_float, default=None,
                    help="importance threshold tau (default: 0.01 for the digits demo, whose small network spreads relevance over many channels; 0.03, the paper's, with --data_dir)")
-    p.add_argument("--p", type=float, default=0.75, help="share of a class's images (default: 0.75)")
-    p.add_argument("--cos_sim_high", type=float, default=0.5, help="list pairs with s below this (default: 0.5)")
+    p.add_argument("--p", type=float, default=DEFAULT_P, help=f"share of a class's images (default: {DEFAULT_P})")
+    p.add_argument("--cos_sim_high", type=float, default=DEFAULT_GAMMA,
+                   help=f"classes at least this alike form one concept (default: {DEFAULT_GAMMA})")
     p.add_argument("--epochs", type=positive_int, default=2, help="training epochs of the digits model (default: 2)")
     p.add_argument("--max_images_per_class", type=positive_int, default=None, help="first N training images per class")
     p.add_argument("--pictures_k", type=positive_int, default=12, help="top activating images per panel (default: 12)")
@@ -51,17 +53,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=nonnegative_int, default=min(4, os.cpu_count() or 1),
                    help="data loader processes (default: min(4, CPUs))")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the digits model's training and of the feature visualisations (default: 0)")
     add_json_arg(p)
     return p
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(args: argparse.Namespace) -> dict | None:
+    from utils.distributed import distributed_context
     from utils.pipeline import DemoConfig, run_demo
 
-    cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k != "json"})
-    out = run_demo(cfg)
+    flags = {k: v for k, v in vars(args).items() if k not in ("json", "no_progress", "device")}
+    with distributed_context(args.device) as (rank, world, device):
+        out = run_demo(DemoConfig(**flags, device=device, progress=not args.no_progress, rank=rank, world_size=world))
+    if rank != 0:  # under torchrun rank 0 alone prints and writes
+        return None
     print(f"report: {out['report']}")
     write_json_output(args.json, out)
     return out

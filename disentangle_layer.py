@@ -24,15 +24,16 @@ import argparse
 
 from utils.cli import (add_image_pass_args, add_json_arg, add_selection_args, check_channels, make_parser,
                        nonnegative_int, positive_int, write_json_output)
-from utils.errors import UserError, run_cli
+from utils.defaults import DEFAULT_GAMMA, DEFAULT_TAU
+from utils.errors import run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__)
     add_image_pass_args(p)
     g = p.add_argument_group("which channels and concepts (stage 2's rules)")
-    add_selection_args(g, 0.03, 0.5, "gamma_high: classes whose ARVs are at least this similar (complete "
-                                     "linkage) form one concept (default: 0.5)")
+    add_selection_args(g, DEFAULT_TAU, DEFAULT_GAMMA, "gamma_high: classes whose ARVs are at least this similar "
+                       f"(complete linkage) form one concept (default: {DEFAULT_GAMMA})")
     g.add_argument("--channels", type=int, nargs="+", default=None, metavar="C",
                    help="split only these channels (each needs --min_concepts or more concepts)")
     g.add_argument("--min_concepts", type=positive_int, default=2, help="split channels with at least this many "
@@ -55,41 +56,50 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(args: argparse.Namespace) -> dict | None:
+    from utils.distributed import distributed_context
     from utils.featvis import FVConfig
     from utils.layer import LayerConfig, disentangle_layer
     from utils.models import get_layer, load_model
 
-    if not 0 <= args.p <= 1:
-        raise UserError(f"--p must be between 0 and 1, not {args.p}")
     lm = load_model(args.model, args.weights)
     check_channels(args.nr_channels_in_layer_of_interest, get_layer(lm.model, args.layer)[1].out_channels,
                    f"layer {args.layer or 'last_conv'}")
-    cfg = LayerConfig(data_dir=args.data_dir, store_dir=args.store_dir, model=args.model, weights=args.weights,
-                      layer=args.layer, batch_size=args.batch_size, num_workers=args.num_workers,
-                      device=args.device, gpu=args.gpu, class_index=args.class_index, progress=not args.no_progress,
-                      tau=args.tau, p=args.p, gamma_high=args.cos_sim_high, channels=args.channels,
-                      min_concepts=args.min_concepts, max_channels=args.max_channels, check_images=args.check_images,
-                      top_k=args.top_k, baseline=args.baseline_channels, seed=args.seed, out_dir=args.out_dir,
-                      fv=FVConfig(steps=args.fv_steps, seed=args.seed) if args.fv_steps > 0 else None)
-    out = disentangle_layer(cfg, loaded=lm)
-    rows = sorted(out["channels"].items(), key=lambda kv: -kv[1]["purity_gain"])
-    print(f"{'channel':>7} {'k':>2} {'best rho':>8} {'purity before':>14} {'after':>14}  concepts")
-    for c, ch in rows:
-        before = "/".join(f"{v:.0%}" for v in ch["purity"]["original"])
-        after = "/".join(f"{v:.0%}" for v in ch["purity"]["concepts"])
-        names = " | ".join(", ".join(n) for n in ch["class_names"])
-        print(f"{c:>7} {len(ch['concepts']):>2} {ch['best_rho']:>8.2f} {before:>14} {after:>14}  {names}")
-    b = out["baseline_purity"]
-    if b["mean"] is not None:
-        print(f"baseline: top-class share of the top-{args.top_k} images of {len(b['channels'])} random other "
-              f"channels: {b['mean']:.0%}")
-    print(f"max |logit difference| of the one network: {out['max_abs_logit_diff']:.3g}; "
-          f"done in {out['seconds']:.1f} s")
-    print(f"report: {out['report']}")
+    with distributed_context(args.device, args.gpu) as (rank, world, device):
+        cfg = LayerConfig(data_dir=args.data_dir, store_dir=args.store_dir, model=args.model, weights=args.weights,
+                          layer=args.layer, batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+                          class_index=args.class_index, progress=not args.no_progress, rank=rank, world_size=world,
+                          tau=args.tau, p=args.p, gamma_high=args.cos_sim_high, channels=args.channels,
+                          min_concepts=args.min_concepts, max_channels=args.max_channels,
+                          check_images=args.check_images, top_k=args.top_k, baseline=args.baseline_channels,
+                          seed=args.seed, out_dir=args.out_dir,
+                          fv=FVConfig(steps=args.fv_steps, seed=args.seed) if args.fv_steps > 0 else None)
+        out = disentangle_layer(cfg, loaded=lm)
+    if rank != 0:  # rank 0 alone prints and writes
+        return None
+    print_layer(out, args.top_k)
     write_json_output(args.json, {k: out[k] for k in ("channels", "baseline_purity", "max_abs_logit_diff", "export",
                                                       "seconds", "report")})
     return out
+
+
+def print_layer(out: dict, top_k: int) -> None:
+    """One line per split channel (k, best rho, purity before, after and its baseline, concepts), the baseline,
+    the logit check and the report's path."""
+    rows = sorted(out["channels"].items(), key=lambda kv: -kv[1]["purity_gain"])
+    print(f"{'channel':>7} {'k':>2} {'best rho':>8} {'purity before':>14} {'after':>14} {'baseline':>14}  concepts")
+    for c, ch in rows:
+        before, after, base = ("/".join("-" if v is None else f"{v:.0%}" for v in ch["purity"][key])
+                               for key in ("original", "concepts", "baseline"))
+        names = " | ".join(", ".join(n) for n in ch["class_names"])
+        print(f"{c:>7} {len(ch['concepts']):>2} {ch['best_rho']:>8.2f} {before:>14} {after:>14} {base:>14}  {names}")
+    b = out["baseline_purity"]
+    if b["mean"] is not None:
+        print(f"purity of the concept channels: {b['concept_channels_mean']:.0%}; baseline: {len(b['channels'])} "
+              f"random channels that are no candidate, share of their top-{top_k} images in their own n most "
+              f"frequent classes (n = each concept's number of classes): {b['mean']:.0%}")
+    print(f"max |logit difference| of the one network: {out['max_abs_logit_diff']:.3g}; done in {out['seconds']:.1f} s")
+    print(f"report: {out['report']}")
 
 
 if __name__ == "__main__":

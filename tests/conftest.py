@@ -218,3 +218,49 @@ def run_script(script: str, *args: str):
         except SystemExit as e:
             code = e.code or 0
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+PLANTED_RGB = '''import torch
+from torch import nn
+
+CONV = {conv!r}  # per conv channel: its stem inputs, and whether their weights are drawn from [0.5, 1] (else 1)
+FC = {fc!r}  # logits x conv channels
+NAMES = {names!r}
+
+
+class PlantedRGB(nn.Module):
+    """Stem channels 0-2 see red, 3-5 green, 6-8 blue, 9 is a constant 1; conv channel c reads CONV[c]."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 10, 1)
+        self.conv = nn.Conv2d(10, len(CONV), 1, bias=False)
+        self.fc = nn.Linear(len(CONV), len(FC), bias=False)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.stem.weight.zero_()
+            self.stem.bias.zero_()
+            for c, rgb in ((0, 0), (1, 0), (2, 0), (3, 1), (4, 1), (5, 1), (6, 2), (7, 2), (8, 2)):
+                self.stem.weight[c, rgb] = 1 + 0.2 * torch.rand(1, generator=g)
+                self.stem.weight[c, [k for k in range(3) if k != rgb]] = -0.6
+            self.stem.bias[9] = 1.0
+            self.conv.weight.zero_()
+            for c, (inputs, drawn) in enumerate(CONV):
+                self.conv.weight[c, inputs, 0, 0] = 0.5 + 0.5 * torch.rand(len(inputs), generator=g) if drawn else 1.0
+            self.fc.weight.copy_(torch.tensor(FC))
+
+    def forward(self, x):
+        a = self.conv(torch.relu(self.stem(x)))
+        return self.fc(torch.relu(a).mean((2, 3)))
+
+
+def build():
+    return PlantedRGB(), NAMES
+'''
+
+
+def planted_rgb_source(conv: list, fc: list, names: list[str]) -> str:
+    """The text of a model file (``build()``) of a planted RGB network: conv channel c reads the stem inputs
+    ``conv[c][0]`` (weights drawn when ``conv[c][1]``), the logits are ``fc`` x the conv channels' means."""
+    return PLANTED_RGB.format(conv=conv, fc=fc, names=names)
+

@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import run_script, write_image_folder
+from conftest import planted_rgb_source, run_script, write_image_folder
 from utils.linkage import complete_linkage, cosine_matrix
 from utils.split import RHOS, Split, assign_inputs, split_filters, sweep
 from utils.surgery import load_checkpoint, split_network
@@ -20,39 +20,10 @@ from utils.surgery import load_checkpoint, split_network
 # A planted network whose channel 0 serves THREE concepts through different inputs: stem channels 0-2 see
 # red, 3-5 green, 6-8 blue, 9 is constant; conv channel 0 reads 0-8, channel 1 the constant, channel 2 red
 # only, channel 3 green only. Logits: red = a0 + a1 + a2, green = a0 + a1 + a3, blue = a0 + a1.
-PLANTED3 = '''import torch
-from torch import nn
-
-
-class Planted3(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 10, 1)
-        self.conv = nn.Conv2d(10, 4, 1, bias=False)
-        self.fc = nn.Linear(4, 3, bias=False)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            self.stem.weight.zero_()
-            self.stem.bias.zero_()
-            for c, rgb in ((0, 0), (1, 0), (2, 0), (3, 1), (4, 1), (5, 1), (6, 2), (7, 2), (8, 2)):
-                self.stem.weight[c, rgb] = 1 + 0.2 * torch.rand(1, generator=g)
-                self.stem.weight[c, [k for k in range(3) if k != rgb]] = -0.6
-            self.stem.bias[9] = 1.0
-            self.conv.weight.zero_()
-            self.conv.weight[0, 0:9, 0, 0] = 0.5 + 0.5 * torch.rand(9, generator=g)
-            self.conv.weight[1, 9] = 1.0
-            self.conv.weight[2, 0:3] = 1.0
-            self.conv.weight[3, 3:6] = 1.0
-            self.fc.weight.copy_(torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]]))
-
-    def forward(self, x):
-        a = self.conv(torch.relu(self.stem(x)))
-        return self.fc(torch.relu(a).mean((2, 3)))
-
-
-def build():
-    return Planted3(), ["red thing", "green thing", "blue thing"]
-'''
+PLANTED3 = planted_rgb_source([([0, 1, 2, 3, 4, 5, 6, 7, 8], True), ([9], False), ([0, 1, 2], False),
+                               ([3, 4, 5], False)],
+                              [[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]],
+                              ["red thing", "green thing", "blue thing"])
 RGB = {"A_red": (220, 30, 30), "B_green": (30, 220, 30), "C_blue": (30, 30, 220)}
 
 

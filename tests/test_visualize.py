@@ -22,7 +22,13 @@ from utils.records import load_split
 from utils.relevance import layer_input
 from utils.split import Split, filter_bank
 from utils.teaser import Panel, teaser_figure
+from utils.image_pass import Runner
 from utils.topk import purity, stream_topk
+
+
+def runner(batch_size: int) -> Runner:
+    """One process on the CPU, no loader workers, no progress bars."""
+    return Runner(torch.device("cpu"), batch_size, num_workers=0, progress=False)
 
 from visualize_channel import get_args_parser, main
 
@@ -74,8 +80,7 @@ def test_streaming_topk_equals_brute_force(planted_model, image_folder):
     splits = [Split(c, torch.randn(2, 10, 1, 1, generator=g), torch.randn(10, 1, 1, generator=g)) for c in (0, 2)]
     bank = filter_bank(conv, splits, ("original", "D1", "D2", "Res"))
     assert len(bank.keys) == 8 and torch.equal(bank.weight[bank.index(2, "original")], conv.weight[2])
-    top = stream_topk(planted_model.model, conv, bank, make_loader(images, batch_size=4, num_workers=0), k=6,
-                      images=images, progress=False)
+    top = stream_topk(runner(4), planted_model.model, conv, bank, images, k=6)
     acts = _brute_force(planted_model.model, conv, bank.weight, bank.bias, images)  # S x 15
     want = torch.sort(acts, dim=1, descending=True, stable=True)
     assert torch.allclose(top.values, want.values[:, :6], atol=1e-4)
@@ -105,7 +110,7 @@ def test_receptive_field_and_crop_land_on_planted_red_square(tmp_path):
             squares[str(root / cls / f"{i}.png")] = (top - 16 + 5.5, left - 16 + 5.5)  # centre in the 224 crop
     images = list_images(str(tmp_path / "data"), "train")
     bank = filter_bank(net.conv, [Split(0, net.conv.weight[0].expand(2, -1, -1, -1), net.conv.weight[0])], ("original",))
-    top = stream_topk(net, net.conv, bank, make_loader(images, batch_size=4, num_workers=0), k=6, progress=False)
+    top = stream_topk(runner(4), net, net.conv, bank, images, k=6)
     for r in range(6):
         i, j = (int(v) for v in top.positions[0, r])
         cy, cx = squares[images.paths[int(top.indices[0, r])]]
@@ -139,12 +144,10 @@ def test_purity_on_planted_network(planted_model, planted_data, tmp_path):
     t = torch.tensor(images.targets)
     A = torch.stack([arv_autograd(conv, 0, x[t == c]) for c in (0, 1)])
     split = load_split(make_record(str(tmp_path / "md"), lm, "conv", 0, [[0], [1]], A))
-    top = stream_topk(lm.model, conv, filter_bank(conv, [split]), make_loader(images, batch_size=5, num_workers=0),
-                      k=8, progress=False)
+    top = stream_topk(runner(5), lm.model, conv, filter_bank(conv, [split]), images, k=8)
     assert purity(top.get(0, "D1")["labels"], [[0], [1]]) == {"concept1": 1.0, "concept2": 0.0, "other": 0.0, "k": 8}
     assert purity(top.get(0, "D2")["labels"], [[0], [1]])["concept2"] == 1.0
-    top16 = stream_topk(lm.model, conv, filter_bank(conv, [split]), make_loader(images, batch_size=5, num_workers=0),
-                        k=16, progress=False)
+    top16 = stream_topk(runner(5), lm.model, conv, filter_bank(conv, [split]), images, k=16)
     p = purity(top16.get(0, "original")["labels"], [[0], [1]])
     assert p == {"concept1": 0.5, "concept2": 0.5, "other": 0.0, "k": 16}  # the original serves both
     assert purity([0, 2, 1, 2], [[0], [1]]) == {"concept1": 0.25, "concept2": 0.25, "other": 0.5, "k": 4}

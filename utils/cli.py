@@ -63,6 +63,8 @@ class RunOptions:
     num_workers: int = 4
     progress: bool = True
     class_index: str | None = None  # --class_index FILE: JSON {folder: logit index}
+    rank: int = 0  # under torchrun: this process's rank and the number of processes (utils.distributed)
+    world_size: int = 1
 
 
 def add_model_args(p: argparse.ArgumentParser, layer_flags=("--layer",), weights_default: str | None = "default",
@@ -78,8 +80,8 @@ def add_model_args(p: argparse.ArgumentParser, layer_flags=("--layer",), weights
                                         "Hugging Face cache; your own: as the function returns it), a torchvision "
                                         "weights name, a checkpoint file (state_dict), or none (random, seeded)")
     g.add_argument(*layer_flags, dest="layer", default=None,
-                   help="dotted name of the Conv2d of interest (default: the last conv, "
-                        "layer4.2.conv3 for resnet50; 'last_conv' means the same)")
+                   help="dotted name of the Conv2d of interest (default: the last conv before the head, never "
+                        "the classifier: layer4.2.conv3 for resnet50; 'last_conv' means the same)")
     g.add_argument("--nr_channels_in_layer_of_interest", type=int, default=None,
                    help="output channels of the layer (2048 for resnet50); checked, not needed")
 

@@ -13,27 +13,26 @@ above 1. Result files (CSVs, plots, the summary table) are written by ``utils.re
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .cli import RunOptions
 from .concepts import ClassNames, check_channel, check_concepts, normalise
-from .data import ImageList, Preprocess, check_batch, class_batches, list_images, make_loader
-from .device import model_on, pin, resolve_device, to_device
-from .distributed import all_gather_rows, batch_shard, reduce_over_ranks, run_together
+from .data import ImageList, Preprocess, class_batches, list_images
+from .defaults import DEFAULT_TAU
+from .distributed import reduce_over_ranks
 from .errors import UserError
+from .image_pass import Runner
 from .models import LoadedModel, get_layer, load_model
 from .records import Record, check_record, find_record, load_split, record_head
+from .relevance import layer_input, relevance_batch
+from .split import FilterBank, Split, filter_bank, sub_names
 from .store import data_class_map
-from .relevance import relevance_batch
-from .split import Split, filter_bank, sub_names
-
-DEFAULT_TAU = 0.03
+from .surgery import max_logit_diff
+from .topk import TopK, TopKSearch, purity
 
 
 def relative_attribution(P: torch.Tensor, channel: int) -> torch.Tensor:
@@ -92,53 +91,79 @@ def fraction_rows(acts: Activations, tau: float = DEFAULT_TAU) -> np.ndarray:
     return (acts.sub[keep] / acts.orig[keep][:, None]).reshape(-1, acts.sub.shape[1])
 
 
-def evaluate_splits(model: nn.Module, conv: nn.Conv2d, splits: list[Split], concepts: list[list[list[int]]],
-                    images: ImageList, indices: list[int], batch_size: int = 64, num_workers: int = 4,
-                    device: torch.device | str = "cpu", progress: bool = True, rank: int = 0, world_size: int = 1,
-                    preprocess: Preprocess | None = None) -> tuple[dict[int, Activations], float]:
-    """Stage 4's single pass over ``images[indices]`` for every split (its concepts' images only); returns
-    ``{channel: Activations}`` and the seconds taken.
+@dataclass(frozen=True)
+class TopKRequest:
+    """Also search, in the same pass and over ALL its images, the top-``k`` of every sub-channel of ``bank``."""
+
+    bank: FilterBank
+    k: int
+
+
+@dataclass(frozen=True)
+class ValPass:
+    """What one validation pass returns: stage 4's ``acts`` per split channel; the ``top`` images of a
+    :class:`TopKRequest` (else None); the largest |logit difference| of a check (else None); the ``images``
+    read by all ranks and the ``seconds`` of the slowest."""
+
+    acts: dict[int, Activations]
+    top: TopK | None
+    logit_diff: float | None
+    images: int
+    seconds: float
+
+
+def evaluate_splits(runner: Runner, model: nn.Module, conv: nn.Conv2d, splits: list[Split],
+                    concepts: list[list[list[int]]], images: ImageList, preprocess: Preprocess | None = None,
+                    search: TopKRequest | None = None, check: tuple[nn.Module, set[int]] | None = None) -> ValPass:
+    """ONE pass over the validation ``images``: stage 4's values of every split on its concepts' images;
+    with ``search`` the top-k of its sub-channels over every image (else only the concepts' images are
+    read); with ``check = (net, indices)`` the largest |logit difference| of ``net`` and ``model`` on those.
 
     Batches never mix classes (``utils.data.class_batches``), so an image gives the same numbers whichever
-    splits are evaluated with it. ``model`` and ``conv`` (its layer of interest) must be on ``device``.
-    Under torchrun (``world_size`` > 1, every rank calls this) each rank evaluates a block of whole batches;
-    every rank gets all images' values back in ``indices`` order and the seconds of the slowest rank.
+    splits are evaluated with it. ``model`` and ``conv`` (its layer of interest) are on ``runner``'s device.
+    Under torchrun each rank reads a block of whole batches; every rank gets all images' values back in
+    dataset order.
     """
-    device = torch.device(device)
-    batches = class_batches(images, indices, batch_size)
-    lo, hi = batch_shard(len(batches), 1, rank, world_size)
-    loader = make_loader(images, batch_sampler=batches[lo:hi], num_workers=num_workers, pin_memory=pin(device),
-                         transform=preprocess)
     users: dict[int, list[int]] = {}  # class -> the splits with a concept of it
     for si, cs in enumerate(concepts):
         for t in {t for c in cs for t in c}:
             users.setdefault(t, []).append(si)
-    desc = "stage 4" if world_size == 1 else f"stage 4 (rank 0 of {world_size})"
-    bar = tqdm(total=sum(len(b) for b in batches[lo:hi]), unit="img", desc=desc, disable=not progress or rank != 0,
-               dynamic_ncols=True)
-    start = time.perf_counter()
+    indices = range(len(images)) if search else images.indices_of(users)
+    ip = runner.image_pass(images, class_batches(images, indices, runner.batch_size), preprocess, "validation")
+    top = TopKSearch(search.bank, search.k, conv) if search else None
 
-    def run() -> list[torch.Tensor]:  # per split, one row per image: index, label, rel, orig, d_1 .. d_k, res
+    def step(batches) -> tuple[list[torch.Tensor], float]:  # per split, rows: index, label, rel, orig, d_1.., res
         rows = [[torch.zeros(0, 4 + s.k + 1, dtype=torch.float64)] for s in splits]
-        for x_img, labels, index in loader:
-            check_batch(images, labels, index)
-            P, _, a, x = relevance_batch(model, conv, to_device(x_img, device, images=True), to_device(labels, device),
-                                         positive=True)
-            for si in users[int(labels[0])]:
-                v = split_values(P, a, x, conv, splits[si])
-                rows[si].append(torch.cat([torch.stack([index.double(), labels.double(), v["rel"], v["orig"]], 1),
-                                           v["sub"]], 1))
-            bar.update(len(labels))
-        return [torch.cat(r) for r in rows]
+        diff = 0.0
+        for b in batches:
+            mine = users.get(int(b.targets[0]), [])
+            if mine:
+                P, _, a, x = relevance_batch(model, conv, b.x, b.labels, positive=True)
+                for si in mine:
+                    v = split_values(P, a, x, conv, splits[si])
+                    head = torch.stack([b.index.double(), b.targets.double(), v["rel"], v["orig"]], 1)
+                    rows[si].append(torch.cat([head, v["sub"]], 1))
+            if top is not None:
+                top.add(x if mine else layer_input(model, conv, b.x), b.index, b.targets)
+            if check is not None:
+                diff = max(diff, _batch_logit_diff(model, check, b))
+        return [torch.cat(r) for r in rows], diff
 
-    rows = run_together(run, world_size, device, "stage 4")
-    bar.close()
-    seconds = reduce_over_ranks(time.perf_counter() - start, world_size, device)
-    out = {}
+    rows, diff = ip.run(step, "stage 4")
+    acts = {}
     for s, r in zip(splits, rows):
-        r = all_gather_rows(r, world_size, device).numpy()  # rank order = the order of ``indices``
-        out[s.channel] = Activations(r[:, 0].astype(np.int64), r[:, 1].astype(np.int64), r[:, 2], r[:, 3], r[:, 4:])
-    return out, seconds
+        r = ip.gather_rows(r).numpy()  # rank order = dataset order
+        acts[s.channel] = Activations(r[:, 0].astype(np.int64), r[:, 1].astype(np.int64), r[:, 2], r[:, 3], r[:, 4:])
+    diff = reduce_over_ranks(diff, runner.world, runner.device) if check is not None else None
+    n = int(reduce_over_ranks(ip.count, runner.world, runner.device, "sum"))
+    return ValPass(acts, top.result(runner) if top is not None else None, diff, n, ip.seconds)
+
+
+def _batch_logit_diff(model: nn.Module, check: tuple[nn.Module, set[int]], b) -> float:
+    """The largest |logit difference| of ``check``'s network on the batch's images that ``check`` names."""
+    net, wanted = check
+    sel = [j for j, i in enumerate(b.index.tolist()) if i in wanted]
+    return max_logit_diff(model, net, b.x[sel]) if sel else 0.0
 
 
 # ------------------------------------------------------------------ the whole stage
@@ -159,8 +184,6 @@ class Stage4Config(RunOptions):
     quantitative: bool = True
     nr_channels: int | None = None
     purity_k: int = 0  # > 0: also the purity of the top-k validation images (all classes; one more pass)
-    rank: int = 0  # under torchrun: this process's rank and the number of processes (see utils.distributed)
-    world_size: int = 1
 
 
 @dataclass
@@ -202,41 +225,54 @@ def prepare_evaluation(cfg: Stage4Config, loaded: LoadedModel | None = None) -> 
 
 
 def run_stage4(cfg: Stage4Config, loaded: LoadedModel | None = None, log=print) -> dict:
-    """Stage 4 end to end: check, one pass over the concepts' val images, write CSVs and plots; a summary dict.
+    """Stage 4 end to end: check, one pass over the concepts' val images (all of them with ``purity_k``),
+    write CSVs and plots; a summary dict.
 
     Under torchrun (``cfg.world_size`` > 1) every rank calls this and evaluates its share of the images;
-    rank 0 alone logs, writes the files (and runs the purity pass) and returns the full summary; the
-    other ranks return ``{"rank": r, "images": n}`` after the pass.
+    rank 0 alone logs, writes the files and returns the full summary; the other ranks return
+    ``{"rank": r, "images": n}`` after the pass.
     """
-    from . import results
+    from .results import ResultFiles
 
     ev = prepare_evaluation(cfg, loaded)
     labels = [[ev.names.label(t) for t in cs] for cs in ev.concepts]
-    if cfg.rank == 0:
+    runner = Runner.of(cfg)
+    if runner.lead:
         log(f"channel {cfg.channel} of {ev.lm.name} {ev.layer}, rho {ev.rho}{' (best)' if cfg.rho is None else ''}; "
             + "; ".join(f"concept {j}: {', '.join(lab)}" for j, lab in enumerate(labels, 1)))
-    device = resolve_device(cfg.device, cfg.gpu)
-    indices = ev.images.indices_of([t for cs in ev.concepts for t in cs])
-    model = model_on(ev.lm.model, device)
-    acts, seconds = evaluate_splits(model, model.get_submodule(ev.layer), [ev.split], [ev.concepts], ev.images,
-                                    indices, cfg.batch_size, cfg.num_workers, device, cfg.progress, cfg.rank,
-                                    cfg.world_size, ev.lm.preprocess)
-    acts = acts[ev.split.channel]
-    if cfg.rank != 0:
+    model = runner.model(ev.lm.model)
+    conv = model.get_submodule(ev.layer)
+    search = TopKRequest(filter_bank(conv, [ev.split]), cfg.purity_k) if cfg.purity_k > 0 else None
+    val = evaluate_splits(runner, model, conv, [ev.split], [ev.concepts], ev.images, ev.lm.preprocess, search)
+    acts = val.acts[ev.split.channel]
+    if not runner.lead:
         return {"rank": cfg.rank, "images": len(acts)}
-    ips = len(acts) / max(seconds, 1e-9)
-    log(f"{len(acts)} validation images in {seconds:.1f} s ({ips:.1f} img/s)")
-    out: dict = {"record": ev.record.dir, "rho": ev.rho, "tau": cfg.tau, "images": len(acts), "seconds": seconds,
+    ips = val.images / max(val.seconds, 1e-9)
+    log(f"{val.images} validation images in {val.seconds:.1f} s ({ips:.1f} img/s)")
+    out: dict = {"record": ev.record.dir, "rho": ev.rho, "tau": cfg.tau, "images": len(acts), "seconds": val.seconds,
                  "images_per_second": ips, "plots": [], "csv": []}
     per_concept = [acts.of_classes(cs) for cs in ev.concepts]
     for j, (a, lab) in enumerate(zip(per_concept, labels), 1):
         out[f"concept{j}"] = {"images": len(a), "classes": lab}
+    files = ResultFiles(cfg.out_dir, os.path.basename(os.path.normpath(ev.record.dir)), ev.lm.name, ev.layer,
+                        ev.split.channel, ev.split.k, ev.rho, cfg.rho, cfg.tau)
     if cfg.quantitative:
-        results.write_quantitative(cfg, ev, per_concept, out, log)
-    if cfg.purity_k > 0:
-        out["purity"] = results.purity_of_split(cfg, ev, device, log)
+        for j, q in enumerate(files.write_quantitative(per_concept, log), 1):
+            out[f"concept{j}"].update(rows=q["rows"], mean=q["mean"])
+            out["csv"].append(q["csv"])
+    if val.top is not None:
+        out["purity"] = split_purity(val.top, ev.split, ev.concepts)
+        for name, p in out["purity"].items():
+            shares = ", ".join(f"concept {j} {p[f'concept{j}']:.2f}" for j in range(1, ev.split.k + 1))
+            log(f"purity of {name} (top {cfg.purity_k} of {val.images} val images): {shares}, other {p['other']:.2f}")
     if cfg.qualitative:
-        out["plots"] = results.write_density_plots(cfg, ev, per_concept, labels, log)
+        out["plots"] = files.write_density_plots(per_concept, labels, log)
     for path in out["csv"] + out["plots"]:
         log(f"wrote {path}")
     return out
+
+
+def split_purity(top: TopK, split: Split, concepts: list[list[int]]) -> dict[str, dict]:
+    """:func:`utils.topk.purity` of the original channel and every concept channel of ``split``."""
+    return {name: purity(top.get(split.channel, name)["labels"], concepts)
+            for name in ("original",) + sub_names(split.k)[:-1]}

@@ -8,26 +8,24 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import chunks, store as st
 from .arv import batch_tap_sums, tap_maps
 from .chunks import ChunkPlan, assemble, chunk_path, missing_chunks, remove_partial
 from .cli import RunOptions
 from .concepts import ClassMap, ClassNames, class_map
-from .data import ImageList, check_batch, class_folders, list_images, make_loader
-from .device import model_on, pin, resolve_device, to_device
-from .distributed import reduce_over_ranks, run_together
+from .data import ImageList, class_folders, list_images
+from .distributed import reduce_over_ranks
+from .image_pass import Batch, Runner
 from .errors import UserError
 from .files import check_writable, read_json, save_npy, write_json
 from .lock import writer_lock
-from .models import LoadedModel, default_layer, get_layer, load_model
+from .models import LoadedModel, get_layer, load_model
 from .relevance import capture_layer, relevance_batch
 
 DEFAULT_CHUNK_IMAGES = 4096
@@ -41,8 +39,6 @@ class Stage1Config(RunOptions):
     max_images_per_class: int | None = None
     chunk_images: int | None = None
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast dtype of the forward and backward pass
-    rank: int = 0
-    world_size: int = 1
     wait: bool = False  # another job writes this store: wait for it (else one line and stop)
 
 
@@ -100,7 +96,7 @@ def prepare(cfg: Stage1Config, loaded: LoadedModel | None = None) -> Prepared:
                      os.path.join(cfg.data_dir, "train"))
     images = list_images(cfg.data_dir, "train", cfg.max_images_per_class, cmap)
     layer, conv = get_layer(lm.model, cfg.layer)
-    path = os.path.join(cfg.store_dir, st.store_name(lm.tag, layer, default_layer(lm.model)))
+    path = st.store_path(cfg.store_dir, lm, layer)
     return Prepared(images, cmap, lm, layer, conv, path)
 
 
@@ -119,10 +115,10 @@ def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None =
     job = prepare(cfg, loaded)
     if check is not None:
         check(job.conv.out_channels)
-    device = resolve_device(cfg.device, cfg.gpu)
+    runner = Runner.of(cfg)
     with contextlib.ExitStack() as held:
-        run_together(lambda: _claim(cfg, job, held), cfg.world_size, device, "stage 1")
-        return _fill(cfg, job, device)
+        runner.together(lambda: _claim(cfg, job, held), "stage 1")
+        return _fill(cfg, job, runner)
 
 
 def _claim(cfg: Stage1Config, job: Prepared, held: contextlib.ExitStack) -> None:
@@ -132,39 +128,37 @@ def _claim(cfg: Stage1Config, job: Prepared, held: contextlib.ExitStack) -> None
         held.enter_context(writer_lock(job.path, cfg.wait))
 
 
-def _fill(cfg: Stage1Config, job: Prepared, device) -> dict:
+def _fill(cfg: Stage1Config, job: Prepared, runner: Runner) -> dict:
     """Create or continue the store at ``job.path`` (its lock held): the pass, then the assembly."""
     summary = {"store": job.path, "images": len(job.images), "channels": job.conv.out_channels}
     created = not _existing_store_fits(cfg, job)
     if _is_complete(job.path):
         st.Store.open(job.path, writer=True)  # checked file by file before it is called complete
         return {**summary, "already_complete": True, "processed": 0, "seconds": 0.0, "images_per_second": 0.0}
-    model = model_on(job.lm.model, device)
+    model = runner.model(job.lm.model)
     conv = model.get_submodule(job.layer)
-    in_shape, out_hw = _probe_shapes(model, conv, job.lm.preprocess.crop, device)
-    run_together(lambda: _create_store(cfg, job, in_shape, out_hw, created) if cfg.rank == 0 else None,
-                 cfg.world_size, device, "stage 1")
+    in_shape, out_hw = _probe_shapes(model, conv, job.lm.preprocess.crop, runner.device)
+    runner.together(lambda: _create_store(cfg, job, in_shape, out_hw, created) if runner.lead else None, "stage 1")
     meta = read_json(os.path.join(job.path, "meta.json"))  # rank 0 wrote it before the others got here
     os.makedirs(os.path.join(job.path, "chunks"), exist_ok=True)
     plan = ChunkPlan(len(job.images), meta["chunk_images"], cfg.batch_size)
-    todo = [j for j in range(plan.count) if j % cfg.world_size == cfg.rank and not os.path.isfile(chunk_path(job.path, j))]
+    todo = [j for j in range(plan.count) if j % runner.world == runner.rank and not os.path.isfile(chunk_path(job.path, j))]
+    ip = runner.image_pass(job.images, list(plan.batches(todo)), job.lm.preprocess, "stage 1", shard=False)
     try:
-        seconds, done = run_together(lambda: _run_chunks(cfg, job, model, conv, in_shape, plan, todo, device),
-                                     cfg.world_size, device, "stage 1")
+        ip.run(lambda batches: _run_chunks(cfg, job, model, conv, in_shape, plan, todo, batches))
     except UserError:
-        if cfg.rank == 0:  # every rank has stopped writing by now
+        if runner.lead:  # every rank has stopped writing by now
             _clear_stop(job.path)
             if created:
                 remove_partial(job.path)
         raise
-    done = int(reduce_over_ranks(done, cfg.world_size, device, "sum"))
-    seconds = reduce_over_ranks(seconds, cfg.world_size, device)  # the job's time: its slowest process
-    if cfg.rank == 0:
+    done = int(reduce_over_ranks(ip.count, runner.world, runner.device, "sum"))
+    if runner.lead:
         missing = missing_chunks(job.path, plan)
         if missing:
             raise UserError(f"store {job.path} is missing {len(missing)} chunks; rerun to finish it")
         assemble(job.path, meta, plan)
-    return {**summary, "processed": done, "seconds": seconds, "images_per_second": done / max(seconds, 1e-9)}
+    return {**summary, "processed": done, "seconds": ip.seconds, "images_per_second": done / max(ip.seconds, 1e-9)}
 
 
 def _stop_path(path: str) -> str:
@@ -219,36 +213,23 @@ def _create_store(cfg: Stage1Config, job: Prepared, in_shape, out_hw, created: b
     write_json(os.path.join(job.path, "meta.json"), meta)
 
 
-def _run_chunks(cfg, job: Prepared, model, conv, in_shape, plan: ChunkPlan, todo: list[int], device):
-    """The pass itself: stream the pending chunks' batches, write each chunk when it is full.
-    Returns the seconds taken and the images done."""
-    batches = list(plan.batches(todo))
-    loader = make_loader(job.images, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=pin(device),
-                         transform=job.lm.preprocess)
-    desc = "stage 1" if cfg.world_size == 1 else f"stage 1 (rank 0 of {cfg.world_size})"
-    bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc=desc,
-               disable=not cfg.progress or cfg.rank != 0, dynamic_ncols=True)
-    maps = tap_maps(conv, tuple(in_shape[1:])).to(device)
-    start = time.perf_counter()
-    done = 0
+def _run_chunks(cfg, job: Prepared, model, conv, in_shape, plan: ChunkPlan, todo: list[int],
+                batches: Iterator[Batch]) -> None:
+    """The pass itself: the pending chunks' batches, each chunk written when it is full. Under torchrun a
+    failing process leaves the stop flag, and the others stop before their next chunk."""
+    maps = tap_maps(conv, tuple(in_shape[1:])).to(conv.weight.device)
     try:
-        it = iter(loader)
         for j in todo:
             if cfg.world_size > 1 and os.path.exists(_stop_path(job.path)):
                 raise UserError("stage 1 stopped: another process of this job failed (see its error)")
             lo, hi = plan.bounds(j)
             sums = torch.zeros(job.classes.num_classes, conv.in_channels * maps.shape[0], dtype=torch.float64,
-                               device=device)
-            chunks.write_chunk(job.path, j, *_chunk_results(cfg, job, model, conv, maps, sums, device, it, hi - lo, bar))
-            done += hi - lo
+                               device=maps.device)
+            chunks.write_chunk(job.path, j, *_chunk_results(cfg, model, conv, maps, sums, batches, hi - lo))
     except BaseException:
-        bar.leave = False  # clear the bar, so that an error message starts on a clean line
         if cfg.world_size > 1:  # tell the other processes to stop at their next chunk
             open(_stop_path(job.path), "w").close()
         raise
-    finally:
-        bar.close()
-    return time.perf_counter() - start, done
 
 
 def add_class_tap_sums(sums: torch.Tensor, labels: torch.Tensor, x: torch.Tensor, maps: torch.Tensor) -> None:
@@ -258,8 +239,8 @@ def add_class_tap_sums(sums: torch.Tensor, labels: torch.Tensor, x: torch.Tensor
     sums += onehot.scatter_(1, labels[:, None], 1.0).T @ batch_tap_sums(x, maps).flatten(1)
 
 
-def _chunk_results(cfg, job: Prepared, model, conv, maps, sums, device, it: Iterator, n: int, bar):
-    """Relevance, predictions and labels of the next ``n`` images of ``it``, and their per-class tap sums
+def _chunk_results(cfg, model, conv, maps, sums, batches: Iterator[Batch], n: int):
+    """Relevance, predictions and labels of the next ``n`` images of ``batches``, and their per-class tap sums
     added into ``sums`` (K x C_in*T).
 
     Results stay on the device until the chunk is complete, then come to the host in one copy:
@@ -268,15 +249,12 @@ def _chunk_results(cfg, job: Prepared, model, conv, maps, sums, device, it: Iter
     dtype = PRECISIONS[cfg.precision]
     rels, preds, tgts = [], [], []
     while n > 0:
-        x_img, labels, index = next(it)
-        check_batch(job.images, labels, index)  # on the host labels: no device round trip
-        lab = to_device(labels, device)
-        with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
-            R, pred, _, x = relevance_batch(model, conv, to_device(x_img, device, images=True), lab)
-        add_class_tap_sums(sums, lab, x, maps)
+        b = next(batches)
+        with torch.autocast(b.x.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            R, pred, _, x = relevance_batch(model, conv, b.x, b.labels)
+        add_class_tap_sums(sums, b.labels, x, maps)
         rels.append(R.to(torch.float16))
         preds.append(pred)
-        tgts.append(labels)
-        n -= len(labels)
-        bar.update(len(labels))
+        tgts.append(b.targets)
+        n -= len(b)
     return torch.cat(rels), torch.cat(preds), torch.cat(tgts), sums

@@ -4,10 +4,14 @@ from the data, each channel split into as many channels as it has concepts, all 
     the store -> stage 2's candidates and ARVs -> concepts by complete linkage (``utils.linkage``)
     -> per channel the rho sweep of its k concepts -> ONE truncated pass over the union of the concepts'
        training images scores every channel and rho (``utils.disentangle.score_channels``)
-    -> ONE network with every split, its logits checked against the original's on validation images
-    -> ONE pass over the concepts' validation images evaluates every split (stage 4's rows and plots)
-    -> ONE top-k pass over all validation images: purity of every sub-channel and of random other channels
-    -> records, layer.json, disentangled.pt, results_quantitative/, plots/, pictures/, report.html
+    -> ONE network with every split
+    -> ONE pass over the validation images (``utils.layer_output.evaluate_layer``): stage 4's values of every
+       split on its concepts' images, the top-k images of every sub-channel and of random other channels
+       (purity and its baseline), and the one network's logits checked against the original's
+    -> records, layer.json, disentangled.pt, results_quantitative/, plots/, pictures/, report.html (rank 0)
+
+Under torchrun every pass is shared out (each rank a block of whole batches) and rank 0 alone writes; the
+outputs equal a single-process run's.
 """
 from __future__ import annotations
 
@@ -16,22 +20,22 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from . import store as st
 from .arv import concept_arvs
 from .cli import RunOptions
-from .data import list_images
-from .device import model_on, resolve_device
-from .disentangle import check_indices, max_logit_diff, score_channels
+from .concepts import check_channel
+from .data import ImageList, list_images
+from .defaults import DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
+from .disentangle import check_indices, score_channels
 from .errors import UserError
 from .featvis import FVConfig
 from .files import check_writable
+from .image_pass import Runner
 from .linkage import channel_concepts
-from .models import LoadedModel, default_layer, get_layer, load_model
-from .records import Record, rho_key, save_record
-from .scoring import best_index
-from .split import Sweep, sweep
+from .models import LoadedModel, get_layer, load_model
+from .records import LAYER_COMMAND, make_record, save_record
+from .scoring import Scored, best_index
+from .split import sweep
 from .store import data_class_map, training_images
 from .surgery import split_network
 
@@ -40,37 +44,43 @@ from .surgery import split_network
 class LayerConfig(RunOptions):
     data_dir: str
     store_dir: str
-    tau: float = 0.03
-    p: float = 0.75
-    gamma_high: float = 0.5
+    tau: float = DEFAULT_TAU
+    p: float = DEFAULT_P
+    gamma_high: float = DEFAULT_GAMMA
     channels: list[int] | None = None  # only these channels (each needs two or more concepts)
     min_concepts: int = 2
     max_channels: int | None = None  # at most this many: the most polysemantic first
     check_images: int = 32
     top_k: int = 12
-    baseline: int | None = None  # random non-candidate channels for the purity baseline (default: as many as split)
+    baseline: int | None = None  # random non-candidate channels for the purity baseline (None: as many as split)
     fv: FVConfig | None = None  # feature visualisations in the pictures (off by default: ~40 s per sub-channel)
     seed: int = 0
     out_dir: str | None = None  # default: STORE_DIR/layer_disentangled/<name>
     notes: dict = field(default_factory=dict)  # more rows for the report's settings (the demo's model)
 
 
-@dataclass
-class LayerSplit:
-    """One split channel of the layer: its concepts, sweep, scores, best rho and (after the pass) record."""
-
-    channel: int
-    concepts: list[list[int]]
-    sweep: Sweep
-    scores: torch.Tensor | None = None
-    counts: list[int] = field(default_factory=list)
-    best: int = 0
-    record: Record | None = None
-
-
 def layer_name(tag: str, layer: str, tau: float, p: float, gamma: float) -> str:
     """``<model>_<layer>_required<tau>_p<p>_cossim<gamma>``: the folder of one layer's disentanglement."""
     return f"{tag}_{layer}_required{float(tau)}_p{float(p)}_cossim{float(gamma)}"
+
+
+def check_layer_config(cfg: LayerConfig, out_channels: int, layer: str) -> None:
+    """The layer command's numbers, in its own words; a UserError before anything is read."""
+    if cfg.min_concepts < 2:
+        raise UserError(f"--min_concepts must be at least 2 (a channel with one concept has nothing to split), "
+                        f"not {cfg.min_concepts}")
+    if not 0 <= cfg.p <= 1:
+        raise UserError(f"--p must be between 0 and 1, not {cfg.p}")
+    if not 0 < cfg.gamma_high <= 1:
+        raise UserError(f"--cos_sim_high must be in (0, 1]: classes at least this alike form one concept, "
+                        f"not {cfg.gamma_high}")
+    for name, v in (("--check_images", cfg.check_images), ("--top_k", cfg.top_k), ("--batch_size", cfg.batch_size)):
+        if v < 1:
+            raise UserError(f"{name} must be at least 1, not {v}")
+    if cfg.baseline is not None and cfg.baseline < 0:
+        raise UserError(f"--baseline_channels must be 0 (none) or more, not {cfg.baseline}")
+    for c in cfg.channels or []:
+        check_channel(c, out_channels, layer)
 
 
 def select_channels(concepts: dict[int, list[list[int]]], arvs_cos: dict[int, float], cfg: LayerConfig) -> list[int]:
@@ -88,102 +98,107 @@ def select_channels(concepts: dict[int, list[list[int]]], arvs_cos: dict[int, fl
     return sorted(chosen[:cfg.max_channels] if cfg.max_channels else chosen)
 
 
+def baseline_channels(candidates: list[int], out_channels: int, n: int, seed: int) -> list[int]:
+    """``n`` channels of the layer drawn at random (``seed``) among those that are no candidate, sorted."""
+    others = [c for c in range(out_channels) if c not in set(candidates)]
+    return sorted(random.Random(seed).sample(others, min(len(others), n)))
+
+
 def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=print) -> dict:
-    """Run the layer command end to end; returns the ``--json`` summary (see ``disentangle_layer.py``)."""
+    """Run the layer command end to end; returns the ``--json`` summary (see ``disentangle_layer.py``).
+
+    Under torchrun (``cfg.rank``, ``cfg.world_size``) every rank calls this; rank 0 alone logs and writes,
+    and every rank returns the same summary.
+    """
     from .layer_output import evaluate_layer, write_layer
 
     t0 = time.perf_counter()
+    runner = Runner.of(cfg)
+    log = log if runner.lead else (lambda *a: None)
     lm = loaded or load_model(cfg.model, cfg.weights)
     layer, conv = get_layer(lm.model, cfg.layer)
-    store = st.Store.open(os.path.join(cfg.store_dir, st.store_name(lm.tag, layer, default_layer(lm.model))))
-    store.check(model=lm.name, weights=lm.weights, layer=layer)
-    concepts, least = channel_concepts(store, cfg.tau, cfg.p, cfg.gamma_high, progress=cfg.progress)
+    check_layer_config(cfg, conv.out_channels, layer)
+    store = st.model_store(cfg.store_dir, lm, layer)
+    concepts, least = channel_concepts(store, cfg.tau, cfg.p, cfg.gamma_high, progress=cfg.progress and runner.lead)
     chosen = select_channels(concepts, least, cfg)
     if not chosen:
         raise UserError(f"no channel of {layer} has {cfg.min_concepts} or more concepts at tau {cfg.tau}, p {cfg.p}, "
                         f"gamma {cfg.gamma_high}: lower --p or raise --cos_sim_high")
     out = cfg.out_dir or os.path.join(cfg.store_dir, "layer_disentangled",
                                       layer_name(lm.tag, layer, cfg.tau, cfg.p, cfg.gamma_high))
-    check_writable(out)
-    check_writable(os.path.join(cfg.store_dir, "models_disentangled"))
+    runner.together(lambda: _check_outputs(cfg, out) if runner.lead else None, "the layer command")
     log(f"{len(concepts)} candidate channels in {lm.name} {layer}; splitting {len(chosen)} with "
         f"{cfg.min_concepts}+ concepts: " + ", ".join(f"{c} (k={len(concepts[c])})" for c in chosen[:20])
         + (" ..." if len(chosen) > 20 else ""))
-    device = resolve_device(cfg.device, cfg.gpu)
-    model = model_on(lm.model, device)
-    splits = _score(cfg, lm, store, model, layer, {c: concepts[c] for c in chosen}, device, log)
+    val = _val_images(cfg, lm, store, [concepts[c] for c in chosen], chosen)
+    model = runner.model(lm.model)
+    scored, score_seconds = _score(cfg, runner, store, model, layer, {c: concepts[c] for c in chosen},
+                                   lm.preprocess, log)
     seconds = {"score": time.perf_counter() - t0}
-    val = _val_images(cfg, lm, store)
-    net = split_network(model, {layer: [s.sweep.split(s.channel, s.best) for s in splits]})
-    keep = _check_images(val, splits, cfg.check_images)
-    diff = max_logit_diff(model, net, _stack(val, keep, lm), cfg.batch_size)
-    log(f"one network with {len(splits)} split channels: max |logit difference| {diff:.3g} on {len(keep)} "
-        "validation images")
-    if not diff <= 1e-3:
-        raise UserError(f"the disentangled network's logits differ from the original's by {diff:.3g} (> 0.001); "
-                        "nothing written")
-    _make_records(cfg, lm, layer, conv, store, splits, diff, len(keep))
     t1 = time.perf_counter()
-    evaluation = evaluate_layer(cfg, lm, layer, model, splits, val, list(concepts), device, log)
-    seconds["evaluate"] = time.perf_counter() - t1
-    summary = write_layer(cfg, lm, layer, store, splits, evaluation, diff, out, seconds, log)
-    summary["seconds"] = time.perf_counter() - t0
-    return summary
+    net = split_network(model, {layer: [s.split() for s in scored]})
+    n_base = len(scored) if cfg.baseline is None else cfg.baseline
+    ev = evaluate_layer(runner, model, layer, scored, val, _check_images(val, scored, cfg.check_images), net,
+                        baseline_channels(list(concepts), conv.out_channels, n_base, cfg.seed), cfg.top_k)
+    seconds["validation pass"] = time.perf_counter() - t1
+    log(f"validation pass: {ev.images} images in {ev.seconds:.1f} s ({ev.images / max(ev.seconds, 1e-9):.1f} img/s); "
+        f"one network with {len(scored)} split channels: max |logit difference| {ev.logit_diff:.3g} on "
+        f"{ev.checked} validation images")
+
+    def write() -> dict:
+        records = {s.channel: make_record(lm, layer, store, cfg.data_dir, s, ev.logit_diff, ev.checked,
+                                          LAYER_COMMAND, score_seconds) for s in scored}
+        for s in scored:
+            rec = records[s.channel]
+            rec.dir = os.path.join(cfg.store_dir, "models_disentangled", rec.name())
+            save_record(rec.dir, rec, s.sweep)
+        return write_layer(cfg, lm, layer, store, ev, records, out, seconds, log)
+
+    summary = runner.together(lambda: write() if runner.lead else None, "the layer command")
+    return {**(summary or {}), "seconds": runner.slowest(time.perf_counter() - t0)}
 
 
-def _score(cfg: LayerConfig, lm: LoadedModel, store: st.Store, model, layer: str,
-           concepts: dict[int, list[list[int]]], device, log) -> list[LayerSplit]:
+def _check_outputs(cfg: LayerConfig, out: str) -> None:
+    """Rank 0, before any pass: the output folder and the records' folder take files."""
+    check_writable(out)
+    check_writable(os.path.join(cfg.store_dir, "models_disentangled"))
+
+
+def _score(cfg: LayerConfig, runner: Runner, store: st.Store, model, layer: str,
+           concepts: dict[int, list[list[int]]], preprocess, log) -> tuple[list[Scored], float]:
     """Every channel's sweep, scored in one pass over the union of the concepts' training images."""
     conv = model.get_submodule(layer)
     weight = conv.weight.detach().cpu()
-    splits = [LayerSplit(c, cs, sweep(weight[c], concept_arvs(store, c, cs))) for c, cs in concepts.items()]
-    classes = sorted({t for s in splits for cs in s.concepts for t in cs})
+    sweeps = {c: sweep(weight[c], concept_arvs(store, c, cs)) for c, cs in concepts.items()}
+    classes = sorted({t for cs in concepts.values() for c in cs for t in c})
     images = training_images(store, cfg.data_dir, classes, cfg.class_index)
-    scored, seconds, _ = score_channels(model, conv, images, [(s.channel, s.concepts, s.sweep) for s in splits],
-                                        cfg.batch_size, cfg.num_workers, lm.preprocess, device, cfg.progress,
-                                        desc="scoring")
-    for s, (scores, counts) in zip(splits, scored):
-        s.scores, s.counts, s.best = scores, counts, best_index(scores)
-    log(f"scored {len(splits)} channels x 20 rhos on {len(images)} training images in {seconds:.1f} s "
+    got, seconds, _ = score_channels(runner, model, conv, images, [(c, cs, sweeps[c]) for c, cs in concepts.items()],
+                                     preprocess, desc="scoring")
+    scored = [Scored(c, cs, sweeps[c], scores, counts, best_index(scores))
+              for (c, cs), (scores, counts) in zip(concepts.items(), got)]
+    log(f"scored {len(scored)} channels x 20 rhos on {len(images)} training images in {seconds:.1f} s "
         f"({len(images) / max(seconds, 1e-9):.1f} img/s)")
-    return splits
+    return scored, seconds
 
 
-def _val_images(cfg: LayerConfig, lm: LoadedModel, store: st.Store):
-    """All validation images (the top-k search looks at every class), mapped by the store's class map."""
-    return list_images(cfg.data_dir, "val", classes=data_class_map(cfg.data_dir, "val", lm.num_classes,
-                                                                    cfg.class_index, store.path))
+def _val_images(cfg: LayerConfig, lm: LoadedModel, store: st.Store, concepts: list[list[list[int]]],
+                channels: list[int]) -> ImageList:
+    """All validation images (the top-k search looks at every class), mapped by the store's class map; a
+    concept without validation images is a UserError naming it."""
+    val = list_images(cfg.data_dir, "val", classes=data_class_map(cfg.data_dir, "val", lm.num_classes,
+                                                                   cfg.class_index, store.path))
+    have = set(val.targets)
+    for c, cs in zip(channels, concepts):
+        for j, classes in enumerate(cs, 1):
+            if not have & set(classes):
+                raise UserError(f"concept {j} of channel {c} (classes {classes}) has no validation images in "
+                                f"{val.root}; add some, or leave the channel out (--channels)")
+    return val
 
 
-def _check_images(val, splits: list[LayerSplit], n: int) -> list[int]:
+def _check_images(val: ImageList, scored: list[Scored], n: int) -> list[int]:
     """Up to ``n`` validation images for the logit check, spread over every split channel's concepts."""
-    groups = [val.indices_of(cs) for s in splits for cs in s.concepts]
+    groups = [val.indices_of(cs) for s in scored for cs in s.concepts]
     rng = random.Random(0)
     rng.shuffle(groups)
     return check_indices([g for g in groups if g], n)
-
-
-def _stack(val, indices: list[int], lm: LoadedModel) -> torch.Tensor:
-    from .data import load_image
-
-    return torch.stack([load_image(val, i, lm.preprocess) for i in indices])
-
-
-def _make_records(cfg: LayerConfig, lm: LoadedModel, layer: str, conv, store: st.Store, splits: list[LayerSplit],
-                  diff: float, checked: int) -> None:
-    """One stage-3 record per split channel (``models_disentangled/``), so that get_results.py and
-    visualize_channel.py work on each of them too."""
-    names = store.names
-    for s in splits:
-        sw = s.sweep
-        s.record = Record(
-            model=lm.name, weights=lm.weights, layer=layer, default_layer=layer == default_layer(lm.model),
-            in_channels=conv.in_channels, out_channels=conv.out_channels, channel=s.channel, concepts=s.concepts,
-            class_names=names.as_dict(t for cs in s.concepts for t in cs), store=os.path.abspath(store.path),
-            data_dir=os.path.abspath(cfg.data_dir), data_fingerprint=store.meta["data_fingerprint"],
-            rhos=[round(float(r), 2) for r in sw.rhos], scores={rho_key(r): float(v) for r, v in zip(sw.rhos, s.scores)},
-            best_rho=round(float(sw.rhos[s.best]), 2), sources={rho_key(r): sw.sources(i) for i, r in enumerate(sw.rhos)},
-            max_abs_logit_diff=diff, equivalence_images=checked,
-            train_images={f"concept{j}": n for j, n in enumerate(s.counts, 1)}, seconds=0.0, images_per_second=0.0)
-        s.record.dir = os.path.join(cfg.store_dir, "models_disentangled", s.record.name())
-        save_record(s.record.dir, s.record, sw)

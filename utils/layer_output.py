@@ -1,130 +1,208 @@
-"""The layer command's evaluation and outputs: one pass over the validation images for every split, one
-top-k pass for the purity of every sub-channel (and of random other channels, the baseline), and the
-files: layer.json, disentangled.pt, results_quantitative/, plots/, pictures/, report.html."""
+"""The layer command's evaluation and outputs: ONE pass over the validation images for every split (stage 4's
+values, the top-k of every sub-channel and of random other channels, the logit check), the purity of each
+concept channel against a baseline measured the same way, and the files: layer.json, disentangled.pt,
+results_quantitative/, plots/, pictures/, report.html."""
 from __future__ import annotations
 
 import os
-import random
 import time
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import numpy as np
-import torch
+from torch import nn
 
 from .concepts import ClassNames
-from .data import make_loader
-from .device import pin
-from .evaluation import Evaluation, evaluate_splits
+from .data import ImageList
+from .evaluation import Activations, TopKRequest, evaluate_splits
 from .files import write_json
-from .split import FilterBank, filter_bank, sub_names
-from .surgery import export_network
-from .topk import purity, stream_topk
+from .records import Record
+from .results import ResultFiles
+from .scoring import Scored
+from .split import FilterBank, channel_bank, filter_bank, sub_names
+from .surgery import check_logit_diff, export_network
+from .topk import TopK, purity
 
 
-def evaluate_layer(cfg, lm, layer: str, model, splits: list, val, candidates: list[int], device, log) -> dict:
-    """Stage 4's values of every split on its concepts' validation images, and the purity of every
-    sub-channel's top-k validation images: per concept j, the share of the original channel's top-k in concept
-    j's classes (before) and of concept channel j's (after); the gain is the mean of after - before. The
-    baseline: the share of the most frequent class in the top-k of random non-candidate channels."""
-    conv = model.get_submodule(layer)
-    union = sorted({t for s in splits for cs in s.concepts for t in cs})
-    acts, seconds = evaluate_splits(model, conv, [s.sweep.split(s.channel, s.best) for s in splits],
-                                    [s.concepts for s in splits], val, val.indices_of(union), cfg.batch_size,
-                                    cfg.num_workers, device, cfg.progress, preprocess=lm.preprocess)
-    log(f"evaluated {len(splits)} splits on {len(val.indices_of(union))} validation images in {seconds:.1f} s")
-    others = [c for c in range(conv.out_channels) if c not in set(candidates)]
-    baseline = sorted(random.Random(cfg.seed).sample(others, min(len(others), cfg.baseline or len(splits))))
-    banks = [filter_bank(conv, [s.sweep.split(s.channel, s.best)]) for s in splits]
-    if baseline:
-        banks.append(FilterBank([(c, "original") for c in baseline], conv.weight.detach()[baseline],
-                                None if conv.bias is None else conv.bias.detach()[baseline]))
-    bank = FilterBank(sum((b.keys for b in banks), []), torch.cat([b.weight for b in banks]),
-                      None if conv.bias is None else torch.cat([b.bias for b in banks]))
-    loader = make_loader(val, batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin(device),
-                         transform=lm.preprocess)
-    top = stream_topk(model, conv, bank, loader, cfg.top_k, val, device, cfg.progress)
-    for s in splits:
-        subs = ("original",) + sub_names(len(s.concepts))[:-1]
-        p = {name: purity(top.get(s.channel, name)["labels"], s.concepts) for name in subs}
-        s.purity = {"original": [p["original"][f"concept{j}"] for j in range(1, len(s.concepts) + 1)],
-                    "concepts": [p[f"D{j}"][f"concept{j}"] for j in range(1, len(s.concepts) + 1)]}
-        s.gain = float(np.mean(np.subtract(s.purity["concepts"], s.purity["original"])))
-    shares = [_top_class_share(top.get(c, "original")["labels"]) for c in baseline]
-    return {"acts": acts, "top": top, "val": val,
-            "baseline": {"channels": baseline, "top_class_share": shares, "mean": float(np.mean(shares)) if shares else None}}
-
-
-def _top_class_share(labels) -> float:
-    """The share of top-k images in their most frequent class."""
+def top_classes_share(labels, n: int) -> float:
+    """The share of ``labels`` (top-k images) in their own ``n`` most frequent classes."""
     labels = [int(t) for t in labels]
-    return max(labels.count(t) for t in set(labels)) / len(labels) if labels else 0.0
+    counts = sorted((labels.count(t) for t in set(labels)), reverse=True)
+    return sum(counts[:n]) / len(labels) if labels else 0.0
 
 
-def write_layer(cfg, lm, layer: str, store, splits: list, evaluation: dict, diff: float, out: str,
+@dataclass(frozen=True)
+class Baseline:
+    """Random channels that are no candidate: ``labels[b]`` = the classes of channel ``channels[b]``'s top-k.
+    A concept of n classes is compared with :meth:`share` (n): the mean share of these channels' top-k images
+    in their own n most frequent classes, the same quantity as a concept channel's purity, in classes
+    chosen in the random channel's favour."""
+
+    channels: list[int]
+    labels: list[list[int]]
+
+    def share(self, n: int) -> float | None:
+        shares = [top_classes_share(lab, n) for lab in self.labels]
+        return float(np.mean(shares)) if shares else None
+
+
+@dataclass(frozen=True)
+class ChannelResult:
+    """One split channel, evaluated: stage 4's ``acts`` on its concepts' validation images; per concept j the
+    purity ``before`` (share of the original channel's top-k in concept j's classes), ``after`` (the same for
+    concept channel j) and ``baseline`` (:meth:`Baseline.share` of concept j's number of classes)."""
+
+    scored: Scored
+    acts: Activations
+    before: list[float]
+    after: list[float]
+    baseline: list[float | None]
+
+    @property
+    def channel(self) -> int:
+        return self.scored.channel
+
+    @property
+    def concepts(self) -> list[list[int]]:
+        return self.scored.concepts
+
+    @property
+    def gain(self) -> float:
+        """The mean over concepts of after - before."""
+        return float(np.mean(np.subtract(self.after, self.before)))
+
+
+@dataclass(frozen=True)
+class LayerEvaluation:
+    """The validation pass of the layer command: every channel's result, the top-k, the baseline, the one
+    network's largest |logit difference| on ``checked`` images, the images read and the pass's seconds."""
+
+    channels: list[ChannelResult]
+    top: TopK
+    baseline: Baseline
+    logit_diff: float
+    checked: int
+    val: ImageList
+    images: int
+    seconds: float
+
+
+def evaluate_layer(runner, model: nn.Module, layer: str, scored: list[Scored], val: ImageList, check: list[int],
+                   net: nn.Module, baseline: list[int], k: int, preprocess=None) -> LayerEvaluation:
+    """ONE pass over every validation image: stage 4's values of every split, the top-``k`` images of the
+    original channel, every concept channel and the ``baseline`` channels, and the logits of the one
+    network ``net`` against ``model``'s on the ``check`` images (above MAX_LOGIT_DIFF a UserError)."""
+    conv = model.get_submodule(layer)
+    splits = [s.split() for s in scored]
+    bank = FilterBank.join([filter_bank(conv, splits)] + ([channel_bank(conv, baseline)] if baseline else []))
+    vp = evaluate_splits(runner, model, conv, splits, [s.concepts for s in scored], val,
+                         preprocess, TopKRequest(bank, k), (net, set(check)))
+    check_logit_diff(vp.logit_diff, f"on {len(check)} validation images (the one network with every split)")
+    base = Baseline(baseline, [[int(t) for t in vp.top.get(c, "original")["labels"]] for c in baseline])
+    results = []
+    for s in scored:
+        p = {name: purity(vp.top.get(s.channel, name)["labels"], s.concepts)
+             for name in ("original",) + sub_names(len(s.concepts))[:-1]}
+        js = range(1, len(s.concepts) + 1)
+        results.append(ChannelResult(s, vp.acts[s.channel], [p["original"][f"concept{j}"] for j in js],
+                                     [p[f"D{j}"][f"concept{j}"] for j in js],
+                                     [base.share(len(cs)) for cs in s.concepts]))
+    return LayerEvaluation(results, vp.top, base, vp.logit_diff, len(check), val, vp.images, vp.seconds)
+
+
+@dataclass(frozen=True)
+class ChannelFiles:
+    """What the layer command wrote for one channel: per concept ``quantitative`` (``images``, ``classes``,
+    ``rows``, ``mean``, ``csv``), the density ``plots`` and the ``pictures`` (``out_dir``, ``teaser``)."""
+
+    record: Record
+    quantitative: list[dict]
+    plots: list[str]
+    pictures: dict
+
+
+def write_layer(cfg, lm, layer: str, store, ev: LayerEvaluation, records: dict[int, Record], out: str,
                 seconds: dict, log) -> dict:
-    """Every output of the layer command into ``out``; returns the ``--json`` summary."""
-    from . import results
+    """Every output of the layer command into ``out`` (rank 0); returns the ``--json`` summary."""
     from .layer_report import write_layer_report
 
     os.makedirs(out, exist_ok=True)
     names = ClassNames(lm.categories, list(store.class_index), list(store.class_index.values()))
     t0 = time.perf_counter()
     export = os.path.join(out, "disentangled.pt")
-    export_network(lm.model, lm.name, {layer: [s.sweep.split(s.channel, s.best) for s in splits]}, export)
-    for s in splits:
-        ev = Evaluation(lm, layer, None, None, names, s.concepts, s.record, s.sweep.split(s.channel, s.best),
-                        s.record.best_rho)
-        stage4 = SimpleNamespace(out_dir=out, rho=None, tau=cfg.tau, channel=s.channel)
-        per_concept = [evaluation["acts"][s.channel].of_classes(cs) for cs in s.concepts]
-        labels = [[names.label(t) for t in cs] for cs in s.concepts]
-        s.stage4 = {"csv": [], "plots": [], **{f"concept{j}": {"images": len(a), "classes": lab}
-                                               for j, (a, lab) in enumerate(zip(per_concept, labels), 1)}}
-        results.write_quantitative(stage4, ev, per_concept, s.stage4, lambda *a: None)
-        s.stage4["plots"] = results.write_density_plots(stage4, ev, per_concept, labels, lambda *a: None)
+    export_network(lm.model, lm.name, {layer: [r.scored.split() for r in ev.channels]}, export)
+    files = {r.channel: _stage4_files(out, lm, layer, r, records[r.channel], names, cfg.tau) for r in ev.channels}
     seconds["results and plots"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pictures = _pictures(cfg, lm, layer, splits, evaluation, names, out)
+    pictures = _pictures(cfg, lm, layer, ev, records, names, out)
+    files = {c: ChannelFiles(f.record, f.quantitative, f.plots, pictures[c]) for c, f in files.items()}
     seconds["pictures"] = time.perf_counter() - t0
-    summary = _summary(cfg, lm, layer, splits, evaluation, diff, export, names)
-    write_json(os.path.join(out, "layer.json"), {**summary, "pictures": pictures, "timings": seconds})
+    summary = _summary(cfg, lm, layer, ev, files, export, names)
+    write_json(os.path.join(out, "layer.json"), {**summary, "timings": seconds})
     report = os.path.join(out, "report.html")
-    write_layer_report(report, summary, splits, pictures, names, seconds, cfg.notes)
+    write_layer_report(report, summary, ev, files, names, seconds, cfg.notes)
     log(f"wrote {out}/ (layer.json, disentangled.pt, results_quantitative/, plots/, pictures/, report.html)")
     return {**summary, "report": report, "out_dir": out}
 
 
-def _pictures(cfg, lm, layer: str, splits: list, evaluation: dict, names, out: str) -> dict:
-    """The teaser figure (original and every concept channel) of each split, from the one top-k pass."""
+def _stage4_files(out: str, lm, layer: str, r: ChannelResult, rec: Record, names, tau: float) -> ChannelFiles:
+    """Stage 4's CSVs and density plots of one channel, as ``get_results.py`` names them."""
+    files = ResultFiles(out, os.path.basename(rec.dir), lm.name, layer, r.channel, len(r.concepts), rec.best_rho,
+                        None, tau)
+    per_concept = [r.acts.of_classes(cs) for cs in r.concepts]
+    labels = [[names.label(t) for t in cs] for cs in r.concepts]
+    quantitative = [{"images": len(a), "classes": lab, **q}
+                    for a, lab, q in zip(per_concept, labels, files.write_quantitative(per_concept, lambda *a: None))]
+    return ChannelFiles(rec, quantitative, files.write_density_plots(per_concept, labels, lambda *a: None), {})
+
+
+def _pictures(cfg, lm, layer: str, ev: LayerEvaluation, records: dict[int, Record], names, out: str) -> dict:
+    """The teaser figure (original and every concept channel) of each split, from the one top-k."""
+    from .image_pass import Runner
     from .pictures import Job, PicturesConfig, draw
     from .receptive import receptive_field
 
+    runner = Runner.of(cfg)
+    model = runner.model(lm.model)  # once for every channel
     side = lm.preprocess.crop
-    rf = receptive_field(lm.model, lm.model.get_submodule(layer), (side, side), min_size=max(1, side // 8))
+    rf = receptive_field(model, model.get_submodule(layer), (side, side), min_size=max(1, side // 8))
     done = {}
-    for s in splits:
-        pc = PicturesConfig(data_dir=cfg.data_dir, model_dir="", channel=s.channel, concepts=s.concepts, split="val",
+    for r in ev.channels:
+        rec = records[r.channel]
+        pc = PicturesConfig(data_dir=cfg.data_dir, model_dir="", channel=r.channel, concepts=r.concepts, split="val",
                             top_k=cfg.top_k, out_dir=os.path.join(out, "pictures"), fv=cfg.fv,
-                            batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
+                            batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=str(runner.device),
                             progress=cfg.progress, formats=("png",), crop_files=False)
-        split = s.sweep.split(s.channel, s.best)
-        job = Job(lm, layer, lm.model.get_submodule(layer), s.record, split, s.concepts, evaluation["val"], names,
-                  s.record.best_rho, ["original", *sub_names(split.k)[:-1]], rf)
-        done[s.channel] = draw(pc, job, evaluation["top"])
-    return {str(c): {"out_dir": p["out_dir"], "teaser": os.path.join(p["out_dir"], "teaser.png")}
-            for c, p in done.items()}
+        split = r.scored.split()
+        job = Job(lm, model, layer, rec, split, r.concepts, ev.val, names, rec.best_rho,
+                  ["original", *sub_names(split.k)[:-1]], rf)
+        p = draw(pc, job, ev.top)
+        done[r.channel] = {"out_dir": p["out_dir"], "teaser": os.path.join(p["out_dir"], "teaser.png")}
+    return done
 
 
-def _summary(cfg, lm, layer: str, splits: list, evaluation: dict, diff: float, export: str, names) -> dict:
+def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelFiles], export: str, names) -> dict:
     """The ``--json`` object: per channel its concepts, every rho's score and index sets, best rho, purity."""
     channels = {}
-    for s in splits:
-        rec = s.record
-        channels[str(s.channel)] = {
-            "concepts": s.concepts, "class_names": [[names.name(t) for t in cs] for cs in s.concepts],
-            "best_rho": rec.best_rho, "scores": rec.scores, "sources": rec.sources, "purity": s.purity,
-            "purity_gain": s.gain, "record": rec.dir,
-            "quantitative": {f"concept{j}": s.stage4.get(f"concept{j}") for j in range(1, len(s.concepts) + 1)},
-            "plots": s.stage4["plots"], "csv": s.stage4["csv"]}
+    for r in ev.channels:
+        f, rec = files[r.channel], files[r.channel].record
+        channels[str(r.channel)] = {
+            "concepts": r.concepts, "class_names": [[names.name(t) for t in cs] for cs in r.concepts],
+            "best_rho": rec.best_rho, "scores": rec.scores, "sources": rec.sources,
+            "purity": {"original": r.before, "concepts": r.after, "baseline": r.baseline}, "purity_gain": r.gain,
+            "record": rec.dir, "quantitative": {f"concept{j}": {k: v for k, v in q.items() if k != "csv"}
+                                                for j, q in enumerate(f.quantitative, 1)},
+            "plots": f.plots, "csv": [q["csv"] for q in f.quantitative], "pictures": f.pictures}
+    sizes = sorted({len(cs) for r in ev.channels for cs in r.concepts})
+    base = ev.baseline
     return {"model": lm.name, "weights": lm.weights, "layer": layer, "tau": cfg.tau, "p": cfg.p,
             "gamma_high": cfg.gamma_high, "top_k": cfg.top_k, "channels": channels,
-            "baseline_purity": evaluation["baseline"], "max_abs_logit_diff": diff, "export": export}
+            "baseline_purity": {"channels": base.channels, "by_classes": {str(n): base.share(n) for n in sizes},
+                                "mean": _mean([v for r in ev.channels for v in r.baseline]),
+                                "concept_channels_mean": _mean([v for r in ev.channels for v in r.after])},
+            "max_abs_logit_diff": ev.logit_diff, "checked_images": ev.checked, "validation_images": ev.images,
+            "export": export}
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None

@@ -5,7 +5,8 @@ import html
 import os
 
 from .files import write_text
-from .split import sub_label
+from .defaults import MAX_LOGIT_DIFF
+from .style import concept_colour, sub_label
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222;
@@ -44,20 +45,20 @@ def _pct(v) -> str:
 
 
 def _concepts_text(concepts: list[list[int]], names) -> str:
-    return " | ".join(f"<b>{j}</b>: " + _e(names.labels(cs)) for j, cs in enumerate(concepts, 1))
+    return " | ".join(f'<b style="color:{concept_colour(j)}">{j}</b>: ' + _e(names.labels(cs))
+                      for j, cs in enumerate(concepts, 1))
 
 
-def _overview(splits: list, names) -> str:
-    rows, classes = [], []
-    for s in sorted(splits, key=lambda s: -s.gain):
-        after = " / ".join(_pct(v) for v in s.purity["concepts"])
-        before = " / ".join(_pct(v) for v in s.purity["original"])
-        gain = f'<span class="{"up" if s.gain >= 0.005 else "down" if s.gain <= -0.005 else "muted"}">{s.gain:+.0%}</span>'
-        rows.append([f'<a href="#c{s.channel}">{s.channel}</a>', len(s.concepts), _concepts_text(s.concepts, names),
-                     f"{s.record.best_rho:.2f}", before, after, gain])
-        classes.append("")
-    return _table(["channel", "k", "concepts", "best rho", "before: original channel, share per concept",
-                   "after: concept channel j, share in concept j", "gain (mean)"], rows, left=3, classes=classes)
+def _overview(ev, files: dict, names) -> str:
+    rows = []
+    for r in sorted(ev.channels, key=lambda r: -r.gain):
+        gain = f'<span class="{"up" if r.gain >= 0.005 else "down" if r.gain <= -0.005 else "muted"}">{r.gain:+.0%}</span>'
+        rows.append([f'<a href="#c{r.channel}">{r.channel}</a>', len(r.concepts), _concepts_text(r.concepts, names),
+                     f"{files[r.channel].record.best_rho:.2f}", " / ".join(_pct(v) for v in r.before),
+                     " / ".join(_pct(v) for v in r.after), " / ".join(_pct(v) for v in r.baseline), gain])
+    return _table(["channel", "k", "concepts", "best rho", "before: original channel, share in concept j",
+                   "after: concept channel j, share in concept j", "baseline: random channels, share in their own "
+                   "n_j most frequent classes", "gain (mean after - before)"], rows, left=3)
 
 
 def _sweep(rec) -> str:
@@ -72,11 +73,10 @@ def _sweep(rec) -> str:
     return _table(["rho"] + [f"|S{j}|" for j in range(1, rec.k + 1)] + ["|S0|", "score"], rows, classes=classes)
 
 
-def _quantitative(s) -> str:
-    k = len(s.concepts)
+def _quantitative(f) -> str:
+    k = len(f.quantitative)
     rows = []
-    for j in range(1, k + 1):
-        e = s.stage4.get(f"concept{j}", {})
+    for j, e in enumerate(f.quantitative, 1):
         mean = e.get("mean") or [None] * (k + 1)
         rows.append([f"concept {j}", e.get("rows", 0), e.get("images", 0)]
                     + ["–" if m is None else f"{m:.3f}" for m in mean])
@@ -84,40 +84,47 @@ def _quantitative(s) -> str:
                   + ["Res / orig"], rows, left=1)
 
 
-def _card(s, pictures: dict, names, base: str) -> str:
-    pics = pictures.get(str(s.channel), {})
-    purity = _table(["channel"] + [f"concept {j}" for j in range(1, len(s.concepts) + 1)],
-                    [[_e(sub_label("original"))] + [_pct(v) for v in s.purity["original"]]]
-                    + [[_e(sub_label(f"D{j}")), *(["–"] * (j - 1)), _pct(v), *(["–"] * (len(s.concepts) - j))]
-                       for j, v in enumerate(s.purity["concepts"], 1)], left=1)
+def _card(r, f, names, base: str) -> str:
+    k, rec = len(r.concepts), f.record
+    purity = _table(["channel"] + [f"concept {j}" for j in range(1, k + 1)],
+                    [[_e(sub_label("original"))] + [_pct(v) for v in r.before]]
+                    + [[_e(sub_label(f"D{j}")), *(["–"] * (j - 1)), _pct(v), *(["–"] * (k - j))]
+                       for j, v in enumerate(r.after, 1)]
+                    + [["baseline (random channels, their own n_j top classes)"] + [_pct(v) for v in r.baseline]],
+                    left=1)
     return "\n".join([
-        f'<div class="card" id="c{s.channel}"><h3>Channel {s.channel}: {len(s.concepts)} concepts</h3>',
-        f"<p>{_concepts_text(s.concepts, names)}</p>",
-        f"<p>best rho <b>{s.record.best_rho:.2f}</b>; training images scored per concept: "
-        + ", ".join(str(v) for v in s.record.train_images.values()) + f'; record <code>{_e(s.record.dir)}</code></p>',
-        "<details><summary>rho sweep</summary>", _sweep(s.record), "</details>",
+        f'<div class="card" id="c{r.channel}"><h3>Channel {r.channel}: {k} concepts</h3>',
+        f"<p>{_concepts_text(r.concepts, names)}</p>",
+        f"<p>best rho <b>{rec.best_rho:.2f}</b>; training images scored per concept: "
+        + ", ".join(str(v) for v in rec.train_images.values()) + f'; record <code>{_e(rec.dir)}</code></p>',
+        "<details><summary>rho sweep</summary>", _sweep(rec), "</details>",
         "<h4>What the channels respond to (top validation images; frames: colour of the concept, gray other)</h4>",
-        _img(pics.get("teaser", ""), base, "teaser"),
+        _img(f.pictures.get("teaser", ""), base, "teaser"),
         "<h4>Purity of the top images</h4>", purity,
         "<h4>Activations on the concepts' validation images</h4>",
-        '<div class="plots">' + "".join(_img(p, base) for p in s.stage4["plots"] if p.endswith(".png")) + "</div>",
+        '<div class="plots">' + "".join(_img(p, base) for p in f.plots if p.endswith(".png")) + "</div>",
         "<h4>Share of the original activation (mean over images with relative attribution ≥ τ)</h4>",
-        _quantitative(s), "</div>"])
+        _quantitative(f), "</div>"])
 
 
-def write_layer_report(path: str, summary: dict, splits: list, pictures: dict, names, seconds: dict,
+def write_layer_report(path: str, summary: dict, ev, files: dict, names, seconds: dict,
                        notes: dict | None = None) -> None:
-    """Write the layer's report page (atomically); pictures and plots are linked relative to ``path``."""
+    """Write the layer's report page (atomically) from the layer's evaluation ``ev`` and each channel's
+    ``files`` (:class:`utils.layer_output.ChannelFiles`); pictures and plots are linked relative to ``path``."""
     base = os.path.dirname(os.path.abspath(path))
     diff = summary["max_abs_logit_diff"]
     b = summary["baseline_purity"]
-    ks = sorted({len(s.concepts) for s in splits})
+    ks = sorted({len(r.concepts) for r in ev.channels})
     settings = [["model", _e(summary["model"])], ["weights", _e(summary["weights"])], ["layer", _e(summary["layer"])],
                 ["tau, p, gamma", f"{summary['tau']}, {summary['p']}, {summary['gamma_high']}"],
-                ["split channels", f"{len(splits)} (k = {', '.join(map(str, ks))})"],
-                ["one network, max |logit difference|", f'<b class="{"ok" if diff <= 1e-3 else "bad"}">{diff:.2e}</b>'],
-                ["purity baseline (top-class share of random other channels)",
-                 f"{_pct(b['mean'])} over {len(b['channels'])} channels"],
+                ["split channels", f"{len(ev.channels)} (k = {', '.join(map(str, ks))})"],
+                ["one network, max |logit difference|", f'<b class="{"ok" if diff <= MAX_LOGIT_DIFF else "bad"}">'
+                 f'{diff:.2e}</b> on {summary["checked_images"]} validation images'],
+                ["purity of the concept channels (mean)", _pct(b["concept_channels_mean"])],
+                [f"purity baseline: {len(b['channels'])} random channels that are no candidate, the share of their "
+                 f"top {summary['top_k']} in their own n most frequent classes (n = the concept's classes)",
+                 ", ".join(f"n = {n}: {_pct(v)}" for n, v in b["by_classes"].items())
+                 + f"; mean over the concepts above {_pct(b['mean'])}"],
                 ["seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())],
                 ["the whole network", f'<code>{_e(summary["export"])}</code>']]
     settings += [[_e(k), _e(v)] for k, v in (notes or {}).items()]
@@ -127,8 +134,10 @@ def write_layer_report(path: str, summary: dict, splits: list, pictures: dict, n
             '<p class="muted">Every polysemantic channel of the layer, its concepts found from the data (complete '
             "linkage of its classes' average relevance vectors), split into one channel per concept plus a shared "
             "residual, all in one network that computes the same logits (Hesse et al., CVPRW 2025, extended to k "
-            "concepts). Purity: the share of a channel's top validation images in a concept's classes.</p>",
+            "concepts). Purity: the share of a channel's top validation images in a concept's classes; its "
+            "baseline is the same share for random channels in the classes that suit them best.</p>",
             "<h2>Settings</h2>", _table(["", ""], settings, left=2),
-            "<h2>Split channels, by purity gain</h2>", _overview(splits, names),
-            "<h2>Channels</h2>"] + [_card(s, pictures, names, base) for s in sorted(splits, key=lambda s: -s.gain)]
+            "<h2>Split channels, by purity gain</h2>", _overview(ev, files, names),
+            "<h2>Channels</h2>"] + [_card(r, files[r.channel], names, base)
+                                    for r in sorted(ev.channels, key=lambda r: -r.gain)]
     write_text(path, "\n".join(page + ["</body></html>"]))

@@ -13,16 +13,17 @@ from torch import nn
 from . import featvis, teaser
 from .cli import RunOptions
 from .concepts import ClassNames, check_channel, check_concepts, normalise
-from .data import ImageList, list_images, load_image, make_loader
-from .device import model_on, pin, resolve_device
+from .data import ImageList, Preprocess, list_images, load_image
 from .errors import UserError
 from .files import write_json
+from .image_pass import Runner, plain_batches
 from .models import LoadedModel, get_layer, load_model
 from .receptive import ReceptiveField, crop, receptive_field
 from .records import Record, check_record, find_record, load_split, record_head
 from .relevance import layer_input
 from .store import data_class_map
-from .split import FilterBank, Split, filter_bank, sub_label, sub_names
+from .split import FilterBank, Split, filter_bank, sub_names
+from .style import sub_label
 from .topk import TopK, purity, stream_topk
 
 
@@ -45,28 +46,23 @@ class PicturesConfig(RunOptions):
     crop_files: bool = True  # each top-k picture as its own PNG too (the layer command keeps the figure only)
 
 
-def topk_for_splits(lm: LoadedModel, layer: str, splits: list[Split], images: ImageList, k: int,
-                    residual: bool = False, batch_size: int = 64, num_workers: int = 4,
-                    device: torch.device | str = "cpu", progress: bool = True) -> TopK:
-    """Top-k images of the original channel and every sub-channel of ``splits`` (one layer) in ONE pass."""
-    device = torch.device(device)
-    model = model_on(lm.model, device)
+def topk_for_splits(runner: Runner, model: nn.Module, layer: str, splits: list[Split], images: ImageList, k: int,
+                    preprocess: Preprocess | None = None, residual: bool = False) -> TopK:
+    """Top-k images of the original channel and every sub-channel of ``splits`` (one layer) in ONE pass;
+    ``model`` is on ``runner``'s device."""
     conv = model.get_submodule(layer)
-    banks = [filter_bank(conv, [s], ("original",) + sub_names(s.k)[:None if residual else -1]) for s in splits]
-    bank = FilterBank(sum((b.keys for b in banks), []), torch.cat([b.weight for b in banks]),
-                      None if conv.bias is None else torch.cat([b.bias for b in banks]))
-    loader = make_loader(images, batch_size=batch_size, num_workers=num_workers, pin_memory=pin(device),
-                         transform=lm.preprocess)
-    return stream_topk(model, conv, bank, loader, k, images, device, progress)
+    bank = filter_bank(conv, splits, None) if not residual else FilterBank.join(
+        [filter_bank(conv, [s], ("original",) + sub_names(s.k)) for s in splits])
+    return stream_topk(runner, model, conv, bank, images, k, preprocess)
 
 
 @dataclass
 class Job:
-    """One channel's pictures, resolved and checked."""
+    """One channel's pictures, resolved and checked; ``model`` is on the device the pictures are drawn on."""
 
     lm: LoadedModel
+    model: nn.Module
     layer: str
-    conv: nn.Conv2d
     record: Record
     split: Split
     concepts: list[list[int]]
@@ -76,8 +72,13 @@ class Job:
     subs: list[str]  # original, D1 .. Dk (, Res)
     rf: ReceptiveField | None = None  # the layer's receptive field, when already measured (several channels)
 
+    @property
+    def conv(self) -> nn.Conv2d:
+        """The layer of interest in ``model``."""
+        return self.model.get_submodule(self.layer)
 
-def prepare(cfg: PicturesConfig, loaded: LoadedModel | None = None,
+
+def prepare(cfg: PicturesConfig, runner: Runner, loaded: LoadedModel | None = None,
             check: Callable[[int], None] | None = None) -> Job:
     """Check the inputs, find the record and list the images; raises UserError before any pass."""
     if cfg.top_k < 1:
@@ -100,7 +101,7 @@ def prepare(cfg: PicturesConfig, loaded: LoadedModel | None = None,
     rho = float(rec.best_rho) if cfg.rho is None else round(float(cfg.rho), 2)
     subs = ["original", *sub_names(split.k)[:-1]] + (["Res"] if cfg.residual else [])
     names = ClassNames(lm.categories, list(cmap.index), list(cmap.index.values()))
-    return Job(lm, layer, conv, rec, split, concepts, images, names, rho, subs)
+    return Job(lm, runner.model(lm.model), layer, rec, split, concepts, images, names, rho, subs)
 
 
 def channel_pictures(cfg: PicturesConfig, loaded: LoadedModel | None = None,
@@ -111,25 +112,25 @@ def channel_pictures(cfg: PicturesConfig, loaded: LoadedModel | None = None,
     ``top``: the top-k of this channel already found by :func:`topk_for_splits` (one pass for many
     channels) with the same ``top_k``, ``rho``, ``residual`` and split; otherwise it is searched here.
     """
-    job = prepare(cfg, loaded, check)
+    runner = Runner.of(cfg)
+    job = prepare(cfg, runner, loaded, check)
     t0 = time.time()
     if top is None:
-        top = topk_for_splits(job.lm, job.layer, [job.split], job.images, cfg.top_k, cfg.residual, cfg.batch_size,
-                              cfg.num_workers, resolve_device(cfg.device, cfg.gpu), cfg.progress)
+        top = topk_for_splits(runner, job.model, job.layer, [job.split], job.images, cfg.top_k, job.lm.preprocess,
+                              cfg.residual)
     return draw(cfg, job, top, time.time() - t0)
 
 
 def draw(cfg: PicturesConfig, job: Job, top: TopK, seconds_topk: float = 0.0) -> dict:
     """The pictures of one split channel from its top-k (``top``): crops, feature visualisations, the teaser
     figure and purity.json in ``cfg.out_dir/<record>_rho<rho>/``; returns the summary."""
-    device = resolve_device(cfg.device, cfg.gpu)
-    model = model_on(job.lm.model, device)
-    job.conv = model.get_submodule(job.layer)
+    model, conv = job.model, job.conv
+    device = conv.weight.device
     out = os.path.join(cfg.out_dir, f"{os.path.basename(job.record.dir)}_rho{job.rho:.2f}")
     os.makedirs(out, exist_ok=True)
     side = job.lm.preprocess.crop
-    rf = job.rf or receptive_field(model, job.conv, (side, side), min_size=max(1, side // 8))
-    bank = filter_bank(job.conv, [job.split], tuple(job.subs))
+    rf = job.rf or receptive_field(model, conv, (side, side), min_size=max(1, side // 8))
+    bank = filter_bank(conv, [job.split], tuple(job.subs))
     shown, maps = _top_images(cfg, model, job, top, bank, device)
     magnitude = _magnitude(cfg)
     panels, subs, files = [], {}, []
@@ -153,16 +154,20 @@ def _top_images(cfg, model, job: Job, top: TopK, bank: FilterBank, device) -> tu
     (3 x side x side) by dataset index; and ``maps[i]`` (S x H' x W') of the images that need an activation
     map (all with ``--heatmap``; else each sub-channel's top-1 when there is no feature visualisation to
     show in the middle), run up to the layer once. Crops need no maps: the top-k pass kept the maxima."""
-    display, norm = job.lm.preprocess.display(), job.lm.preprocess.normalize()
+    display = job.lm.preprocess.display()
     tops = [[int(i) for i in top.get(job.split.channel, name)["indices"]] for name in job.subs]
     shown = {i: load_image(job.images, i, display) for i in sorted({i for t in tops for i in t})}
     need = sorted(shown if cfg.heatmap else {t[0] for t in tops if t} if cfg.fv is None else set())
-    if not need:
-        return shown, {}
-    with torch.no_grad():
-        x = layer_input(model, job.conv, torch.stack([norm(shown[i]) for i in need]).to(device))
-        m = bank.to(device).maps(job.conv, x).float().cpu()
-    return shown, dict(zip(need, m))
+    runner = Runner(device, cfg.batch_size, cfg.num_workers, progress=False)  # drawing is one process's work
+    bank, maps = bank.to(device), {}
+
+    def step(batches):
+        for b in batches:
+            m = bank.maps(job.conv, layer_input(model, job.conv, b.x)).float().cpu()
+            maps.update(zip(b.index.tolist(), m))
+
+    runner.image_pass(job.images, plain_batches(need, cfg.batch_size), job.lm.preprocess, "maps").run(step)
+    return shown, maps
 
 
 def _magnitude(cfg: PicturesConfig) -> torch.Tensor | None:

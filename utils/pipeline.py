@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 
 from . import store as st
+from .defaults import DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
+from .distributed import run_together
 from .errors import UserError
 from .files import check_writable, read_json, write_json
 from .importances import Stage1Config, compute_importances
@@ -21,10 +23,10 @@ class DemoConfig:
     layer: str | None = None
     store_dir: str | None = None
     out_dir: str = "demo_output"
-    top_k: int = 4  # channels to split: the most polysemantic first
+    max_channels: int = 4  # channels to split: the most polysemantic first
     tau: float | None = None  # default: 0.01 for the digits demo, 0.03 (the paper's) for real data
-    p: float = 0.75
-    cos_sim_high: float = 0.5
+    p: float = DEFAULT_P
+    cos_sim_high: float = DEFAULT_GAMMA
     epochs: int = 2
     max_images_per_class: int | None = None
     pictures_k: int = 12
@@ -37,14 +39,17 @@ class DemoConfig:
     demo_root: str = "demo_data"
     max_train: int | None = None  # fewer training images for the digits model (tests)
     progress: bool = True
+    rank: int = 0  # under torchrun: this process's rank and the number of processes
+    world_size: int = 1
 
 
-def _stage(name: str):
-    print(f"\n== {name}", flush=True)
+def _stage(name: str, cfg: DemoConfig):
+    if cfg.rank == 0:
+        print(f"\n== {name}", flush=True)
     return time.perf_counter()
 
 
-def _prepare_digits(cfg: DemoConfig) -> tuple[str, str, str, dict]:
+def _prepare_digits(cfg: DemoConfig, say: bool = True) -> tuple[str, str, str, dict]:
     """Build the digits folder and train (or reuse) the demo model; returns data_dir, model, weights, info."""
     from .demo_data import make_digits_folder, train_classifier
 
@@ -55,7 +60,8 @@ def _prepare_digits(cfg: DemoConfig) -> tuple[str, str, str, dict]:
     info_path = ckpt.replace(".pt", ".json")
     if os.path.isfile(ckpt) and os.path.isfile(info_path):
         info = {**read_json(info_path), "cached": True}
-        print(f"using the trained model {ckpt} (val accuracy {info['val_accuracy']:.3f}); delete it to retrain")
+        print_ = print if say else (lambda *a: None)
+        print_(f"using the trained model {ckpt} (val accuracy {info['val_accuracy']:.3f}); delete it to retrain")
     else:
         info = train_classifier(data_dir, model, ckpt, epochs=cfg.epochs, seed=cfg.seed, max_train=cfg.max_train)
         write_json(info_path, info)
@@ -85,23 +91,26 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .featvis import FVConfig
     from .layer import LayerConfig, disentangle_layer
 
-    if cfg.top_k < 1:
-        raise UserError("--top_k must be at least 1")
-    check_writable(cfg.out_dir)
-    t0 = _stage("data and model")
+    if cfg.max_channels < 1:
+        raise UserError("--max_channels must be at least 1")
+    if cfg.rank == 0:
+        check_writable(cfg.out_dir)
+    t0 = _stage("data and model", cfg)
     run = _setup(cfg)
     timings = {"data and model": time.perf_counter() - t0}
     store, images = _stage1(cfg, run, timings)
-    t0 = _stage("the layer: concepts from the data, every polysemantic channel split in one network, evaluated")
+    t0 = _stage("the layer: concepts from the data, every polysemantic channel split in one network, evaluated", cfg)
     notes = {"training images": images, "stage 1 (seconds)": f"{timings['stage 1']:.1f}"}
     if run.training:
         notes["demo model"] = (f"{run.model_name} trained {cfg.epochs} epochs from scratch: train accuracy "
                                f"{run.training['train_accuracy']:.3f}, val accuracy {run.training['val_accuracy']:.3f}")
     out = disentangle_layer(LayerConfig(
         data_dir=run.data_dir, store_dir=run.store_dir, model=run.model_name, weights=run.weights, layer=run.layer,
-        progress=cfg.progress, tau=cfg.tau, p=cfg.p, gamma_high=cfg.cos_sim_high, max_channels=cfg.top_k,
+        progress=cfg.progress, tau=cfg.tau, p=cfg.p, gamma_high=cfg.cos_sim_high, max_channels=cfg.max_channels,
         top_k=cfg.pictures_k, seed=cfg.seed, out_dir=cfg.out_dir, notes=notes,
         fv=FVConfig(steps=cfg.fv_steps, seed=cfg.seed) if cfg.fv_steps > 0 else None, **run.common), loaded=run.lm)
+    if cfg.rank != 0:  # under torchrun rank 0 alone writes and reports
+        return {"rank": cfg.rank}
     return {"report": os.path.abspath(out["report"]), "store": store.path,
             "disentangled": [{"channel": int(c), "concepts": ch["concepts"], "best_rho": ch["best_rho"],
                               "record": ch["record"]} for c, ch in out["channels"].items()]}
@@ -110,29 +119,30 @@ def run_demo(cfg: DemoConfig) -> dict:
 def _setup(cfg: DemoConfig) -> Setup:
     """The data (the digits, built and a model trained for them, unless ``--data_dir``), model and layer."""
     training = None
-    if cfg.data_dir is None:
-        data_dir, model_name, weights, training = _prepare_digits(cfg)
+    if cfg.data_dir is None:  # under torchrun rank 0 builds and trains, then the others find its cache
+        run_together(lambda: _prepare_digits(cfg) if cfg.rank == 0 else None, cfg.world_size, cfg.device, "the demo")
+        data_dir, model_name, weights, training = _prepare_digits(cfg, say=cfg.rank == 0)
         weights = cfg.weights or weights
     else:
         data_dir, model_name, weights = cfg.data_dir, cfg.model or "resnet50", cfg.weights or "default"
     if cfg.tau is None:
-        cfg.tau = 0.01 if cfg.data_dir is None else 0.03
+        cfg.tau = 0.01 if cfg.data_dir is None else DEFAULT_TAU
     lm = load_model(model_name, weights)
     layer, conv = get_layer(lm.model, cfg.layer)
     return Setup(data_dir, model_name, weights, lm, layer, conv.out_channels,
                  cfg.store_dir or os.path.join(cfg.out_dir, "store"), training,
                  dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
-                      class_index=cfg.class_index))
+                      class_index=cfg.class_index, rank=cfg.rank, world_size=cfg.world_size))
 
 
 def _stage1(cfg: DemoConfig, run: Setup, timings: dict) -> tuple[st.Store, int]:
     """Stage 1 (or the complete store of an earlier run); the store and its number of training images."""
-    t0 = _stage("stage 1: relevance of every channel for every training image")
+    t0 = _stage("stage 1: relevance of every channel for every training image", cfg)
     s1 = compute_importances(Stage1Config(data_dir=run.data_dir, store_dir=run.store_dir, model=run.model_name,
                                           weights=run.weights, layer=run.layer,
                                           max_images_per_class=cfg.max_images_per_class, progress=cfg.progress,
                                           **run.common), loaded=run.lm)
-    if s1.get("already_complete"):
+    if s1.get("already_complete") and cfg.rank == 0:
         print(f"store {s1['store']} is already complete; reusing it")
     timings["stage 1"] = time.perf_counter() - t0
     return st.Store.open(s1["store"]), s1["images"]

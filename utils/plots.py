@@ -13,17 +13,15 @@ from matplotlib.figure import Figure
 from scipy.stats import gaussian_kde
 
 from .files import save_figure, write_text
-
-# Colours of Original and Disentangled 1, 2, ... (concept j keeps its colour in every plot).
-COLOURS = ("#222222", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+from .style import ORIGINAL, concept_colour
 
 
 def series_info(key: str) -> tuple[str, str, str]:
     """Legend label, pgfplots block tag and colour of a series key: ``orig`` or ``d<j>``."""
     if key == "orig":
-        return "Original", "original", COLOURS[0]
+        return "Original", "original", ORIGINAL
     j = int(key[1:])
-    return f"Disentangled {j}", f"disentangled{j}", COLOURS[1 + (j - 1) % (len(COLOURS) - 1)]
+    return f"Disentangled {j}", f"disentangled{j}", concept_colour(j)
 
 
 @dataclass

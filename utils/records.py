@@ -21,6 +21,8 @@ from .files import read_json, save_torch, write_json
 from .split import Split, Sweep, sub_names
 
 RECORD_VERSION = 1
+LAYER_COMMAND = "disentangle_layer.py"
+LAYER_SUFFIX = "_layer"  # a layer command's record never replaces disentangle_channel.py's of the same concepts
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Record:
     seconds: float
     images_per_second: float
     filters: str = "filters.pt"
+    command: str | None = None  # what made it: disentangle_channel.py or disentangle_layer.py (None: older records)
     format_version: int = RECORD_VERSION
     dir: str | None = field(default=None, compare=False)  # the folder it was read from (not stored)
 
@@ -61,7 +64,8 @@ class Record:
         from .models import model_tag
 
         tag = model_tag(self.model)
-        return record_name(tag if self.default_layer else f"{tag}_{self.layer}", self.channel, self.concepts)
+        name = record_name(tag if self.default_layer else f"{tag}_{self.layer}", self.channel, self.concepts)
+        return name + LAYER_SUFFIX if self.command == LAYER_COMMAND else name
 
     def to_json(self) -> dict:
         """The ``record.json`` object: the fields in schema order, ``concepts`` as ``classes_for_conceptj``."""
@@ -95,6 +99,25 @@ def record_name(head: str, channel: int, concepts: list[list[int]]) -> str:
 
 def rho_key(rho: float) -> str:
     return f"{float(rho):.2f}"
+
+
+def make_record(lm, layer: str, store, data_dir: str, scored, diff: float, checked: int, command: str,
+                seconds: float) -> Record:
+    """The record of one scored channel (a :class:`utils.scoring.Scored`), made by ``command`` from ``store``:
+    the one factory of stage 3 and the layer command. ``seconds``: the scoring pass that scored it."""
+    from .models import default_layer
+
+    conv, sw = lm.model.get_submodule(layer), scored.sweep
+    return Record(
+        model=lm.name, weights=lm.weights, layer=layer, default_layer=layer == default_layer(lm.model),
+        in_channels=conv.in_channels, out_channels=conv.out_channels, channel=int(scored.channel),
+        concepts=scored.concepts, class_names=store.names.as_dict(t for cs in scored.concepts for t in cs),
+        store=os.path.abspath(store.path), data_dir=os.path.abspath(data_dir),
+        data_fingerprint=store.meta["data_fingerprint"], rhos=[round(float(r), 2) for r in sw.rhos],
+        scores={rho_key(r): float(v) for r, v in zip(sw.rhos, scored.scores)}, best_rho=scored.best_rho,
+        sources={rho_key(r): sw.sources(i) for i, r in enumerate(sw.rhos)}, max_abs_logit_diff=diff,
+        equivalence_images=checked, train_images={f"concept{j}": n for j, n in enumerate(scored.counts, 1)},
+        seconds=seconds, images_per_second=sum(scored.counts) / max(seconds, 1e-9), command=command)
 
 
 def save_record(folder: str, record: Record, sw: Sweep) -> list[str]:
@@ -136,9 +159,14 @@ def find_record(model_dir: str, head: str, channel: int, concepts: list[list[int
         raise UserError(f"no folder {model_dir} (--model_dir: STORE_DIR/models_disentangled/ of disentangle_channel.py)")
     wanted = record_name(head, channel, concepts)
     prefix = f"{head}_channel{channel}_"
-    for entry in sorted(os.listdir(model_dir)):
-        if entry.startswith(prefix) and _folder_concepts(entry[len(prefix):]) == [sorted(c) for c in concepts]:
-            if os.path.isfile(os.path.join(model_dir, entry, "record.json")):
+    entries = sorted(os.listdir(model_dir))
+    for suffix in ("", LAYER_SUFFIX):  # disentangle_channel.py's record first, then the layer command's
+        for entry in entries:
+            tail = entry[len(prefix):]
+            if not entry.startswith(prefix) or not tail.endswith(suffix):
+                continue
+            if _folder_concepts(tail[:len(tail) - len(suffix)]) == [sorted(c) for c in concepts] and \
+                    os.path.isfile(os.path.join(model_dir, entry, "record.json")):
                 return load_record(os.path.join(model_dir, entry))
     if known is not None:
         try:

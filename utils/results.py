@@ -8,13 +8,13 @@ import io
 import math
 import os
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
+from .defaults import DEFAULT_TAU
 from .errors import UserError
 from .files import write_text
-
-DEFAULT_TAU = 0.03
 
 
 def columns(k: int) -> tuple[str, ...]:
@@ -100,70 +100,67 @@ def setting_label(setting: str) -> str:
 # ------------------------------------------------------------------ the outputs of one evaluation
 
 
-def write_quantitative(cfg, ev, per_concept: list, out: dict, log) -> None:
-    """Per concept, the fraction rows CSV in ``OUT_DIR/results_quantitative``; their row counts and means
-    go into ``out``."""
-    from .evaluation import fraction_rows
+@dataclass(frozen=True)
+class ResultFiles:
+    """One evaluation's result files: ``out_dir/results_quantitative/<stem>_concept<j>.csv`` and
+    ``out_dir/plots/<stem>_concept<j>.png`` (+ pgfplots), ``<stem>`` = the record's folder name, with
+    ``_rho<f>`` when a rho other than the best was asked for and ``_tau<t>`` (CSVs only) for another tau."""
 
-    folder = os.path.join(cfg.out_dir, "results_quantitative")
-    os.makedirs(folder, exist_ok=True)
-    k = ev.split.k
-    name = result_name(os.path.basename(os.path.normpath(ev.record.dir)), cfg.rho, cfg.tau)
-    for j, a in enumerate(per_concept, 1):
-        rows = fraction_rows(a, cfg.tau)
-        path = os.path.join(folder, f"{name}_concept{j}.csv")
-        write_rows_csv(path, rows, k)
-        means = column_means(rows, k + 1)
-        out[f"concept{j}"].update(rows=int(len(rows)), mean=json_floats(means))
-        out["csv"].append(path)
-        parts = [f"d{i}/orig" for i in range(1, k + 1)] + ["res/orig"]
-        log(f"concept {j}: {len(rows)} of {len(a)} images with relative attribution >= {cfg.tau}; mean "
-            + ", ".join(f"{c} {fmt(v)}" for c, v in zip(parts, means)))
+    out_dir: str
+    record_name: str
+    model: str
+    layer: str
+    channel: int
+    k: int
+    rho: float  # the rho evaluated
+    rho_asked: float | None = None  # None: the record's best rho
+    tau: float = DEFAULT_TAU
 
+    def write_quantitative(self, per_concept: list, log) -> list[dict]:
+        """Per concept, the fraction rows CSV; returns per concept ``{"rows", "mean", "csv"}``."""
+        from .evaluation import fraction_rows
 
-def purity_of_split(cfg, ev, device, log) -> dict:
-    """Purity of the original channel and every concept channel: shares of their top-k validation images
-    (all classes) in each concept's classes."""
-    from .pictures import topk_for_splits
-    from .split import sub_names
-    from .topk import purity
+        folder = os.path.join(self.out_dir, "results_quantitative")
+        os.makedirs(folder, exist_ok=True)
+        name, k, out = result_name(self.record_name, self.rho_asked, self.tau), self.k, []
+        for j, a in enumerate(per_concept, 1):
+            rows = fraction_rows(a, self.tau)
+            path = os.path.join(folder, f"{name}_concept{j}.csv")
+            write_rows_csv(path, rows, k)
+            means = column_means(rows, k + 1)
+            out.append({"rows": int(len(rows)), "mean": json_floats(means), "csv": path})
+            parts = [f"d{i}/orig" for i in range(1, k + 1)] + ["res/orig"]
+            log(f"concept {j}: {len(rows)} of {len(a)} images with relative attribution >= {self.tau}; mean "
+                + ", ".join(f"{c} {fmt(v)}" for c, v in zip(parts, means)))
+        return out
 
-    top = topk_for_splits(ev.lm, ev.layer, [ev.split], ev.images, cfg.purity_k, False, cfg.batch_size,
-                          cfg.num_workers, device, cfg.progress)
-    out = {name: purity(top.get(cfg.channel, name)["labels"], ev.concepts)
-           for name in ("original",) + sub_names(ev.split.k)[:-1]}
-    for name, p in out.items():
-        shares = ", ".join(f"concept {j} {p[f'concept{j}']:.2f}" for j in range(1, ev.split.k + 1))
-        log(f"purity of {name} (top {cfg.purity_k} of {len(ev.images)} val images): {shares}, other {p['other']:.2f}")
-    return out
+    def write_density_plots(self, per_concept: list, labels: list[list[str]], log) -> list[str]:
+        """Per concept a density PNG, and the pgfplots .tex of all of them, in ``plots/``; their paths."""
+        from .plots import degenerate_note, density_curves, density_plot, pgfplots_blocks, write_pgfplots
 
-
-def write_density_plots(cfg, ev, per_concept: list, labels: list[list[str]], log) -> list[str]:
-    """Per concept a density PNG, and the pgfplots .tex of all of them, in ``OUT_DIR/plots``; their paths."""
-    from .plots import degenerate_note, density_curves, density_plot, pgfplots_blocks, write_pgfplots
-
-    folder = os.path.join(cfg.out_dir, "plots")
-    os.makedirs(folder, exist_ok=True)
-    name = result_name(os.path.basename(os.path.normpath(ev.record.dir)), cfg.rho)  # tau does not enter
-    where = f"{ev.lm.name} {ev.layer}, channel {cfg.channel}, rho {ev.rho}"
-    paths, concepts = [], {}
-    for j, a in enumerate(per_concept, 1):
-        series = {"orig": a.orig, **{f"d{i + 1}": a.sub[:, i] for i in range(ev.split.k)}}
-        grid, curves = density_curves(series)
-        for c in curves:
-            note = degenerate_note(c)
-            if note:
-                log(f"note: concept {j}: {note}")
-        path = os.path.join(folder, f"{name}_concept{j}.png")
-        density_plot(path, grid, curves, f"Concept {j}: {', '.join(labels[j - 1])} (validation images)\n{where}")
-        paths.append(path)
-        concepts[j] = (grid, curves)
-    tex = os.path.join(folder, f"{name}_pgfplots.tex")
-    named = "; ".join(f"concept {j} (c{j}): {', '.join(lab)}" for j, lab in enumerate(labels, 1))
-    comment = (f"Density (Gaussian KDE, Scott's bandwidth) of the activation of channel {cfg.channel} of {ev.lm.name} "
-               f"{ev.layer} (rho {ev.rho})\nbefore BatchNorm, on validation images. {named[0].upper()}{named[1:]}.")
-    write_pgfplots(tex, pgfplots_blocks(name, concepts), comment)
-    return paths + [tex]
+        folder = os.path.join(self.out_dir, "plots")
+        os.makedirs(folder, exist_ok=True)
+        name = result_name(self.record_name, self.rho_asked)  # tau does not enter
+        where = f"{self.model} {self.layer}, channel {self.channel}, rho {self.rho}"
+        paths, concepts = [], {}
+        for j, a in enumerate(per_concept, 1):
+            series = {"orig": a.orig, **{f"d{i + 1}": a.sub[:, i] for i in range(self.k)}}
+            grid, curves = density_curves(series)
+            for c in curves:
+                note = degenerate_note(c)
+                if note:
+                    log(f"note: concept {j}: {note}")
+            path = os.path.join(folder, f"{name}_concept{j}.png")
+            density_plot(path, grid, curves, f"Concept {j}: {', '.join(labels[j - 1])} (validation images)\n{where}")
+            paths.append(path)
+            concepts[j] = (grid, curves)
+        tex = os.path.join(folder, f"{name}_pgfplots.tex")
+        named = "; ".join(f"concept {j} (c{j}): {', '.join(lab)}" for j, lab in enumerate(labels, 1))
+        comment = (f"Density (Gaussian KDE, Scott's bandwidth) of the activation of channel {self.channel} of "
+                   f"{self.model} {self.layer} (rho {self.rho})\nbefore BatchNorm, on validation images. "
+                   f"{named[0].upper()}{named[1:]}.")
+        write_pgfplots(tex, pgfplots_blocks(name, concepts), comment)
+        return paths + [tex]
 
 
 # ------------------------------------------------------------------ the paper's table

@@ -10,6 +10,8 @@ input ``x`` serves all of them (and, for a whole layer, every channel) in one co
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -71,3 +73,24 @@ def scores_from_sums(sw: Sweep, parts: list[torch.Tensor], counts: list[int]) ->
 def best_index(scores: torch.Tensor) -> int:
     """Index of the first maximal score (sweep order decides ties)."""
     return int((scores == scores.max()).nonzero()[0, 0])
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One channel's scored sweep: its ``concepts``, ``sweep``, ``scores`` (R,), images scored per concept
+    (``counts``) and the index of its best rho (``best``, the first maximal score)."""
+
+    channel: int
+    concepts: list[list[int]]
+    sweep: Sweep
+    scores: torch.Tensor
+    counts: list[int]
+    best: int
+
+    @property
+    def best_rho(self) -> float:
+        return round(float(self.sweep.rhos[self.best]), 2)
+
+    def split(self):
+        """The :class:`utils.split.Split` of the best rho."""
+        return self.sweep.split(self.channel, self.best)

@@ -24,13 +24,6 @@ def sub_names(k: int) -> tuple[str, ...]:
     return tuple(f"D{j}" for j in range(1, k + 1)) + ("Res",)
 
 
-def sub_label(name: str) -> str:
-    """Words for a sub-channel name: Original, Disentangled j, Residual."""
-    if name == "original":
-        return "Original"
-    return "Residual" if name == "Res" else f"Disentangled {name[1:]}"
-
-
 def assign_inputs(A: torch.Tensor, rho: float) -> torch.Tensor:
     """Which set each input channel goes to (C_in, int64): j in 1..k for S_j, 0 for the shared S_0.
 
@@ -112,7 +105,10 @@ def sweep(weight_c: torch.Tensor, A: torch.Tensor, rhos: Iterable[float] = RHOS)
     parts = [split_filters(weight_c, a, k) for a in assign]
     D, Res = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
     w = weight_c.detach().double()
-    if not torch.equal(D.double().sum(1) - (k - 1) * Res.double(), w.expand_as(Res)):  # exact in float64
+    total = D.double().sum(1) - (k - 1) * Res.double()
+    # exact in float64 for float32 filters; float64 filters round in the sum: k of them, a few ulps
+    tol = 0.0 if weight_c.dtype != torch.float64 else 4 * k * torch.finfo(torch.float64).eps * float(w.abs().max())
+    if total.numel() and not float((total - w.expand_as(Res)).abs().max()) <= tol:
         raise AssertionError("the concept filters do not add up to the original")  # cannot happen: a partition
     return Sweep(torch.tensor(rhos, dtype=torch.float64), assign, D, Res)
 
@@ -129,6 +125,12 @@ class FilterBank:
     def index(self, channel: int, name: str) -> int:
         return self.keys.index((int(channel), name))
 
+    @staticmethod
+    def join(banks: list["FilterBank"]) -> "FilterBank":
+        """One bank holding the sub-channels of ``banks``, in order."""
+        return FilterBank(sum((b.keys for b in banks), []), torch.cat([b.weight for b in banks]),
+                          None if banks[0].bias is None else torch.cat([b.bias for b in banks]))
+
     def to(self, device) -> "FilterBank":
         return FilterBank(self.keys, self.weight.to(device), None if self.bias is None else self.bias.to(device))
 
@@ -141,7 +143,7 @@ class FilterBank:
 
 def filter_bank(conv, splits: list[Split], names: tuple[str, ...] | None = None) -> FilterBank:
     """Stack the sub-channels ``names`` of every split of ``conv`` into one bank (default: ``original`` and
-    the concept channels ``D1 .. Dk``)."""
+    the concept channels ``D1 .. Dk``, for any number of splits, each with its own k)."""
     keys, ws, bs = [], [], []
     for s in splits:
         for n in names or ("original",) + sub_names(s.k)[:-1]:
@@ -151,3 +153,9 @@ def filter_bank(conv, splits: list[Split], names: tuple[str, ...] | None = None)
             if conv.bias is not None:
                 bs.append(conv.bias[s.channel].detach())
     return FilterBank(keys, torch.stack(ws), torch.stack(bs) if bs else None)
+
+
+def channel_bank(conv, channels: list[int]) -> FilterBank:
+    """The original filters of ``channels`` of ``conv`` as a bank (keys ``(c, "original")``)."""
+    return FilterBank([(int(c), "original") for c in channels], conv.weight.detach()[channels],
+                      None if conv.bias is None else conv.bias.detach()[channels])

@@ -179,6 +179,21 @@ class Store:
             raise UserError(f"store {self.path} was made with another {diff}")
 
 
+def store_path(store_dir: str, lm, layer: str) -> str:
+    """Where the store of a loaded model's ``layer`` lives in ``store_dir`` (see :func:`store_name`)."""
+    from .models import default_layer
+
+    return os.path.join(store_dir, store_name(lm.tag, layer, default_layer(lm.model)))
+
+
+def model_store(store_dir: str, lm, layer: str) -> Store:
+    """The complete store of a loaded model's ``layer``, checked against it (model, weights, layer): how
+    every command that has the model opens its store."""
+    store = Store.open(store_path(store_dir, lm, layer))
+    store.check(model=lm.name, weights=lm.weights, layer=layer)
+    return store
+
+
 def open_store(store_dir: str, model: str, layer: str | None = None, weights: str | None = None) -> Store:
     """Open the complete stage-1 store of ``model`` (and ``layer``) in ``store_dir``, without loading the model.
 

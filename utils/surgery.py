@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from .defaults import MAX_LOGIT_DIFF
+from .distributed import reduce_over_ranks
 from .errors import UserError
 from .files import save_torch
 from .models import build_model, get_layer, set_module
 from .split import Split
+
+if TYPE_CHECKING:
+    from .image_pass import Runner
 
 
 def appended_channels(conv_channels: int, splits: list[Split]) -> list[list[int]]:
@@ -120,3 +126,32 @@ def load_checkpoint(path: str) -> nn.Module:
         set_module(model, layer, make_split_layer(conv, blanks))
     model.load_state_dict(sd)
     return model.eval()
+
+
+def max_logit_diff(original: nn.Module, disentangled: nn.Module, images: torch.Tensor, batch_size: int = 64) -> float:
+    """Largest |original(images) - disentangled(images)| over all logits (full forwards)."""
+    diff = 0.0
+    with torch.no_grad():
+        for b in range(0, len(images), batch_size):
+            x = images[b:b + batch_size]
+            diff = max(diff, float((original(x).float() - disentangled(x).float()).abs().max()))
+    return diff
+
+
+def logit_check(runner: Runner, model: nn.Module, net: nn.Module, images: dict[int, torch.Tensor],
+                where: str) -> float:
+    """Largest |logit difference| between ``model`` and its disentangled ``net`` over every rank's ``images``
+    (index -> image, each rank those of its share), known to every rank; above MAX_LOGIT_DIFF a UserError."""
+    x = torch.stack([images[i] for i in sorted(images)]).to(runner.device) if images else None
+    diff = runner.together(lambda: 0.0 if x is None else max_logit_diff(model, net, x, runner.batch_size),
+                           "the logit check")
+    return check_logit_diff(reduce_over_ranks(diff, runner.world, runner.device), where)
+
+
+def check_logit_diff(diff: float, where: str) -> float:
+    """``diff``, the largest |logit difference| of a disentangled network (``where``: on which images);
+    above MAX_LOGIT_DIFF (or NaN) a UserError: the split is broken and nothing may be written."""
+    if not diff <= MAX_LOGIT_DIFF:
+        raise UserError(f"the disentangled network's logits differ from the original's by {diff:.3g} "
+                        f"(> {MAX_LOGIT_DIFF:g}) {where}; nothing written")
+    return diff

@@ -12,14 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .files import atomic_path, save_figure
-
-_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
-OTHER = "#9a9a9a"
-
-
-def concept_color(j: int) -> str:
-    """Frame colour of concept ``j`` (1..k); 0 is every other class."""
-    return OTHER if j == 0 else _PALETTE[(j - 1) % len(_PALETTE)]
+from .style import OTHER, concept_colour
 
 
 @dataclass
@@ -100,7 +93,7 @@ def teaser_figure(panels: list[Panel], title: str = "", legend: Sequence[str] = 
         grid = GridSpecFromSubplotSpec(n, n, subplot_spec=outer[pi], wspace=0.08, hspace=0.22)
         for r, (i, j) in enumerate(ring_cells(n)):
             ax = fig.add_subplot(grid[i, j])
-            _frame(ax, concept_color(0 if r >= len(panel.images) else panel.concepts[r]), 2.5)
+            _frame(ax, concept_colour(0 if r >= len(panel.images) else panel.concepts[r]), 2.5)
             if r < len(panel.images):
                 ax.imshow(to_hwc(panel.images[r]))
                 ax.set_xlabel(panel.captions[r], fontsize=5.5, labelpad=1)
@@ -131,7 +124,7 @@ def _legend(fig, legend: list[str]) -> None:
     xs = [0.25, 0.75, 0.5] if k == 2 else [(j + 0.5) / (k + 1) for j in range(k + 1)]
     for j, text in enumerate(legend, 1):
         if text:
-            fig.text(xs[j - 1], 0.03, f"\u25a0 concept {j}: {text}", color=concept_color(j), ha="center", va="bottom",
+            fig.text(xs[j - 1], 0.03, f"\u25a0 concept {j}: {text}", color=concept_colour(j), ha="center", va="bottom",
                      fontsize=8)
     fig.text(xs[k], 0.03, "\u25a0 other", color=OTHER, ha="center", va="bottom", fontsize=8)
 

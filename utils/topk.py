@@ -7,14 +7,14 @@ over the images, run only up to ``L``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from .data import ImageList, check_batch
-from .device import to_device
+from .data import ImageList, Preprocess
+from .image_pass import plain_batches
 from .relevance import layer_input
 from .split import FilterBank
 
@@ -59,28 +59,57 @@ def merge_topk(state: tuple[torch.Tensor, ...] | None, values: torch.Tensor, *ex
     return (values.gather(1, order),) + tuple(e.gather(1, order) for e in extra)
 
 
-@torch.no_grad()
-def stream_topk(model: nn.Module, conv: nn.Conv2d, bank: FilterBank, loader, k: int,
-                images: ImageList | None = None, device: torch.device | str = "cpu", progress: bool = True) -> TopK:
-    """One pass over ``loader`` (yielding image, label, index): the top-``k`` images of every sub-channel."""
-    bank = bank.to(device)
-    state, out_hw = None, (0, 0)
-    for x, y, idx in tqdm(loader, desc="top-k", unit="batch", disable=not progress, leave=False):
-        if images is not None:
-            check_batch(images, y, idx)
-        inp = layer_input(model, conv, to_device(x, torch.device(device), images=True))
-        maps = bank.maps(conv, inp).float()  # B x S x H' x W'
-        out_hw = tuple(maps.shape[-2:])
+class TopKSearch:
+    """The running top-``k`` of every sub-channel of ``bank`` (on the layer's device), fed batch by batch
+    with the layer input; :meth:`result` gathers every rank's candidates and merges them in rank order, so
+    that the result equals a single-process search (ties go to the image seen first in dataset order)."""
+
+    def __init__(self, bank: FilterBank, k: int, conv: nn.Conv2d):
+        self.bank, self.k, self.conv = bank.to(conv.weight.device), k, conv
+        self.state: tuple[torch.Tensor, ...] | None = None
+        self.out_hw = (0, 0)
+
+    def add(self, x: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> None:
+        """One batch: its layer input ``x`` (B x C_in x H x W), dataset ``index`` and ``labels`` (B, host)."""
+        maps = self.bank.maps(self.conv, x).float()  # B x S x H' x W'
+        self.out_hw = tuple(maps.shape[-2:])
         act = maps.sum((2, 3)).T.cpu()  # S x B
         pos = maps.flatten(2).argmax(-1).T.cpu()  # S x B, flat position of the maximum
-        n = act.shape[1]
-        state = merge_topk(state, act, idx[None].expand(len(bank.keys), n).long(), pos,
-                           y[None].expand(len(bank.keys), n).long(), k=k)
-    if state is None:
-        raise ValueError("no images to search")
-    values, indices, flat, labels = state
-    positions = torch.stack([flat // out_hw[1], flat % out_hw[1]], -1)
-    return TopK(bank.keys, values, indices, positions, labels, out_hw)
+        S, n = act.shape
+        self.state = merge_topk(self.state, act, index[None].expand(S, n).long(), pos, labels[None].expand(S, n).long(),
+                                k=self.k)
+
+    def result(self, runner) -> TopK:
+        """The top-k over every rank's images (an empty rank sends padding that sorts last)."""
+        S, k = len(self.bank.keys), self.k
+        pad = (torch.full((S, k), -math.inf), torch.full((S, k), -1, dtype=torch.long),
+               torch.zeros(S, k, dtype=torch.long), torch.full((S, k), -1, dtype=torch.long))
+        mine = pad if self.state is None else merge_topk(self.state, *pad, k=k)  # padded to k columns
+        rows = runner.gather_rows(torch.cat([t.double() for t in mine], 1).reshape(1, -1))  # world x 4Sk
+        state = None
+        for row in rows:  # rank order = dataset order of the batches
+            values, *extra = row.view(S, 4 * k).split(k, 1)
+            state = merge_topk(state, values.float(), *(e.long() for e in extra), k=k)
+        hw = [int(runner.slowest(float(v))) for v in self.out_hw]  # a rank without images knows no H' x W'
+        seen = state[1][0] >= 0  # fewer than k images in all: the padding columns go
+        values, indices, flat, labels = (t[:, seen] for t in state)
+        return TopK(self.bank.keys, values, indices, torch.stack([flat // hw[1], flat % hw[1]], -1), labels,
+                    tuple(hw))
+
+
+def stream_topk(runner, model: nn.Module, conv: nn.Conv2d, bank: FilterBank, images: ImageList, k: int,
+                preprocess: Preprocess | None = None, indices: list[int] | None = None, desc: str = "top-k") -> TopK:
+    """One pass over ``images`` (or ``indices`` of them) run up to ``conv``: the top-``k`` images of every
+    sub-channel of ``bank``. ``model`` and ``conv`` are on ``runner``'s device."""
+    search = TopKSearch(bank, k, conv)
+    batches = plain_batches(range(len(images)) if indices is None else indices, runner.batch_size)
+
+    def step(batches):
+        for b in batches:
+            search.add(layer_input(model, conv, b.x), b.index, b.targets)
+
+    runner.image_pass(images, batches, preprocess, desc).run(step)
+    return search.result(runner)
 
 
 # ------------------------------------------------------------------ purity
