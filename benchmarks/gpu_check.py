@@ -8,7 +8,10 @@ On generated images (ImageNet wnid folders) with ResNet-50 (random weights):
      and with it (JPEG decoding, --num_workers);
   3. bf16 vs fp32: stage-1 images/s and how far bf16 relevance is from fp32 (reported; checked <= 5%);
   4. stage 3's logit equivalence on the device (a split of layer4.2.conv3, fp32: <= 1e-3);
-  5. stage 1 under torchrun with every GPU present (on the CPU: 2 gloo processes) vs one process.
+  5. stage 1 under torchrun with every GPU present (on the CPU: 2 gloo processes) vs one process;
+  6. every command as a user types it (stages 1-4, the pictures, the layer command, the demo) on the device
+     and on the CPU, each result compared (pairs, best rho, scores, logit check, stage 4's means, purity,
+     concepts; see gpu_commands.py), with both timings.
 Prints a table on stdout and exits 1 when a check fails.
 
     python benchmarks/gpu_check.py                                    # cuda, ResNet-50, batch 256
@@ -31,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from gpu_commands import check_commands  # noqa: E402
 from stage1 import bench_loader, bench_tensors, make_image_folder  # noqa: E402
 from utils.device import model_on, resolve_device  # noqa: E402
 from utils.importances import PRECISIONS, Stage1Config, compute_importances  # noqa: E402
@@ -158,6 +162,7 @@ def main(args: argparse.Namespace) -> int:
         check_bf16(args, data, tmp, dev, rows)
         check_equivalence(args, lm, rows)
         check_torchrun(args, data, tmp, dev, rows)
+        check_commands(args, tmp, rows)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         print(f"\n{args.model} (random weights) on {device} ({name}), torch {torch.__version__}\n")
     finally:

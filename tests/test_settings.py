@@ -295,6 +295,8 @@ def test_gpu_check_runs_its_checks_on_the_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     table = r.stdout[r.stdout.index("check "):].splitlines()
     rows = [line for line in table[1:] if line.strip() and "checks passed" not in line]
-    assert len(rows) == 7 and all(" yes " in line for line in rows), rows
-    assert "7 of 7 checks passed" in r.stdout
+    assert len(rows) == 14 and all(" yes " in line for line in rows), rows
+    assert "14 of 14 checks passed" in r.stdout
+    for name in ("stage 2", "stage 3", "stage 4", "pictures", "layer command", "demo"):
+        assert f"{name}: cpu vs cpu" in r.stdout, name
     assert "stage 1 cpu vs cpu" in r.stdout and "torchrun, 2 processes vs 1" in r.stdout and "bf16" in r.stdout
