@@ -44,8 +44,9 @@ def run(script: str, *args: str) -> tuple[dict | None, str, float]:
     return json.load(open(out)), "", seconds
 
 
-def commands(args, data: str, tmp: str, device: str) -> dict:
-    """Every command on ``device``; their JSON results and seconds by name."""
+def commands(args, data: str, tmp: str, device: str, pair: dict | None = None) -> tuple[dict, dict | None]:
+    """Every command on ``device`` (stages 3, 4 and the pictures on ``pair``, default: stage 2's first pair);
+    their JSON results and seconds by name, and the pair."""
     base = os.path.join(tmp, device.replace(":", "_"))
     os.makedirs(base, exist_ok=True)
     store = os.path.join(base, "store")
@@ -55,11 +56,9 @@ def commands(args, data: str, tmp: str, device: str) -> dict:
     res = {"stage 1": run("get_importances_for_classes.py", *common, "--store_dir", store, *j("s1"))}
     res["stage 2"] = run("get_cosine_similarities.py", "--model", args.model, "--store_dir", store, *LOOSE,
                          "--cos_sim_high", "0.999", "--no_progress", *j("s2"))
-    pairs = (res["stage 2"][0] or {}).get("pairs") or [None]
-    pair = args.pair or pairs[0]
+    pair = pair or ((res["stage 2"][0] or {}).get("pairs") or [None])[0]
     if pair is None:
-        return res
-    args.pair = pair  # the CPU run evaluates the device's first pair
+        return res, None
     concept = ["--channel_disentangle", str(pair["channel"]), "--classes_for_concept1", str(pair["class1"]),
                "--classes_for_concept2", str(pair["class2"])]
     res["stage 3"] = run("disentangle_channel.py", *common, "--store_dir", store, *concept, *j("s3"))
@@ -74,7 +73,7 @@ def commands(args, data: str, tmp: str, device: str) -> dict:
                       os.path.join(base, "demo_store"), "--out_dir", os.path.join(base, "demo"), "--tau", "0.0",
                       "--p", "0.25", "--cos_sim_high", "0.999", "--max_channels", "2", "--fv_steps", "0",
                       "--pictures_k", "4", *j("demo"))
-    return res
+    return res, pair
 
 
 def _close(a, b, tol: float) -> bool:
@@ -115,9 +114,8 @@ def compare(name: str, dev: dict | None, cpu: dict | None) -> tuple[bool, str]:
 def check_commands(args, tmp: str, rows: list) -> None:
     """Every command on ``args.device`` against the CPU: one row per command, with both timings."""
     data = make_data(os.path.join(tmp, "commands_data"), 64 if args.tiny else 160)
-    args.pair = None
-    dev = commands(args, data, tmp, args.device)
-    cpu = commands(args, data, os.path.join(tmp, "cpu_commands"), "cpu")
+    dev, pair = commands(args, data, tmp, args.device)
+    cpu, _ = commands(args, data, os.path.join(tmp, "cpu_commands"), "cpu", pair)  # the device's pair
     for name in ("stage 1", "stage 2", "stage 3", "stage 4", "pictures", "layer command", "demo"):
         (d, derr, dt), (c, cerr, ct) = dev.get(name, (None, "not run", 0.0)), cpu.get(name, (None, "not run", 0.0))
         if d is None or c is None:
