@@ -13,7 +13,10 @@ Logits: A = a0 + a1 + a2, B = a0 + a1 + a3, C (gray images) = 0.5 a1 (spatial me
 """
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -264,3 +267,110 @@ def planted_rgb_source(conv: list, fc: list, names: list[str]) -> str:
     ``conv[c][0]`` (weights drawn when ``conv[c][1]``), the logits are ``fc`` x the conv channels' means."""
     return PLANTED_RGB.format(conv=conv, fc=fc, names=names)
 
+
+class FullDevice:
+    """A file opened for writing on a device with ``free[0]`` bytes left (shared by every file of that device):
+    a write past it writes what fits, then raises ENOSPC, as a full file system does."""
+
+    def __init__(self, f, free: list[int]):
+        self._f, self._free = f, free
+
+    def write(self, data):
+        size = len(data.encode()) if isinstance(data, str) else memoryview(data).nbytes
+        if size <= self._free[0]:
+            self._free[0] -= size
+            return self._f.write(data)
+        if not isinstance(data, str) and self._free[0]:
+            self._f.write(memoryview(data).cast("B")[: self._free[0]])
+        self._free[0] = 0
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write(2) reports it: no file name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+        return False
+
+    def __iter__(self):
+        return iter(self._f)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+@contextmanager
+def full_device(folder: str, free: int = 0):
+    """While the block runs, every file opened for writing under ``folder`` is on a device with ``free``
+    bytes left (shared by all of them): an injected full disk, where a small tmpfs cannot be mounted.
+    Yields the names of the files that were opened for writing there."""
+    import builtins
+
+    real_open, left, hits = builtins.open, [free], []
+    root = os.path.abspath(folder) + os.sep
+
+    def full_open(file, mode="r", *a, **kw):
+        f = real_open(file, mode, *a, **kw)
+        if any(m in mode for m in "wax+") and isinstance(file, (str, os.PathLike)) and \
+                os.path.abspath(file).startswith(root):
+            hits.append(os.path.basename(file))
+            return FullDevice(f, left)
+        return f
+
+    builtins.open = full_open
+    try:
+        yield hits
+    finally:
+        builtins.open = real_open
+
+
+# Stem channels 0-2 see red, 3-5 green, 6-8 blue, 9 is a constant 1. Conv channel 0 reads red and blue, 1 reads
+# red and green, 2 the constant, 3 green only. Orange excites the red stem channels (weaker), so red and orange
+# have nearly parallel ARVs and form ONE concept. Logits: red = a0 + a1, orange = a0 + a1 + a2 / 2,
+# green = a1 + a3, blue = a0 + a2. Channel 0: {red, orange} | {blue}; channel 1: {red, orange} | {green};
+# channel 2: orange and blue through the constant alone, one concept (a candidate that is not split);
+# channel 3: green alone (no candidate: the only channel the baseline may draw).
+PLANTED4 = planted_rgb_source([([0, 1, 2, 6, 7, 8], True), ([0, 1, 2, 3, 4, 5], True), ([9], False),
+                               ([3, 4, 5], False)],
+                              [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.5, 0.0], [0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]],
+                              ["red thing", "orange thing", "green thing", "blue thing"])
+COLOURS = {"A_red": (220, 30, 30), "B_orange": (220, 120, 30), "C_green": (30, 220, 30), "D_blue": (30, 30, 220)}
+
+
+@pytest.fixture(scope="module")
+def planted4(tmp_path_factory):
+    """The planted network as a file, its data and its stage-1 store (made by the CLI)."""
+    root = tmp_path_factory.mktemp("layer4")
+    (root / "planted4.py").write_text(PLANTED4)
+    data = write_image_folder(str(root / "data"), n_train=6, n_val=5, colors=COLOURS, size=16)
+    common = ["--data_dir", data, "--model", f"{root / 'planted4.py'}:build", "--num_workers", "0", "--device", "cpu",
+              "--batch_size", "4", "--no_progress"]
+    r = run_script("get_importances_for_classes.py", *common, "--store_dir", str(root / "store"))
+    assert r.returncode == 0, r.stderr
+    return root, data, common
+
+
+def mount_tmpfs(path, size: str, options: str = "") -> str | None:
+    """Mount a tmpfs of ``size`` at ``path``; None when it worked, else why not (no root, no ``mount``, a
+    container without CAP_SYS_ADMIN, ...)."""
+    os.makedirs(path, exist_ok=True)
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{',' + options if options else ''}", "tmpfs",
+                            path], capture_output=True, text=True)
+    except OSError as e:  # no mount program at all
+        return f"cannot run mount: {e}"
+    return None if r.returncode == 0 else f"mount -t tmpfs failed: {r.stderr.strip() or f'exit code {r.returncode}'}"
+
+
+@contextmanager
+def small_fs(path, size: str, options: str = "", instead: str = ""):
+    """A tmpfs of ``size`` at ``path``. Where this machine does not allow mounting, the test is skipped with a
+    reason that says so and names what covers the behaviour ``instead`` (if anything)."""
+    why = mount_tmpfs(path, size, options)
+    if why is not None:
+        pytest.skip(f"this test needs to mount a small tmpfs, which this machine does not allow ({why})"
+                    + (f"; {instead} covers the same behaviour with an injected ENOSPC" if instead else ""))
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], capture_output=True)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script, write_image_folder
+from conftest import FullDevice, small_fs, run_script, write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -212,63 +212,6 @@ def test_too_little_space_to_assemble_is_said_before_writing(tiny, tmp_path, mon
     monkeypatch.undo()
     assert _in_process([*stage1(args), "--store_dir", str(tmp_path / "s")])[0] == 0
     assert_same_store(reference, store)
-
-
-def mount_tmpfs(path, size: str, options: str = "") -> str | None:
-    """Mount a tmpfs of ``size`` at ``path``; None when it worked, else why not (no root, no ``mount``, a
-    container without CAP_SYS_ADMIN, ...)."""
-    os.makedirs(path, exist_ok=True)
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{',' + options if options else ''}", "tmpfs",
-                            path], capture_output=True, text=True)
-    except OSError as e:  # no mount program at all
-        return f"cannot run mount: {e}"
-    return None if r.returncode == 0 else f"mount -t tmpfs failed: {r.stderr.strip() or f'exit code {r.returncode}'}"
-
-
-@contextmanager
-def small_fs(path, size: str, options: str = "", instead: str = ""):
-    """A tmpfs of ``size`` at ``path``. Where this machine does not allow mounting, the test is skipped with a
-    reason that says so and names what covers the behaviour ``instead`` (if anything)."""
-    why = mount_tmpfs(path, size, options)
-    if why is not None:
-        pytest.skip(f"this test needs to mount a small tmpfs, which this machine does not allow ({why})"
-                    + (f"; {instead} covers the same behaviour with an injected ENOSPC" if instead else ""))
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", path], capture_output=True)
-
-
-class FullDevice:
-    """A file opened for writing on a device with ``free[0]`` bytes left (shared by every file of that device):
-    a write past it writes what fits, then raises ENOSPC, as a full file system does."""
-
-    def __init__(self, f, free: list[int]):
-        self._f, self._free = f, free
-
-    def write(self, data):
-        size = len(data.encode()) if isinstance(data, str) else memoryview(data).nbytes
-        if size <= self._free[0]:
-            self._free[0] -= size
-            return self._f.write(data)
-        if not isinstance(data, str) and self._free[0]:
-            self._f.write(memoryview(data).cast("B")[: self._free[0]])
-        self._free[0] = 0
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write(2) reports it: no file name
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-        return False
-
-    def __iter__(self):
-        return iter(self._f)
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
 
 
 def test_a_really_full_disk_during_assembly_no_sigbus_and_resumable(tiny, tmp_path, monkeypatch):

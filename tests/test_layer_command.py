@@ -11,35 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import planted_rgb_source, run_script, write_image_folder
+from conftest import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Stem channels 0-2 see red, 3-5 green, 6-8 blue, 9 is a constant 1. Conv channel 0 reads red and blue, 1 reads
-# red and green, 2 the constant, 3 green only. Orange excites the red stem channels (weaker), so red and orange
-# have nearly parallel ARVs and form ONE concept. Logits: red = a0 + a1, orange = a0 + a1 + a2 / 2,
-# green = a1 + a3, blue = a0 + a2. Channel 0: {red, orange} | {blue}; channel 1: {red, orange} | {green};
-# channel 2: orange and blue through the constant alone, one concept (a candidate that is not split);
-# channel 3: green alone (no candidate: the only channel the baseline may draw).
-PLANTED4 = planted_rgb_source([([0, 1, 2, 6, 7, 8], True), ([0, 1, 2, 3, 4, 5], True), ([9], False),
-                               ([3, 4, 5], False)],
-                              [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.5, 0.0], [0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]],
-                              ["red thing", "orange thing", "green thing", "blue thing"])
-COLOURS = {"A_red": (220, 30, 30), "B_orange": (220, 120, 30), "C_green": (30, 220, 30), "D_blue": (30, 30, 220)}
-
-
-@pytest.fixture(scope="module")
-def planted4(tmp_path_factory):
-    """The planted network as a file, its data and its stage-1 store (made by the CLI)."""
-    root = tmp_path_factory.mktemp("layer4")
-    (root / "planted4.py").write_text(PLANTED4)
-    data = write_image_folder(str(root / "data"), n_train=6, n_val=5, colors=COLOURS, size=16)
-    common = ["--data_dir", data, "--model", f"{root / 'planted4.py'}:build", "--num_workers", "0", "--device", "cpu",
-              "--batch_size", "4", "--no_progress"]
-    r = run_script("get_importances_for_classes.py", *common, "--store_dir", str(root / "store"))
-    assert r.returncode == 0, r.stderr
-    return root, data, common
-
 
 def _layer(planted4, tmp_path, *extra):
     root, _, common = planted4

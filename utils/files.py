@@ -3,6 +3,7 @@ flushed to disk, then renamed over it. A crash, a kill or a full disk leaves the
 one, never a half-written one, and never a stray temporary."""
 from __future__ import annotations
 
+import io
 import json
 import os
 from contextlib import contextmanager
@@ -13,18 +14,50 @@ import numpy as np
 from .errors import UserError
 
 
-def temp_name(path: str) -> str:
+def temp_name(path: str, pid: int | None = None) -> str:
     """``<path>.tmp-<pid><ext>``: beside the target (same file system) and with its extension, so that
     writers that add or read an extension (``np.save``, ``savefig``) keep the file's format."""
-    return f"{path}.tmp-{os.getpid()}{os.path.splitext(path)[1]}"
+    return f"{path}.tmp-{os.getpid() if pid is None else pid}{os.path.splitext(path)[1]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: str) -> list[str]:
+    """Remove the temporary files of ``path`` that a killed writer left (``<path>.tmp-<pid><ext>`` whose
+    process is gone); a live writer's are left alone. Returns the paths removed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    ext, removed = os.path.splitext(path)[1], []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        pid = entry[len(name) + 5:len(entry) - len(ext)] if entry.startswith(name + ".tmp-") else ""
+        if pid.isdigit() and entry.endswith(ext) and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                os.remove(os.path.join(folder, entry))
+                removed.append(os.path.join(folder, entry))
+            except OSError:
+                pass  # another run removed it first
+    return removed
 
 
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path to write ``path``'s content to; on success it is synced and renamed to ``path``.
 
-    On any error (or interrupt) the temporary file is removed and ``path`` is left as it was.
+    On any error (or interrupt) the temporary file is removed and ``path`` is left as it was. Temporary
+    files of ``path`` that killed writers left behind are removed first.
     """
+    remove_stale_temps(path)
     tmp = temp_name(path)
     try:
         yield tmp
@@ -89,12 +122,22 @@ def save_npz(path: str, **arrays: np.ndarray) -> None:
         np.savez(tmp, **arrays)
 
 
+def write_bytes(path: str, data) -> None:
+    """Write ``data`` (bytes or a buffer) to ``path`` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
 def save_torch(path: str, obj: Any) -> None:
-    """``torch.save`` of tensors and plain containers to ``path`` atomically (read back with weights_only=True)."""
+    """``torch.save`` of tensors and plain containers to ``path`` atomically (read back with weights_only=True).
+
+    Serialised in memory first, then written as plain bytes: a full disk is then the file system's own
+    error (one line naming ``path``), not an error inside torch's zip writer."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getbuffer())
 
 
 def save_figure(path: str, fig, **kwargs) -> None:

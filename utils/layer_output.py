@@ -5,6 +5,7 @@ results_quantitative/, plots/, pictures/, report.html."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -14,7 +15,8 @@ from torch import nn
 from .concepts import ClassNames
 from .data import ImageList
 from .evaluation import Activations, TopKRequest, evaluate_splits
-from .files import write_json
+from .errors import UserError
+from .files import read_json, write_json
 from .records import Record
 from .results import ResultFiles
 from .scoring import Scored
@@ -126,6 +128,7 @@ def write_layer(cfg, lm, layer: str, store, ev: LayerEvaluation, records: dict[i
     from .layer_report import write_layer_report
 
     os.makedirs(out, exist_ok=True)
+    previous = described_outputs(os.path.join(out, "layer.json"))  # an earlier run's files in this folder
     names = ClassNames(lm.categories, list(store.class_index), list(store.class_index.values()))
     t0 = time.perf_counter()
     export = os.path.join(out, "disentangled.pt")
@@ -140,8 +143,35 @@ def write_layer(cfg, lm, layer: str, store, ev: LayerEvaluation, records: dict[i
     write_json(os.path.join(out, "layer.json"), {**summary, "timings": seconds})
     report = os.path.join(out, "report.html")
     write_layer_report(report, summary, ev, files, names, seconds, cfg.notes)
+    inside = os.path.abspath(out) + os.sep  # never anything outside this folder
+    _remove({p for p in previous - described_outputs(os.path.join(out, "layer.json")) if p.startswith(inside)})
     log(f"wrote {out}/ (layer.json, disentangled.pt, results_quantitative/, plots/, pictures/, report.html)")
     return {**summary, "report": report, "out_dir": out}
+
+
+def described_outputs(layer_json: str) -> set[str]:
+    """The per-channel files (CSVs, plots) and picture folders that a ``layer.json`` lists (none without one)."""
+    if not os.path.isfile(layer_json):
+        return set()
+    try:
+        channels = read_json(layer_json).get("channels", {})
+    except UserError:  # a damaged layer.json lists nothing to clean up
+        return set()
+    out = set()
+    for ch in channels.values():
+        out |= {os.path.abspath(p) for p in ch.get("csv", []) + ch.get("plots", [])}
+        out |= {os.path.abspath((ch.get("pictures") or {}).get("out_dir") or "")} - {os.path.abspath("")}
+    return out
+
+
+def _remove(paths: set[str]) -> None:
+    """Remove an earlier run's outputs that this run does not describe, so that the folder holds what its
+    layer.json says (summarize_results.py counts every CSV it finds)."""
+    for p in sorted(paths):
+        if os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+        elif os.path.isfile(p):
+            os.remove(p)
 
 
 def _stage4_files(out: str, lm, layer: str, r: ChannelResult, rec: Record, names, tau: float) -> ChannelFiles:

@@ -1,0 +1,137 @@
+"""Faults in the commands that write tensors, records and folders of outputs: a full disk is one line and
+damages nothing, killed writes leave nothing stale, a rerun leaves only what it describes, outputs never
+overwrite inputs, class names are text."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import full_device, run_script, small_fs
+
+
+def _copy_store(planted4, tmp_path) -> str:
+    root = planted4[0]
+    store = str(tmp_path / "store")
+    shutil.copytree(root / "store", store, ignore=shutil.ignore_patterns("models_disentangled", "layer_disentangled"))
+    return store
+
+
+def _stage3(common, store, *extra):
+    return run_script("disentangle_channel.py", *common, "--store_dir", store, "--channel_disentangle", "0",
+                      "--concept", "0", "1", "--concept", "3", *extra)
+
+
+def _snapshot(folder: str) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            out[os.path.relpath(p, folder)] = open(p, "rb").read()
+    return out
+
+
+def test_full_disk_while_stage_3_writes_its_filters_is_one_line_and_damages_nothing(planted4, tmp_path):
+    _, _, common = planted4
+    store = _copy_store(planted4, tmp_path)
+    assert _stage3(common, store).returncode == 0
+    records = os.path.join(store, "models_disentangled")
+    before = _snapshot(records)
+    with full_device(records) as hits:
+        r = _stage3(common, store)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "no space left on the device of" in r.stderr and "filters.pt" in r.stderr and ".tmp-" not in r.stderr
+    assert any(h.startswith("filters.pt.tmp-") for h in hits)  # the fault met the tensor file
+    assert _snapshot(records) == before  # the earlier record as it was, no temporary left
+    assert _stage3(common, store).returncode == 0  # the same command, once there is space
+
+
+def test_a_really_full_disk_while_stage_3_writes_its_filters(planted4, tmp_path):
+    """The same on a real small file system, filled up before the run: torch's own zip writer used to
+    fail there with a RuntimeError traceback."""
+    _, _, common = planted4
+    with small_fs(str(tmp_path / "fs"), "3m", instead="test_full_disk_while_stage_3_writes_its_filters_is_one_line_"
+                                                      "and_damages_nothing") as fs:
+        store = _copy_store(planted4, tmp_path / "fs")
+        with open(os.path.join(fs, "filler"), "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        r = _stage3(common, store)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "no space left on the device of" in r.stderr, r.stderr
+        assert not [f for f in _snapshot(fs) if ".tmp-" in f]
+        os.remove(os.path.join(fs, "filler"))
+        assert _stage3(common, store).returncode == 0
+
+
+@pytest.mark.parametrize("where", ["records", "layer folder", "export"])
+def test_full_disk_while_the_layer_command_or_export_writes_tensors(planted4, tmp_path, where):
+    _, _, common = planted4
+    store = _copy_store(planted4, tmp_path)
+    out = str(tmp_path / "out")
+    if where == "export":
+        os.makedirs(tmp_path / "exports")
+        with full_device(str(tmp_path / "exports")):
+            r = _stage3(common, store, "--export", str(tmp_path / "exports" / "net.pt"))
+        assert r.returncode == 2 and "no space left on the device of" in r.stderr and "net.pt" in r.stderr, r.stderr
+        assert os.listdir(tmp_path / "exports") == []
+        return
+    folder = os.path.join(store, "models_disentangled") if where == "records" else out
+    os.makedirs(folder, exist_ok=True)
+    with full_device(folder):
+        r = run_script("disentangle_layer.py", *common, "--store_dir", store, "--out_dir", out, "--top_k", "4")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "no space left on the device of" in r.stderr, r.stderr
+    assert not [f for f in _snapshot(str(tmp_path)) if ".tmp-" in f]
+    r = run_script("disentangle_layer.py", *common, "--store_dir", store, "--out_dir", out, "--top_k", "4")
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_run(planted4, tmp_path):
+    from utils.files import temp_name
+
+    _, _, common = planted4
+    store = _copy_store(planted4, tmp_path)
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)  # a process id that no live process has
+    stale = temp_name(os.path.join(out, "disentangled.pt"), dead)
+    live = temp_name(os.path.join(out, "disentangled.pt"), os.getppid())  # a live writer's: left alone
+    for p in (stale, live):
+        open(p, "wb").write(b"half a checkpoint")
+    r = run_script("disentangle_layer.py", *common, "--store_dir", store, "--out_dir", out, "--top_k", "4")
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(stale) and os.path.exists(live)
+    assert torch.load(os.path.join(out, "disentangled.pt"), weights_only=True)["splits"]
+
+
+def test_a_rerun_with_other_channels_leaves_only_what_layer_json_describes(planted4, tmp_path):
+    _, _, common = planted4
+    store = _copy_store(planted4, tmp_path)
+    out = str(tmp_path / "out")
+    r = run_script("disentangle_layer.py", *common, "--store_dir", store, "--out_dir", out, "--top_k", "4")
+    assert r.returncode == 0, r.stderr
+    assert len(os.listdir(os.path.join(out, "results_quantitative"))) == 4  # channels 0 and 1, two concepts each
+    r = run_script("disentangle_layer.py", *common, "--store_dir", store, "--out_dir", out, "--top_k", "4",
+                   "--channels", "1")
+    assert r.returncode == 0, r.stderr
+    layer = json.load(open(os.path.join(out, "layer.json")))
+    assert sorted(layer["channels"]) == ["1"]
+    described = set()
+    for ch in layer["channels"].values():
+        described |= {os.path.abspath(p) for p in ch["csv"] + ch["plots"]}
+        described |= {os.path.abspath(os.path.join(d, f)) for d, _, fs in os.walk(ch["pictures"]["out_dir"]) for f in fs}
+    on_disk = {os.path.abspath(os.path.join(out, f)) for f in _snapshot(out)}
+    kept = {os.path.join(out, n) for n in ("layer.json", "disentangled.pt", "report.html")}
+    assert on_disk - {os.path.abspath(k) for k in kept} == described
+    r = run_script("summarize_results.py", "--results_dir", os.path.join(out, "results_quantitative"))
+    assert r.returncode == 0 and " 1 " in r.stdout.splitlines()[2], r.stdout  # one pair, not two
