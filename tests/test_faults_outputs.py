@@ -135,3 +135,41 @@ def test_a_rerun_with_other_channels_leaves_only_what_layer_json_describes(plant
     assert on_disk - {os.path.abspath(k) for k in kept} == described
     r = run_script("summarize_results.py", "--results_dir", os.path.join(out, "results_quantitative"))
     assert r.returncode == 0 and " 1 " in r.stdout.splitlines()[2], r.stdout  # one pair, not two
+
+
+def test_outputs_never_overwrite_inputs(planted4, tmp_path):
+    root, data, common = planted4
+    store = _copy_store(planted4, tmp_path)
+    folder = os.path.join(store, os.listdir(store)[0])  # the stage-1 store itself
+    before = _snapshot(folder)
+    model = common[common.index("--model") + 1]
+    for script, extra in (("get_cosine_similarities.py", ["--model", model, "--json", os.path.join(folder, "meta.json")]),
+                          ("disentangle_channel.py", [*common, "--channel_disentangle", "0", "--concept", "0", "1",
+                                                      "--concept", "3", "--export",
+                                                      os.path.join(folder, "relevance.npy")]),
+                          ("disentangle_layer.py", [*common, "--json", model.split(":")[0]])):
+        r = run_script(script, *extra, "--store_dir", store)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "inside the stage-1 store" in r.stderr or "is an input of this command" in r.stderr, r.stderr
+    assert _snapshot(folder) == before and "def build" in open(model.split(":")[0]).read()
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"PK\x03\x04" + b"\0" * 200, "truncated or not a .npy file"),  # a broken zip
+    ("zip", "not a .npy array"),  # a real zip archive (an .npz or a torch file)
+    (b"just some text\n", "truncated or not a .npy file"),
+    (b"\x93NUMPY\x01\x00v\x00{'descr': '<f2', 'fortran_order': False, 'sh", "truncated or not a .npy file"),
+])
+def test_a_damaged_array_is_named_whatever_it_holds(planted4, tmp_path, content, words):
+    _, _, common = planted4
+    store = _copy_store(planted4, tmp_path)
+    folder = os.path.join(store, os.listdir(store)[0])
+    path = os.path.join(folder, "relevance.npy")
+    if content == "zip":
+        torch.save({"x": torch.zeros(2)}, path)
+    else:
+        open(path, "wb").write(content)
+    model = common[common.index("--model") + 1]
+    r = run_script("get_cosine_similarities.py", "--model", model, "--store_dir", store)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "relevance.npy" in r.stderr and words in r.stderr, r.stderr

@@ -21,11 +21,50 @@ from .files import check_writable, write_json
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse in the project's error style: one line ``error: ...`` on stderr, exit code 2."""
+    """argparse in the project's error style: one line ``error: ...`` on stderr, exit code 2. Output files
+    (``--json``, ``--export``) that would overwrite an input or land inside a stage-1 store are refused."""
 
     def error(self, message: str) -> None:  # argparse's own prints the usage first: two lines and more
         say(f"error: {message} (see --help)")
         sys.exit(2)
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        problem = output_problem(ns)
+        if problem:
+            say(f"error: {problem}")
+            sys.exit(2)
+        return ns
+
+
+OUTPUT_FLAGS = ("json", "export")
+INPUT_FLAGS = ("weights", "class_index", "model")
+
+
+def _is_store(folder: str) -> bool:
+    """Whether ``folder`` is a stage-1 store (its meta.json beside its arrays or chunks)."""
+    return os.path.isfile(os.path.join(folder, "meta.json")) and any(
+        os.path.exists(os.path.join(folder, n)) for n in ("relevance.npy", "chunks", "tap_sums.npy", "input_sums.npy"))
+
+
+def output_problem(ns: argparse.Namespace) -> str | None:
+    """Why an output file of the command line must not be written (None: it may): it is one of the inputs
+    (weights, class index, model file), or it lies inside a stage-1 store, whose files only stage 1 writes."""
+    inputs = {os.path.realpath(str(getattr(ns, k)).split(":")[0]) for k in INPUT_FLAGS
+              if getattr(ns, k, None) and os.path.isfile(str(getattr(ns, k)).split(":")[0])}
+    for flag in OUTPUT_FLAGS:
+        path = getattr(ns, flag, None)
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if real in inputs:
+            return f"--{flag} {path} is an input of this command; write the output elsewhere"
+        folder = os.path.dirname(real)
+        while folder and folder != os.path.dirname(folder):
+            if _is_store(folder):
+                return f"--{flag} {path} lies inside the stage-1 store {folder}; write the output elsewhere"
+            folder = os.path.dirname(folder)
+    return None
 
 
 def make_parser(doc: str | None) -> Parser:

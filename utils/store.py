@@ -61,8 +61,12 @@ def _array_problem(path: str, dtype: np.dtype, shape: tuple[int, ...]) -> str | 
         return "is empty (0 bytes)"
     try:
         a = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, EOFError, OSError):
+    except Exception:  # noqa: BLE001 - whatever the content (text, a bad header), it is not the array
         return "is truncated or not a .npy file"
+    if not isinstance(a, np.ndarray):  # a zip (an .npz, a torch file) loads as an archive
+        if hasattr(a, "close"):
+            a.close()
+        return "is not a .npy array (it holds a zip archive)"
     if a.dtype != dtype or tuple(a.shape) != shape:
         return f"holds {a.dtype} {tuple(a.shape)}, meta.json implies {dtype} {shape}"
     return None
