@@ -258,11 +258,11 @@ class PlantedRGB(nn.Module):
 
 
 def build():
-    return PlantedRGB(), NAMES
+    return (PlantedRGB(), NAMES) if NAMES else PlantedRGB()
 '''
 
 
-def planted_rgb_source(conv: list, fc: list, names: list[str]) -> str:
+def planted_rgb_source(conv: list, fc: list, names: list[str] | None) -> str:
     """The text of a model file (``build()``) of a planted RGB network: conv channel c reads the stem inputs
     ``conv[c][0]`` (weights drawn when ``conv[c][1]``), the logits are ``fc`` x the conv channels' means."""
     return PLANTED_RGB.format(conv=conv, fc=fc, names=names)
@@ -330,10 +330,9 @@ def full_device(folder: str, free: int = 0):
 # green = a1 + a3, blue = a0 + a2. Channel 0: {red, orange} | {blue}; channel 1: {red, orange} | {green};
 # channel 2: orange and blue through the constant alone, one concept (a candidate that is not split);
 # channel 3: green alone (no candidate: the only channel the baseline may draw).
-PLANTED4 = planted_rgb_source([([0, 1, 2, 6, 7, 8], True), ([0, 1, 2, 3, 4, 5], True), ([9], False),
-                               ([3, 4, 5], False)],
-                              [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.5, 0.0], [0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]],
-                              ["red thing", "orange thing", "green thing", "blue thing"])
+PLANTED4_CONV = [([0, 1, 2, 6, 7, 8], True), ([0, 1, 2, 3, 4, 5], True), ([9], False), ([3, 4, 5], False)]
+PLANTED4_FC = [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.5, 0.0], [0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]]
+PLANTED4 = planted_rgb_source(PLANTED4_CONV, PLANTED4_FC, ["red thing", "orange thing", "green thing", "blue thing"])
 COLOURS = {"A_red": (220, 30, 30), "B_orange": (220, 120, 30), "C_green": (30, 220, 30), "D_blue": (30, 30, 220)}
 
 

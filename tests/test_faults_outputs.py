@@ -173,3 +173,27 @@ def test_a_damaged_array_is_named_whatever_it_holds(planted4, tmp_path, content,
     r = run_script("get_cosine_similarities.py", "--model", model, "--store_dir", store)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "relevance.npy" in r.stderr and words in r.stderr, r.stderr
+
+
+def test_class_names_are_text_not_markup(tmp_path):
+    """A class folder named like mathtext (``a$\\foo$b``) is drawn literally in every plot and figure."""
+    from conftest import COLOURS, PLANTED4_CONV, PLANTED4_FC, planted_rgb_source, write_image_folder
+
+    odd = "D_a$\\foo$b"
+    (tmp_path / "net.py").write_text(planted_rgb_source(PLANTED4_CONV, PLANTED4_FC, None))  # names: the folders
+    data = write_image_folder(str(tmp_path / "data"), n_train=6, n_val=5, size=16,
+                              colors={**{k: v for k, v in COLOURS.items() if k != "D_blue"}, odd: COLOURS["D_blue"]})
+    common = ["--data_dir", data, "--model", f"{tmp_path / 'net.py'}:build", "--num_workers", "0", "--device", "cpu",
+              "--batch_size", "4", "--no_progress"]
+    store = ["--store_dir", str(tmp_path / "store")]
+    assert run_script("get_importances_for_classes.py", *common, *store).returncode == 0
+    r = run_script("disentangle_layer.py", *common, *store, "--top_k", "4", "--out_dir", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert "D_a$\\foo$b" in r.stdout and "D_a$\\foo$b" in open(tmp_path / "out" / "report.html").read()
+    records = str(tmp_path / "store" / "models_disentangled")
+    chosen = ["--model_dir", records, "--channel_of_interest", "0", "--concept", "0", "1", "--concept", "3"]
+    r = run_script("get_results.py", *common, *chosen, "--out_dir", str(tmp_path / "s4"))
+    assert r.returncode == 0, r.stderr
+    r = run_script("visualize_channel.py", *common, *store, *chosen, "--no_fv", "--top_k", "4", "--out_dir",
+                   str(tmp_path / "pics"))
+    assert r.returncode == 0, r.stderr

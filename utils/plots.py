@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from scipy.stats import gaussian_kde
 
 from .files import save_figure, write_text
-from .style import ORIGINAL, concept_colour
+from .style import ORIGINAL, concept_colour, literal
 
 
 def series_info(key: str) -> tuple[str, str, str]:
@@ -109,7 +109,7 @@ def density_plot(path: str, grid: np.ndarray, curves: list[Curve], title: str) -
     ax.axvline(0.0, color="#999999", lw=0.8, zorder=0)
     ax.set_xlabel("Activation")
     ax.set_ylabel("Density")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(literal(title), fontsize=10)
     ax.set_ylim(bottom=0)
     ax.set_xlim(grid[0], grid[-1])
     ax.legend(frameon=False)

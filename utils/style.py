@@ -22,3 +22,9 @@ def sub_label(name: str) -> str:
 def concept_label(j: int, class_labels: list[str]) -> str:
     """``concept j: label, label`` (class labels as ClassNames.label gives them)."""
     return f"concept {j}: {', '.join(class_labels)}"
+
+
+def literal(text: str) -> str:
+    """``text`` as matplotlib shows it literally: a ``$`` (in a class folder's name, say) would start
+    mathtext, and a name like ``a$\\foo$b`` stop the drawing with a parse error."""
+    return str(text).replace("$", r"\$")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .files import atomic_path, save_figure
-from .style import OTHER, concept_colour
+from .style import OTHER, concept_colour, literal
 
 
 @dataclass
@@ -96,20 +96,20 @@ def teaser_figure(panels: list[Panel], title: str = "", legend: Sequence[str] = 
             _frame(ax, concept_colour(0 if r >= len(panel.images) else panel.concepts[r]), 2.5)
             if r < len(panel.images):
                 ax.imshow(to_hwc(panel.images[r]))
-                ax.set_xlabel(panel.captions[r], fontsize=5.5, labelpad=1)
+                ax.set_xlabel(literal(panel.captions[r]), fontsize=5.5, labelpad=1)
             else:
                 ax.set_visible(False)
         ax = fig.add_subplot(grid[1:n - 1, 1:n - 1])
         _frame(ax, "black", 1.0)
         if panel.center is not None:
             ax.imshow(to_hwc(panel.center))
-        ax.set_xlabel(panel.center_caption, fontsize=6.5, labelpad=1)
+        ax.set_xlabel(literal(panel.center_caption), fontsize=6.5, labelpad=1)
         box = outer[pi].get_position(fig)
-        fig.text((box.x0 + box.x1) / 2, box.y1 + 0.045, panel.title, ha="center", va="bottom", fontsize=10)
+        fig.text((box.x0 + box.x1) / 2, box.y1 + 0.045, literal(panel.title), ha="center", va="bottom", fontsize=10)
         fig.text((box.x0 + box.x1) / 2, box.y1 + 0.012, purity_line(panel.purity), ha="center", va="bottom",
                  fontsize=7, color="#444444")
     if title:
-        fig.text(0.5, 1 - 0.12 / (panel_inches + 1.0), title, ha="center", va="top", fontsize=10, weight="bold")
+        fig.text(0.5, 1 - 0.12 / (panel_inches + 1.0), literal(title), ha="center", va="top", fontsize=10, weight="bold")
     _legend(fig, list(legend))
     for path in paths:
         save_figure(path, fig, dpi=dpi)
@@ -124,7 +124,7 @@ def _legend(fig, legend: list[str]) -> None:
     xs = [0.25, 0.75, 0.5] if k == 2 else [(j + 0.5) / (k + 1) for j in range(k + 1)]
     for j, text in enumerate(legend, 1):
         if text:
-            fig.text(xs[j - 1], 0.03, f"\u25a0 concept {j}: {text}", color=concept_colour(j), ha="center", va="bottom",
+            fig.text(xs[j - 1], 0.03, literal(f"\u25a0 concept {j}: {text}"), color=concept_colour(j), ha="center", va="bottom",
                      fontsize=8)
     fig.text(xs[k], 0.03, "\u25a0 other", color=OTHER, ha="center", va="bottom", fontsize=8)
 
