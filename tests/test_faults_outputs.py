@@ -197,3 +197,34 @@ def test_class_names_are_text_not_markup(tmp_path):
     r = run_script("visualize_channel.py", *common, *store, *chosen, "--no_fv", "--top_k", "4", "--out_dir",
                    str(tmp_path / "pics"))
     assert r.returncode == 0, r.stderr
+
+
+OWN = "import sys\nimport torch\nfrom torch import nn\n\n\nclass Net(nn.Module):\n    def __init__(self):\n" \
+      "        super().__init__()\n        self.conv = nn.Conv2d(3, 4, 3)\n        self.fc = nn.Linear(4 * 30 * 30, 3)\n\n" \
+      "    def forward(self, x):\n        return self.fc(self.conv(x).flatten(1))\n\n\n"
+
+
+@pytest.mark.parametrize("body, words", [
+    ("def build():\n    return (Net(),)\n", "returned a tuple of 1 (Net); it must return an nn.Module, or (nn.Module, class names)"),
+    ("def build():\n    return Net(), ['a', 'b', 'c'], torch.zeros(1)\n", "returned a tuple of 3"),
+    ("def build():\n    return Net(), 5\n", "returned a tuple of 2 (Net, int)"),
+    ("def build():\n    return 'net'\n", "returned a str; it must return an nn.Module"),
+    ("def build():\n    return Net()\n", "fails on one 3 x 224 x 224 image, the size its transform makes"),  # built for 32 px
+    ("class D(nn.Module):\n    def forward(self, x):\n        return {'logits': x.mean((2, 3))}\n\n\n"
+     "def build():\n    return D()\n", "returns dict for one image; it must return its logits"),
+    ("def build():\n    return Net().no_such_thing\n", "build failed: AttributeError"),
+    ("def other():\n    return Net()\n", "has no function build"),
+    ("sys.exit(3)\n", "called sys.exit(3) while it was imported"),
+    ("def build():\n    sys.exit(0)\n", "called sys.exit(0); it must return"),
+])
+def test_own_model_files_that_do_not_fit_are_one_line(tmp_path, body, words):
+    (tmp_path / "own.py").write_text(OWN + body)
+    data = tmp_path / "data"
+    from conftest import write_image_folder
+
+    write_image_folder(str(data), n_train=2, n_val=1, size=16)
+    r = run_script("get_importances_for_classes.py", "--data_dir", str(data), "--model", f"{tmp_path / 'own.py'}:build",
+                   "--store_dir", str(tmp_path / "store"), "--num_workers", "0", "--device", "cpu", "--no_progress")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert words in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "store")

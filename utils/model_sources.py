@@ -235,25 +235,56 @@ def split_file_spec(name: str) -> tuple[str, str] | None:
     return (m[1], m[2]) if m else None
 
 
-def build_own(name: str, weights: str, num_classes: int | None) -> Built:
-    path, function = split_file_spec(name)
-    if not os.path.isfile(path):
-        raise UserError(f"no file {path} (--model path/to/file.py:function)")
+OWN_RETURNS = "an nn.Module, or (nn.Module, class names)"
+
+
+def _call_own(name: str, path: str, function: str):
+    """Import the user's file and call ``function()``; whatever fails in it is one UserError line."""
     spec = importlib.util.spec_from_file_location(f"_user_model_{hashlib.sha1(path.encode()).hexdigest()[:8]}", path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-        fn = getattr(module, function)
-        out = fn()
-    except AttributeError:
-        raise UserError(f"{path} has no function {function}") from None
+    except SystemExit as e:
+        raise UserError(f"{path} called sys.exit({e.code!r}) while it was imported; a model file must not exit") from None
+    except BaseException as e:  # noqa: BLE001 - the user's code: say what failed in one line
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise UserError(f"importing {path} failed: {type(e).__name__}: {_first_line(e)}") from None
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise UserError(f"{path} has no function {function}")
+    try:
+        return fn()
+    except SystemExit as e:
+        raise UserError(f"{name} called sys.exit({e.code!r}); it must return {OWN_RETURNS}") from None
     except Exception as e:  # noqa: BLE001 - the user's code: say what failed in one line
-        raise UserError(f"{name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    model, names = (out if isinstance(out, tuple) else (out, None))
-    if not isinstance(model, nn.Module):
-        raise UserError(f"{name} must return an nn.Module (or a tuple of one and its class names), not {type(model).__name__}")
+        raise UserError(f"{name} failed: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
+
+
+def _own_result(name: str, path: str, function: str, out) -> tuple[nn.Module, list | None]:
+    """The model and class names that the user's function returned, checked: one line for anything else."""
+    if isinstance(out, tuple):
+        if len(out) != 2 or not isinstance(out[0], nn.Module) or (
+                out[1] is not None and (isinstance(out[1], (str, bytes)) or not hasattr(out[1], "__iter__"))):
+            kinds = ", ".join(type(v).__name__ for v in out)
+            raise UserError(f"{name} returned a tuple of {len(out)} ({kinds}); it must return {OWN_RETURNS}")
+        return out[0], list(out[1]) if out[1] is not None else None
+    if not isinstance(out, nn.Module):
+        raise UserError(f"{name} returned a {type(out).__name__}; it must return {OWN_RETURNS}")
+    return out, None
+
+
+def build_own(name: str, weights: str, num_classes: int | None) -> Built:
+    path, function = split_file_spec(name)
+    if not os.path.isfile(path):
+        raise UserError(f"no file {path} (--model path/to/file.py:function)")
+    model, names = _own_result(name, path, function, _call_own(name, path, function))
     wid = "as-built:" + file_sha256(path)[:16]
     if weights not in (DEFAULT_WEIGHTS, "none"):
         load_state(model, weights, name)
         wid = "file:" + file_sha256(weights)[:16]
-    return Built(model, wid, list(names) if names else None)
+    return Built(model, wid, names or None)

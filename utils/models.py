@@ -13,7 +13,7 @@ from .conv_kinds import classifier_conv, has_own_forward, own_forward_problem, p
 from .data import Preprocess
 from .errors import UserError
 from .model_sources import (DEFAULT_WEIGHTS, build_own, build_timm, build_torchvision, file_sha256, is_checkpoint,
-                            last_linear, split_file_spec, torchvision_weights_id)
+                            split_file_spec, torchvision_weights_id)
 
 __all__ = ["DEFAULT_WEIGHTS", "LoadedModel", "load_model", "weights_id", "build_model", "model_tag", "default_layer",
            "get_layer", "set_module", "file_sha256", "plain_convs"]
@@ -67,20 +67,28 @@ def load_model(name: str, weights: str = DEFAULT_WEIGHTS, num_classes: int | Non
     remember_side(model, built.preprocess.crop)
     for p in model.parameters():
         p.requires_grad_(False)
-    out = outputs(model, built.preprocess.crop)
+    out = outputs(model, built.preprocess.crop, name)
     categories = built.categories if built.categories and len(built.categories) == out else None
     return LoadedModel(model, name, built.weights_id, out, categories, built.preprocess)
 
 
-def outputs(model: nn.Module, side: int = 224) -> int:
-    """The number of logits: the last Linear's outputs, else measured on one blank image."""
-    _, head = last_linear(model)
-    if head is not None:
-        return int(head.out_features)
+def outputs(model: nn.Module, side: int = 224, name: str = "the model") -> int:
+    """The number of logits, measured on one blank image of ``side`` x ``side`` pixels (the size the model's
+    transform makes): a model that fails on it, or returns anything but a batch x classes tensor, is one
+    UserError line that says what was expected."""
     p = next(iter(model.parameters()), None)
-    with torch.no_grad():
-        y = model(torch.zeros(1, 3, side, side, device=None if p is None else p.device))
-    return int(y.shape[-1]) if y.dim() == 2 else 0
+    try:
+        with torch.no_grad():
+            y = model(torch.zeros(1, 3, side, side, device=None if p is None else p.device))
+    except Exception as e:  # noqa: BLE001 - the user's model: say what failed, and what it was given
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{name} fails on one 3 x {side} x {side} image, the size its transform makes "
+                        f"({type(e).__name__}: {first}); give it images of the size it expects") from None
+    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != 1:
+        what = type(y).__name__ if not isinstance(y, torch.Tensor) else f"a tensor of shape {tuple(y.shape)}"
+        raise UserError(f"{name} returns {what} for one image; it must return its logits, a tensor of shape "
+                        "(images, classes)")
+    return int(y.shape[1])
 
 
 def weights_id(name: str, weights: str) -> str | None:
