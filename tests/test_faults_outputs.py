@@ -228,3 +228,62 @@ def test_own_model_files_that_do_not_fit_are_one_line(tmp_path, body, words):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert words in r.stderr, r.stderr
     assert not os.path.exists(tmp_path / "store")
+
+
+def test_a_class_with_validation_images_only_is_left_out_in_every_command(planted4, tmp_path):
+    """val/ has a folder that train/ (and so the store) does not: every command leaves it out and says so,
+    or, with --class_index, takes it as one more class of the model."""
+    _, data, common = planted4
+    store = _copy_store(planted4, tmp_path)
+    data2 = str(tmp_path / "data")
+    shutil.copytree(data, data2)
+    shutil.copytree(os.path.join(data2, "val", "A_red"), os.path.join(data2, "val", "E_extra"))
+    run = ["--data_dir", data2, *common[2:]]
+    r = run_script("disentangle_layer.py", *run, "--store_dir", store, "--out_dir", str(tmp_path / "out"),
+                   "--top_k", "4", "--json", str(tmp_path / "l.json"))
+    assert r.returncode == 0, r.stderr
+    assert "E_extra" in r.stderr and "left out" in r.stderr
+    assert json.load(open(tmp_path / "l.json"))["channels"]["0"]["concepts"] == [[0, 1], [3]]
+    records = os.path.join(store, "models_disentangled")
+    chosen = ["--model_dir", records, "--channel_of_interest", "0", "--concept", "0", "1", "--concept", "3"]
+    from utils import store as st
+
+    st._note_once.cache_clear()  # said once per process: these commands share this one
+    r = run_script("get_results.py", *run, *chosen, "--purity", "4", "--out_dir", str(tmp_path / "s4"))
+    assert r.returncode == 0 and "left out" in r.stderr, r.stderr
+    r = run_script("visualize_channel.py", *run, *chosen, "--store_dir", store, "--split", "val", "--no_fv",
+                   "--top_k", "4", "--out_dir", str(tmp_path / "pics"))
+    assert r.returncode == 0, r.stderr
+    index = tmp_path / "index.json"  # the extra folder as a class of the model: no note, no dead end
+    index.write_text(json.dumps({"A_red": 0, "B_orange": 1, "C_green": 2, "D_blue": 3, "E_extra": 2}))
+    r = run_script("get_results.py", *run, *chosen, "--purity", "4", "--out_dir", str(tmp_path / "s4b"),
+                   "--class_index", str(index), "--json", str(tmp_path / "s4b.json"))
+    assert r.returncode == 2 and "another folder's" in r.stderr, r.stderr  # class 2 is C_green's
+    from utils.models import load_model
+    from utils.store import data_class_map
+
+    index.write_text(json.dumps({"E_extra": 3}))
+    lm = load_model(common[common.index("--model") + 1])
+    with pytest.raises(Exception, match="another folder's"):
+        data_class_map(data2, "val", lm.num_classes, str(index),
+                       os.path.join(store, next(f for f in os.listdir(store) if f.endswith("_channel_importances"))))
+
+
+def test_a_class_index_with_a_folder_given_twice_is_refused(planted4, tmp_path):
+    _, data, common = planted4
+    index = tmp_path / "index.json"
+    index.write_text('{"A_red": 0, "B_orange": 1, "C_green": 2, "D_blue": 3, "A_red": 2}')
+    r = run_script("get_importances_for_classes.py", *common, "--store_dir", str(tmp_path / "store"),
+                   "--class_index", str(index))
+    assert r.returncode == 2 and "'A_red' is given twice" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "store")
+
+
+def test_an_image_over_pillows_size_limit_says_so(planted4, tmp_path, monkeypatch):
+    from PIL import Image
+
+    _, data, common = planted4
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # the 16 x 16 images are over the limit (a warning)
+    r = run_script("get_importances_for_classes.py", *common, "--store_dir", str(tmp_path / "store"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "cannot read image" in r.stderr and "larger than Pillow's limit of 200 pixels" in r.stderr, r.stderr

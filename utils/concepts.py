@@ -34,6 +34,7 @@ class ClassMap:
 
     index: dict[str, int]
     num_classes: int
+    skipped: tuple[str, ...] = ()  # folders of this split that no class of the model is known for: left out
 
     def of(self, folder: str, root: str = "") -> int:
         if folder not in self.index:
@@ -42,11 +43,21 @@ class ClassMap:
         return self.index[folder]
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's pairs as a dict; a key given twice is an error (json would keep the last one)."""
+    seen = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise ValueError(f"the folder {k!r} is given twice")
+        seen.add(k)
+    return dict(pairs)
+
+
 def read_class_index(path: str) -> dict[str, int]:
-    """The ``{folder: index}`` JSON object of ``--class_index``."""
+    """The ``{folder: index}`` JSON object of ``--class_index`` (each folder once)."""
     try:
         with open(path) as f:
-            obj = json.load(f)
+            obj = json.load(f, object_pairs_hook=_unique_keys)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read --class_index {path}: {e}") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)

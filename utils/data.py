@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -140,7 +141,8 @@ def list_images(data_dir: str, split: str, max_images_per_class: int | None = No
     if classes is None:
         index = {f: t for t, f in enumerate(folders)}
     else:  # a folder the map does not know is an error, unless only some classes are listed
-        index = {f: classes.of(f, root) for f in folders if only is None or f in classes.index}
+        index = {f: classes.of(f, root) for f in folders
+                 if (only is None or f in classes.index) and f not in classes.skipped}
     out = ImageList(os.path.abspath(root), folders, [], [], index)
     for c in folders:
         if c not in index or (wanted is not None and index[c] not in wanted):
@@ -184,7 +186,14 @@ def class_batches(images: ImageList, indices, batch_size: int) -> list[list[int]
 
 def read_rgb(path: str) -> Image.Image:
     """The image at ``path`` as an 8-bit RGB PIL image (fully read, file closed). 16-bit grey images are
-    scaled to 8 bit as an image viewer shows them (PIL's own conversion would clip them to 0/255)."""
+    scaled to 8 bit as an image viewer shows them (PIL's own conversion would clip them to 0/255). An image
+    over Pillow's size limit (its guard against decompression bombs) is an error, not a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return _read_rgb(path)
+
+
+def _read_rgb(path: str) -> Image.Image:
     with Image.open(path) as im:
         if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
             a = np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
@@ -194,11 +203,19 @@ def read_rgb(path: str) -> Image.Image:
 
 def load_image(images: ImageList, i: int, transform=None) -> torch.Tensor:
     """Image ``i`` of ``images`` through ``transform`` (default: the paper's evaluation transform); an
-    unreadable file is a UserError that names it."""
+    unreadable file is a UserError that names it and says why."""
     try:
         return (transform or eval_transform())(read_rgb(images.paths[i]))
-    except Exception:  # noqa: BLE001 - any failure to decode is a bad file
-        raise UserError(f"cannot read image {images.paths[i]}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to decode is a bad file
+        raise UserError(f"cannot read image {images.paths[i]}: {image_problem(e)}") from None
+
+
+def image_problem(e: BaseException) -> str:
+    """Why an image could not be read, in words."""
+    if isinstance(e, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
+        return (f"it is larger than Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels (a guard against "
+                "decompression bombs); make it smaller")
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'not an image'}"
 
 
 class ImageDataset(Dataset):
@@ -220,9 +237,11 @@ class ImageDataset(Dataset):
 
 
 def check_batch(images: ImageList, labels: torch.Tensor, index: torch.Tensor) -> None:
-    """Raise a UserError naming the first unreadable image of a batch."""
+    """Raise a UserError naming the first unreadable image of a batch, and why (read again here: the loader's
+    worker processes only flag it)."""
     bad = (labels < 0).nonzero()
     if len(bad):
+        load_image(images, int(index[bad[0, 0]]))
         raise UserError(f"cannot read image {images.paths[int(index[bad[0, 0]])]}")
 
 
