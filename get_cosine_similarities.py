@@ -23,7 +23,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 "checkpoint file, or 'none'); stage 2 never loads weights")
     add_store_arg(p)
     g = p.add_argument_group("selection")
-    add_selection_args(g, 0.05, 1.0, "gamma_high: list pairs with s < this (default: 1.0)")
+    add_selection_args(g, 0.05, 1.0, "gamma_high: list pairs with s < this (default: 1.0, every pair, as the "
+                                      "authors' code; the paper's gamma is 0.5)", ", the authors' code's default")
     g.add_argument("--cos_sim_low", type=float, default=0.0, help="gamma_low: list pairs with s >= this (default: 0.0)")
     g.add_argument("--rows", type=positive_int, default=16384, help="relevance rows read per step (default: 16384)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")

@@ -287,3 +287,22 @@ def test_an_image_over_pillows_size_limit_says_so(planted4, tmp_path, monkeypatc
     r = run_script("get_importances_for_classes.py", *common, "--store_dir", str(tmp_path / "store"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "cannot read image" in r.stderr and "larger than Pillow's limit of 200 pixels" in r.stderr, r.stderr
+
+
+def test_stage_2_on_a_folder_of_other_stores_names_them(planted4, tmp_path):
+    root, _, common = planted4
+    model = common[common.index("--model") + 1]
+    r = run_script("get_cosine_similarities.py", "--store_dir", str(root / "store"))  # --model left at resnet50
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"holds 1 store(s), read with: --model {model} --layer conv" in r.stderr, r.stderr
+    r = run_script("get_cosine_similarities.py", "--store_dir", str(tmp_path))
+    assert r.returncode == 2 and "run get_importances_for_classes.py first" in r.stderr
+
+
+def test_each_help_says_why_its_defaults_differ_from_the_papers():
+    for script, words in (("get_cosine_similarities.py", ["0.05, the authors' code's default", "every pair"]),
+                          ("disentangle_layer.py", ["default: 0.03; the paper uses 0.03", "(default: 0.5)"]),
+                          ("demo.py", ["0.01 for the digits demo", "0.03, the paper's, with --data_dir"])):
+        r = run_script(script, "--help")
+        text = " ".join(r.stdout.split())
+        assert r.returncode == 0 and all(w in text for w in words), (script, text[-1500:])

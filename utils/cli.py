@@ -180,12 +180,13 @@ def write_json_output(path: str | None, obj) -> None:
 MAX_CONCEPT_FLAGS = 8
 
 
-def add_selection_args(g, tau_default: float, gamma_default: float, gamma_help: str) -> None:
+def add_selection_args(g, tau_default: float, gamma_default: float, gamma_help: str, tau_why: str = "") -> None:
     """Stage 2's thresholds (the seed's names): ``--proportion_attribution_required`` (tau), ``--p`` and
-    ``--cos_sim_high`` (gamma_high, stored as ``args.cos_sim_high``)."""
+    ``--cos_sim_high`` (gamma_high, stored as ``args.cos_sim_high``). ``tau_why``: why this command's
+    default differs from the paper's."""
     g.add_argument("--proportion_attribution_required", "--tau", dest="tau", type=nonnegative_float, default=tau_default,
                    help="tau: share of an image's positive relevance a channel needs to be important "
-                        f"(default: {tau_default}; the paper uses 0.03)")
+                        f"(default: {tau_default}{tau_why}; the paper uses 0.03)")
     g.add_argument("--p", type=float, default=0.75,
                    help="p: share of a class's training images for which the channel must be important (default: 0.75)")
     g.add_argument("--cos_sim_high", "--gamma", type=float, default=gamma_default, help=gamma_help)

@@ -54,6 +54,23 @@ def identity_difference(meta: dict, wanted: dict) -> str | None:
 REDO = "rerun stage 1 (get_importances_for_classes.py) into a fresh --store_dir"
 
 
+def _stores_here(folder: str) -> str:
+    """What a user can do instead: the stores that ``folder`` does hold, with the ``--model`` (and
+    ``--layer``) that reads each, or how to make one."""
+    found = []
+    for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        meta_path = os.path.join(folder, entry, "meta.json")
+        if entry.endswith("_channel_importances") and os.path.isfile(meta_path):
+            try:
+                meta = read_json(meta_path)
+            except UserError:
+                continue
+            found.append(f"--model {meta.get('model')} --layer {meta.get('layer')}")
+    if not found:
+        return "run get_importances_for_classes.py first"
+    return f"{folder} holds {len(found)} store(s), read with: " + "; ".join(found)
+
+
 def _array_problem(path: str, dtype: np.dtype, shape: tuple[int, ...]) -> str | None:
     """What is wrong with the .npy file ``path`` against ``dtype`` and ``shape``, or None."""
     if not os.path.isfile(path):
@@ -99,7 +116,7 @@ class Store:
         meta.json, that no stage-1 run is writing (``writer``: the caller is that run)."""
         meta_path = os.path.join(path, "meta.json")
         if not os.path.isfile(meta_path):
-            raise UserError(f"no stage-1 store at {path} (run get_importances_for_classes.py first)")
+            raise UserError(f"no stage-1 store at {path} ({_stores_here(os.path.dirname(path))})")
         if not writer:
             check_not_written(path)
         meta = read_meta(path)
