@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import contextlib
+import io
 import json
 import math
 import os
@@ -492,7 +494,7 @@ def test_f_picks_that_rho_and_names_the_files(planted_setup):
 
 def test_val_folders_are_mapped_by_the_stores_class_index(planted_setup, tmp_path):
     """Class indices are logits: stage 4 maps val/ folders with the class map the stage-1 store recorded
-    (here red and blue swapped), and names a val folder that map does not know."""
+    (here red and blue swapped); a val folder that map does not know is left out, and said so."""
     lm, base = planted_setup
     store = tmp_path / "store"
     store.mkdir()
@@ -507,8 +509,13 @@ def test_val_folders_are_mapped_by_the_stores_class_index(planted_setup, tmp_pat
     out = get_results.main(_namespace(**base), loaded=lm)
     d1, d2, res = out["concept1"]["mean"]  # concept 1 is class 0: the blue folder, which D1 (red inputs) ignores
     assert out["concept1"]["rows"] == 4 and abs(d1) < 0.05 and abs(d2 - 1) < 0.05
-    with pytest.raises(UserError, match="C_gray .*not in the class index"):
-        get_results.main(_namespace(**base, purity=4), loaded=lm)  # purity searches every val folder
+    from utils import store as st
+
+    st._note_once.cache_clear()
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        out = get_results.main(_namespace(**base, purity=4), loaded=lm)  # purity searches every val folder
+    assert "(C_gray) have no training images in store" in err.getvalue() and "left out" in err.getvalue()
+    assert out["purity"]["original"]["k"] == 4 and out["purity"]["original"]["other"] == 0.0  # no gray image
 
 
 def test_no_rows_above_tau_give_an_empty_csv_and_null_means(planted_setup, tmp_path):
