@@ -207,7 +207,6 @@ def run_script(script: str, *args: str):
     its exit code, stdout and stderr. For faults that need a process of their own, use subprocess."""
     import importlib
     import io
-    import subprocess
     from contextlib import redirect_stderr, redirect_stdout
 
     from utils.errors import run_cli
@@ -336,17 +335,22 @@ PLANTED4 = planted_rgb_source(PLANTED4_CONV, PLANTED4_FC, ["red thing", "orange 
 COLOURS = {"A_red": (220, 30, 30), "B_orange": (220, 120, 30), "C_green": (30, 220, 30), "D_blue": (30, 30, 220)}
 
 
-@pytest.fixture(scope="module")
-def planted4(tmp_path_factory):
-    """The planted network as a file, its data and its stage-1 store (made by the CLI)."""
-    root = tmp_path_factory.mktemp("layer4")
-    (root / "planted4.py").write_text(PLANTED4)
-    data = write_image_folder(str(root / "data"), n_train=6, n_val=5, colors=COLOURS, size=16)
-    common = ["--data_dir", data, "--model", f"{root / 'planted4.py'}:build", "--num_workers", "0", "--device", "cpu",
+def planted_cli_setup(root, name: str, source: str, colors: dict, n_val: int):
+    """A planted network written as ``root/<name>.py``, its data, and its stage-1 store made by the CLI;
+    returns ``(root, data_dir, the common flags of every command)``."""
+    (root / f"{name}.py").write_text(source)
+    data = write_image_folder(str(root / "data"), n_train=6, n_val=n_val, colors=colors, size=16)
+    common = ["--data_dir", data, "--model", f"{root / (name + '.py')}:build", "--num_workers", "0", "--device", "cpu",
               "--batch_size", "4", "--no_progress"]
     r = run_script("get_importances_for_classes.py", *common, "--store_dir", str(root / "store"))
     assert r.returncode == 0, r.stderr
     return root, data, common
+
+
+@pytest.fixture(scope="module")
+def planted4(tmp_path_factory):
+    """The planted network as a file, its data and its stage-1 store (made by the CLI)."""
+    return planted_cli_setup(tmp_path_factory.mktemp("layer4"), "planted4", PLANTED4, COLOURS, 5)
 
 
 def mount_tmpfs(path, size: str, options: str = "") -> str | None:

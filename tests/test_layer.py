@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import planted_rgb_source, run_script, write_image_folder
+from conftest import planted_cli_setup, planted_rgb_source, run_script
 from utils.linkage import complete_linkage, cosine_matrix
 from utils.split import RHOS, Split, assign_inputs, split_filters, sweep
 from utils.surgery import load_checkpoint, split_network
@@ -113,14 +113,7 @@ def test_one_network_with_every_split_of_a_layer_computes_the_same_logits():
 @pytest.fixture(scope="module")
 def planted3(tmp_path_factory):
     """The three-concept planted network as a file, its data, and its stage-1 store (made by the CLI)."""
-    root = tmp_path_factory.mktemp("layer")
-    (root / "planted3.py").write_text(PLANTED3)
-    data = write_image_folder(str(root / "data"), n_train=6, n_val=4, colors=RGB, size=16)
-    common = ["--data_dir", data, "--model", f"{root / 'planted3.py'}:build", "--num_workers", "0", "--device", "cpu",
-              "--batch_size", "4", "--no_progress"]
-    r = run_script("get_importances_for_classes.py", *common, "--store_dir", str(root / "store"))
-    assert r.returncode == 0, r.stderr
-    return root, data, common
+    return planted_cli_setup(tmp_path_factory.mktemp("layer"), "planted3", PLANTED3, RGB, 4)
 
 
 def test_planted_channel_comes_out_as_three_concept_channels(planted3):

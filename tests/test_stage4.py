@@ -509,7 +509,7 @@ def test_val_folders_are_mapped_by_the_stores_class_index(planted_setup, tmp_pat
     out = get_results.main(_namespace(**base), loaded=lm)
     d1, d2, res = out["concept1"]["mean"]  # concept 1 is class 0: the blue folder, which D1 (red inputs) ignores
     assert out["concept1"]["rows"] == 4 and abs(d1) < 0.05 and abs(d2 - 1) < 0.05
-    from utils import store as st
+    from utils import concepts as st
 
     st._note_once.cache_clear()
     with contextlib.redirect_stderr(io.StringIO()) as err:

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Sequence
 
-from .errors import UserError
+from .data import class_folders
+from .errors import UserError, say
+from .files import read_json
 
 CLASS_INDEX_HINT = ("say which output each folder is with --class_index FILE (a JSON object "
                     "{\"folder\": index}); folders named by ImageNet wnids (n01440764, ...) map by themselves "
@@ -159,3 +161,53 @@ def check_concepts(concepts: Sequence[Sequence[int]], known: Iterable[int], wher
 def concept_classes_text(concepts: Sequence[Sequence[int]]) -> str:
     """``c1-0-2_c2-1``: the concepts' classes, as used in folder and file names."""
     return "_".join(f"c{j}-" + "-".join(map(str, cs)) for j, cs in enumerate(concepts, 1))
+
+
+def data_class_map(data_dir: str, split: str, outputs: int, class_index: str | None = None,
+                   store_path: str | None = None) -> ClassMap:
+    """The class map of ``data_dir/split``: the one the stage-1 store at ``store_path`` recorded when it is at
+    hand (``--class_index``, if also given, must agree with it), else :func:`utils.concepts.class_map`.
+
+    A folder of this split that the store does not know (a class with validation images only) is one more
+    class of the model when ``--class_index`` or an ImageNet wnid says which; otherwise it is left out, and
+    said so once."""
+    folders = class_folders(data_dir, split)
+    root = os.path.join(data_dir, split)
+    meta_path = os.path.join(store_path or "", "meta.json")
+    if not store_path or not os.path.isfile(meta_path):
+        return class_map(folders, outputs, class_index, root)
+    meta = read_json(meta_path)
+    recorded = dict(meta.get("class_index") or {f: t for t, f in enumerate(meta["classes"])})
+    num = meta.get("num_classes") or len(meta.get("class_counts") or recorded)
+    given = read_class_index(class_index) if class_index is not None else {}
+    if any(f in given and given[f] != t for f, t in recorded.items()):
+        raise UserError(f"--class_index {class_index} differs from the class map of store {store_path}")
+    extra = {f: _extra_class(f, given, num) for f in folders if f not in recorded}
+    taken = set(recorded.values())
+    clash = [f for f, t in extra.items() if t is not None and t in taken]
+    if clash:
+        raise UserError(f"class folder {os.path.join(root, clash[0])} maps to class {extra[clash[0]]}, which is "
+                        f"another folder's in store {store_path}")
+    skipped = tuple(sorted(f for f, t in extra.items() if t is None))
+    if skipped:
+        _note_once(f"note: {len(skipped)} class folder(s) of {root} ({', '.join(skipped[:3])}"
+                   f"{', ...' if len(skipped) > 3 else ''}) have no training images in store {store_path} and no "
+                   "--class_index entry: their images are left out")
+    return ClassMap({**recorded, **{f: t for f, t in extra.items() if t is not None}}, num, skipped)
+
+
+def _extra_class(folder: str, given: dict[str, int], num: int) -> int | None:
+    """The class of a folder the store does not know: ``--class_index``'s, an ImageNet wnid's (1000
+    outputs), or None (left out)."""
+    if folder in given:
+        if not 0 <= given[folder] < num:
+            raise UserError(f"--class_index maps {folder} to class {given[folder]}, outside the model's {num} outputs")
+        return given[folder]
+    if num == 1000 and folder in imagenet_wnids():
+        return imagenet_wnids().index(folder)
+    return None
+
+
+@lru_cache(maxsize=None)
+def _note_once(line: str) -> None:
+    say(line)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .cli import RunOptions
-from .concepts import ClassNames, check_channel, check_concepts, normalise
+from .concepts import ClassNames, check_channel, check_concepts, data_class_map, normalise
 from .data import ImageList, Preprocess, class_batches, list_images
 from .defaults import DEFAULT_TAU
 from .distributed import reduce_over_ranks
@@ -30,7 +30,6 @@ from .models import LoadedModel, get_layer, load_model
 from .records import Record, check_record, find_record, load_split, record_head
 from .relevance import layer_input, relevance_batch
 from .split import FilterBank, Split, filter_bank, sub_names
-from .store import data_class_map
 from .surgery import max_logit_diff
 from .topk import TopK, TopKSearch, purity
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from . import store as st
 from .arv import concept_arvs
 from .cli import RunOptions
-from .concepts import check_channel
+from .concepts import check_channel, data_class_map
 from .data import ImageList, list_images
 from .defaults import DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
 from .disentangle import check_indices, score_channels
@@ -36,7 +36,7 @@ from .models import LoadedModel, get_layer, load_model
 from .records import LAYER_COMMAND, make_record, save_record
 from .scoring import Scored, best_index
 from .split import sweep
-from .store import data_class_map, training_images
+from .store import training_images
 from .surgery import split_network
 
 

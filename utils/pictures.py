@@ -12,7 +12,7 @@ from torch import nn
 
 from . import featvis, teaser
 from .cli import RunOptions
-from .concepts import ClassNames, check_channel, check_concepts, normalise
+from .concepts import ClassNames, check_channel, check_concepts, data_class_map, normalise
 from .data import ImageList, Preprocess, list_images, load_image
 from .errors import UserError
 from .files import write_json
@@ -21,7 +21,6 @@ from .models import LoadedModel, get_layer, load_model
 from .receptive import ReceptiveField, crop, receptive_field
 from .records import Record, check_record, find_record, load_split, record_head
 from .relevance import layer_input
-from .store import data_class_map
 from .split import FilterBank, Split, filter_bank, sub_names
 from .style import sub_label
 from .topk import TopK, purity, stream_topk
