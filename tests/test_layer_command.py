@@ -140,3 +140,30 @@ def test_torchrun_two_processes_equal_one(planted4, tmp_path):
     assert sorted(os.listdir(tmp_path / "two")) == ["disentangled.pt", "layer.json", "pictures", "plots",
                                                      "report.html", "results_quantitative"]
     assert {c: v["best_rho"] for c, v in js1["channels"].items()} == {c: v["best_rho"] for c, v in js2["channels"].items()}
+
+
+def test_every_pass_of_the_layer_command_feeds_images_through_the_models_transform(planted4, tmp_path, monkeypatch):
+    """The scoring pass and the validation pass both get the transform the model declares (not the paper's)."""
+    import dataclasses
+
+    from utils import image_pass
+    from utils.layer import LayerConfig, disentangle_layer
+    from utils.models import load_model
+
+    root, data, common = planted4
+    lm = load_model(common[common.index("--model") + 1])
+    lm = dataclasses.replace(lm, preprocess=dataclasses.replace(lm.preprocess, resize=20, crop=16))
+    seen = []
+    real = image_pass.Runner.image_pass
+
+    def spy(self, images, batches, transform, desc, shard=True):
+        seen.append((desc, transform))
+        return real(self, images, batches, transform, desc, shard)
+
+    monkeypatch.setattr(image_pass.Runner, "image_pass", spy)
+    disentangle_layer(LayerConfig(data, str(root / "store"), model=common[common.index("--model") + 1], layer="conv",
+                                  batch_size=4, num_workers=0, progress=False, device="cpu", top_k=4,
+                                  out_dir=str(tmp_path / "out")), loaded=lm, log=lambda *a: None)
+    passes = [d for d, _ in seen]
+    assert "scoring" in passes and "validation" in passes
+    assert all(t is lm.preprocess for d, t in seen if d in ("scoring", "validation")), seen

@@ -118,7 +118,9 @@ def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None =
     runner = Runner.of(cfg)
     with contextlib.ExitStack() as held:
         runner.together(lambda: _claim(cfg, job, held), "stage 1")
-        return _fill(cfg, job, runner)
+        summary = _fill(cfg, job, runner)
+    runner.together(lambda: None, "stage 1")  # every rank returns once rank 0 has assembled the store and let go
+    return summary
 
 
 def _claim(cfg: Stage1Config, job: Prepared, held: contextlib.ExitStack) -> None:
@@ -153,12 +155,16 @@ def _fill(cfg: Stage1Config, job: Prepared, runner: Runner) -> dict:
                 remove_partial(job.path)
         raise
     done = int(reduce_over_ranks(ip.count, runner.world, runner.device, "sum"))
-    if runner.lead:
-        missing = missing_chunks(job.path, plan)
-        if missing:
-            raise UserError(f"store {job.path} is missing {len(missing)} chunks; rerun to finish it")
-        assemble(job.path, meta, plan)
+    runner.together(lambda: _assemble(job, meta, plan) if runner.lead else None, "stage 1")
     return {**summary, "processed": done, "seconds": ip.seconds, "images_per_second": done / max(ip.seconds, 1e-9)}
+
+
+def _assemble(job: Prepared, meta: dict, plan: ChunkPlan) -> None:
+    """Rank 0: every chunk is there; the final arrays from them."""
+    missing = missing_chunks(job.path, plan)
+    if missing:
+        raise UserError(f"store {job.path} is missing {len(missing)} chunks; rerun to finish it")
+    assemble(job.path, meta, plan)
 
 
 def _stop_path(path: str) -> str:

@@ -118,19 +118,8 @@ def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=p
     lm = loaded or load_model(cfg.model, cfg.weights)
     layer, conv = get_layer(lm.model, cfg.layer)
     check_layer_config(cfg, conv.out_channels, layer)
-    store = st.model_store(cfg.store_dir, lm, layer)
-    concepts, least = channel_concepts(store, cfg.tau, cfg.p, cfg.gamma_high, progress=cfg.progress and runner.lead)
-    chosen = select_channels(concepts, least, cfg)
-    if not chosen:
-        raise UserError(f"no channel of {layer} has {cfg.min_concepts} or more concepts at tau {cfg.tau}, p {cfg.p}, "
-                        f"gamma {cfg.gamma_high}: lower --p or raise --cos_sim_high")
-    out = cfg.out_dir or os.path.join(cfg.store_dir, "layer_disentangled",
-                                      layer_name(lm.tag, layer, cfg.tau, cfg.p, cfg.gamma_high))
-    runner.together(lambda: _check_outputs(cfg, out) if runner.lead else None, "the layer command")
-    log(f"{len(concepts)} candidate channels in {lm.name} {layer}; splitting {len(chosen)} with "
-        f"{cfg.min_concepts}+ concepts: " + ", ".join(f"{c} (k={len(concepts[c])})" for c in chosen[:20])
-        + (" ..." if len(chosen) > 20 else ""))
-    val = _val_images(cfg, lm, store, [concepts[c] for c in chosen], chosen)
+    store, concepts, chosen, out, val = runner.together(lambda: _prepare(cfg, runner, lm, layer, log),
+                                                        "the layer command")
     model = runner.model(lm.model)
     scored, score_seconds = _score(cfg, runner, store, model, layer, {c: concepts[c] for c in chosen},
                                    lm.preprocess, log)
@@ -139,7 +128,8 @@ def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=p
     net = split_network(model, {layer: [s.split() for s in scored]})
     n_base = len(scored) if cfg.baseline is None else cfg.baseline
     ev = evaluate_layer(runner, model, layer, scored, val, _check_images(val, scored, cfg.check_images), net,
-                        baseline_channels(list(concepts), conv.out_channels, n_base, cfg.seed), cfg.top_k)
+                        baseline_channels(list(concepts), conv.out_channels, n_base, cfg.seed), cfg.top_k,
+                        lm.preprocess)
     seconds["validation pass"] = time.perf_counter() - t1
     log(f"validation pass: {ev.images} images in {ev.seconds:.1f} s ({ev.images / max(ev.seconds, 1e-9):.1f} img/s); "
         f"one network with {len(scored)} split channels: max |logit difference| {ev.logit_diff:.3g} on "
@@ -158,10 +148,24 @@ def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=p
     return {**(summary or {}), "seconds": runner.slowest(time.perf_counter() - t0)}
 
 
-def _check_outputs(cfg: LayerConfig, out: str) -> None:
-    """Rank 0, before any pass: the output folder and the records' folder take files."""
-    check_writable(out)
-    check_writable(os.path.join(cfg.store_dir, "models_disentangled"))
+def _prepare(cfg: LayerConfig, runner: Runner, lm: LoadedModel, layer: str, log):
+    """Every rank, before any pass (a failure anywhere stops all): the store, every candidate's concepts, the
+    channels to split, the output folder (rank 0 checks it takes files) and the validation images."""
+    store = st.model_store(cfg.store_dir, lm, layer)
+    concepts, least = channel_concepts(store, cfg.tau, cfg.p, cfg.gamma_high, progress=cfg.progress and runner.lead)
+    chosen = select_channels(concepts, least, cfg)
+    if not chosen:
+        raise UserError(f"no channel of {layer} has {cfg.min_concepts} or more concepts at tau {cfg.tau}, p {cfg.p}, "
+                        f"gamma {cfg.gamma_high}: lower --p or raise --cos_sim_high")
+    out = cfg.out_dir or os.path.join(cfg.store_dir, "layer_disentangled",
+                                      layer_name(lm.tag, layer, cfg.tau, cfg.p, cfg.gamma_high))
+    if runner.lead:
+        check_writable(out)
+        check_writable(os.path.join(cfg.store_dir, "models_disentangled"))
+    log(f"{len(concepts)} candidate channels in {lm.name} {layer}; splitting {len(chosen)} with "
+        f"{cfg.min_concepts}+ concepts: " + ", ".join(f"{c} (k={len(concepts[c])})" for c in chosen[:20])
+        + (" ..." if len(chosen) > 20 else ""))
+    return store, concepts, chosen, out, _val_images(cfg, lm, store, [concepts[c] for c in chosen], chosen)
 
 
 def _score(cfg: LayerConfig, runner: Runner, store: st.Store, model, layer: str,

@@ -120,8 +120,9 @@ def _setup(cfg: DemoConfig) -> Setup:
     """The data (the digits, built and a model trained for them, unless ``--data_dir``), model and layer."""
     training = None
     if cfg.data_dir is None:  # under torchrun rank 0 builds and trains, then the others find its cache
-        run_together(lambda: _prepare_digits(cfg) if cfg.rank == 0 else None, cfg.world_size, cfg.device, "the demo")
-        data_dir, model_name, weights, training = _prepare_digits(cfg, say=cfg.rank == 0)
+        first = run_together(lambda: _prepare_digits(cfg) if cfg.rank == 0 else None, cfg.world_size, cfg.device,
+                             "the demo")
+        data_dir, model_name, weights, training = first or _prepare_digits(cfg, say=False)
         weights = cfg.weights or weights
     else:
         data_dir, model_name, weights = cfg.data_dir, cfg.model or "resnet50", cfg.weights or "default"
