@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .device import backend, resolve_device
-from .errors import UserError
+from .errors import Reported, UserError, error_line, say
 
 T = TypeVar("T")
 
@@ -72,6 +72,11 @@ def run_together(step: Callable[[], T], world: int, device: torch.device | str =
         value = step()
     except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have been told
         error = e
+    if world > 1 and isinstance(error, (UserError, OSError)) and not isinstance(error, Reported):
+        # before the others know (they may end, and the launcher stop this process), on a line of its own even
+        # when rank 0's progress bar is half-way through one
+        say("\n" + error_line(error))
+        error = Reported(str(error))
     failed = 0
     if world > 1:
         t = torch.tensor([error is not None], dtype=torch.int64, device=_comm_device(device))
