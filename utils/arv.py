@@ -1,4 +1,4 @@
-"""Average relevance vectors (ARVs) in closed form (ALGORITHM.md, stage 2 step 5), from the store alone.
+"""Average relevance vectors (ARVs) in closed form (the paper's stage 2, in closed form), from the store alone.
 
 For a candidate channel ``c`` and the images of a class (or a concept's classes),
 

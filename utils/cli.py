@@ -181,7 +181,7 @@ MAX_CONCEPT_FLAGS = 8
 
 
 def add_selection_args(g, tau_default: float, gamma_default: float, gamma_help: str, tau_why: str = "") -> None:
-    """Stage 2's thresholds (the seed's names): ``--proportion_attribution_required`` (tau), ``--p`` and
+    """Stage 2's thresholds (the authors' code's names): ``--proportion_attribution_required`` (tau), ``--p`` and
     ``--cos_sim_high`` (gamma_high, stored as ``args.cos_sim_high``). ``tau_why``: why this command's
     default differs from the paper's."""
     g.add_argument("--proportion_attribution_required", "--tau", dest="tau", type=nonnegative_float, default=tau_default,
@@ -193,7 +193,7 @@ def add_selection_args(g, tau_default: float, gamma_default: float, gamma_help: 
 
 
 def add_concept_args(g) -> None:
-    """The concepts: ``--classes_for_concept1 T [T ...]``, ``--classes_for_concept2``, ... (the seed's flags, up
+    """The concepts: ``--classes_for_concept1 T [T ...]``, ``--classes_for_concept2``, ... (the authors' code's flags, up
     to 8), or ``--concept T [T ...]`` once per concept; several classes make one concept."""
     for j in range(1, MAX_CONCEPT_FLAGS + 1):
         g.add_argument(f"--classes_for_concept{j}", type=int, nargs="+", default=None, metavar="T",

@@ -1,4 +1,4 @@
-"""Concepts found from the data (ALGORITHM.md, "Extension"): a candidate channel's relevant classes grouped
+"""Concepts found from the data (the k-concept extension of the paper): a candidate channel's relevant classes grouped
 by complete linkage of their ARVs' cosine similarities.
 
 Start from one group per class; while two groups ``X, Y`` have ``min over t in X, u in Y of s(t, u) >=

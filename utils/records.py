@@ -1,7 +1,7 @@
 """The record of one disentanglement on disk: ``models_disentangled/<name>/{record.json, filters.pt}``.
 
 The schema is :class:`Record`, defined here once; writing, reading and the tests use it. In
-``record.json`` the concepts appear as ``classes_for_concept1 .. classes_for_conceptk`` (the seed's
+``record.json`` the concepts appear as ``classes_for_concept1 .. classes_for_conceptk`` (the authors' code's
 flag names). ``filters.pt`` holds ``rhos`` (R,) and, per sub-channel, ``D1 .. Dk`` and ``Res``
 (R x C_in x kh x kw each), read with ``torch.load(..., weights_only=True)``.
 """
