@@ -41,15 +41,11 @@ OUTPUT_FLAGS = ("json", "export")
 INPUT_FLAGS = ("weights", "class_index", "model")
 
 
-def _is_store(folder: str) -> bool:
-    """Whether ``folder`` is a stage-1 store (its meta.json beside its arrays or chunks)."""
-    return os.path.isfile(os.path.join(folder, "meta.json")) and any(
-        os.path.exists(os.path.join(folder, n)) for n in ("relevance.npy", "chunks", "tap_sums.npy", "input_sums.npy"))
-
-
 def output_problem(ns: argparse.Namespace) -> str | None:
     """Why an output file of the command line must not be written (None: it may): it is one of the inputs
     (weights, class index, model file), or it lies inside a stage-1 store, whose files only stage 1 writes."""
+    from .store import is_store
+
     inputs = {os.path.realpath(str(getattr(ns, k)).split(":")[0]) for k in INPUT_FLAGS
               if getattr(ns, k, None) and os.path.isfile(str(getattr(ns, k)).split(":")[0])}
     for flag in OUTPUT_FLAGS:
@@ -61,7 +57,7 @@ def output_problem(ns: argparse.Namespace) -> str | None:
             return f"--{flag} {path} is an input of this command; write the output elsewhere"
         folder = os.path.dirname(real)
         while folder and folder != os.path.dirname(folder):
-            if _is_store(folder):
+            if is_store(folder):
                 return f"--{flag} {path} lies inside the stage-1 store {folder}; write the output elsewhere"
             folder = os.path.dirname(folder)
     return None

@@ -29,6 +29,12 @@ def imagenet_wnids() -> tuple[str, ...]:
     return tuple(ImageNetInfo().label_names())
 
 
+@lru_cache(maxsize=1)
+def wnid_classes() -> dict[str, int]:
+    """wnid -> its logit index in a 1000-output ImageNet model (its position among the 1000 wnids)."""
+    return {w: t for t, w in enumerate(imagenet_wnids())}
+
+
 @dataclass
 class ClassMap:
     """Which logit each class folder is: ``index[folder]``; ``num_classes`` is the length of every
@@ -88,9 +94,8 @@ def class_map(folders: Sequence[str], outputs: int, class_index: str | dict | No
         return ClassMap(index, outputs or max(index.values()) + 1)
     if outputs in (0, len(folders)):
         return ClassMap({f: t for t, f in enumerate(folders)}, len(folders))
-    if outputs == 1000 and set(folders) <= set(imagenet_wnids()):
-        position = {w: t for t, w in enumerate(imagenet_wnids())}
-        return ClassMap({f: position[f] for f in folders}, 1000)
+    if outputs == 1000 and set(folders) <= wnid_classes().keys():
+        return ClassMap({f: wnid_classes()[f] for f in folders}, 1000)
     raise UserError(f"{where} has {len(folders)} class folders but the model has {outputs} outputs: {CLASS_INDEX_HINT}")
 
 
@@ -203,9 +208,7 @@ def _extra_class(folder: str, given: dict[str, int], num: int) -> int | None:
         if not 0 <= given[folder] < num:
             raise UserError(f"--class_index maps {folder} to class {given[folder]}, outside the model's {num} outputs")
         return given[folder]
-    if num == 1000 and folder in imagenet_wnids():
-        return imagenet_wnids().index(folder)
-    return None
+    return wnid_classes().get(folder) if num == 1000 else None
 
 
 @lru_cache(maxsize=None)

@@ -23,7 +23,7 @@ from .data import ImageList, class_batches
 from .errors import UserError
 from .image_pass import Runner
 from .models import LoadedModel, get_layer, load_model
-from .records import Record, make_record
+from .records import CHANNEL_COMMAND, Record, make_record
 from .relevance import layer_input
 from .scoring import Scored, batch_ratio_sums, best_index, score_filters, scores_from_sums
 from .split import Sweep, sweep
@@ -79,7 +79,7 @@ def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, ch
     net = split_network(model, {layer: [sw.split(cfg.channel, best)]})
     diff = logit_check(runner, model, net, kept, f"on {len(keep)} concept images")
     scored = Scored(cfg.channel, concepts, sw, scores, counts, best)
-    record = make_record(lm, layer, store, cfg.data_dir, scored, diff, len(keep), "disentangle_channel.py", seconds)
+    record = make_record(lm, layer, store, cfg.data_dir, scored, diff, len(keep), CHANNEL_COMMAND, seconds)
     return record, sw
 
 

@@ -154,8 +154,7 @@ def evaluate_splits(runner: Runner, model: nn.Module, conv: nn.Conv2d, splits: l
         r = ip.gather_rows(r).numpy()  # rank order = dataset order
         acts[s.channel] = Activations(r[:, 0].astype(np.int64), r[:, 1].astype(np.int64), r[:, 2], r[:, 3], r[:, 4:])
     diff = reduce_over_ranks(diff, runner.world, runner.device) if check is not None else None
-    n = int(reduce_over_ranks(ip.count, runner.world, runner.device, "sum"))
-    return ValPass(acts, top.result(runner) if top is not None else None, diff, n, ip.seconds)
+    return ValPass(acts, top.result(runner) if top is not None else None, diff, ip.total, ip.seconds)
 
 
 def _batch_logit_diff(model: nn.Module, check: tuple[nn.Module, set[int]], b) -> float:

@@ -104,12 +104,14 @@ def plain_batches(indices: Iterable[int], batch_size: int) -> list[list[int]]:
 
 class ImagePass:
     """One walk over ``batches`` of ``images`` through ``transform`` on ``runner``'s device; iterate it for
-    :class:`Batch` es, or :meth:`run` a step on every rank. ``seconds`` is set by :meth:`run`."""
+    :class:`Batch` es, or :meth:`run` a step on every rank. :meth:`run` sets ``seconds`` (the slowest rank's)
+    and ``total`` (the images all ranks read)."""
 
     def __init__(self, runner: Runner, images: ImageList, batches: list[list[int]], transform: Preprocess | None,
                  desc: str):
         self.runner, self.images, self.batches, self.transform, self.desc = runner, images, batches, transform, desc
         self.seconds = 0.0
+        self.total = 0  # images read by all ranks, set by run()
 
     @property
     def count(self) -> int:
@@ -146,6 +148,7 @@ class ImagePass:
 
         value = self.runner.together(walk, what or self.desc)
         self.seconds = self.runner.slowest(time.perf_counter() - t0)
+        self.total = int(reduce_over_ranks(self.count, self.runner.world, self.runner.device, "sum"))
         return value
 
     def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:

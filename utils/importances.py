@@ -20,7 +20,6 @@ from .chunks import ChunkPlan, assemble, chunk_path, missing_chunks, remove_part
 from .cli import RunOptions
 from .concepts import ClassMap, ClassNames, class_map
 from .data import ImageList, class_folders, list_images
-from .distributed import reduce_over_ranks
 from .image_pass import Batch, Runner
 from .errors import UserError
 from .files import check_writable, read_json, save_npy, write_json
@@ -154,7 +153,7 @@ def _fill(cfg: Stage1Config, job: Prepared, runner: Runner) -> dict:
             if created:
                 remove_partial(job.path)
         raise
-    done = int(reduce_over_ranks(ip.count, runner.world, runner.device, "sum"))
+    done = ip.total
     runner.together(lambda: _assemble(job, meta, plan) if runner.lead else None, "stage 1")
     return {**summary, "processed": done, "seconds": ip.seconds, "images_per_second": done / max(ip.seconds, 1e-9)}
 

@@ -107,8 +107,8 @@ def baseline_channels(candidates: list[int], out_channels: int, n: int, seed: in
 def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=print) -> dict:
     """Run the layer command end to end; returns the ``--json`` summary (see ``disentangle_layer.py``).
 
-    Under torchrun (``cfg.rank``, ``cfg.world_size``) every rank calls this; rank 0 alone logs and writes,
-    and every rank returns the same summary.
+    Under torchrun (``cfg.rank``, ``cfg.world_size``) every rank calls this; rank 0 alone logs, writes and
+    returns the summary, the other ranks return ``{"seconds": ...}`` once rank 0 has written.
     """
     from .layer_output import evaluate_layer, write_layer
 
@@ -142,7 +142,7 @@ def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=p
             rec = records[s.channel]
             rec.dir = os.path.join(cfg.store_dir, "models_disentangled", rec.name())
             save_record(rec.dir, rec, s.sweep)
-        return write_layer(cfg, lm, layer, store, ev, records, out, seconds, log)
+        return write_layer(cfg, lm, model, layer, store, ev, records, out, seconds, log)
 
     summary = runner.together(lambda: write() if runner.lead else None, "the layer command")
     return {**(summary or {}), "seconds": runner.slowest(time.perf_counter() - t0)}

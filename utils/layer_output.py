@@ -14,7 +14,7 @@ from torch import nn
 
 from .concepts import ClassNames
 from .data import ImageList
-from .evaluation import Activations, TopKRequest, evaluate_splits
+from .evaluation import Activations, TopKRequest, evaluate_splits, split_purity
 from .errors import UserError
 from .files import read_json, write_json
 from .records import Record
@@ -22,7 +22,7 @@ from .results import ResultFiles
 from .scoring import Scored
 from .split import FilterBank, channel_bank, filter_bank, sub_names
 from .surgery import check_logit_diff, export_network
-from .topk import TopK, purity
+from .topk import TopK
 
 
 def top_classes_share(labels, n: int) -> float:
@@ -102,8 +102,7 @@ def evaluate_layer(runner, model: nn.Module, layer: str, scored: list[Scored], v
     base = Baseline(baseline, [[int(t) for t in vp.top.get(c, "original")["labels"]] for c in baseline])
     results = []
     for s in scored:
-        p = {name: purity(vp.top.get(s.channel, name)["labels"], s.concepts)
-             for name in ("original",) + sub_names(len(s.concepts))[:-1]}
+        p = split_purity(vp.top, s.split(), s.concepts)
         js = range(1, len(s.concepts) + 1)
         results.append(ChannelResult(s, vp.acts[s.channel], [p["original"][f"concept{j}"] for j in js],
                                      [p[f"D{j}"][f"concept{j}"] for j in js],
@@ -122,9 +121,10 @@ class ChannelFiles:
     pictures: dict
 
 
-def write_layer(cfg, lm, layer: str, store, ev: LayerEvaluation, records: dict[int, Record], out: str,
+def write_layer(cfg, lm, model, layer: str, store, ev: LayerEvaluation, records: dict[int, Record], out: str,
                 seconds: dict, log) -> dict:
-    """Every output of the layer command into ``out`` (rank 0); returns the ``--json`` summary."""
+    """Every output of the layer command into ``out`` (rank 0); returns the ``--json`` summary. ``model``: the
+    one the passes ran on, on the device (the pictures use it rather than copy ``lm.model`` again)."""
     from .layer_report import write_layer_report
 
     os.makedirs(out, exist_ok=True)
@@ -136,7 +136,7 @@ def write_layer(cfg, lm, layer: str, store, ev: LayerEvaluation, records: dict[i
     files = {r.channel: _stage4_files(out, lm, layer, r, records[r.channel], names, cfg.tau) for r in ev.channels}
     seconds["results and plots"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pictures = _pictures(cfg, lm, layer, ev, records, names, out)
+    pictures = _pictures(cfg, lm, model, layer, ev, records, names, out)
     files = {c: ChannelFiles(f.record, f.quantitative, f.plots, pictures[c]) for c, f in files.items()}
     seconds["pictures"] = time.perf_counter() - t0
     summary = _summary(cfg, lm, layer, ev, files, export, names)
@@ -185,14 +185,12 @@ def _stage4_files(out: str, lm, layer: str, r: ChannelResult, rec: Record, names
     return ChannelFiles(rec, quantitative, files.write_density_plots(per_concept, labels, lambda *a: None), {})
 
 
-def _pictures(cfg, lm, layer: str, ev: LayerEvaluation, records: dict[int, Record], names, out: str) -> dict:
-    """The teaser figure (original and every concept channel) of each split, from the one top-k."""
-    from .image_pass import Runner
+def _pictures(cfg, lm, model, layer: str, ev: LayerEvaluation, records: dict[int, Record], names, out: str) -> dict:
+    """The teaser figure (original and every concept channel) of each split, from the one top-k; ``model``
+    is the one the passes ran on (already on the device)."""
     from .pictures import Job, PicturesConfig, draw
     from .receptive import receptive_field
 
-    runner = Runner.of(cfg)
-    model = runner.model(lm.model)  # once for every channel
     side = lm.preprocess.crop
     rf = receptive_field(model, model.get_submodule(layer), (side, side), min_size=max(1, side // 8))
     done = {}
@@ -200,7 +198,8 @@ def _pictures(cfg, lm, layer: str, ev: LayerEvaluation, records: dict[int, Recor
         rec = records[r.channel]
         pc = PicturesConfig(data_dir=cfg.data_dir, model_dir="", channel=r.channel, concepts=r.concepts, split="val",
                             top_k=cfg.top_k, out_dir=os.path.join(out, "pictures"), fv=cfg.fv,
-                            batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=str(runner.device),
+                            batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                            device=str(model.get_submodule(layer).weight.device),
                             progress=cfg.progress, formats=("png",), crop_files=False)
         split = r.scored.split()
         job = Job(lm, model, layer, rec, split, r.concepts, ev.val, names, rec.best_rho,

@@ -21,6 +21,7 @@ from .files import read_json, save_torch, write_json
 from .split import Split, Sweep, sub_names
 
 RECORD_VERSION = 1
+CHANNEL_COMMAND = "disentangle_channel.py"
 LAYER_COMMAND = "disentangle_layer.py"
 LAYER_SUFFIX = "_layer"  # a layer command's record never replaces disentangle_channel.py's of the same concepts
 

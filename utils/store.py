@@ -53,6 +53,12 @@ def identity_difference(meta: dict, wanted: dict) -> str | None:
 REDO = "rerun stage 1 (get_importances_for_classes.py) into a fresh --store_dir"
 
 
+def is_store(folder: str) -> bool:
+    """Whether ``folder`` is a stage-1 store: its meta.json beside its arrays or its chunks."""
+    return os.path.isfile(os.path.join(folder, "meta.json")) and any(
+        os.path.exists(os.path.join(folder, n)) for n in ("relevance.npy", "chunks", "tap_sums.npy", "input_sums.npy"))
+
+
 def _stores_here(folder: str) -> str:
     """What a user can do instead: the stores that ``folder`` does hold, with the ``--model`` (and
     ``--layer``) that reads each, or how to make one."""
