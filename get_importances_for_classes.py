@@ -5,6 +5,8 @@ One pass over DATA_DIR/train. For each image: R[c] = sum_hw a[c] * d z_label / d
 output of the layer (signed), its label and predicted class; per class, the sum of the layer's
 input map (for the closed-form ARVs of stage 2). Results go to
 STORE_DIR/<model>_channel_importances/. Rerun the same command to continue after a kill.
+A Linear layer's units are its neurons and its positions are tokens or cells: the sums run over
+the positions that count (--positions).
 
 Several GPUs or machines: start the same command with torchrun, e.g.
   torchrun --nproc_per_node=4 get_importances_for_classes.py --data_dir D --store_dir S
@@ -26,6 +28,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk_images", type=positive_int, default=None, metavar="N",
                    help="images per resumable chunk (default: about 4096, a multiple of --batch_size); "
                         "fixed when the store is created")
+    p.add_argument("--positions", choices=("auto", "all", "cls"), default="auto",
+                   help="a Linear layer's positions that count: auto (those that reach the logits: a ViT's class "
+                        "token after its last block, every token or cell elsewhere), all, or cls (the class token "
+                        "alone); a Conv2d's are all (default: auto); recorded in the store")
     p.add_argument("--wait", action="store_true",
                    help="if another job is writing this store, wait for it to finish (default: stop with one line)")
     add_json_arg(p)
@@ -45,7 +51,7 @@ def main(args: argparse.Namespace) -> None:
                            class_index=args.class_index,
                            num_workers=args.num_workers, max_images_per_class=args.max_images_per_class,
                            precision=args.precision, chunk_images=args.chunk_images, rank=rank, world_size=world,
-                           wait=args.wait, progress=not args.no_progress)
+                           wait=args.wait, positions=args.positions, progress=not args.no_progress)
         s = compute_importances(cfg, check=lambda c: check_channels(args.nr_channels_in_layer_of_interest, c,
                                                                     f"layer {args.layer or 'last_conv'}"))
     if rank != 0:

@@ -8,6 +8,7 @@ loader with the same batch size, their ratio, peak memory, and bytes stored per 
     python benchmarks/stage1.py                      # ResNet-50 (random weights), 240 images, CPU
     python benchmarks/stage1.py --no_loader          # pre-made tensors: compute only
     python benchmarks/stage1.py --model resnet18 --images 96 --device cuda --precision bf16
+    python benchmarks/stage1.py --model vit_b_16 --weights none   # a Linear layer: the last MLP's output
 
 Runs alternate (forward, stage 1, forward, stage 1, ...) and the best of ``--repeat`` is kept,
 so a machine shared with other jobs disturbs both sides alike.
@@ -35,6 +36,7 @@ from utils.concepts import class_map, imagenet_wnids  # noqa: E402
 from utils.importances import PRECISIONS, Stage1Config, add_class_tap_sums, compute_importances  # noqa: E402
 from utils.models import get_layer, load_model  # noqa: E402
 from utils.relevance import relevance_batch  # noqa: E402
+from utils.units import Unit, resolve_positions  # noqa: E402
 
 
 def make_image_folder(root: str, classes: int, images: int, size: int, seed: int = 0) -> str:
@@ -112,12 +114,13 @@ def tensor_passes(model, conv, batches, K, device, dtype, stage1: bool) -> float
         with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             if stage1:
                 R, pred, _, xin = relevance_batch(model, conv, x, y)
+                xin = conv.counted(xin)
             else:
                 with torch.no_grad():
                     model(x).argmax(1)
         if stage1:
             if sums is None:
-                maps = tap_maps(conv, tuple(xin.shape[-2:])).to(device)
+                maps = tap_maps(conv.geometry(), tuple(xin.shape[-2:])).to(device)
                 sums = torch.zeros(K, xin.shape[1] * maps.shape[0], dtype=torch.float64, device=device)
             add_class_tap_sums(sums, y, xin, maps)
             R.to(torch.float16).cpu()
@@ -150,9 +153,11 @@ def main() -> None:
     lm = load_model(args.model, args.weights)
     layer, conv = get_layer(lm.model, args.layer)
     model = lm.model.to(device)
+    conv = Unit(conv.module, resolve_positions(model, conv.module, "auto", lm.preprocess.crop, device))
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    print(f"{args.model} ({args.weights} weights), layer {layer} ({conv.in_channels} -> {conv.out_channels}), "
+    print(f"{args.model} ({args.weights} weights), layer {layer} ({conv.kind} {conv.in_channels} -> "
+          f"{conv.out_channels}, positions {conv.positions}), "
           f"batch {args.batch_size}, {args.device}, {args.precision}, torch threads {torch.get_num_threads()}, "
           f"CPUs {os.cpu_count()}")
 

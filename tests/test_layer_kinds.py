@@ -139,7 +139,7 @@ def test_conv_subclass_with_its_own_forward_is_refused_and_one_without_is_fine()
         get_layer(net, "1")
     assert "\n" not in str(e.value)
     assert plain_convs(net)[1].__class__ is ClampedConv  # unknown kinds are left as they are
-    assert get_layer(net, "0")[1] is net[0] and default_layer(net) == "0"  # the default skips what it cannot compute
+    assert get_layer(net, "0")[1].module is net[0] and default_layer(net) == "0"  # the default skips what it cannot compute
 
 
 def test_default_layer_is_never_a_conv_classifier():

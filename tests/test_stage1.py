@@ -32,7 +32,19 @@ SCRIPT = os.path.join(ROOT, "get_importances_for_classes.py")
 # ---------------------------------------------------------------- the independent computation
 
 
-def relevance_via_image(model: torch.nn.Module, layer_name: str, images: torch.Tensor, labels: torch.Tensor):
+def channels_first(t: torch.Tensor, linear: bool, positions: str = "all") -> torch.Tensor:
+    """A layer output as B x C x positions (written here, not taken from utils.units): a conv map flattened; a
+    Linear's (B, C), channels-last (B, H, W, C) or tokens (B, N, C) with the channel axis moved to 1
+    (``cls``: token 0 alone)."""
+    if not linear:
+        return t.flatten(2)
+    if t.dim() == 3 and positions == "cls":
+        t = t[:, :1]
+    return t.reshape(t.shape[0], -1, t.shape[-1]).transpose(1, 2)
+
+
+def relevance_via_image(model: torch.nn.Module, layer_name: str, images: torch.Tensor, labels: torch.Tensor,
+                        positions: str = "all"):
     """The reference's way, in float64: image requires grad, full graph, backward to the image.
 
     Returns ``R`` (B x C, float64), the predictions, and the layer's input (float64).
@@ -57,7 +69,9 @@ def relevance_via_image(model: torch.nn.Module, layer_name: str, images: torch.T
     finally:
         h.remove()
     assert img.grad is not None  # it really went back to the image
-    return (seen["a"] * seen["g"]).sum(dim=(2, 3)), logits.detach().argmax(1), seen["x"]
+    linear = isinstance(layer, torch.nn.Linear)
+    R = (channels_first(seen["a"], linear, positions) * channels_first(seen["g"], linear, positions)).sum(2)
+    return R, logits.detach().argmax(1), seen["x"]
 
 
 def taps_by_shifting(x: torch.Tensor, pad: int) -> np.ndarray:
@@ -77,10 +91,11 @@ def assert_relevance_close(R: torch.Tensor, ref: torch.Tensor, rtol: float = 2e-
     assert ref.abs().max() > 0  # not a vacuous comparison of zeros
 
 
-def check_model(lm: LoadedModel, layer: str | None, images: torch.Tensor, labels: torch.Tensor) -> None:
-    name, conv = get_layer(lm.model, layer)
+def check_model(lm: LoadedModel, layer: str | None, images: torch.Tensor, labels: torch.Tensor,
+                positions: str = "all") -> None:
+    name, conv = get_layer(lm.model, layer, positions)
     R, pred, _, x = relevance_batch(lm.model, conv, images, labels)
-    ref, ref_pred, ref_x = relevance_via_image(lm.model, name, images, labels)
+    ref, ref_pred, ref_x = relevance_via_image(lm.model, name, images, labels, positions)
     assert R.shape == (len(images), conv.out_channels)
     assert_relevance_close(R, ref)
     assert torch.equal(pred, ref_pred)

@@ -52,6 +52,7 @@ def _swap(model: nn.Module, layer: str, splits) -> nn.Module:
     from utils.models import set_module
     net = copy.deepcopy(model)
     _, conv = get_layer(net, layer)
+    conv = conv.module  # the Conv2d itself
     set_module(net, layer, make_split_layer(conv, splits))
     return net.eval()
 
@@ -130,6 +131,7 @@ def resnet18():
 def test_disentangled_logits_equal_original(arch, layer, channel, kernel):
     model, x, ref = _random_model_and_image(arch, 0)
     _, conv = get_layer(model, layer)
+    conv = conv.module  # the Conv2d itself
     assert conv.kernel_size == kernel
     net = _swap(model, layer, [_random_sweep(conv, channel, seed=3).split(channel, RHOS.index(0.5))])
     assert (_logits(net, x) - ref).abs().max() <= 1e-4
@@ -162,6 +164,7 @@ def test_several_splits_and_checkpoint_round_trip(tmp_path, resnet18):
     records = []
     for j, (layer, channel) in enumerate((("layer4.1.conv2", 5), ("layer4.1.conv2", 300), ("layer3.0.conv1", 9))):
         _, conv = get_layer(model, layer)
+        conv = conv.module  # the Conv2d itself
         A = torch.randn(2, conv.in_channels, generator=torch.Generator().manual_seed(j), dtype=torch.float64)
         records.append(make_record(str(tmp_path / f"r{j}"), lm, layer, channel, [[0], [1]], A, [0.3, 0.6, 1.0][j]))
     net = disentangle_model(model, records)
@@ -184,6 +187,7 @@ def test_several_splits_and_checkpoint_round_trip(tmp_path, resnet18):
 def _slow_scores(model, layer, channel, sw, images, concept) -> torch.Tensor:
     """The definition: per rho, the whole disentangled network, sub-channels read at ``expanded``."""
     _, conv = get_layer(model, layer)
+    conv = conv.module  # the Conv2d itself
     C = conv.out_channels
     scores = []
     for i in range(len(sw.rhos)):

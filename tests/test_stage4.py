@@ -48,6 +48,7 @@ PAPER_TRIPLES = [(522, 62, 687), (1404, 385, 834), (895, 631, 946), (242, 515, 6
 def class_arv(lm: LoadedModel, layer: str, channel: int, data_dir: str, t: int) -> torch.Tensor:
     """ARV(c, t) by autograd over class t's training images."""
     _, conv = get_layer(lm.model, layer)
+    conv = conv.module  # the Conv2d itself
     images = list_images(data_dir, "train")
     xs = [layer_input(lm.model, conv, x) for x, _, _ in make_loader(images, images.indices_of([t]), 16, 0)]
     return arv_autograd(conv, channel, torch.cat(xs))

@@ -76,6 +76,7 @@ def test_streaming_topk_equals_brute_force(planted_model, image_folder):
     data = image_folder(n_train=5, n_val=1)
     images = list_images(data, "train")
     _, conv = get_layer(planted_model.model, "conv")
+    conv = conv.module  # the Conv2d itself
     g = torch.Generator().manual_seed(3)
     splits = [Split(c, torch.randn(2, 10, 1, 1, generator=g), torch.randn(10, 1, 1, generator=g)) for c in (0, 2)]
     bank = filter_bank(conv, splits, ("original", "D1", "D2", "Res"))
@@ -139,6 +140,7 @@ def test_feature_visualisation_raises_activation_and_is_deterministic(method, pl
 def test_purity_on_planted_network(planted_model, planted_data, tmp_path):
     lm = planted_model
     _, conv = get_layer(lm.model, "conv")
+    conv = conv.module  # the Conv2d itself
     images = list_images(planted_data, "train")
     x = layer_input(lm.model, conv, next(iter(make_loader(images, batch_size=64, num_workers=0)))[0])
     t = torch.tensor(images.targets)

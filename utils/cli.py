@@ -115,8 +115,10 @@ def add_model_args(p: argparse.ArgumentParser, layer_flags=("--layer",), weights
                                         "Hugging Face cache; your own: as the function returns it), a torchvision "
                                         "weights name, a checkpoint file (state_dict), or none (random, seeded)")
     g.add_argument(*layer_flags, dest="layer", default=None,
-                   help="dotted name of the Conv2d of interest (default: the last conv before the head, never "
-                        "the classifier: layer4.2.conv3 for resnet50; 'last_conv' means the same)")
+                   help="dotted name of the layer of interest: a Conv2d (its channels) or a Linear applied at every "
+                        "position (its neurons: ConvNeXt, ViT, DeiT, Swin MLPs) (default: the last such layer before "
+                        "the head, never the classifier: layer4.2.conv3 for resnet50, the last block's MLP output "
+                        "for ViT and ConvNeXt; 'last_conv' means the same)")
     g.add_argument("--nr_channels_in_layer_of_interest", type=int, default=None,
                    help="output channels of the layer (2048 for resnet50); checked, not needed")
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["plain_convs", "plain_conv", "has_own_forward", "own_forward_problem", "classifier_conv",
-           "remember_side"]
+           "positionwise_linears", "remember_side"]
 
 
 def _timm_class(module: str, name: str) -> type | None:
@@ -47,8 +47,11 @@ def _same_kinds() -> tuple[type, ...]:
 
 
 def has_own_forward(m: nn.Module) -> bool:
-    """True for a Conv2d subclass whose output is not ``_conv_forward(x, weight, bias)`` of plain Conv2d."""
+    """True for a Conv2d subclass whose output is not ``_conv_forward(x, weight, bias)`` of plain Conv2d, or a
+    Linear subclass with its own forward."""
     t = type(m)
+    if isinstance(m, nn.Linear):
+        return t.forward is not nn.Linear.forward
     return isinstance(m, nn.Conv2d) and (t.forward is not nn.Conv2d.forward
                                          or t._conv_forward is not nn.Conv2d._conv_forward)
 
@@ -130,8 +133,11 @@ def plain_convs(model: nn.Module) -> nn.Module:
 
 
 def own_forward_problem(name: str, conv: nn.Conv2d) -> str:
-    """The one line that refuses ``conv`` (a Conv2d subclass with its own forward) as layer ``name``."""
+    """The one line that refuses ``conv`` (a Conv2d or Linear subclass with its own forward) as layer ``name``."""
     kind = type(conv).__name__
+    if isinstance(conv, nn.Linear):
+        return (f"layer {name} is a {kind}, a Linear subclass with its own forward, so its output is not the plain "
+                "product with its weight that this toolkit computes; choose another layer")
     if isinstance(conv, _same_kinds()) or _dynamic_same(conv):
         return (f"layer {name} is a timm {kind} whose TF-style 'same' padding (kernel {tuple(conv.kernel_size)}, "
                 f"stride {tuple(conv.stride)}) is asymmetric or changes with the input size, which a plain "
@@ -144,7 +150,7 @@ def own_forward_problem(name: str, conv: nn.Conv2d) -> str:
 # ------------------------------------------------------------------ the conv that computes the logits
 
 _SIDES: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
-_HEADS: "weakref.WeakKeyDictionary[nn.Module, str | None]" = weakref.WeakKeyDictionary()
+_PROBES: "weakref.WeakKeyDictionary[nn.Module, tuple[str | None, frozenset]]" = weakref.WeakKeyDictionary()
 
 
 def remember_side(model: nn.Module, side: int) -> None:
@@ -157,11 +163,13 @@ def _leaves_with_parameters(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if not next(m.children(), None) and next(m.parameters(), None) is not None]
 
 
-def _probe_order(model: nn.Module, side: int) -> tuple[list[nn.Module], int | None]:
+def _probe_order(model: nn.Module, side: int) -> tuple[list[tuple[nn.Module, int]], int | None]:
     """The parameterised leaf modules in the order they run on one blank image (1 x C x side x side, C the
-    first conv's input channels), and the number of logits; ``([], None)`` if the model cannot run it."""
-    order: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda mod, _i, _o: order.append(mod)) for m in _leaves_with_parameters(model)]
+    first conv's input channels), each with the number of dimensions of its input, and the number of
+    logits; ``([], None)`` if the model cannot run it."""
+    order: list[tuple[nn.Module, int]] = []
+    hooks = [m.register_forward_hook(lambda mod, i, _o: order.append((mod, i[0].dim() if i else 0)))
+             for m in _leaves_with_parameters(model)]
     modes = {m: m.training for m in model.modules()}
     p = next(model.parameters(), None)
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
@@ -181,16 +189,27 @@ def _probe_order(model: nn.Module, side: int) -> tuple[list[nn.Module], int | No
     return order, (int(y.reshape(y.shape[0], -1).shape[1]) if isinstance(y, torch.Tensor) and y.dim() else None)
 
 
+def _probe(model: nn.Module, side: int | None) -> tuple[str | None, frozenset]:
+    """What one probe forward tells (cached per model object): the conv head's name (see
+    :func:`classifier_conv`) and the names of the ``Linear`` layers that ran on inputs with positions
+    (``(B, tokens, C)`` or ``(B, H, W, C)``, not ``(B, C)``)."""
+    if model not in _PROBES:
+        order, logits = _probe_order(model, side or _SIDES.get(model, 224))
+        names = {m: n for n, m in model.named_modules()}
+        last = order[-1][0] if order else None
+        head = names[last] if isinstance(last, nn.Conv2d) and last.out_channels == logits else None
+        _PROBES[model] = head, frozenset(names[m] for m, dims in order if isinstance(m, nn.Linear) and dims >= 3)
+    return _PROBES[model]
+
+
 def classifier_conv(model: nn.Module, side: int | None = None) -> str | None:
     """Dotted name of the Conv2d that computes the logits (squeezenet's ``classifier.1``, BiT's ``head.fc``):
     the last parameterised module to run, with as many outputs as the model has logits; else None.
     One probe forward per model object (at ``side``, else the remembered crop, else 224 px), then cached."""
-    if model in _HEADS:
-        return _HEADS[model]
-    order, logits = _probe_order(model, side or _SIDES.get(model, 224))
-    last = order[-1] if order else None
-    name = None
-    if isinstance(last, nn.Conv2d) and last.out_channels == logits:
-        name = next(n for n, m in model.named_modules() if m is last)
-    _HEADS[model] = name
-    return name
+    return _probe(model, side)[0]
+
+
+def positionwise_linears(model: nn.Module, side: int | None = None) -> frozenset:
+    """Names of the model's ``Linear`` layers applied at every position (a ViT's MLPs, ConvNeXt's channels-last
+    1x1 convolutions), from the same cached probe forward as :func:`classifier_conv`."""
+    return _probe(model, side)[1]

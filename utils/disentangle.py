@@ -29,6 +29,7 @@ from .scoring import Scored, batch_ratio_sums, best_index, score_filters, scores
 from .split import Sweep, sweep
 from .store import training_images
 from .surgery import logit_check, split_network
+from .units import Unit, as_unit, unit_at
 
 
 @dataclass
@@ -63,17 +64,17 @@ def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, ch
     if cfg.check_images < 1:
         raise UserError("--check_images must be at least 1")
     lm = loaded or load_model(cfg.model, cfg.weights)
-    layer, conv = get_layer(lm.model, cfg.layer)
+    layer, unit = get_layer(lm.model, cfg.layer)
     if check is not None:
-        check(conv.out_channels)
-    check_channel(cfg.channel, conv.out_channels, layer)
+        check(unit.out_channels)
+    check_channel(cfg.channel, unit.out_channels, layer)
     concepts = normalise(cfg.concepts)
     store, images = _store_and_images(cfg, lm, layer, concepts)
-    sw = sweep(conv.weight.detach()[cfg.channel].cpu(), concept_arvs(store, cfg.channel, concepts))
+    sw = sweep(unit.weight.detach()[cfg.channel].cpu(), concept_arvs(store, cfg.channel, concepts))
     runner = Runner.of(cfg)
     model = runner.model(lm.model)
     keep = check_indices([images.indices_of(cs) for cs in concepts], cfg.check_images)
-    [(scores, counts)], seconds, kept = score_channels(runner, model, model.get_submodule(layer), images,
+    [(scores, counts)], seconds, kept = score_channels(runner, model, unit_at(model, layer, store.positions), images,
                                                        [(cfg.channel, concepts, sw)], lm.preprocess, set(keep))
     best = best_index(scores)
     net = split_network(model, {layer: [sw.split(cfg.channel, best)]})
@@ -93,7 +94,7 @@ def _store_and_images(cfg: Stage3Config, lm: LoadedModel, layer: str,
     return store, training_images(store, cfg.data_dir, [t for cs in concepts for t in cs], cfg.class_index)
 
 
-def score_channels(runner: Runner, model: nn.Module, conv: nn.Conv2d, images: ImageList,
+def score_channels(runner: Runner, model: nn.Module, unit: Unit | nn.Module, images: ImageList,
                    channels: list[tuple[int, list, Sweep]], preprocess, keep: set[int] = frozenset(),
                    desc: str = "stage 3") -> tuple[list[tuple[torch.Tensor, list[int]]], float, dict]:
     """Score every rho of every channel ``(c, concepts, sweep)`` in ONE truncated pass over the union of the
@@ -103,6 +104,7 @@ def score_channels(runner: Runner, model: nn.Module, conv: nn.Conv2d, images: Im
     ``(scores (R,), images per concept)``, the seconds of the slowest rank, and the images of ``keep``
     this rank saw (index -> image, on the host).
     """
+    unit = as_unit(unit)
     classes = {t for _, concepts, _ in channels for cs in concepts for t in cs}
     ip = runner.image_pass(images, class_batches(images, images.indices_of(classes), runner.batch_size),
                            preprocess, desc)
@@ -111,18 +113,18 @@ def score_channels(runner: Runner, model: nn.Module, conv: nn.Conv2d, images: Im
         for j, cs in enumerate(concepts, 1):
             for t in cs:
                 users.setdefault(t, []).append((ci, j))
-    dev = dict(device=conv.weight.device, dtype=conv.weight.dtype)  # every filter goes to the device once
+    dev = dict(device=unit.weight.device, dtype=unit.weight.dtype)  # every filter goes to the device once
     banks = [score_filters(sw).to(**dev) for _, _, sw in channels]
-    biases = [None if conv.bias is None else conv.bias.detach()[c].expand(len(b)) for (c, _, _), b in zip(channels, banks)]
+    biases = [None if unit.bias is None else unit.bias.detach()[c].expand(len(b)) for (c, _, _), b in zip(channels, banks)]
 
     def step(batches):
         parts, counts, kept = [[] for _ in channels], [[0] * sw.k for _, _, sw in channels], {}
         for b in batches:
             kept.update({i: b.x[j].cpu() for j, i in enumerate(b.index.tolist()) if i in keep})
-            xl = layer_input(model, conv, b.x)
+            xl = unit.counted(layer_input(model, unit, b.x))
             for ci, j in users[int(b.targets[0])]:
                 concept = torch.full((len(b),), j, dtype=torch.int64, device=xl.device)
-                parts[ci].append(batch_ratio_sums(conv, xl, banks[ci], biases[ci], channels[ci][2].k, concept))
+                parts[ci].append(batch_ratio_sums(unit, xl, banks[ci], biases[ci], channels[ci][2].k, concept))
                 counts[ci][j - 1] += len(b)
         return parts, counts, kept
 

@@ -32,6 +32,7 @@ from .relevance import layer_input, relevance_batch
 from .split import FilterBank, Split, filter_bank, sub_names
 from .surgery import max_logit_diff
 from .topk import TopK, TopKSearch, purity
+from .units import Unit, as_unit, unit_at
 
 
 def relative_attribution(P: torch.Tensor, channel: int) -> torch.Tensor:
@@ -41,27 +42,31 @@ def relative_attribution(P: torch.Tensor, channel: int) -> torch.Tensor:
     return torch.where(total > 0, P[:, channel] / total.clamp_min(torch.finfo(P.dtype).tiny), torch.zeros_like(total))
 
 
-def sub_channel_sums(conv: nn.Conv2d, x: torch.Tensor, split: Split) -> torch.Tensor:
-    """``d_1 .. d_k, res`` per image (B x (k+1), float64): spatial sums of the sub-channels' output maps on
-    the layer input ``x``, with the layer's geometry and channel ``c``'s bias on every sub-channel."""
-    bank = filter_bank(conv, [split], sub_names(split.k))
-    return bank.maps(conv, x.to(conv.weight.dtype)).double().sum(dim=(2, 3))
+def sub_channel_sums(unit: Unit | nn.Module, x: torch.Tensor, split: Split) -> torch.Tensor:
+    """``d_1 .. d_k, res`` per image (B x (k+1), float64): sums of the sub-units' outputs over the positions that
+    count, on the layer input ``x`` (``Unit.counted``), with the layer's geometry and unit ``c``'s bias on
+    every sub-unit."""
+    unit = as_unit(unit)
+    bank = filter_bank(unit, [split], sub_names(split.k))
+    return bank.maps(unit, x.to(unit.weight.dtype)).double().sum(dim=(2, 3))
 
 
-def split_values(P: torch.Tensor, a: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d, split: Split) -> dict:
-    """Stage 4's values of one split from a batch's clamped attributions ``P`` (B x C), layer output ``a`` and
-    input ``x``: ``rel``, ``orig`` (B each) and ``sub`` (B x (k+1)), float64 on the CPU."""
+def split_values(P: torch.Tensor, a: torch.Tensor, x: torch.Tensor, unit: Unit | nn.Module, split: Split) -> dict:
+    """Stage 4's values of one split from a batch's clamped attributions ``P`` (B x C), layer output ``a`` at the
+    positions that count (B x C x H' x W') and input ``x`` as the layer sees it: ``rel``, ``orig`` (B each)
+    and ``sub`` (B x (k+1)), float64 on the CPU."""
+    unit = as_unit(unit)
     c = split.channel
     out = {"rel": relative_attribution(P, c), "orig": a[:, c].double().sum(dim=(1, 2)),
-           "sub": sub_channel_sums(conv, x, split)}
+           "sub": sub_channel_sums(unit, unit.counted(x), split)}
     return {k: v.detach().cpu() for k, v in out.items()}
 
 
-def evaluate_batch(model: nn.Module, conv: nn.Conv2d, split: Split, images: torch.Tensor,
+def evaluate_batch(model: nn.Module, unit: Unit | nn.Module, split: Split, images: torch.Tensor,
                    labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """One batch of stage 4 for one split: ``rel``, ``orig`` (B each) and ``sub`` (B x (k+1))."""
-    P, _, a, x = relevance_batch(model, conv, images, labels, positive=True)
-    return split_values(P, a, x, conv, split)
+    P, _, a, x = relevance_batch(model, unit, images, labels, positive=True)
+    return split_values(P, a, x, unit, split)
 
 
 @dataclass
@@ -111,7 +116,7 @@ class ValPass:
     seconds: float
 
 
-def evaluate_splits(runner: Runner, model: nn.Module, conv: nn.Conv2d, splits: list[Split],
+def evaluate_splits(runner: Runner, model: nn.Module, conv: Unit | nn.Module, splits: list[Split],
                     concepts: list[list[list[int]]], images: ImageList, preprocess: Preprocess | None = None,
                     search: TopKRequest | None = None, check: tuple[nn.Module, set[int]] | None = None) -> ValPass:
     """ONE pass over the validation ``images``: stage 4's values of every split on its concepts' images;
@@ -123,6 +128,7 @@ def evaluate_splits(runner: Runner, model: nn.Module, conv: nn.Conv2d, splits: l
     Under torchrun each rank reads a block of whole batches; every rank gets all images' values back in
     dataset order.
     """
+    conv = as_unit(conv)
     users: dict[int, list[int]] = {}  # class -> the splits with a concept of it
     for si, cs in enumerate(concepts):
         for t in {t for c in cs for t in c}:
@@ -190,7 +196,7 @@ class Evaluation:
 
     lm: LoadedModel
     layer: str
-    conv: nn.Conv2d
+    conv: Unit  # the layer of interest (in the CPU model)
     images: ImageList
     names: ClassNames
     concepts: list[list[int]]
@@ -239,7 +245,7 @@ def run_stage4(cfg: Stage4Config, loaded: LoadedModel | None = None, log=print) 
         log(f"channel {cfg.channel} of {ev.lm.name} {ev.layer}, rho {ev.rho}{' (best)' if cfg.rho is None else ''}; "
             + "; ".join(f"concept {j}: {', '.join(lab)}" for j, lab in enumerate(labels, 1)))
     model = runner.model(ev.lm.model)
-    conv = model.get_submodule(ev.layer)
+    conv = unit_at(model, ev.layer, ev.record.positions)
     search = TopKRequest(filter_bank(conv, [ev.split]), cfg.purity_k) if cfg.purity_k > 0 else None
     val = evaluate_splits(runner, model, conv, [ev.split], [ev.concepts], ev.images, ev.lm.preprocess, search)
     acts = val.acts[ev.split.channel]

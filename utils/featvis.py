@@ -8,7 +8,8 @@ Two image parameterisations, both in a decorrelated colour space (Olah et al., D
 - ``fourier`` (Lucid): the whole spectrum is learned, scaled by 1/f.
 
 Each step renders the image, draws a batch of augmented views (random crop and scale, jitter, noise)
-and maximises the mean activation ``sum_hw conv(x, filter) + bias`` of the views, where ``x`` is the
+and maximises the mean activation ``sum_hw conv(x, filter) + bias`` of the views (over the positions that
+count, for a Linear unit: see ``utils.units``), where ``x`` is the
 layer's input from a forward pass that stops at the layer. Everything random comes from one seeded
 generator, so a run on the CPU is reproducible.
 """
@@ -23,7 +24,8 @@ from torch import nn
 from torchvision import transforms
 
 from .data import ImageList, Preprocess, load_image
-from .relevance import conv_with_filters, layer_input
+from .relevance import layer_input
+from .units import Unit, as_unit
 
 # Square root of ImageNet's colour correlation (Lucid), columns scaled to unit max norm.
 _COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
@@ -139,14 +141,16 @@ def normalize(img: torch.Tensor, preprocess: Preprocess | None = None) -> torch.
     return (img - mean) / std
 
 
-def activation(model: nn.Module, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None,
+def activation(model: nn.Module, conv: Unit | nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
                images: torch.Tensor, preprocess: Preprocess | None = None) -> torch.Tensor:
-    """Spatially summed output (B,) of one filter (C_in x kh x kw) at ``conv``'s place, for [0, 1] images."""
-    x = layer_input(model, conv, normalize(images, preprocess), grad=True)
-    return conv_with_filters(conv, x, weight[None], None if bias is None else bias.reshape(1)).sum((1, 2, 3))
+    """Output summed over the positions that count (B,) of one filter (C_in x kh x kw) at the layer's place, for
+    [0, 1] images."""
+    unit = as_unit(conv)
+    x = unit.counted(layer_input(model, unit, normalize(images, preprocess), grad=True))
+    return unit.apply(x, weight[None], None if bias is None else bias.reshape(1)).sum((1, 2, 3))
 
 
-def visualize(model: nn.Module, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def visualize(model: nn.Module, conv: Unit | nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None,
               cfg: FVConfig | None = None, magnitude: torch.Tensor | None = None,
               device: torch.device | str = "cpu", progress: bool = False,
               preprocess: Preprocess | None = None) -> tuple[torch.Tensor, list[float]]:

@@ -1,5 +1,7 @@
 """Stage 1: one pass over train/ that fills the store (relevance, labels, predictions, per-class tap sums).
 
+For a position-wise Linear, positions are those that count (``utils.units``): the store records the choice.
+
 Work is cut into chunks of consecutive images (a fixed number of batches each), written and assembled
 by ``utils.chunks``: a rerun continues where a killed run stopped and ends with the same arrays.
 """
@@ -12,7 +14,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-from torch import nn
 
 from . import chunks, store as st
 from .arv import batch_tap_sums, tap_maps
@@ -26,6 +27,7 @@ from .files import check_writable, read_json, save_npy, write_json
 from .lock import writer_lock
 from .models import LoadedModel, get_layer, load_model
 from .relevance import capture_layer, relevance_batch
+from .units import Unit, resolve_positions
 
 DEFAULT_CHUNK_IMAGES = 4096
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,14 +41,18 @@ class Stage1Config(RunOptions):
     chunk_images: int | None = None
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast dtype of the forward and backward pass
     wait: bool = False  # another job writes this store: wait for it (else one line and stop)
+    positions: str = "auto"  # a Linear's positions that count: auto (those that reach the logits), all, cls
 
 
-def _new_meta(cfg: Stage1Config, lm: LoadedModel, layer: str, conv, images: ImageList, cmap: ClassMap,
+def _new_meta(cfg: Stage1Config, lm: LoadedModel, layer: str, unit: Unit, images: ImageList, cmap: ClassMap,
               in_shape, out_hw, chunk_images: int) -> dict:
+    """A new store's ``meta.json``; a Linear layer adds ``unit`` and ``positions`` (a Conv2d's store is as before)."""
     names = ClassNames(lm.categories, images.classes, [cmap.index[f] for f in images.classes])
+    conv = unit.geometry()
+    kind = {"unit": "Linear", "positions": unit.positions} if unit.linear else {}
     return {
         "format_version": st.FORMAT_VERSION, "complete": False, "model": lm.name, "weights": lm.weights,
-        "layer": layer, "in_channels": conv.in_channels, "out_channels": conv.out_channels,
+        "layer": layer, **kind, "in_channels": conv.in_channels, "out_channels": conv.out_channels,
         "input_shape": list(in_shape), "output_hw": list(out_hw), "tap_shape": [conv.in_channels, *conv.kernel_size],
         "conv": {"kernel_size": list(conv.kernel_size), "stride": list(conv.stride),
                  "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
@@ -64,12 +70,13 @@ def _new_meta(cfg: Stage1Config, lm: LoadedModel, layer: str, conv, images: Imag
     }
 
 
-def _probe_shapes(model, conv, side: int, device) -> tuple[tuple[int, ...], tuple[int, int]]:
-    """Layer input shape (C_in, H, W) and output size (H', W') for one image of ``side`` x ``side`` pixels."""
+def _probe_shapes(model, unit: Unit, side: int, device) -> tuple[tuple[int, ...], tuple[int, int]]:
+    """Layer input shape (C_in, H, W) and output size (H', W') at the positions that count, for one image of
+    ``side`` x ``side`` pixels."""
     with torch.no_grad():
-        with capture_layer(conv) as cap:
+        with capture_layer(unit) as cap:
             model(torch.zeros(1, 3, side, side, device=device))
-    return tuple(cap.x.shape[1:]), tuple(cap.a.shape[2:])
+    return tuple(unit.counted(cap.x).shape[1:]), tuple(unit.counted(cap.a).shape[2:])
 
 
 @dataclass
@@ -80,7 +87,7 @@ class Prepared:
     classes: ClassMap
     lm: LoadedModel
     layer: str
-    conv: nn.Conv2d
+    unit: Unit  # the layer, with the positions that count resolved
     path: str
 
 
@@ -94,9 +101,10 @@ def prepare(cfg: Stage1Config, loaded: LoadedModel | None = None) -> Prepared:
     cmap = class_map(class_folders(cfg.data_dir, "train"), lm.num_classes, cfg.class_index,
                      os.path.join(cfg.data_dir, "train"))
     images = list_images(cfg.data_dir, "train", cfg.max_images_per_class, cmap)
-    layer, conv = get_layer(lm.model, cfg.layer)
+    layer, unit = get_layer(lm.model, cfg.layer)
+    unit = Unit(unit.module, resolve_positions(lm.model, unit.module, cfg.positions, lm.preprocess.crop))
     path = st.store_path(cfg.store_dir, lm, layer)
-    return Prepared(images, cmap, lm, layer, conv, path)
+    return Prepared(images, cmap, lm, layer, unit, path)
 
 
 def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None = None,
@@ -113,7 +121,7 @@ def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None =
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
     job = prepare(cfg, loaded)
     if check is not None:
-        check(job.conv.out_channels)
+        check(job.unit.out_channels)
     runner = Runner.of(cfg)
     with contextlib.ExitStack() as held:
         runner.together(lambda: _claim(cfg, job, held), "stage 1")
@@ -131,14 +139,14 @@ def _claim(cfg: Stage1Config, job: Prepared, held: contextlib.ExitStack) -> None
 
 def _fill(cfg: Stage1Config, job: Prepared, runner: Runner) -> dict:
     """Create or continue the store at ``job.path`` (its lock held): the pass, then the assembly."""
-    summary = {"store": job.path, "images": len(job.images), "channels": job.conv.out_channels}
+    summary = {"store": job.path, "images": len(job.images), "channels": job.unit.out_channels}
     created = not _existing_store_fits(cfg, job)
     if _is_complete(job.path):
         st.Store.open(job.path, writer=True)  # checked file by file before it is called complete
         return {**summary, "already_complete": True, "processed": 0, "seconds": 0.0, "images_per_second": 0.0}
     model = runner.model(job.lm.model)
-    conv = model.get_submodule(job.layer)
-    in_shape, out_hw = _probe_shapes(model, conv, job.lm.preprocess.crop, runner.device)
+    unit = Unit(model.get_submodule(job.layer), job.unit.positions)
+    in_shape, out_hw = _probe_shapes(model, unit, job.lm.preprocess.crop, runner.device)
     runner.together(lambda: _create_store(cfg, job, in_shape, out_hw, created) if runner.lead else None, "stage 1")
     meta = read_json(os.path.join(job.path, "meta.json"))  # rank 0 wrote it before the others got here
     os.makedirs(os.path.join(job.path, "chunks"), exist_ok=True)
@@ -146,7 +154,7 @@ def _fill(cfg: Stage1Config, job: Prepared, runner: Runner) -> dict:
     todo = [j for j in range(plan.count) if j % runner.world == runner.rank and not os.path.isfile(chunk_path(job.path, j))]
     ip = runner.image_pass(job.images, list(plan.batches(todo)), job.lm.preprocess, "stage 1", shard=False)
     try:
-        ip.run(lambda batches: _run_chunks(cfg, job, model, conv, in_shape, plan, todo, batches))
+        ip.run(lambda batches: _run_chunks(cfg, job, model, unit, in_shape, plan, todo, batches))
     except UserError:
         if runner.lead:  # every rank has stopped writing by now
             _clear_stop(job.path)
@@ -189,6 +197,8 @@ def _existing_store_fits(cfg: Stage1Config, job: Prepared) -> bool:
               "data_fingerprint": job.images.legacy_fingerprint() if legacy else job.images.fingerprint(),
               "max_images_per_class": cfg.max_images_per_class}
     diff = st.identity_difference(meta, wanted)
+    if diff is None and meta.get("positions", "all") != job.unit.positions:
+        diff = f"--positions: store has {meta.get('positions', 'all')!r}, this run has {job.unit.positions!r}"
     if diff is None and meta.get("precision", "fp32") != cfg.precision:
         diff = f"--precision: store has {meta.get('precision', 'fp32')!r}, this run has {cfg.precision!r}"
     if diff:
@@ -211,26 +221,26 @@ def _create_store(cfg: Stage1Config, job: Prepared, in_shape, out_hw, created: b
         return
     os.makedirs(os.path.join(job.path, "chunks"), exist_ok=True)
     chunk_images = cfg.chunk_images or max(1, DEFAULT_CHUNK_IMAGES // cfg.batch_size) * cfg.batch_size
-    meta = _new_meta(cfg, job.lm, job.layer, job.conv, job.images, job.classes, in_shape, out_hw, chunk_images)
-    save_npy(os.path.join(job.path, "layer_weight.npy"), job.conv.weight.detach().float().cpu().numpy())
-    if job.conv.bias is not None:
-        save_npy(os.path.join(job.path, "layer_bias.npy"), job.conv.bias.detach().float().cpu().numpy())
+    meta = _new_meta(cfg, job.lm, job.layer, job.unit, job.images, job.classes, in_shape, out_hw, chunk_images)
+    save_npy(os.path.join(job.path, "layer_weight.npy"), job.unit.weight.detach().float().cpu().numpy())
+    if job.unit.bias is not None:
+        save_npy(os.path.join(job.path, "layer_bias.npy"), job.unit.bias.detach().float().cpu().numpy())
     write_json(os.path.join(job.path, "meta.json"), meta)
 
 
-def _run_chunks(cfg, job: Prepared, model, conv, in_shape, plan: ChunkPlan, todo: list[int],
+def _run_chunks(cfg, job: Prepared, model, unit: Unit, in_shape, plan: ChunkPlan, todo: list[int],
                 batches: Iterator[Batch]) -> None:
     """The pass itself: the pending chunks' batches, each chunk written when it is full. Under torchrun a
     failing process leaves the stop flag, and the others stop before their next chunk."""
-    maps = tap_maps(conv, tuple(in_shape[1:])).to(conv.weight.device)
+    maps = tap_maps(unit.geometry(), tuple(in_shape[1:])).to(unit.weight.device)
     try:
         for j in todo:
             if cfg.world_size > 1 and os.path.exists(_stop_path(job.path)):
                 raise UserError("stage 1 stopped: another process of this job failed (see its error)")
             lo, hi = plan.bounds(j)
-            sums = torch.zeros(job.classes.num_classes, conv.in_channels * maps.shape[0], dtype=torch.float64,
+            sums = torch.zeros(job.classes.num_classes, unit.in_channels * maps.shape[0], dtype=torch.float64,
                                device=maps.device)
-            chunks.write_chunk(job.path, j, *_chunk_results(cfg, model, conv, maps, sums, batches, hi - lo))
+            chunks.write_chunk(job.path, j, *_chunk_results(cfg, model, unit, maps, sums, batches, hi - lo))
     except BaseException:
         if cfg.world_size > 1:  # tell the other processes to stop at their next chunk
             open(_stop_path(job.path), "w").close()
@@ -244,7 +254,7 @@ def add_class_tap_sums(sums: torch.Tensor, labels: torch.Tensor, x: torch.Tensor
     sums += onehot.scatter_(1, labels[:, None], 1.0).T @ batch_tap_sums(x, maps).flatten(1)
 
 
-def _chunk_results(cfg, model, conv, maps, sums, batches: Iterator[Batch], n: int):
+def _chunk_results(cfg, model, unit: Unit, maps, sums, batches: Iterator[Batch], n: int):
     """Relevance, predictions and labels of the next ``n`` images of ``batches``, and their per-class tap sums
     added into ``sums`` (K x C_in*T).
 
@@ -256,8 +266,8 @@ def _chunk_results(cfg, model, conv, maps, sums, batches: Iterator[Batch], n: in
     while n > 0:
         b = next(batches)
         with torch.autocast(b.x.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
-            R, pred, _, x = relevance_batch(model, conv, b.x, b.labels)
-        add_class_tap_sums(sums, b.labels, x, maps)
+            R, pred, _, x = relevance_batch(model, unit, b.x, b.labels)
+        add_class_tap_sums(sums, b.labels, unit.counted(x), maps)
         rels.append(R.to(torch.float16))
         preds.append(pred)
         tgts.append(b.targets)

@@ -36,6 +36,7 @@ from .models import LoadedModel, get_layer, load_model
 from .records import LAYER_COMMAND, make_record, save_record
 from .scoring import Scored, best_index
 from .split import sweep
+from .units import Unit, unit_at
 from .store import training_images
 from .surgery import split_network
 
@@ -116,19 +117,20 @@ def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=p
     runner = Runner.of(cfg)
     log = log if runner.lead else (lambda *a: None)
     lm = loaded or load_model(cfg.model, cfg.weights)
-    layer, conv = get_layer(lm.model, cfg.layer)
-    check_layer_config(cfg, conv.out_channels, layer)
+    layer, shape = get_layer(lm.model, cfg.layer)
+    check_layer_config(cfg, shape.out_channels, layer)
     store, concepts, chosen, out, val = runner.together(lambda: _prepare(cfg, runner, lm, layer, log),
                                                         "the layer command")
     model = runner.model(lm.model)
-    scored, score_seconds = _score(cfg, runner, store, model, layer, {c: concepts[c] for c in chosen},
+    unit = unit_at(model, layer, store.positions)
+    scored, score_seconds = _score(cfg, runner, store, model, unit, {c: concepts[c] for c in chosen},
                                    lm.preprocess, log)
     seconds = {"score": time.perf_counter() - t0}
     t1 = time.perf_counter()
     net = split_network(model, {layer: [s.split() for s in scored]})
     n_base = len(scored) if cfg.baseline is None else cfg.baseline
-    ev = evaluate_layer(runner, model, layer, scored, val, _check_images(val, scored, cfg.check_images), net,
-                        baseline_channels(list(concepts), conv.out_channels, n_base, cfg.seed), cfg.top_k,
+    ev = evaluate_layer(runner, model, unit, scored, val, _check_images(val, scored, cfg.check_images), net,
+                        baseline_channels(list(concepts), unit.out_channels, n_base, cfg.seed), cfg.top_k,
                         lm.preprocess)
     seconds["validation pass"] = time.perf_counter() - t1
     log(f"validation pass: {ev.images} images in {ev.seconds:.1f} s ({ev.images / max(ev.seconds, 1e-9):.1f} img/s); "
@@ -168,15 +170,14 @@ def _prepare(cfg: LayerConfig, runner: Runner, lm: LoadedModel, layer: str, log)
     return store, concepts, chosen, out, _val_images(cfg, lm, store, [concepts[c] for c in chosen], chosen)
 
 
-def _score(cfg: LayerConfig, runner: Runner, store: st.Store, model, layer: str,
+def _score(cfg: LayerConfig, runner: Runner, store: st.Store, model, unit: Unit,
            concepts: dict[int, list[list[int]]], preprocess, log) -> tuple[list[Scored], float]:
     """Every channel's sweep, scored in one pass over the union of the concepts' training images."""
-    conv = model.get_submodule(layer)
-    weight = conv.weight.detach().cpu()
+    weight = unit.weight.detach().cpu()
     sweeps = {c: sweep(weight[c], concept_arvs(store, c, cs)) for c, cs in concepts.items()}
     classes = sorted({t for cs in concepts.values() for c in cs for t in c})
     images = training_images(store, cfg.data_dir, classes, cfg.class_index)
-    got, seconds, _ = score_channels(runner, model, conv, images, [(c, cs, sweeps[c]) for c, cs in concepts.items()],
+    got, seconds, _ = score_channels(runner, model, unit, images, [(c, cs, sweeps[c]) for c, cs in concepts.items()],
                                      preprocess, desc="scoring")
     scored = [Scored(c, cs, sweeps[c], scores, counts, best_index(scores))
               for (c, cs), (scores, counts) in zip(concepts.items(), got)]

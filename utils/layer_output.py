@@ -21,6 +21,7 @@ from .records import Record
 from .results import ResultFiles
 from .scoring import Scored
 from .split import FilterBank, channel_bank, filter_bank, sub_names
+from .units import Unit, unit_at
 from .surgery import check_logit_diff, export_network
 from .topk import TopK
 
@@ -88,15 +89,15 @@ class LayerEvaluation:
     seconds: float
 
 
-def evaluate_layer(runner, model: nn.Module, layer: str, scored: list[Scored], val: ImageList, check: list[int],
+def evaluate_layer(runner, model: nn.Module, unit: Unit, scored: list[Scored], val: ImageList, check: list[int],
                    net: nn.Module, baseline: list[int], k: int, preprocess=None) -> LayerEvaluation:
     """ONE pass over every validation image: stage 4's values of every split, the top-``k`` images of the
     original channel, every concept channel and the ``baseline`` channels, and the logits of the one
-    network ``net`` against ``model``'s on the ``check`` images (above MAX_LOGIT_DIFF a UserError)."""
-    conv = model.get_submodule(layer)
+    network ``net`` against ``model``'s on the ``check`` images (above MAX_LOGIT_DIFF a UserError).
+    ``unit``: the layer of interest in ``model``."""
     splits = [s.split() for s in scored]
-    bank = FilterBank.join([filter_bank(conv, splits)] + ([channel_bank(conv, baseline)] if baseline else []))
-    vp = evaluate_splits(runner, model, conv, splits, [s.concepts for s in scored], val,
+    bank = FilterBank.join([filter_bank(unit, splits)] + ([channel_bank(unit, baseline)] if baseline else []))
+    vp = evaluate_splits(runner, model, unit, splits, [s.concepts for s in scored], val,
                          preprocess, TopKRequest(bank, k), (net, set(check)))
     check_logit_diff(vp.logit_diff, f"on {len(check)} validation images (the one network with every split)")
     base = Baseline(baseline, [[int(t) for t in vp.top.get(c, "original")["labels"]] for c in baseline])
@@ -192,7 +193,8 @@ def _pictures(cfg, lm, model, layer: str, ev: LayerEvaluation, records: dict[int
     from .receptive import receptive_field
 
     side = lm.preprocess.crop
-    rf = receptive_field(model, model.get_submodule(layer), (side, side), min_size=max(1, side // 8))
+    rf = receptive_field(model, unit_at(model, layer, next(iter(records.values())).positions), (side, side),
+                         min_size=max(1, side // 8))
     done = {}
     for r in ev.channels:
         rec = records[r.channel]

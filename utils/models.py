@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .conv_kinds import classifier_conv, has_own_forward, own_forward_problem, plain_convs, remember_side
+from .conv_kinds import (classifier_conv, has_own_forward, own_forward_problem, plain_convs, positionwise_linears,
+                         remember_side)
 from .data import Preprocess
 from .errors import UserError
+from .units import Unit
 from .model_sources import (DEFAULT_WEIGHTS, build_own, build_timm, build_torchvision, file_sha256, is_checkpoint,
                             split_file_spec, torchvision_weights_id)
 
@@ -115,37 +117,40 @@ def build_model(name: str, num_classes: int | None = None) -> nn.Module:
 
 
 def default_layer(model: nn.Module, side: int | None = None) -> str:
-    """Dotted name of the model's last ``Conv2d`` with ``groups == 1`` that is not its classifier (a conv head,
-    found by one cached probe forward at ``side`` px, see ``utils.conv_kinds.classifier_conv``) and that the
-    toolkit can compute (ResNet-50: ``layer4.2.conv3``; squeezenet1_1: ``features.12.expand3x3``)."""
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1
-             and not has_own_forward(m)]
-    if not convs:
-        raise UserError("the model has no plain Conv2d layer with groups=1")
+    """Dotted name of the model's last unit layer before its head: the last ``Conv2d`` with ``groups == 1`` or
+    ``Linear`` applied at every position, that is not the classifier (a conv head) and that the toolkit can
+    compute. ResNet-50: ``layer4.2.conv3``; squeezenet1_1: ``features.12.expand3x3``; ViT, DeiT, Swin,
+    ConvNeXt: the last block's MLP output (torchvision ``vit_b_16``: ``encoder.layers.encoder_layer_11.mlp.3``).
+    The head and the position-wise Linears come from one cached probe forward at ``side`` px
+    (``utils.conv_kinds``); a ``Linear`` on ``(B, C)`` (a classifier, VGG's fc layers) is never the default."""
+    linears = positionwise_linears(model, side)
     head = classifier_conv(model, side)
-    convs = [n for n in convs if n != head]
-    if not convs:
-        raise UserError(f"the model's only Conv2d layer with groups=1 is its classifier {head}; pass --layer")
-    return convs[-1]
+    units = [n for n, m in model.named_modules() if n != head and (
+        (isinstance(m, nn.Conv2d) and m.groups == 1 and not has_own_forward(m)) or n in linears)]
+    if not units:
+        raise UserError("the model has no plain Conv2d layer with groups=1 and no position-wise Linear before its "
+                        f"head{f' {head}' if head else ''}; pass --layer")
+    return units[-1]
 
 
-def get_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Conv2d]:
-    """Resolve ``layer`` (dotted module path, ``None``/``last_conv`` for the default) to a plain Conv2d."""
+def get_layer(model: nn.Module, layer: str | None, positions: str = "all") -> tuple[str, Unit]:
+    """Resolve ``layer`` (dotted module path, ``None``/``last_conv`` for the default) to a :class:`Unit`: a plain
+    Conv2d (groups=1), or a Linear (its neurons; ``positions``: which of its positions count)."""
     if layer in (None, "", "last_conv"):
         layer = default_layer(model)
     modules = dict(model.named_modules())
     if layer not in modules:
-        convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
-        hint = f" (e.g. {', '.join(convs[-3:])})" if convs else ""
+        units = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        hint = f" (e.g. {', '.join(units[-3:])})" if units else ""
         raise UserError(f"the model has no layer {layer!r}{hint}")
     m = modules[layer]
-    if not isinstance(m, nn.Conv2d):
-        raise UserError(f"layer {layer} is a {type(m).__name__}, not a Conv2d")
+    if not isinstance(m, (nn.Conv2d, nn.Linear)):
+        raise UserError(f"layer {layer} is a {type(m).__name__}, not a Conv2d or a Linear")
     if has_own_forward(m):
         raise UserError(own_forward_problem(layer, m))
-    if m.groups != 1:
+    if isinstance(m, nn.Conv2d) and m.groups != 1:
         raise UserError(f"layer {layer} is a grouped convolution (groups={m.groups}); only groups=1 is supported")
-    return layer, m
+    return layer, Unit(m, positions)
 
 
 def set_module(model: nn.Module, dotted: str, new: nn.Module) -> None:

@@ -24,6 +24,7 @@ from .relevance import layer_input
 from .split import FilterBank, Split, filter_bank, sub_names
 from .style import sub_label
 from .topk import TopK, purity, stream_topk
+from .units import Unit, unit_at
 
 
 @dataclass
@@ -46,10 +47,10 @@ class PicturesConfig(RunOptions):
 
 
 def topk_for_splits(runner: Runner, model: nn.Module, layer: str, splits: list[Split], images: ImageList, k: int,
-                    preprocess: Preprocess | None = None, residual: bool = False) -> TopK:
+                    preprocess: Preprocess | None = None, residual: bool = False, positions: str | None = None) -> TopK:
     """Top-k images of the original channel and every sub-channel of ``splits`` (one layer) in ONE pass;
-    ``model`` is on ``runner``'s device."""
-    conv = model.get_submodule(layer)
+    ``model`` is on ``runner``'s device; ``positions``: the record's (a Linear's positions that count)."""
+    conv = unit_at(model, layer, positions)
     bank = filter_bank(conv, splits, None) if not residual else FilterBank.join(
         [filter_bank(conv, [s], ("original",) + sub_names(s.k)) for s in splits])
     return stream_topk(runner, model, conv, bank, images, k, preprocess)
@@ -72,9 +73,9 @@ class Job:
     rf: ReceptiveField | None = None  # the layer's receptive field, when already measured (several channels)
 
     @property
-    def conv(self) -> nn.Conv2d:
-        """The layer of interest in ``model``."""
-        return self.model.get_submodule(self.layer)
+    def unit(self) -> Unit:
+        """The layer of interest in ``model``, with the positions that count of its record."""
+        return unit_at(self.model, self.layer, self.record.positions)
 
 
 def prepare(cfg: PicturesConfig, runner: Runner, loaded: LoadedModel | None = None,
@@ -86,13 +87,13 @@ def prepare(cfg: PicturesConfig, runner: Runner, loaded: LoadedModel | None = No
         raise UserError(f"--split must be train or val, not {cfg.split!r}")
     concepts = normalise(cfg.concepts)
     lm = loaded or load_model(cfg.model, cfg.weights)
-    layer, conv = get_layer(lm.model, cfg.layer)
+    layer, unit = get_layer(lm.model, cfg.layer)
     if check is not None:
-        check(conv.out_channels)
-    check_channel(cfg.channel, conv.out_channels, layer)
+        check(unit.out_channels)
+    check_channel(cfg.channel, unit.out_channels, layer)
     rec = find_record(cfg.model_dir, record_head(lm, layer), cfg.channel, concepts,
                       known=lambda: data_class_map(cfg.data_dir, cfg.split, lm.num_classes, cfg.class_index).index.values())
-    check_record(rec, lm.name, lm.weights, layer, conv)
+    check_record(rec, lm.name, lm.weights, layer, unit)
     cmap = data_class_map(cfg.data_dir, cfg.split, lm.num_classes, cfg.class_index, rec.store)
     images = list_images(cfg.data_dir, cfg.split, classes=cmap)
     check_concepts(concepts, cmap.index.values(), images.root)
@@ -116,21 +117,21 @@ def channel_pictures(cfg: PicturesConfig, loaded: LoadedModel | None = None,
     t0 = time.time()
     if top is None:
         top = topk_for_splits(runner, job.model, job.layer, [job.split], job.images, cfg.top_k, job.lm.preprocess,
-                              cfg.residual)
+                              cfg.residual, job.record.positions)
     return draw(cfg, job, top, time.time() - t0)
 
 
 def draw(cfg: PicturesConfig, job: Job, top: TopK, seconds_topk: float = 0.0) -> dict:
     """The pictures of one split channel from its top-k (``top``): crops, feature visualisations, the teaser
     figure and purity.json in ``cfg.out_dir/<record>_rho<rho>/``; returns the summary."""
-    model, conv = job.model, job.conv
+    model, conv = job.model, job.unit
     device = conv.weight.device
     out = os.path.join(cfg.out_dir, f"{os.path.basename(job.record.dir)}_rho{job.rho:.2f}")
     os.makedirs(out, exist_ok=True)
     side = job.lm.preprocess.crop
     rf = job.rf or receptive_field(model, conv, (side, side), min_size=max(1, side // 8))
     bank = filter_bank(conv, [job.split], tuple(job.subs))
-    shown, maps = _top_images(cfg, model, job, top, bank, device)
+    shown, maps = _top_images(cfg, model, conv, job, top, bank, device)
     magnitude = _magnitude(cfg)
     panels, subs, files = [], {}, []
     for s, name in enumerate(job.subs):
@@ -148,9 +149,9 @@ def draw(cfg: PicturesConfig, job: Job, top: TopK, seconds_topk: float = 0.0) ->
     return summary
 
 
-def _top_images(cfg, model, job: Job, top: TopK, bank: FilterBank, device) -> tuple[dict, dict]:
+def _top_images(cfg, model, unit: Unit, job: Job, top: TopK, bank: FilterBank, device) -> tuple[dict, dict]:
     """The top-k images of all sub-channels, loaded once (the centre crop, unnormalised): ``shown[i]``
-    (3 x side x side) by dataset index; and ``maps[i]`` (S x H' x W') of the images that need an activation
+    (3 x side x side) by dataset index; and ``maps[i]`` (S x H' x W', over the layer's grid) of the images that need an activation
     map (all with ``--heatmap``; else each sub-channel's top-1 when there is no feature visualisation to
     show in the middle), run up to the layer once. Crops need no maps: the top-k pass kept the maxima."""
     display = job.lm.preprocess.display()
@@ -162,7 +163,7 @@ def _top_images(cfg, model, job: Job, top: TopK, bank: FilterBank, device) -> tu
 
     def step(batches):
         for b in batches:
-            m = bank.maps(job.conv, layer_input(model, job.conv, b.x)).float().cpu()
+            m = bank.maps(unit, unit.grid(layer_input(model, unit, b.x))).float().cpu()
             maps.update(zip(b.index.tolist(), m))
 
     runner.image_pass(job.images, plain_batches(need, cfg.batch_size), job.lm.preprocess, "maps").run(step)
@@ -202,14 +203,15 @@ def _feature_visualisation(cfg, model, job: Job, bank: FilterBank, s: int, magni
         return None, None, []
     t1 = time.time()
     w, b = bank.weight[s], None if bank.bias is None else bank.bias[s]
-    img, hist = featvis.visualize(model, job.conv, w, b, cfg.fv, magnitude, device, cfg.progress,
+    unit = job.unit
+    img, hist = featvis.visualize(model, unit, w, b, cfg.fv, magnitude, device, cfg.progress,
                                   job.lm.preprocess)
     size = cfg.fv.input_size
     with torch.no_grad():
         noise = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(cfg.fv.seed)).to(device)
         dev_w, dev_b = w.to(device), None if b is None else b.to(device)
-        base = featvis.activation(model, job.conv, dev_w, dev_b, noise, job.lm.preprocess)
-        final = featvis.activation(model, job.conv, dev_w, dev_b, nn.functional.interpolate(
+        base = featvis.activation(model, unit, dev_w, dev_b, noise, job.lm.preprocess)
+        final = featvis.activation(model, unit, dev_w, dev_b, nn.functional.interpolate(
             img[None].to(device), size, mode="bilinear", align_corners=False), job.lm.preprocess)
     info = {"seconds": time.time() - t1, "activation": float(final[0]), "activation_on_noise": float(base.mean()),
             "last_step_activation": hist[-1]}

@@ -1,5 +1,5 @@
 """Where an output position of the layer of interest looks in the input image, measured by autograd for
-any architecture, and the crops of the top-k images around their maxima."""
+any architecture (a token of a transformer: its patch), and the crops of the top-k images around their maxima."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .relevance import conv_with_filters, layer_input
+from .relevance import layer_input
+from .units import Unit, as_unit
 
 
 @dataclass
@@ -41,18 +42,32 @@ class ReceptiveField:
         return top, left, top + side, left + side
 
 
-def receptive_field(model: nn.Module, conv: nn.Conv2d, in_hw: tuple[int, int] = (224, 224), mass: float = 0.9,
+def patch_field(in_hw: tuple[int, int], grid: int, whole: bool, min_size: int = 1) -> ReceptiveField:
+    """A transformer's tokens: token (i, j) of the ``grid`` x ``grid`` patches is its patch; ``whole``: the units
+    count at the class token alone, which looks at the whole image, so the crop is the whole image."""
+    stride = (in_hw[0] / grid, in_hw[1] / grid)
+    size = max(in_hw) if whole else max(int(round(max(stride))), min_size)
+    return ReceptiveField(tuple(in_hw), (grid, grid), stride, (stride[0] / 2 - 0.5, stride[1] / 2 - 0.5), size,
+                          max(in_hw) if whole else int(round(max(stride))))
+
+
+def receptive_field(model: nn.Module, conv: Unit | nn.Module, in_hw: tuple[int, int] = (224, 224), mass: float = 0.9,
                     n: int = 2, seed: int = 0, min_size: int = 1) -> ReceptiveField:
-    """Measure the receptive field of ``conv``'s output positions by autograd, for any architecture.
+    """Measure the receptive field of the layer's output positions (its grid, ``Unit.grid``) by autograd, for
+    any architecture; a token sequence's grid is its patches (:func:`patch_field`).
 
     The gradient of the output at the central position (all channels, ``n`` noise images) with respect
     to the input image gives where that position looks and how far; the stride is the size ratio.
     """
+    unit = as_unit(conv)
     g = torch.Generator().manual_seed(seed)
     dev = next(model.parameters()).device
     x = torch.randn(n, 3, *in_hw, generator=g).to(dev).requires_grad_(True)
     with torch.enable_grad():
-        out = conv_with_filters(conv, layer_input(model, conv, x, grad=True), conv.weight, conv.bias)
+        xin = layer_input(model, unit, x, grad=True)
+        if unit.tokens(xin):
+            return patch_field(in_hw, unit.grid(xin).shape[-1], unit.positions == "cls", min_size)
+        out = unit.apply(unit.grid(xin), unit.weight, unit.bias)
         H, W = out.shape[-2:]
         ci, cj = H // 2, W // 2
         (gx,) = torch.autograd.grad(out[:, :, ci, cj].sum(), x)

@@ -13,12 +13,12 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from .concepts import check_concepts, concept_classes_text
 from .errors import UserError
 from .files import read_json, save_torch, write_json
 from .split import Split, Sweep, sub_names
+from .units import Unit, unit_at
 
 RECORD_VERSION = 1
 CHANNEL_COMMAND = "disentangle_channel.py"
@@ -53,6 +53,7 @@ class Record:
     images_per_second: float
     filters: str = "filters.pt"
     command: str | None = None  # what made it: disentangle_channel.py or disentangle_layer.py (None: older records)
+    positions: str | None = None  # a Linear layer's positions that count (all, cls); None: a Conv2d (all)
     format_version: int = RECORD_VERSION
     dir: str | None = field(default=None, compare=False)  # the folder it was read from (not stored)
 
@@ -74,7 +75,7 @@ class Record:
         for f in dataclasses.fields(self):
             if f.name == "concepts":
                 out.update({f"classes_for_concept{j}": list(cs) for j, cs in enumerate(self.concepts, 1)})
-            elif f.name not in ("format_version", "dir"):
+            elif f.name not in ("format_version", "dir") and not (f.name == "positions" and self.positions is None):
                 out[f.name] = getattr(self, f.name)
         return out
 
@@ -88,8 +89,8 @@ class Record:
 
 
 def record_keys(k: int = 2) -> set[str]:
-    """The keys of a ``record.json`` with ``k`` concepts."""
-    return ({f.name for f in dataclasses.fields(Record)} - {"concepts", "dir"}) | {
+    """The keys of a ``record.json`` with ``k`` concepts (a Linear layer's records add ``positions``)."""
+    return ({f.name for f in dataclasses.fields(Record)} - {"concepts", "dir", "positions"}) | {
         f"classes_for_concept{j}" for j in range(1, k + 1)}
 
 
@@ -108,17 +109,18 @@ def make_record(lm, layer: str, store, data_dir: str, scored, diff: float, check
     the one factory of stage 3 and the layer command. ``seconds``: the scoring pass that scored it."""
     from .models import default_layer
 
-    conv, sw = lm.model.get_submodule(layer), scored.sweep
+    unit, sw = unit_at(lm.model, layer, store.positions), scored.sweep
     return Record(
         model=lm.name, weights=lm.weights, layer=layer, default_layer=layer == default_layer(lm.model),
-        in_channels=conv.in_channels, out_channels=conv.out_channels, channel=int(scored.channel),
+        in_channels=unit.in_channels, out_channels=unit.out_channels, channel=int(scored.channel),
         concepts=scored.concepts, class_names=store.names.as_dict(t for cs in scored.concepts for t in cs),
         store=os.path.abspath(store.path), data_dir=os.path.abspath(data_dir),
         data_fingerprint=store.meta["data_fingerprint"], rhos=[round(float(r), 2) for r in sw.rhos],
         scores={rho_key(r): float(v) for r, v in zip(sw.rhos, scored.scores)}, best_rho=scored.best_rho,
         sources={rho_key(r): sw.sources(i) for i, r in enumerate(sw.rhos)}, max_abs_logit_diff=diff,
         equivalence_images=checked, train_images={f"concept{j}": n for j, n in enumerate(scored.counts, 1)},
-        seconds=seconds, images_per_second=sum(scored.counts) / max(seconds, 1e-9), command=command)
+        seconds=seconds, images_per_second=sum(scored.counts) / max(seconds, 1e-9), command=command,
+        positions=unit.positions if unit.linear else None)
 
 
 def save_record(folder: str, record: Record, sw: Sweep) -> list[str]:
@@ -188,8 +190,8 @@ def _folder_concepts(tail: str) -> list[list[int]] | None:
     return [sorted(int(t) for t in p.split("-")[1:]) for p in parts]
 
 
-def check_record(rec: Record, model: str, weights: str, layer: str, conv: nn.Conv2d | None = None) -> None:
-    """Refuse a record made with another model, weights or layer, or (``conv``) for another layer shape."""
+def check_record(rec: Record, model: str, weights: str, layer: str, conv: Unit | None = None) -> None:
+    """Refuse a record made with another model, weights or layer, or (``conv``, the layer) for another shape."""
     for key, have in (("model", model), ("weights", weights), ("layer", layer)):
         if getattr(rec, key) != have:
             raise UserError(f"disentanglement {rec.dir} was made with {key} {getattr(rec, key)!r}, "

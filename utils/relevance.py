@@ -1,7 +1,8 @@
-"""Hooks at the layer of interest: its input, channel relevance (stages 1 and 4), other filters at its place.
+"""Hooks at the layer of interest: its input, unit relevance (stages 1 and 4), other filters at its place.
 
-Shapes: ``B`` images, ``C_in`` input channels of the layer ``L``, ``C`` output channels,
-``H x W`` the input map, ``H' x W'`` the output map, ``K`` classes.
+Shapes: ``B`` images, ``C_in`` inputs of the layer ``L``, ``C`` outputs (channels, or a Linear's neurons),
+``H x W`` the input map, ``H' x W'`` the output map (for a Linear: the positions that count, see
+``utils.units``), ``K`` classes. The layer is a :class:`utils.units.Unit` or a plain Conv2d/Linear module.
 """
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+from .errors import UserError
+from .units import Unit, as_unit
 
 
 class _Capture:
@@ -24,8 +28,9 @@ class StopForward(Exception):
 
 
 @contextmanager
-def capture_layer(layer: nn.Module, grad: bool = False) -> Iterator[_Capture]:
-    """Hook ``layer`` for the duration of the block: record its input ``x`` and output ``a``.
+def capture_layer(layer: Unit | nn.Module, grad: bool = False) -> Iterator[_Capture]:
+    """Hook ``layer`` for the duration of the block: record its input ``x`` and output ``a`` (as the layer
+    sees them: a Linear's ``(B, ..., C)``).
 
     ``grad=True``: the output becomes a fresh leaf that requires grad, so autograd builds a graph
     only from the layer onward (nothing before it requires grad) and ``a`` receives gradients.
@@ -40,15 +45,16 @@ def capture_layer(layer: nn.Module, grad: bool = False) -> Iterator[_Capture]:
         cap.a = output.detach()
         return None
 
-    handle = layer.register_forward_hook(hook)
+    handle = as_unit(layer).module.register_forward_hook(hook)
     try:
         yield cap
     finally:
         handle.remove()
 
 
-def layer_input(model: nn.Module, layer: nn.Module, images: torch.Tensor, grad: bool = False) -> torch.Tensor:
-    """Run ``model`` only up to ``layer`` and return the layer's input ``x`` (B x C_in x H x W).
+def layer_input(model: nn.Module, layer: Unit | nn.Module, images: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """Run ``model`` only up to ``layer`` and return the layer's input ``x`` as the layer sees it (a Conv2d:
+    B x C_in x H x W; a Linear: ``(B, ..., C_in)``, see ``Unit.counted`` and ``Unit.grid``).
 
     The forward pass stops before the layer computes anything. ``grad=True`` keeps the autograd graph
     back to ``images`` (feature visualisation); otherwise no graph is built.
@@ -59,7 +65,7 @@ def layer_input(model: nn.Module, layer: nn.Module, images: torch.Tensor, grad: 
         seen.append(inputs[0])
         raise StopForward
 
-    handle = layer.register_forward_pre_hook(hook)
+    handle = as_unit(layer).module.register_forward_pre_hook(hook)
     try:
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             model(images)
@@ -68,33 +74,35 @@ def layer_input(model: nn.Module, layer: nn.Module, images: torch.Tensor, grad: 
     finally:
         handle.remove()
     if not seen:
-        raise RuntimeError("the forward pass never reached the layer of interest")
+        raise UserError("the model's forward pass never runs the layer of interest (a module whose weights are used "
+                        "directly, like nn.MultiheadAttention's out_proj); choose another --layer")
     return seen[0]
 
 
-def relevance_batch(model: nn.Module, layer: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+def relevance_batch(model: nn.Module, layer: Unit | nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     positive: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Relevance of every channel of ``layer`` for one batch, back-propagated only from the label logits.
+    """Relevance of every unit of ``layer`` for one batch, back-propagated only from the label logits.
 
-    Returns ``R`` (B x C, float32): ``sum_hw a * d z_label / d a`` at the layer's output, signed (stage 1),
-    or with ``positive`` clamped per position before the sum, ``sum_hw max(a * d z / d a, 0)`` (stage 4);
-    the predictions (B, argmax of the logits); the layer output ``a`` and its input ``x``.
+    Returns ``R`` (B x C, float32): ``sum_hw a * d z_label / d a`` over the positions that count at the
+    layer's output, signed (stage 1), or with ``positive`` clamped per position before the sum,
+    ``sum_hw max(a * d z / d a, 0)`` (stage 4); the predictions (B, argmax of the logits); the layer output
+    ``a`` at the positions that count (B x C x H' x W') and the layer input ``x`` as the layer sees it.
     """
-    with torch.enable_grad(), capture_layer(layer, grad=True) as cap:
+    unit = as_unit(layer)
+    with torch.enable_grad(), capture_layer(unit, grad=True) as cap:
         logits = model(images)
         (g,) = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), cap.a)
-    a = cap.a.detach()
-    ag = a.float() * g.float()
+    a = unit.counted(cap.a.detach())
+    ag = a.float() * unit.counted(g).float()
     R = (ag.clamp_min(0) if positive else ag).sum(dim=(2, 3))
     return R, logits.detach().argmax(1), a, cap.x
 
 
-def conv_with_filters(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
+def conv_with_filters(layer: Unit | nn.Module, x: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``conv``'s geometry (stride, padding and its mode, dilation) applied with other filters.
+    """The layer's geometry (stride, padding and its mode, dilation; a Linear: 1x1) applied with other filters.
 
-    ``x``: B x C_in x H x W; ``weight``: S x C_in x kh x kw; ``bias``: S or None -> B x S x H' x W'.
-    How every sub-channel (D_j, Res, many rhos or channels at once) is computed from the layer input.
+    ``x``: B x C_in x H x W (``Unit.counted``); ``weight``: S x C_in x kh x kw; ``bias``: S or None
+    -> B x S x H' x W'. How every sub-unit (D_j, Res, many rhos or channels at once) is computed.
     """
-    return conv._conv_forward(x, weight.to(device=x.device, dtype=x.dtype),
-                              None if bias is None else bias.to(device=x.device, dtype=x.dtype))
+    return as_unit(layer).apply(x, weight, bias)

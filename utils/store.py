@@ -191,6 +191,11 @@ class Store:
         return self.meta.get("class_index") or {f: t for t, f in enumerate(self.meta["classes"])}
 
     @property
+    def positions(self) -> str:
+        """Which positions of the layer count: ``all``, or ``cls`` (a Linear on tokens: the class token alone)."""
+        return self.meta.get("positions", "all")
+
+    @property
     def num_channels(self) -> int:
         return int(self.meta["out_channels"])
 

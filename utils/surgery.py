@@ -4,7 +4,8 @@ A layer ``L`` (``C`` outputs) with splits ``s_1 .. s_m`` becomes ``nn.Sequential
 ``expanded`` has the original filters with filter ``c`` of each split replaced by its ``D_1`` and, per
 split in order, ``k`` more filters appended (``D_2 .. D_k``, then ``Res``); ``merge`` is a 1x1 conv
 (no bias) that copies the first ``C`` channels and adds ``+D_2 .. +D_k`` and ``-(k - 1) Res`` into
-channel ``c``. Both are plain ``nn.Conv2d``, so the result is an ordinary module tree; everything
+channel ``c``. For a Conv2d both are plain ``nn.Conv2d``; for a position-wise Linear both are plain
+``nn.Linear`` (``merge``: ``C + sum k -> C``, no bias), so the result is an ordinary module tree; everything
 after ``L`` is untouched and the logits are unchanged up to float rounding.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .errors import UserError
 from .files import save_torch
 from .models import build_model, get_layer, set_module
 from .split import Split
+from .units import Unit, as_unit, filters
 
 if TYPE_CHECKING:
     from .image_pass import Runner
@@ -36,9 +38,11 @@ def appended_channels(conv_channels: int, splits: list[Split]) -> list[list[int]
     return out
 
 
-def make_split_layer(conv: nn.Conv2d, splits: list[Split]) -> nn.Sequential:
-    """Replace ``conv`` by ``Sequential(expanded, merge)`` computing the same output, split channels apart."""
-    C = conv.out_channels
+def make_split_layer(layer: Unit | nn.Module, splits: list[Split]) -> nn.Sequential:
+    """Replace ``layer`` (a Conv2d or a Linear) by ``Sequential(expanded, merge)`` computing the same output, split
+    units apart."""
+    unit = as_unit(layer)
+    C = unit.out_channels
     if len({s.channel for s in splits}) != len(splits):
         raise UserError("the same channel is split twice in one layer")
     for s in splits:
@@ -46,23 +50,21 @@ def make_split_layer(conv: nn.Conv2d, splits: list[Split]) -> nn.Sequential:
             raise UserError(f"channel {s.channel} is outside the layer's {C} channels")
     where = appended_channels(C, splits)
     total = C + sum(s.k for s in splits)
-    kw = dict(device=conv.weight.device, dtype=conv.weight.dtype)
-    expanded = nn.Conv2d(conv.in_channels, total, conv.kernel_size, conv.stride, conv.padding, conv.dilation, 1,
-                         conv.bias is not None, conv.padding_mode, **kw)
-    merge = nn.Conv2d(total, C, 1, bias=False, **kw)
+    expanded, merge = unit.widened(total), unit.merge(total)
     with torch.no_grad():
-        w = conv.weight.detach()
-        expanded.weight[:C] = w
-        if conv.bias is not None:
-            expanded.bias[:C] = conv.bias.detach()
-        merge.weight.zero_()
-        merge.weight[torch.arange(C), torch.arange(C), 0, 0] = 1.0
+        w, bias = unit.weight.detach(), unit.bias
+        wide, mw = filters(expanded), filters(merge)  # views: C_out x C_in x kh x kw for both kinds
+        wide[:C] = w
+        if bias is not None:
+            expanded.bias[:C] = bias.detach()
+        mw.zero_()
+        mw[torch.arange(C), torch.arange(C), 0, 0] = 1.0
         for s, chans in zip(splits, where):
-            expanded.weight[chans] = s.weight().to(w)
-            merge.weight[s.channel, chans[1:-1], 0, 0] = 1.0
-            merge.weight[s.channel, chans[-1], 0, 0] = -float(s.k - 1)
-            if conv.bias is not None:  # every sub-channel gets the bias: k b - (k - 1) b = b
-                expanded.bias[chans] = conv.bias.detach()[s.channel]
+            wide[chans] = s.weight().to(w)
+            mw[s.channel, chans[1:-1], 0, 0] = 1.0
+            mw[s.channel, chans[-1], 0, 0] = -float(s.k - 1)
+            if bias is not None:  # every sub-unit gets the bias: k b - (k - 1) b = b
+                expanded.bias[chans] = bias.detach()[s.channel]
     layer = nn.Sequential(OrderedDict(expanded=expanded, merge=merge)).eval()
     for p in layer.parameters():
         p.requires_grad_(False)
@@ -73,8 +75,8 @@ def split_network(model: nn.Module, splits: dict[str, list[Split]], inplace: boo
     """``model`` with every layer named in ``splits`` replaced by its split layer (a copy unless ``inplace``)."""
     model = model if inplace else copy.deepcopy(model)
     for name, layer_splits in splits.items():
-        _, conv = get_layer(model, name)
-        set_module(model, name, make_split_layer(conv, layer_splits))
+        _, unit = get_layer(model, name)
+        set_module(model, name, make_split_layer(unit, layer_splits))
     return model.eval()
 
 
@@ -119,11 +121,11 @@ def load_checkpoint(path: str) -> nn.Module:
     sd = ck["state_dict"]
     model = build_model(ck["model"], head_size(sd, build_model(ck["model"])))
     for layer, channels in ck["splits"].items():
-        _, conv = get_layer(model, layer)
+        _, unit = get_layer(model, layer)
         ks = ck.get("k", {}).get(layer, [2] * len(channels))
-        zero = torch.zeros_like(conv.weight[0])
+        zero = torch.zeros_like(unit.weight[0])
         blanks = [Split(c, zero.expand(k, *zero.shape).clone(), zero) for c, k in zip(channels, ks)]
-        set_module(model, layer, make_split_layer(conv, blanks))
+        set_module(model, layer, make_split_layer(unit, blanks))
     model.load_state_dict(sd)
     return model.eval()
 

@@ -1,7 +1,8 @@
 """Top activating images of sub-channels (one streaming pass) and the purity score.
 
-A sub-channel's activation on an image is the spatial sum of its output map, before BatchNorm and ReLU
-(stage 4's activation): ``sum_hw conv(x, filter) + bias``. All sub-channels of any number of splits
+A sub-unit's activation on an image is the sum of its outputs over the positions that count, before
+BatchNorm and ReLU (stage 4's activation): ``sum_hw conv(x, filter) + bias``; where it looks is the
+maximum of its map over the image's grid (``utils.units.Unit.grid``: for a ViT the patch tokens). All sub-channels of any number of splits
 of one layer are one :class:`utils.split.FilterBank`, so the top-k search is a single streaming pass
 over the images, run only up to ``L``.
 """
@@ -17,6 +18,7 @@ from .data import ImageList, Preprocess
 from .image_pass import plain_batches
 from .relevance import layer_input
 from .split import FilterBank
+from .units import Unit, as_unit
 
 
 # ------------------------------------------------------------------ streaming top-k
@@ -27,8 +29,8 @@ class TopK:
     """Per sub-channel ``s``: the ``k`` largest activations, best first, over the images searched.
 
     ``values`` S x k (float32), ``indices`` S x k (dataset index = row of the stage-1 store for train/),
-    ``positions`` S x k x 2 (row, column of the maximum of the output map, in H' x W'),
-    ``labels`` S x k; ``out_hw`` = (H', W').
+    ``positions`` S x k x 2 (row, column of the maximum of the output map over the grid, in H' x W'),
+    ``labels`` S x k; ``out_hw`` = (H', W') of the grid.
     """
 
     keys: list[tuple[int, str]]
@@ -64,17 +66,20 @@ class TopKSearch:
     with the layer input; :meth:`result` gathers every rank's candidates and merges them in rank order, so
     that the result equals a single-process search (ties go to the image seen first in dataset order)."""
 
-    def __init__(self, bank: FilterBank, k: int, conv: nn.Conv2d):
-        self.bank, self.k, self.conv = bank.to(conv.weight.device), k, conv
+    def __init__(self, bank: FilterBank, k: int, unit: Unit | nn.Module):
+        self.unit = as_unit(unit)
+        self.bank, self.k = bank.to(self.unit.weight.device), k
         self.state: tuple[torch.Tensor, ...] | None = None
         self.out_hw = (0, 0)
 
     def add(self, x: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> None:
-        """One batch: its layer input ``x`` (B x C_in x H x W), dataset ``index`` and ``labels`` (B, host)."""
-        maps = self.bank.maps(self.conv, x).float()  # B x S x H' x W'
-        self.out_hw = tuple(maps.shape[-2:])
+        """One batch: its layer input ``x`` as the layer sees it, dataset ``index`` and ``labels`` (B, host)."""
+        unit = self.unit
+        grid = self.bank.maps(unit, unit.grid(x)).float()  # B x S x H' x W'
+        maps = self.bank.maps(unit, unit.counted(x)).float() if unit.tokens(x) else grid  # the positions that count
+        self.out_hw = tuple(grid.shape[-2:])
         act = maps.sum((2, 3)).T.cpu()  # S x B
-        pos = maps.flatten(2).argmax(-1).T.cpu()  # S x B, flat position of the maximum
+        pos = grid.flatten(2).argmax(-1).T.cpu()  # S x B, flat position of the maximum
         S, n = act.shape
         self.state = merge_topk(self.state, act, index[None].expand(S, n).long(), pos, labels[None].expand(S, n).long(),
                                 k=self.k)
@@ -97,7 +102,7 @@ class TopKSearch:
                     tuple(hw))
 
 
-def stream_topk(runner, model: nn.Module, conv: nn.Conv2d, bank: FilterBank, images: ImageList, k: int,
+def stream_topk(runner, model: nn.Module, conv: Unit | nn.Module, bank: FilterBank, images: ImageList, k: int,
                 preprocess: Preprocess | None = None, indices: list[int] | None = None, desc: str = "top-k") -> TopK:
     """One pass over ``images`` (or ``indices`` of them) run up to ``conv``: the top-``k`` images of every
     sub-channel of ``bank``. ``model`` and ``conv`` are on ``runner``'s device."""
