@@ -15,6 +15,7 @@ from tqdm import tqdm
 from .data import list_images, load_image
 from .errors import UserError
 from .files import save_torch
+from .models import model_tag
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -56,6 +57,9 @@ def recalibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor, batch_size: i
     0.01), which makes the eval-mode network near chance. Leaves the model in eval mode.
     """
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:  # a ViT: LayerNorm only, nothing to recalibrate (and no pass over x to spend)
+        model.eval()
+        return
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative moving average: the plain mean over all batches
@@ -68,26 +72,25 @@ def recalibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor, batch_size: i
 
 def train_classifier(data_dir: str, model_name: str, out_path: str, epochs: int = 3, batch_size: int = 32,
                      lr: float = 2e-3, seed: int = 0, max_train: int | None = None) -> dict:
-    """Train torchvision ``model_name`` from scratch on ``data_dir/train`` (eval transform, seeded).
+    """Train model ``model_name`` (any name ``utils.models.build_model`` knows: torchvision, ``timm/<name>``,
+    ``file.py:function``) from scratch on ``data_dir/train`` (eval transform, no augmentation, seeded: the
+    same seed gives the same weights).
 
     Saves the state_dict to ``out_path`` (atomically) and returns train/val accuracy and seconds.
     """
-    import torchvision
-
     torch.manual_seed(seed)
     x, y = _tensors(data_dir, "train")
     if max_train:
         keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:max_train]
         x, y = x[keep], y[keep]
     xv, yv = _tensors(data_dir, "val")
-    k = int(y.max()) + 1
-    model = torchvision.models.get_model(model_name, weights=None, num_classes=k)
+    model = _untrained(model_name, int(y.max()) + 1, x[:1])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((len(y) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
     g = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"train {model_name}", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, desc=f"train {model_tag(model_name)}", unit="step", dynamic_ncols=True)
     for _ in range(epochs):
         model.train()
         perm = torch.randperm(len(y), generator=g)
@@ -107,3 +110,18 @@ def train_classifier(data_dir: str, model_name: str, out_path: str, epochs: int 
                            .float().mean()) for name, xx, yy in (("train", x, y), ("val", xv, yv))}
     save_torch(out_path, model.state_dict())
     return {"train_accuracy": acc["train"], "val_accuracy": acc["val"], "seconds": time.perf_counter() - start}
+
+
+def _untrained(model_name: str, classes: int, probe: torch.Tensor) -> torch.nn.Module:
+    """``model_name`` freshly initialised (from torch's generator as seeded by the caller) with ``classes``
+    outputs, trainable; a model with another number of outputs (an own file's fixed head) is one line."""
+    from .models import build_model
+
+    model = build_model(model_name, classes)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with torch.no_grad():
+        out = model.eval()(probe).shape[-1]
+    if out != classes:
+        raise UserError(f"{model_name} has {out} outputs; the digits have {classes} classes")
+    return model

@@ -127,6 +127,10 @@ def write_layer_report(path: str, summary: dict, ev, files: dict, names, seconds
                  + f"; mean over the concepts above {_pct(b['mean'])}"],
                 ["seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())],
                 ["the whole network", f'<code>{_e(summary["export"])}</code>']]
+    if summary.get("unit") == "Linear":
+        where = "the class token alone" if summary["positions"] == "cls" else "every token or cell"
+        settings.insert(3, ["units", f"the Linear layer's output neurons (called channels below), applied at every "
+                                     f"position; the positions that count: {where} ({summary['positions']})"])
     settings += [[_e(k), _e(v)] for k, v in (notes or {}).items()]
     page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(summary['model'])} {_e(summary['layer'])}"
             f"</title><style>{CSS}</style></head><body>",

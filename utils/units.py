@@ -160,9 +160,11 @@ def as_unit(layer: "Unit | nn.Module") -> Unit:
 def resolve_positions(model: nn.Module, module: nn.Module, requested: str, side: int, device=None) -> str:
     """The positions that count for ``module`` in ``model`` (``requested``: auto, all or cls).
 
-    ``auto`` measures which positions reach the logits: the gradient of the logits' sum at the layer's output
-    on two noise images of ``side`` px. A Linear on tokens whose class token alone reaches them (a ViT's last
-    block, read through its class token) gets ``cls``; everything else ``all``.
+    ``auto`` measures which positions reach the logits: the gradient, at the layer's output on two noise images
+    of ``side`` px, of a random projection of what the head reads (the input of the last layer with weights to
+    run, so that a head initialised to zero, as torchvision's ViT's is, still tells). A Linear on tokens whose
+    class token alone reaches it (a ViT's last block, read through its class token) gets ``cls``; everything
+    else ``all``.
     """
     if requested not in POSITIONS:
         raise UserError(f"--positions must be one of {', '.join(POSITIONS)}, not {requested!r}")
@@ -170,14 +172,34 @@ def resolve_positions(model: nn.Module, module: nn.Module, requested: str, side:
         return Unit(module, "all" if requested == "auto" else requested).positions
     if requested == "all":
         return "all"
-    from .relevance import capture_layer
-
-    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0)).to(device or module.weight.device)
-    with torch.enable_grad(), capture_layer(module, grad=True) as cap:
-        (g,) = torch.autograd.grad(model(x).float().sum(), cap.a)
+    g = _output_gradient(model, module, side, device or module.weight.device)
     if g.dim() != 3:
         if requested == "cls":
             raise UserError(f"--positions cls needs a Linear on tokens (B, tokens, C); this one sees {tuple(g.shape)}")
         return "all"
     reach = g.abs().sum((0, 2)) > 0
     return "cls" if requested == "cls" or (bool(reach[0]) and not bool(reach[1:].any())) else "all"
+
+
+def _output_gradient(model: nn.Module, module: nn.Module, side: int, device) -> torch.Tensor:
+    """The gradient at ``module``'s output of a random projection of the head's input (else of the logits)."""
+    from .relevance import capture_layer
+
+    seen: dict[str, torch.Tensor] = {}
+    leaves = [m for m in model.modules() if not next(m.children(), None) and next(m.parameters(), None) is not None]
+    hooks = [m.register_forward_hook(lambda _m, i, _o: seen.__setitem__("head_input", i[0])) for m in leaves]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, side, side, generator=gen).to(device)
+    try:
+        with torch.enable_grad(), capture_layer(module, grad=True) as cap:
+            logits = model(x)
+            for target in (seen.get("head_input"), logits):
+                if isinstance(target, torch.Tensor) and target.requires_grad:
+                    r = torch.randn(target.shape, generator=gen).to(target.device)
+                    (g,) = torch.autograd.grad((target.float() * r).sum(), cap.a, retain_graph=True, allow_unused=True)
+                    if g is not None and bool(g.abs().sum() > 0):
+                        return g
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.zeros_like(cap.a)
