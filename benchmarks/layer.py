@@ -29,6 +29,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/stage1.py's image maker
 
 
@@ -39,6 +40,27 @@ def call(script: str, *args: str) -> float:
     if r.returncode != 0:
         sys.exit(f"{script} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
     return time.perf_counter() - t0
+
+
+def live_head(args: argparse.Namespace, work: str) -> None:
+    """``--weights none`` with a head initialised to zero (torchvision's ViT): no relevance would reach any unit,
+    so the benchmark uses a checkpoint of the same random model with a random normal head (said once)."""
+    import torch
+
+    from utils.models import load_model
+
+    model = load_model(args.model, "none").model
+    zero = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not m.weight.any()]
+    if args.weights != "none" or not zero:
+        return
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n in zero:
+            w = model.get_submodule(n).weight
+            w.copy_(torch.randn(w.shape, generator=g) * 0.02)
+    args.weights = os.path.join(work, "random_live_head.pt")
+    torch.save(model.state_dict(), args.weights)
+    print(f"--weights none: {', '.join(zero)} started at zero; using the same random model with a random head")
 
 
 def made_data(args: argparse.Namespace, work: str, store: str) -> float:
@@ -64,6 +86,7 @@ def main(args: argparse.Namespace) -> None:
             shutil.copytree(args.store_dir, store, ignore=shutil.ignore_patterns(
                 "models_disentangled", "layer_disentangled", "results_*"))
         else:
+            live_head(args, work)
             print(f"stage 1: {made_data(args, work, store):.1f} s")
         common = ["--data_dir", args.data_dir, "--model", args.model, "--weights", args.weights, "--num_workers",
                   str(args.num_workers), "--batch_size", str(args.batch_size), "--no_progress"]
