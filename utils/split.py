@@ -8,6 +8,11 @@ For channel ``c`` of a Conv2d ``L`` with filter ``W[c]`` (C_in x kh x kw) and th
     sum_j D_j - (k - 1) Res = W[c]
 
 For k = 2 this is the paper's rule: S1 = {rho A1 > A2}, S2 = {not S1, rho A2 > A1}; D1 + D2 - Res = W[c].
+
+The ``positive`` rule adds one condition: input k' may go to S_j only where A_j[k'] > 0 (it excites concept j
+on average); every other input is shared. An input that inhibits on average then stays in every concept
+filter, instead of being taken from the others, which would fire without their inhibition. The order
+(first j), the rho sweep and the identity are unchanged.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import Iterable
 import torch
 
 RHOS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05, 0.10, ..., 1.00
+SPLIT_RULES = ("paper", "positive")
 
 
 def sub_names(k: int) -> tuple[str, ...]:
@@ -24,16 +30,20 @@ def sub_names(k: int) -> tuple[str, ...]:
     return tuple(f"D{j}" for j in range(1, k + 1)) + ("Res",)
 
 
-def assign_inputs(A: torch.Tensor, rho: float) -> torch.Tensor:
+def assign_inputs(A: torch.Tensor, rho: float, rule: str = "paper") -> torch.Tensor:
     """Which set each input channel goes to (C_in, int64): j in 1..k for S_j, 0 for the shared S_0.
 
-    ``A``: the concepts' ARVs, k x C_in, compared as signed values.
+    ``A``: the concepts' ARVs, k x C_in, compared as signed values; ``rule``: ``paper`` or ``positive`` (an
+    input may go to S_j only where A_j > 0).
     """
+    if rule not in SPLIT_RULES:
+        raise ValueError(f"split rule must be one of {SPLIT_RULES}, not {rule!r}")
     A = A.double()
     out = torch.zeros(A.shape[1], dtype=torch.int64)
     for j in range(A.shape[0]):
         others = torch.cat([A[:j], A[j + 1:]]).max(0).values
-        out[(rho * A[j] > others) & (out == 0)] = j + 1
+        mine = (rho * A[j] > others) & (out == 0)
+        out[mine & (A[j] > 0) if rule == "positive" else mine] = j + 1
     return out
 
 
@@ -97,11 +107,12 @@ class Sweep:
         return torch.tensor(starts), torch.tensor(inverse)
 
 
-def sweep(weight_c: torch.Tensor, A: torch.Tensor, rhos: Iterable[float] = RHOS) -> Sweep:
-    """Index sets and filters for every rho, from filter ``W[c]`` (C_in x kh x kw) and ARVs ``A`` (k x C_in)."""
+def sweep(weight_c: torch.Tensor, A: torch.Tensor, rhos: Iterable[float] = RHOS, rule: str = "paper") -> Sweep:
+    """Index sets and filters for every rho, from filter ``W[c]`` (C_in x kh x kw) and ARVs ``A`` (k x C_in),
+    by the split ``rule`` (``paper`` or ``positive``)."""
     rhos = [float(r) for r in rhos]
     k = A.shape[0]
-    assign = torch.stack([assign_inputs(A, r) for r in rhos])
+    assign = torch.stack([assign_inputs(A, r, rule) for r in rhos])
     parts = [split_filters(weight_c, a, k) for a in assign]
     D, Res = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
     w = weight_c.detach().double()
