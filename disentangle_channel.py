@@ -31,6 +31,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--check_images", type=positive_int, default=32, metavar="N",
                    help="concept images on which the original and the disentangled network's logits are "
                         "compared (full forwards; default: 32)")
+    g.add_argument("--split_rule", choices=("paper", "positive"), default="paper",
+                   help="paper: an input goes to the first concept j with rho * A_j > every other A_l (the paper's "
+                        "rule, default); positive: the same, but only where A_j > 0, so that inputs that inhibit on "
+                        "average stay shared (the record's folder name ends in _positive)")
     g.add_argument("--export", metavar="PATH", type=output_path, default=None,
                    help="also save the whole disentangled network (best rho) as a checkpoint "
                         "(utils.surgery.load_checkpoint rebuilds it)")
@@ -53,7 +57,7 @@ def main(args: argparse.Namespace) -> None:
                            concepts=required_concepts(args), model=args.model, weights=args.weights, layer=args.layer,
                            batch_size=args.batch_size, device=device, num_workers=args.num_workers,
                            class_index=args.class_index, progress=not args.no_progress,
-                           check_images=args.check_images, rank=rank, world_size=world)
+                           check_images=args.check_images, split_rule=args.split_rule, rank=rank, world_size=world)
         lm = load_model(args.model, args.weights)
         rec, sw = disentangle_channel(cfg, loaded=lm, check=lambda c: check_channels(
             args.nr_channels_in_layer_of_interest, c, f"layer {args.layer or 'last_conv'}"))

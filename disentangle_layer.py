@@ -12,7 +12,7 @@ checked against the original's logits on validation images; every split is evalu
 validation images (stage 4) and by the purity of its channels' top validation images (one top-k pass),
 against random other channels of the layer as a baseline.
 
-Writes STORE_DIR/layer_disentangled/<model>_<layer>_required<tau>_p<p>_cossim<gamma>/: layer.json,
+Writes STORE_DIR/layer_disentangled/<model>_<layer>_required<tau>_p<p>_cossim<gamma>[_positive]/: layer.json,
 disentangled.pt (the whole network, utils.surgery.load_checkpoint), results_quantitative/, plots/,
 pictures/ and report.html; and one record per channel in STORE_DIR/models_disentangled/ (so that
 get_results.py and visualize_channel.py work on each channel too).
@@ -40,6 +40,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "concepts (default: 2)")
     g.add_argument("--max_channels", type=positive_int, default=None, metavar="N",
                    help="split at most N channels: those whose concepts are least alike first (default: all)")
+    g.add_argument("--split_rule", choices=("paper", "positive"), default="paper",
+                   help="paper: an input goes to the first concept j with rho * A_j > every other A_l (default); "
+                        "positive: only where A_j > 0, inputs that inhibit on average stay shared")
     o = p.add_argument_group("evaluation and pictures")
     o.add_argument("--check_images", type=positive_int, default=32, metavar="N",
                    help="validation images on which the one network's logits are checked (default: 32)")
@@ -72,14 +75,14 @@ def main(args: argparse.Namespace) -> dict | None:
                           tau=args.tau, p=args.p, gamma_high=args.cos_sim_high, channels=args.channels,
                           min_concepts=args.min_concepts, max_channels=args.max_channels,
                           check_images=args.check_images, top_k=args.top_k, baseline=args.baseline_channels,
-                          seed=args.seed, out_dir=args.out_dir,
+                          seed=args.seed, out_dir=args.out_dir, split_rule=args.split_rule,
                           fv=FVConfig(steps=args.fv_steps, seed=args.seed) if args.fv_steps > 0 else None)
         out = disentangle_layer(cfg, loaded=lm)
     if rank != 0:  # rank 0 alone prints and writes
         return None
     print_layer(out, args.top_k)
-    write_json_output(args.json, {k: out[k] for k in ("channels", "baseline_purity", "max_abs_logit_diff", "export",
-                                                      "seconds", "report")})
+    write_json_output(args.json, {k: out[k] for k in ("split_rule", "channels", "baseline_purity", "max_abs_logit_diff",
+                                                      "export", "seconds", "report")})
     return out
 
 

@@ -167,3 +167,22 @@ def test_every_pass_of_the_layer_command_feeds_images_through_the_models_transfo
     passes = [d for d, _ in seen]
     assert "scoring" in passes and "validation" in passes
     assert all(t is lm.preprocess for d, t in seen if d in ("scoring", "validation")), seen
+
+
+def test_positive_rule_names_its_records_and_report_and_keeps_the_logits(planted4, tmp_path):
+    r, js = _layer(planted4, tmp_path, "--split_rule", "positive", "--baseline_channels", "0")
+    assert r.returncode == 0, r.stderr
+    assert js["split_rule"] == "positive" and js["max_abs_logit_diff"] <= 1e-5
+    for c, ch in js["channels"].items():
+        rec = json.load(open(os.path.join(ch["record"], "record.json")))
+        assert rec["split_rule"] == "positive" and ch["record"].endswith("_positive_layer")
+        best = ch["sources"][f"{ch['best_rho']:.2f}"]
+        assert sorted(sum(best.values(), [])) == list(range(10))  # a partition of the inputs
+    page = open(tmp_path / "out" / "report.html").read()
+    assert "only inputs with A_j &gt; 0 can be exclusive to concept j" in page
+    r2, paper = _layer(planted4, tmp_path / "paper", "--baseline_channels", "0")
+    assert r2.returncode == 0 and paper["split_rule"] == "paper"
+    for c, ch in paper["channels"].items():  # the paper's records keep their names and keys
+        rec = json.load(open(os.path.join(ch["record"], "record.json")))
+        assert "split_rule" not in rec and ch["record"].endswith(f"channel{c}_" + ch["record"].split(f"channel{c}_")[1])
+        assert not ch["record"].endswith("_positive_layer")

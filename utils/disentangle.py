@@ -26,7 +26,7 @@ from .models import LoadedModel, get_layer, load_model
 from .records import CHANNEL_COMMAND, Record, make_record
 from .relevance import layer_input
 from .scoring import Scored, batch_ratio_sums, best_index, score_filters, scores_from_sums
-from .split import Sweep, sweep
+from .split import SPLIT_RULES, Sweep, sweep
 from .store import training_images
 from .surgery import logit_check, split_network
 from .units import Unit, as_unit, unit_at
@@ -39,6 +39,12 @@ class Stage3Config(RunOptions):
     channel: int
     concepts: list[list[int]] = field(default_factory=list)  # the classes of concept 1, 2, ...
     check_images: int = 32
+    split_rule: str = "paper"  # or "positive" (utils.split)
+
+
+def check_split_rule(rule: str) -> None:
+    if rule not in SPLIT_RULES:
+        raise UserError(f"--split_rule must be one of {', '.join(SPLIT_RULES)}, not {rule!r}")
 
 
 def check_indices(groups: list[list[int]], n: int) -> list[int]:
@@ -63,6 +69,7 @@ def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, ch
         raise UserError("--batch_size must be at least 1")
     if cfg.check_images < 1:
         raise UserError("--check_images must be at least 1")
+    check_split_rule(cfg.split_rule)
     lm = loaded or load_model(cfg.model, cfg.weights)
     layer, unit = get_layer(lm.model, cfg.layer)
     if check is not None:
@@ -70,7 +77,7 @@ def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, ch
     check_channel(cfg.channel, unit.out_channels, layer)
     concepts = normalise(cfg.concepts)
     store, images = _store_and_images(cfg, lm, layer, concepts)
-    sw = sweep(unit.weight.detach()[cfg.channel].cpu(), concept_arvs(store, cfg.channel, concepts))
+    sw = sweep(unit.weight.detach()[cfg.channel].cpu(), concept_arvs(store, cfg.channel, concepts), rule=cfg.split_rule)
     runner = Runner.of(cfg)
     model = runner.model(lm.model)
     keep = check_indices([images.indices_of(cs) for cs in concepts], cfg.check_images)
@@ -80,7 +87,8 @@ def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, ch
     net = split_network(model, {layer: [sw.split(cfg.channel, best)]})
     diff = logit_check(runner, model, net, kept, f"on {len(keep)} concept images")
     scored = Scored(cfg.channel, concepts, sw, scores, counts, best)
-    record = make_record(lm, layer, store, cfg.data_dir, scored, diff, len(keep), CHANNEL_COMMAND, seconds)
+    record = make_record(lm, layer, store, cfg.data_dir, scored, diff, len(keep), CHANNEL_COMMAND, seconds,
+                         cfg.split_rule)
     return record, sw
 
 

@@ -26,7 +26,7 @@ from .cli import RunOptions
 from .concepts import check_channel, data_class_map
 from .data import ImageList, list_images
 from .defaults import DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
-from .disentangle import check_indices, score_channels
+from .disentangle import check_indices, check_split_rule, score_channels
 from .errors import UserError
 from .featvis import FVConfig
 from .files import check_writable
@@ -58,15 +58,17 @@ class LayerConfig(RunOptions):
     seed: int = 0
     out_dir: str | None = None  # default: STORE_DIR/layer_disentangled/<name>
     notes: dict = field(default_factory=dict)  # more rows for the report's settings (the demo's model)
+    split_rule: str = "paper"  # or "positive" (utils.split)
 
 
-def layer_name(tag: str, layer: str, tau: float, p: float, gamma: float) -> str:
-    """``<model>_<layer>_required<tau>_p<p>_cossim<gamma>``: the folder of one layer's disentanglement."""
-    return f"{tag}_{layer}_required{float(tau)}_p{float(p)}_cossim{float(gamma)}"
+def layer_name(tag: str, layer: str, tau: float, p: float, gamma: float, rule: str = "paper") -> str:
+    """``<model>_<layer>_required<tau>_p<p>_cossim<gamma>[_positive]``: the folder of one layer's disentanglement."""
+    return f"{tag}_{layer}_required{float(tau)}_p{float(p)}_cossim{float(gamma)}" + ("" if rule == "paper" else f"_{rule}")
 
 
 def check_layer_config(cfg: LayerConfig, out_channels: int, layer: str) -> None:
     """The layer command's numbers, in its own words; a UserError before anything is read."""
+    check_split_rule(cfg.split_rule)
     if cfg.min_concepts < 2:
         raise UserError(f"--min_concepts must be at least 2 (a channel with one concept has nothing to split), "
                         f"not {cfg.min_concepts}")
@@ -139,7 +141,7 @@ def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=p
 
     def write() -> dict:
         records = {s.channel: make_record(lm, layer, store, cfg.data_dir, s, ev.logit_diff, ev.checked,
-                                          LAYER_COMMAND, score_seconds) for s in scored}
+                                          LAYER_COMMAND, score_seconds, cfg.split_rule) for s in scored}
         for s in scored:
             rec = records[s.channel]
             rec.dir = os.path.join(cfg.store_dir, "models_disentangled", rec.name())
@@ -160,7 +162,7 @@ def _prepare(cfg: LayerConfig, runner: Runner, lm: LoadedModel, layer: str, log)
         raise UserError(f"no channel of {layer} has {cfg.min_concepts} or more concepts at tau {cfg.tau}, p {cfg.p}, "
                         f"gamma {cfg.gamma_high}: lower --p or raise --cos_sim_high")
     out = cfg.out_dir or os.path.join(cfg.store_dir, "layer_disentangled",
-                                      layer_name(lm.tag, layer, cfg.tau, cfg.p, cfg.gamma_high))
+                                      layer_name(lm.tag, layer, cfg.tau, cfg.p, cfg.gamma_high, cfg.split_rule))
     if runner.lead:
         check_writable(out)
         check_writable(os.path.join(cfg.store_dir, "models_disentangled"))
@@ -174,7 +176,7 @@ def _score(cfg: LayerConfig, runner: Runner, store: st.Store, model, unit: Unit,
            concepts: dict[int, list[list[int]]], preprocess, log) -> tuple[list[Scored], float]:
     """Every channel's sweep, scored in one pass over the union of the concepts' training images."""
     weight = unit.weight.detach().cpu()
-    sweeps = {c: sweep(weight[c], concept_arvs(store, c, cs)) for c, cs in concepts.items()}
+    sweeps = {c: sweep(weight[c], concept_arvs(store, c, cs), rule=cfg.split_rule) for c, cs in concepts.items()}
     classes = sorted({t for cs in concepts.values() for c in cs for t in c})
     images = training_images(store, cfg.data_dir, classes, cfg.class_index)
     got, seconds, _ = score_channels(runner, model, unit, images, [(c, cs, sweeps[c]) for c, cs in concepts.items()],

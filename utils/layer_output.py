@@ -228,7 +228,7 @@ def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelF
     positions = next(iter(files.values())).record.positions  # None: a Conv2d layer (its summary is as before)
     kind = {} if positions is None else {"unit": "Linear", "positions": positions}
     return {"model": lm.name, "weights": lm.weights, "layer": layer, **kind, "tau": cfg.tau, "p": cfg.p,
-            "gamma_high": cfg.gamma_high, "top_k": cfg.top_k, "channels": channels,
+            "gamma_high": cfg.gamma_high, "split_rule": cfg.split_rule, "top_k": cfg.top_k, "channels": channels,
             "baseline_purity": {"channels": base.channels, "by_classes": {str(n): base.share(n) for n in sizes},
                                 "mean": _mean([v for r in ev.channels for v in r.baseline]),
                                 "concept_channels_mean": _mean([v for r in ev.channels for v in r.after])},

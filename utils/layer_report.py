@@ -117,6 +117,10 @@ def write_layer_report(path: str, summary: dict, ev, files: dict, names, seconds
     ks = sorted({len(r.concepts) for r in ev.channels})
     settings = [["model", _e(summary["model"])], ["weights", _e(summary["weights"])], ["layer", _e(summary["layer"])],
                 ["tau, p, gamma", f"{summary['tau']}, {summary['p']}, {summary['gamma_high']}"],
+                ["split rule", _e("the paper's (an input goes to the first concept j with rho A_j above every other A_l)"
+                                  if summary["split_rule"] == "paper" else "positive (as the paper's, but only inputs "
+                                  "with A_j > 0 can be exclusive to concept j; inputs that inhibit on average stay "
+                                  "shared)")],
                 ["split channels", f"{len(ev.channels)} (k = {', '.join(map(str, ks))})"],
                 ["one network, max |logit difference|", f'<b class="{"ok" if diff <= MAX_LOGIT_DIFF else "bad"}">'
                  f'{diff:.2e}</b> on {summary["checked_images"]} validation images'],

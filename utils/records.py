@@ -21,9 +21,11 @@ from .split import Split, Sweep, sub_names
 from .units import Unit, unit_at
 
 RECORD_VERSION = 1
+OPTIONAL = ("positions", "split_rule")  # written only when set, so that a Conv2d split by the paper's rule reads as before
 CHANNEL_COMMAND = "disentangle_channel.py"
 LAYER_COMMAND = "disentangle_layer.py"
 LAYER_SUFFIX = "_layer"  # a layer command's record never replaces disentangle_channel.py's of the same concepts
+RULE_SUFFIX = "_positive"  # nor does a split by the positive rule replace the paper's
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Record:
     filters: str = "filters.pt"
     command: str | None = None  # what made it: disentangle_channel.py or disentangle_layer.py (None: older records)
     positions: str | None = None  # a Linear layer's positions that count (all, cls); None: a Conv2d (all)
+    split_rule: str | None = None  # "positive"; None: the paper's rule (records of the paper's rule are as before)
     format_version: int = RECORD_VERSION
     dir: str | None = field(default=None, compare=False)  # the folder it was read from (not stored)
 
@@ -67,6 +70,7 @@ class Record:
 
         tag = model_tag(self.model)
         name = record_name(tag if self.default_layer else f"{tag}_{self.layer}", self.channel, self.concepts)
+        name += RULE_SUFFIX if self.split_rule == "positive" else ""
         return name + LAYER_SUFFIX if self.command == LAYER_COMMAND else name
 
     def to_json(self) -> dict:
@@ -75,7 +79,7 @@ class Record:
         for f in dataclasses.fields(self):
             if f.name == "concepts":
                 out.update({f"classes_for_concept{j}": list(cs) for j, cs in enumerate(self.concepts, 1)})
-            elif f.name not in ("format_version", "dir") and not (f.name == "positions" and self.positions is None):
+            elif f.name not in ("format_version", "dir") and not (f.name in OPTIONAL and getattr(self, f.name) is None):
                 out[f.name] = getattr(self, f.name)
         return out
 
@@ -89,8 +93,9 @@ class Record:
 
 
 def record_keys(k: int = 2) -> set[str]:
-    """The keys of a ``record.json`` with ``k`` concepts (a Linear layer's records add ``positions``)."""
-    return ({f.name for f in dataclasses.fields(Record)} - {"concepts", "dir", "positions"}) | {
+    """The keys of a ``record.json`` with ``k`` concepts (a Linear layer's records add ``positions``, the positive
+    rule's ``split_rule``)."""
+    return ({f.name for f in dataclasses.fields(Record)} - {"concepts", "dir", *OPTIONAL}) | {
         f"classes_for_concept{j}" for j in range(1, k + 1)}
 
 
@@ -104,9 +109,10 @@ def rho_key(rho: float) -> str:
 
 
 def make_record(lm, layer: str, store, data_dir: str, scored, diff: float, checked: int, command: str,
-                seconds: float) -> Record:
+                seconds: float, split_rule: str = "paper") -> Record:
     """The record of one scored channel (a :class:`utils.scoring.Scored`), made by ``command`` from ``store``:
-    the one factory of stage 3 and the layer command. ``seconds``: the scoring pass that scored it."""
+    the one factory of stage 3 and the layer command. ``seconds``: the scoring pass that scored it; ``split_rule``:
+    the rule of its sweep."""
     from .models import default_layer
 
     unit, sw = unit_at(lm.model, layer, store.positions), scored.sweep
@@ -120,7 +126,7 @@ def make_record(lm, layer: str, store, data_dir: str, scored, diff: float, check
         sources={rho_key(r): sw.sources(i) for i, r in enumerate(sw.rhos)}, max_abs_logit_diff=diff,
         equivalence_images=checked, train_images={f"concept{j}": n for j, n in enumerate(scored.counts, 1)},
         seconds=seconds, images_per_second=sum(scored.counts) / max(seconds, 1e-9), command=command,
-        positions=unit.positions if unit.linear else None)
+        positions=unit.positions if unit.linear else None, split_rule=None if split_rule == "paper" else split_rule)
 
 
 def save_record(folder: str, record: Record, sw: Sweep) -> list[str]:
@@ -163,7 +169,8 @@ def find_record(model_dir: str, head: str, channel: int, concepts: list[list[int
     wanted = record_name(head, channel, concepts)
     prefix = f"{head}_channel{channel}_"
     entries = sorted(os.listdir(model_dir))
-    for suffix in ("", LAYER_SUFFIX):  # disentangle_channel.py's record first, then the layer command's
+    # disentangle_channel.py's record first, then the layer command's; the paper's rule before the positive one
+    for suffix in ("", LAYER_SUFFIX, RULE_SUFFIX, RULE_SUFFIX + LAYER_SUFFIX):
         for entry in entries:
             tail = entry[len(prefix):]
             if not entry.startswith(prefix) or not tail.endswith(suffix):
