@@ -90,12 +90,15 @@ def print_layer(out: dict, top_k: int) -> None:
     """One line per split channel (k, best rho, purity before, after and its baseline, concepts), the baseline,
     the logit check and the report's path."""
     rows = sorted(out["channels"].items(), key=lambda kv: -kv[1]["purity_gain"])
-    print(f"{'channel':>7} {'k':>2} {'best rho':>8} {'purity before':>14} {'after':>14} {'baseline':>14}  concepts")
+    print(f"{'channel':>7} {'k':>2} {'best rho':>8} {'purity before':>14} {'after':>14} {'baseline':>14} "
+          f"{'AUC before':>17} {'after':>17}  concepts")
     for c, ch in rows:
         before, after, base = ("/".join("-" if v is None else f"{v:.0%}" for v in ch["purity"][key])
                                for key in ("original", "concepts", "baseline"))
+        auc = ["/".join("-" if v is None else f"{v:.2f}" for v in ch["auc"][key]) for key in ("original", "concepts")]
         names = " | ".join(", ".join(n) for n in ch["class_names"])
-        print(f"{c:>7} {len(ch['concepts']):>2} {ch['best_rho']:>8.2f} {before:>14} {after:>14} {base:>14}  {names}")
+        print(f"{c:>7} {len(ch['concepts']):>2} {ch['best_rho']:>8.2f} {before:>14} {after:>14} {base:>14} "
+              f"{auc[0]:>17} {auc[1]:>17}  {names}")
     b = out["baseline_purity"]
     if b["mean"] is not None:
         print(f"purity of the concept channels: {b['concept_channels_mean']:.0%}; baseline: {len(b['channels'])} "

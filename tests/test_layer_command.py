@@ -186,3 +186,17 @@ def test_positive_rule_names_its_records_and_report_and_keeps_the_logits(planted
         rec = json.load(open(os.path.join(ch["record"], "record.json")))
         assert "split_rule" not in rec and ch["record"].endswith(f"channel{c}_" + ch["record"].split(f"channel{c}_")[1])
         assert not ch["record"].endswith("_positive_layer")
+
+
+def test_auc_of_every_validation_image_in_layer_json(planted4, tmp_path):
+    from conftest import COLOURS
+
+    r, js = _layer(planted4, tmp_path, "--baseline_channels", "0")
+    assert r.returncode == 0, r.stderr
+    for c, ch in js["channels"].items():
+        auc = ch["auc"]
+        assert auc["images"] == 5 * len(COLOURS) and auc["images_in_concept"] == [5 * len(cs) for cs in ch["concepts"]]
+        # each concept channel fires on its own colours alone: every image of its concept above every other one
+        assert auc["concepts"] == [1.0, 1.0], (c, auc)
+        # the original channel fires on both concepts: for either, the other concept's images outrank some
+        assert all(a < 1.0 for a in auc["original"]), (c, auc)

@@ -32,6 +32,7 @@ from .relevance import layer_input, relevance_batch
 from .split import FilterBank, Split, filter_bank, sub_names
 from .surgery import max_logit_diff
 from .topk import TopK, TopKSearch, purity
+from .selectivity import concept_aucs
 from .units import Unit, as_unit, unit_at
 
 
@@ -101,6 +102,7 @@ class TopKRequest:
 
     bank: FilterBank
     k: int
+    keep_all: bool = False  # also every image's activation of every sub-channel (for the AUC)
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ def evaluate_splits(runner: Runner, model: nn.Module, conv: Unit | nn.Module, sp
             users.setdefault(t, []).append(si)
     indices = range(len(images)) if search else images.indices_of(users)
     ip = runner.image_pass(images, class_batches(images, indices, runner.batch_size), preprocess, "validation")
-    top = TopKSearch(search.bank, search.k, conv) if search else None
+    top = TopKSearch(search.bank, search.k, conv, search.keep_all) if search else None
 
     def step(batches) -> tuple[list[torch.Tensor], float]:  # per split, rows: index, label, rel, orig, d_1.., res
         rows = [[torch.zeros(0, 4 + s.k + 1, dtype=torch.float64)] for s in splits]
@@ -246,7 +248,7 @@ def run_stage4(cfg: Stage4Config, loaded: LoadedModel | None = None, log=print) 
             + "; ".join(f"concept {j}: {', '.join(lab)}" for j, lab in enumerate(labels, 1)))
     model = runner.model(ev.lm.model)
     conv = unit_at(model, ev.layer, ev.record.positions)
-    search = TopKRequest(filter_bank(conv, [ev.split]), cfg.purity_k) if cfg.purity_k > 0 else None
+    search = TopKRequest(filter_bank(conv, [ev.split]), cfg.purity_k, keep_all=True) if cfg.purity_k > 0 else None
     val = evaluate_splits(runner, model, conv, [ev.split], [ev.concepts], ev.images, ev.lm.preprocess, search)
     acts = val.acts[ev.split.channel]
     if not runner.lead:
@@ -266,9 +268,12 @@ def run_stage4(cfg: Stage4Config, loaded: LoadedModel | None = None, log=print) 
             out["csv"].append(q["csv"])
     if val.top is not None:
         out["purity"] = split_purity(val.top, ev.split, ev.concepts)
+        out["auc"] = split_aucs(val.top, ev.split, ev.concepts)
         for name, p in out["purity"].items():
             shares = ", ".join(f"concept {j} {p[f'concept{j}']:.2f}" for j in range(1, ev.split.k + 1))
-            log(f"purity of {name} (top {cfg.purity_k} of {val.images} val images): {shares}, other {p['other']:.2f}")
+            aucs = ", ".join(f"concept {j} {_num(out['auc'][name][f'concept{j}'])}" for j in range(1, ev.split.k + 1))
+            log(f"purity of {name} (top {cfg.purity_k} of {val.images} val images): {shares}, other {p['other']:.2f}; "
+                f"AUC over all {out['auc'][name]['images']} val images: {aucs}")
     if cfg.qualitative:
         out["plots"] = files.write_density_plots(per_concept, labels, log)
     for path in out["csv"] + out["plots"]:
@@ -276,7 +281,18 @@ def run_stage4(cfg: Stage4Config, loaded: LoadedModel | None = None, log=print) 
     return out
 
 
+def split_aucs(top: TopK, split: Split, concepts: list[list[int]]) -> dict[str, dict]:
+    """:func:`utils.selectivity.concept_aucs` of the original channel and every concept channel of ``split`` on
+    every image of the pass (a search with ``keep_all``)."""
+    return {name: concept_aucs(top.scores(split.channel, name), top.every.labels, concepts)
+            for name in ("original",) + sub_names(split.k)[:-1]}
+
+
 def split_purity(top: TopK, split: Split, concepts: list[list[int]]) -> dict[str, dict]:
     """:func:`utils.topk.purity` of the original channel and every concept channel of ``split``."""
     return {name: purity(top.get(split.channel, name)["labels"], concepts)
             for name in ("original",) + sub_names(split.k)[:-1]}
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"

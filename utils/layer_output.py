@@ -14,7 +14,7 @@ from torch import nn
 
 from .concepts import ClassNames
 from .data import ImageList
-from .evaluation import Activations, TopKRequest, evaluate_splits, split_purity
+from .evaluation import Activations, TopKRequest, evaluate_splits, split_aucs, split_purity
 from .errors import UserError
 from .files import read_json, write_json
 from .records import Record
@@ -52,13 +52,18 @@ class Baseline:
 class ChannelResult:
     """One split channel, evaluated: stage 4's ``acts`` on its concepts' validation images; per concept j the
     purity ``before`` (share of the original channel's top-k in concept j's classes), ``after`` (the same for
-    concept channel j) and ``baseline`` (:meth:`Baseline.share` of concept j's number of classes)."""
+    concept channel j) and ``baseline`` (:meth:`Baseline.share` of concept j's number of classes); and the
+    selectivity on every validation image: ``auc_before`` (the original channel's ROC AUC for concept j against
+    every other image), ``auc_after`` (concept channel j's), ``auc_images`` (images inside each concept, all)."""
 
     scored: Scored
     acts: Activations
     before: list[float]
     after: list[float]
     baseline: list[float | None]
+    auc_before: list[float | None]
+    auc_after: list[float | None]
+    auc_images: tuple[list[int], int]
 
     @property
     def channel(self) -> int:
@@ -98,16 +103,18 @@ def evaluate_layer(runner, model: nn.Module, unit: Unit, scored: list[Scored], v
     splits = [s.split() for s in scored]
     bank = FilterBank.join([filter_bank(unit, splits)] + ([channel_bank(unit, baseline)] if baseline else []))
     vp = evaluate_splits(runner, model, unit, splits, [s.concepts for s in scored], val,
-                         preprocess, TopKRequest(bank, k), (net, set(check)))
+                         preprocess, TopKRequest(bank, k, keep_all=True), (net, set(check)))
     check_logit_diff(vp.logit_diff, f"on {len(check)} validation images (the one network with every split)")
     base = Baseline(baseline, [[int(t) for t in vp.top.get(c, "original")["labels"]] for c in baseline])
     results = []
     for s in scored:
-        p = split_purity(vp.top, s.split(), s.concepts)
+        p, a = split_purity(vp.top, s.split(), s.concepts), split_aucs(vp.top, s.split(), s.concepts)
         js = range(1, len(s.concepts) + 1)
         results.append(ChannelResult(s, vp.acts[s.channel], [p["original"][f"concept{j}"] for j in js],
                                      [p[f"D{j}"][f"concept{j}"] for j in js],
-                                     [base.share(len(cs)) for cs in s.concepts]))
+                                     [base.share(len(cs)) for cs in s.concepts],
+                                     [a["original"][f"concept{j}"] for j in js], [a[f"D{j}"][f"concept{j}"] for j in js],
+                                     (a["original"]["inside"], a["original"]["images"])))
     return LayerEvaluation(results, vp.top, base, vp.logit_diff, len(check), val, vp.images, vp.seconds)
 
 
@@ -220,6 +227,8 @@ def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelF
             "concepts": r.concepts, "class_names": [[names.name(t) for t in cs] for cs in r.concepts],
             "best_rho": rec.best_rho, "scores": rec.scores, "sources": rec.sources,
             "purity": {"original": r.before, "concepts": r.after, "baseline": r.baseline}, "purity_gain": r.gain,
+            "auc": {"original": r.auc_before, "concepts": r.auc_after, "images_in_concept": r.auc_images[0],
+                    "images": r.auc_images[1]},
             "record": rec.dir, "quantitative": {f"concept{j}": {k: v for k, v in q.items() if k != "csv"}
                                                 for j, q in enumerate(f.quantitative, 1)},
             "plots": f.plots, "csv": [q["csv"] for q in f.quantitative], "pictures": f.pictures}

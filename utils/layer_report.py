@@ -55,10 +55,16 @@ def _overview(ev, files: dict, names) -> str:
         gain = f'<span class="{"up" if r.gain >= 0.005 else "down" if r.gain <= -0.005 else "muted"}">{r.gain:+.0%}</span>'
         rows.append([f'<a href="#c{r.channel}">{r.channel}</a>', len(r.concepts), _concepts_text(r.concepts, names),
                      f"{files[r.channel].record.best_rho:.2f}", " / ".join(_pct(v) for v in r.before),
-                     " / ".join(_pct(v) for v in r.after), " / ".join(_pct(v) for v in r.baseline), gain])
+                     " / ".join(_pct(v) for v in r.after), " / ".join(_pct(v) for v in r.baseline), gain,
+                     " / ".join(_auc(v) for v in r.auc_before), " / ".join(_auc(v) for v in r.auc_after)])
     return _table(["channel", "k", "concepts", "best rho", "before: original channel, share in concept j",
                    "after: concept channel j, share in concept j", "baseline: random channels, share in their own "
-                   "n_j most frequent classes", "gain (mean after - before)"], rows, left=3)
+                   "n_j most frequent classes", "gain (mean after - before)", "AUC before: original channel, "
+                   "concept j against every other val image", "AUC after: concept channel j"], rows, left=3)
+
+
+def _auc(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
 
 
 def _sweep(rec) -> str:
@@ -92,6 +98,11 @@ def _card(r, f, names, base: str) -> str:
                        for j, v in enumerate(r.after, 1)]
                     + [["baseline (random channels, their own n_j top classes)"] + [_pct(v) for v in r.baseline]],
                     left=1)
+    inside, n = r.auc_images
+    auc = _table(["channel"] + [f"concept {j} ({m} of {n} images)" for j, m in enumerate(inside, 1)],
+                 [[_e(sub_label("original"))] + [_auc(v) for v in r.auc_before]]
+                 + [[_e(sub_label(f"D{j}")), *(["–"] * (j - 1)), _auc(v), *(["–"] * (k - j))]
+                    for j, v in enumerate(r.auc_after, 1)], left=1)
     return "\n".join([
         f'<div class="card" id="c{r.channel}"><h3>Channel {r.channel}: {k} concepts</h3>',
         f"<p>{_concepts_text(r.concepts, names)}</p>",
@@ -101,6 +112,8 @@ def _card(r, f, names, base: str) -> str:
         "<h4>What the channels respond to (top validation images; frames: colour of the concept, gray other)</h4>",
         _img(f.pictures.get("teaser", ""), base, "teaser"),
         "<h4>Purity of the top images</h4>", purity,
+        "<h4>Selectivity on every validation image: ROC AUC of the activation for the concept's images against "
+        "all others (1: perfect, 0.5: chance)</h4>", auc,
         "<h4>Activations on the concepts' validation images</h4>",
         '<div class="plots">' + "".join(_img(p, base) for p in f.plots if p.endswith(".png")) + "</div>",
         "<h4>Share of the original activation (mean over images with relative attribution ≥ τ)</h4>",

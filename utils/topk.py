@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,12 +40,26 @@ class TopK:
     positions: torch.Tensor
     labels: torch.Tensor
     out_hw: tuple[int, int]
+    every: "EveryImage | None" = None  # with ``keep_all``: every image's activation of every sub-channel
+
+    def scores(self, channel: int, name: str) -> np.ndarray:
+        """Every image's activation of one sub-channel (n,), in dataset order (a search with ``keep_all``)."""
+        return self.every.values[:, self.keys.index((int(channel), name))]
 
     def get(self, channel: int, name: str) -> dict:
         """``values``, ``indices``, ``positions``, ``labels`` of one sub-channel (k each)."""
         s = self.keys.index((int(channel), name))
         return {"values": self.values[s], "indices": self.indices[s], "positions": self.positions[s],
                 "labels": self.labels[s]}
+
+
+@dataclass
+class EveryImage:
+    """Every searched image's ``index`` and ``labels`` (n, numpy) and ``values`` (n x S float64 activations)."""
+
+    index: np.ndarray
+    labels: np.ndarray
+    values: np.ndarray
 
 
 def merge_topk(state: tuple[torch.Tensor, ...] | None, values: torch.Tensor, *extra: torch.Tensor,
@@ -66,11 +81,12 @@ class TopKSearch:
     with the layer input; :meth:`result` gathers every rank's candidates and merges them in rank order, so
     that the result equals a single-process search (ties go to the image seen first in dataset order)."""
 
-    def __init__(self, bank: FilterBank, k: int, unit: Unit | nn.Module):
+    def __init__(self, bank: FilterBank, k: int, unit: Unit | nn.Module, keep_all: bool = False):
         self.unit = as_unit(unit)
         self.bank, self.k = bank.to(self.unit.weight.device), k
         self.state: tuple[torch.Tensor, ...] | None = None
         self.out_hw = (0, 0)
+        self.rows: list[torch.Tensor] | None = [] if keep_all else None  # per batch: index, label, activations
 
     def add(self, x: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> None:
         """One batch: its layer input ``x`` as the layer sees it, dataset ``index`` and ``labels`` (B, host)."""
@@ -80,6 +96,8 @@ class TopKSearch:
         self.out_hw = tuple(grid.shape[-2:])
         act = maps.sum((2, 3)).T.cpu()  # S x B
         pos = grid.flatten(2).argmax(-1).T.cpu()  # S x B, flat position of the maximum
+        if self.rows is not None:
+            self.rows.append(torch.cat([index[:, None].double(), labels[:, None].double(), act.T.double()], 1))
         S, n = act.shape
         self.state = merge_topk(self.state, act, index[None].expand(S, n).long(), pos, labels[None].expand(S, n).long(),
                                 k=self.k)
@@ -99,7 +117,15 @@ class TopKSearch:
         seen = state[1][0] >= 0  # fewer than k images in all: the padding columns go
         values, indices, flat, labels = (t[:, seen] for t in state)
         return TopK(self.bank.keys, values, indices, torch.stack([flat // hw[1], flat % hw[1]], -1), labels,
-                    tuple(hw))
+                    tuple(hw), self._every(runner))
+
+    def _every(self, runner) -> EveryImage | None:
+        """Every rank's kept rows, in rank order (= dataset order of the batches)."""
+        if self.rows is None:
+            return None
+        mine = torch.cat(self.rows) if self.rows else torch.zeros(0, 2 + len(self.bank.keys), dtype=torch.float64)
+        rows = runner.gather_rows(mine).numpy()
+        return EveryImage(rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64), rows[:, 2:])
 
 
 def stream_topk(runner, model: nn.Module, conv: Unit | nn.Module, bank: FilterBank, images: ImageList, k: int,
