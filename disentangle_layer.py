@@ -59,25 +59,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def layer_config(args: argparse.Namespace, device: str = "auto", rank: int = 0, world: int = 1):
+    """The layer command's :class:`utils.layer.LayerConfig` from its flags (also benchmarks/split_rules.py's)."""
+    from utils.featvis import FVConfig
+    from utils.layer import LayerConfig
+
+    return LayerConfig(data_dir=args.data_dir, store_dir=args.store_dir, model=args.model, weights=args.weights,
+                       layer=args.layer, batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+                       class_index=args.class_index, progress=not args.no_progress, rank=rank, world_size=world,
+                       tau=args.tau, p=args.p, gamma_high=args.cos_sim_high, channels=args.channels,
+                       min_concepts=args.min_concepts, max_channels=args.max_channels,
+                       check_images=args.check_images, top_k=args.top_k, baseline=args.baseline_channels,
+                       seed=args.seed, out_dir=args.out_dir, split_rule=args.split_rule,
+                       fv=FVConfig(steps=args.fv_steps, seed=args.seed) if args.fv_steps > 0 else None)
+
+
 def main(args: argparse.Namespace) -> dict | None:
     from utils.distributed import distributed_context
-    from utils.featvis import FVConfig
-    from utils.layer import LayerConfig, disentangle_layer
+    from utils.layer import disentangle_layer
     from utils.models import get_layer, load_model
 
     lm = load_model(args.model, args.weights)
     check_channels(args.nr_channels_in_layer_of_interest, get_layer(lm.model, args.layer)[1].out_channels,
                    f"layer {args.layer or 'last_conv'}")
     with distributed_context(args.device, args.gpu) as (rank, world, device):
-        cfg = LayerConfig(data_dir=args.data_dir, store_dir=args.store_dir, model=args.model, weights=args.weights,
-                          layer=args.layer, batch_size=args.batch_size, num_workers=args.num_workers, device=device,
-                          class_index=args.class_index, progress=not args.no_progress, rank=rank, world_size=world,
-                          tau=args.tau, p=args.p, gamma_high=args.cos_sim_high, channels=args.channels,
-                          min_concepts=args.min_concepts, max_channels=args.max_channels,
-                          check_images=args.check_images, top_k=args.top_k, baseline=args.baseline_channels,
-                          seed=args.seed, out_dir=args.out_dir, split_rule=args.split_rule,
-                          fv=FVConfig(steps=args.fv_steps, seed=args.seed) if args.fv_steps > 0 else None)
-        out = disentangle_layer(cfg, loaded=lm)
+        out = disentangle_layer(layer_config(args, device, rank, world), loaded=lm)
     if rank != 0:  # rank 0 alone prints and writes
         return None
     print_layer(out, args.top_k)
