@@ -103,8 +103,9 @@ def print_layer(out: dict, top_k: int) -> None:
                                for key in ("original", "concepts", "baseline"))
         auc = ["/".join("-" if v is None else f"{v:.2f}" for v in ch["auc"][key]) for key in ("original", "concepts")]
         names = " | ".join(", ".join(n) for n in ch["class_names"])
+        flags = "; ".join(f"D{j}: {', '.join(fl)}" for j, fl in enumerate(ch["flags"], 1) if fl)
         print(f"{c:>7} {len(ch['concepts']):>2} {ch['best_rho']:>8.2f} {before:>14} {after:>14} {base:>14} "
-              f"{auc[0]:>17} {auc[1]:>17}  {names}")
+              f"{auc[0]:>17} {auc[1]:>17}  {names}" + (f"  [flagged: {flags}]" if flags else ""))
     b = out["baseline_purity"]
     if b["mean"] is not None:
         print(f"purity of the concept channels: {b['concept_channels_mean']:.0%}; baseline: {len(b['channels'])} "

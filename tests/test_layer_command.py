@@ -200,3 +200,25 @@ def test_auc_of_every_validation_image_in_layer_json(planted4, tmp_path):
         assert auc["concepts"] == [1.0, 1.0], (c, auc)
         # the original channel fires on both concepts: for either, the other concept's images outrank some
         assert all(a < 1.0 for a in auc["original"]), (c, auc)
+
+
+def test_flags_of_concept_units():
+    import numpy as np
+
+    from utils.flags import concept_flags, topk_ties
+
+    scores = np.array([3.0, 2.0, 2.0, 1.0, 0.5])
+    assert topk_ties(scores, [3.0, 2.0]) and not topk_ties(scores, [3.0, 2.0, 2.0]) and not topk_ties(scores, [3.0])
+    src = {"concept1": [], "concept2": [4], "shared": [0, 1]}
+    assert concept_flags(1, src, np.full(9, -96.6), [-96.6, -96.6], -0.2, 0.5, 0.83) == [
+        "no exclusive input", "constant output", "own-concept share <= 0", "ties at the k-th activation"]
+    assert concept_flags(2, src, scores, [3.0, 2.0, 2.0], 0.7, 0.5, 0.83) == []
+    assert concept_flags(2, src, scores, [3.0, 2.0, 2.0], None, 0.9, 0.83) == ["purer original"]
+
+
+def test_layer_json_flags_and_gain_per_concept(planted4, tmp_path):
+    r, js = _layer(planted4, tmp_path, "--baseline_channels", "0")
+    assert r.returncode == 0, r.stderr
+    for c, ch in js["channels"].items():  # the planted split is clean: nothing to flag
+        assert ch["flags"] == [[], []], (c, ch["flags"])
+        assert ch["purity_gain_per_concept"] == [a - b for a, b in zip(ch["purity"]["concepts"], ch["purity"]["original"])]

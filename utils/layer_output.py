@@ -17,6 +17,7 @@ from .data import ImageList
 from .evaluation import Activations, TopKRequest, evaluate_splits, split_aucs, split_purity
 from .errors import UserError
 from .files import read_json, write_json
+from .flags import concept_flags
 from .records import Record
 from .results import ResultFiles
 from .scoring import Scored
@@ -229,6 +230,7 @@ def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelF
             "purity": {"original": r.before, "concepts": r.after, "baseline": r.baseline}, "purity_gain": r.gain,
             "auc": {"original": r.auc_before, "concepts": r.auc_after, "images_in_concept": r.auc_images[0],
                     "images": r.auc_images[1]},
+            "purity_gain_per_concept": [a - b for a, b in zip(r.after, r.before)], "flags": _flags(ev.top, r, f),
             "record": rec.dir, "quantitative": {f"concept{j}": {k: v for k, v in q.items() if k != "csv"}
                                                 for j, q in enumerate(f.quantitative, 1)},
             "plots": f.plots, "csv": [q["csv"] for q in f.quantitative], "pictures": f.pictures}
@@ -243,6 +245,18 @@ def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelF
                                 "concept_channels_mean": _mean([v for r in ev.channels for v in r.after])},
             "max_abs_logit_diff": ev.logit_diff, "checked_images": ev.checked, "validation_images": ev.images,
             "export": export}
+
+
+def _flags(top: TopK, r: ChannelResult, f: ChannelFiles) -> list[list[str]]:
+    """:func:`utils.flags.concept_flags` of every concept unit of one split channel."""
+    rec = f.record
+    sources = rec.sources[f"{rec.best_rho:.2f}"]
+    out = []
+    for j in range(1, len(r.concepts) + 1):
+        mean = f.quantitative[j - 1].get("mean")
+        out.append(concept_flags(j, sources, top.scores(r.channel, f"D{j}"), top.get(r.channel, f"D{j}")["values"],
+                                 None if not mean else mean[j - 1], r.before[j - 1], r.after[j - 1]))
+    return out
 
 
 def _mean(values: list) -> float | None:

@@ -49,18 +49,23 @@ def _concepts_text(concepts: list[list[int]], names) -> str:
                       for j, cs in enumerate(concepts, 1))
 
 
-def _overview(ev, files: dict, names) -> str:
+def _overview(ev, files: dict, names, summary: dict) -> str:
     rows = []
     for r in sorted(ev.channels, key=lambda r: -r.gain):
-        gain = f'<span class="{"up" if r.gain >= 0.005 else "down" if r.gain <= -0.005 else "muted"}">{r.gain:+.0%}</span>'
+        gain = " / ".join(f'<span class="{"up" if g >= 0.005 else "down" if g <= -0.005 else "muted"}">{g:+.0%}</span>'
+                          for g in (a - b for a, b in zip(r.after, r.before)))
+        flags = summary["channels"][str(r.channel)]["flags"]
         rows.append([f'<a href="#c{r.channel}">{r.channel}</a>', len(r.concepts), _concepts_text(r.concepts, names),
                      f"{files[r.channel].record.best_rho:.2f}", " / ".join(_pct(v) for v in r.before),
                      " / ".join(_pct(v) for v in r.after), " / ".join(_pct(v) for v in r.baseline), gain,
-                     " / ".join(_auc(v) for v in r.auc_before), " / ".join(_auc(v) for v in r.auc_after)])
+                     " / ".join(_auc(v) for v in r.auc_before), " / ".join(_auc(v) for v in r.auc_after),
+                     "<br>".join(f'<span class="down">D{j}: {_e(", ".join(fl))}</span>'
+                                 for j, fl in enumerate(flags, 1) if fl) or "–"])
     return _table(["channel", "k", "concepts", "best rho", "before: original channel, share in concept j",
                    "after: concept channel j, share in concept j", "baseline: random channels, share in their own "
-                   "n_j most frequent classes", "gain (mean after - before)", "AUC before: original channel, "
-                   "concept j against every other val image", "AUC after: concept channel j"], rows, left=3)
+                   "n_j most frequent classes", "gain per concept (after - before)", "AUC before: original "
+                   "channel, concept j against every other val image", "AUC after: concept channel j",
+                   "flags"], rows, left=3)
 
 
 def _auc(v) -> str:
@@ -158,7 +163,7 @@ def write_layer_report(path: str, summary: dict, ev, files: dict, names, seconds
             "concepts). Purity: the share of a channel's top validation images in a concept's classes; its "
             "baseline is the same share for random channels in the classes that suit them best.</p>",
             "<h2>Settings</h2>", _table(["", ""], settings, left=2),
-            "<h2>Split channels, by purity gain</h2>", _overview(ev, files, names),
+            "<h2>Split channels, by purity gain</h2>", _overview(ev, files, names, summary),
             "<h2>Channels</h2>"] + [_card(r, files[r.channel], names, base)
                                     for r in sorted(ev.channels, key=lambda r: -r.gain)]
     write_text(path, "\n".join(page + ["</body></html>"]))
