@@ -31,8 +31,8 @@ from .records import Record, check_record, find_record, load_split, record_head
 from .relevance import layer_input, relevance_batch
 from .split import FilterBank, Split, filter_bank, sub_names
 from .surgery import max_logit_diff
-from .topk import TopK, TopKSearch, purity
-from .selectivity import concept_aucs
+from .topk import TopK, TopKSearch
+from .selectivity import split_selectivity
 from .units import Unit, as_unit, unit_at
 
 
@@ -267,31 +267,21 @@ def run_stage4(cfg: Stage4Config, loaded: LoadedModel | None = None, log=print) 
             out[f"concept{j}"].update(rows=q["rows"], mean=q["mean"])
             out["csv"].append(q["csv"])
     if val.top is not None:
-        out["purity"] = split_purity(val.top, ev.split, ev.concepts)
-        out["auc"] = split_aucs(val.top, ev.split, ev.concepts)
+        means = [out[f"concept{j}"].get("mean") for j in range(1, ev.split.k + 1)]
+        out.update(split_selectivity(val.top, ev.split, ev.concepts, ev.record.sources.get(f"{ev.rho:.2f}", {}), means))
         for name, p in out["purity"].items():
             shares = ", ".join(f"concept {j} {p[f'concept{j}']:.2f}" for j in range(1, ev.split.k + 1))
             aucs = ", ".join(f"concept {j} {_num(out['auc'][name][f'concept{j}'])}" for j in range(1, ev.split.k + 1))
             log(f"purity of {name} (top {cfg.purity_k} of {val.images} val images): {shares}, other {p['other']:.2f}; "
                 f"AUC over all {out['auc'][name]['images']} val images: {aucs}")
+        for j, fl in enumerate(out["flags"], 1):
+            if fl:
+                log(f"flagged: D{j} ({', '.join(fl)})")
     if cfg.qualitative:
         out["plots"] = files.write_density_plots(per_concept, labels, log)
     for path in out["csv"] + out["plots"]:
         log(f"wrote {path}")
     return out
-
-
-def split_aucs(top: TopK, split: Split, concepts: list[list[int]]) -> dict[str, dict]:
-    """:func:`utils.selectivity.concept_aucs` of the original channel and every concept channel of ``split`` on
-    every image of the pass (a search with ``keep_all``)."""
-    return {name: concept_aucs(top.scores(split.channel, name), top.every.labels, concepts)
-            for name in ("original",) + sub_names(split.k)[:-1]}
-
-
-def split_purity(top: TopK, split: Split, concepts: list[list[int]]) -> dict[str, dict]:
-    """:func:`utils.topk.purity` of the original channel and every concept channel of ``split``."""
-    return {name: purity(top.get(split.channel, name)["labels"], concepts)
-            for name in ("original",) + sub_names(split.k)[:-1]}
 
 
 def _num(v: float | None) -> str:

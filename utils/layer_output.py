@@ -14,10 +14,10 @@ from torch import nn
 
 from .concepts import ClassNames
 from .data import ImageList
-from .evaluation import Activations, TopKRequest, evaluate_splits, split_aucs, split_purity
+from .evaluation import Activations, TopKRequest, evaluate_splits
+from .selectivity import split_aucs, split_flags, split_purity
 from .errors import UserError
 from .files import read_json, write_json
-from .flags import concept_flags
 from .records import Record
 from .results import ResultFiles
 from .scoring import Scored
@@ -249,14 +249,8 @@ def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelF
 
 def _flags(top: TopK, r: ChannelResult, f: ChannelFiles) -> list[list[str]]:
     """:func:`utils.flags.concept_flags` of every concept unit of one split channel."""
-    rec = f.record
-    sources = rec.sources[f"{rec.best_rho:.2f}"]
-    out = []
-    for j in range(1, len(r.concepts) + 1):
-        mean = f.quantitative[j - 1].get("mean")
-        out.append(concept_flags(j, sources, top.scores(r.channel, f"D{j}"), top.get(r.channel, f"D{j}")["values"],
-                                 None if not mean else mean[j - 1], r.before[j - 1], r.after[j - 1]))
-    return out
+    return split_flags(top, r.scored.split(), f.record.sources[f"{f.record.best_rho:.2f}"],
+                       [q.get("mean") for q in f.quantitative], r.before, r.after)
 
 
 def _mean(values: list) -> float | None:

@@ -11,6 +11,10 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
+from .flags import concept_flags
+from .split import Split, sub_names
+from .topk import TopK, purity
+
 
 def roc_auc(scores: np.ndarray, inside: np.ndarray) -> float | None:
     """AUC of ``scores`` (n,) for the images where ``inside`` (n, bool) holds; None without both kinds."""
@@ -29,3 +33,37 @@ def concept_aucs(scores: np.ndarray, labels: np.ndarray, concepts: list[list[int
     inside = [np.isin(labels, cs) for cs in concepts]
     out = {f"concept{j}": roc_auc(scores, m) for j, m in enumerate(inside, 1)}
     return {**out, "images": int(len(labels)), "inside": [int(m.sum()) for m in inside]}
+
+
+def split_aucs(top: TopK, split: Split, concepts: list[list[int]]) -> dict[str, dict]:
+    """:func:`utils.selectivity.concept_aucs` of the original channel and every concept channel of ``split`` on
+    every image of the pass (a search with ``keep_all``)."""
+    return {name: concept_aucs(top.scores(split.channel, name), top.every.labels, concepts)
+            for name in ("original",) + sub_names(split.k)[:-1]}
+
+
+def split_purity(top: TopK, split: Split, concepts: list[list[int]]) -> dict[str, dict]:
+    """:func:`utils.topk.purity` of the original channel and every concept channel of ``split``."""
+    return {name: purity(top.get(split.channel, name)["labels"], concepts)
+            for name in ("original",) + sub_names(split.k)[:-1]}
+
+
+def split_selectivity(top: TopK, split: Split, concepts: list[list[int]], sources: dict,
+                      means: list[list[float] | None]) -> dict:
+    """``purity``, ``auc`` (of the original and every concept unit) and each concept unit's ``flags``
+    (:func:`utils.flags.concept_flags`; ``means``: stage 4's mean rows d_1/orig .. res/orig per concept)."""
+    p, a = split_purity(top, split, concepts), split_aucs(top, split, concepts)
+    js = range(1, split.k + 1)
+    flags = split_flags(top, split, sources, means, [p["original"][f"concept{j}"] for j in js],
+                        [p[f"D{j}"][f"concept{j}"] for j in js])
+    return {"purity": p, "auc": a, "flags": flags}
+
+
+def split_flags(top: TopK, split: Split, sources: dict, means: list[list[float] | None], before: list[float],
+                after: list[float]) -> list[list[str]]:
+    """:func:`utils.flags.concept_flags` of every concept unit of ``split``: the index ``sources`` of its rho,
+    stage 4's mean rows per concept (``means``), the top-k purity of the original (``before``) and of D_j
+    (``after``) per concept."""
+    return [concept_flags(j, sources, top.scores(split.channel, f"D{j}"), top.get(split.channel, f"D{j}")["values"],
+                          None if not means[j - 1] else means[j - 1][j - 1], before[j - 1], after[j - 1])
+            for j in range(1, split.k + 1)]
