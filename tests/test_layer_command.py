@@ -217,8 +217,15 @@ def test_flags_of_concept_units():
 
 
 def test_layer_json_flags_and_gain_per_concept(planted4, tmp_path):
+    from conftest import COLOURS
+
     r, js = _layer(planted4, tmp_path, "--baseline_channels", "0")
     assert r.returncode == 0, r.stderr
     for c, ch in js["channels"].items():  # the planted split is clean: nothing to flag
         assert ch["flags"] == [[], []], (c, ch["flags"])
         assert ch["purity_gain_per_concept"] == [a - b for a, b in zip(ch["purity"]["concepts"], ch["purity"]["original"])]
+        why = ch["why"]  # why it is a candidate, and where each concept unit fires outside its concept
+        assert sorted(why["candidate"]["classes"]) == sorted(t for cs in ch["concepts"] for t in cs)
+        assert all(0 < s <= 1 for s in why["candidate"]["shares"])
+        assert [len(o) for o in why["outside"]] == [min(3, len(COLOURS) - len(cs)) for cs in ch["concepts"]]
+        assert all(t not in cs for o, cs in zip(why["outside"], ch["concepts"]) for t, _ in o)

@@ -121,8 +121,8 @@ def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=p
     lm = loaded or load_model(cfg.model, cfg.weights)
     layer, shape = get_layer(lm.model, cfg.layer)
     check_layer_config(cfg, shape.out_channels, layer)
-    store, concepts, chosen, out, val = runner.together(lambda: _prepare(cfg, runner, lm, layer, log),
-                                                        "the layer command")
+    store, concepts, chosen, out, val, evidence = runner.together(lambda: _prepare(cfg, runner, lm, layer, log),
+                                                                  "the layer command")
     model = runner.model(lm.model)
     unit = unit_at(model, layer, store.positions)
     scored, score_seconds = _score(cfg, runner, store, model, unit, {c: concepts[c] for c in chosen},
@@ -146,7 +146,7 @@ def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=p
             rec = records[s.channel]
             rec.dir = os.path.join(cfg.store_dir, "models_disentangled", rec.name())
             save_record(rec.dir, rec, s.sweep)
-        return write_layer(cfg, lm, model, layer, store, ev, records, out, seconds, log)
+        return write_layer(cfg, lm, model, layer, store, ev, records, out, seconds, log, evidence)
 
     summary = runner.together(lambda: write() if runner.lead else None, "the layer command")
     return {**(summary or {}), "seconds": runner.slowest(time.perf_counter() - t0)}
@@ -156,7 +156,8 @@ def _prepare(cfg: LayerConfig, runner: Runner, lm: LoadedModel, layer: str, log)
     """Every rank, before any pass (a failure anywhere stops all): the store, every candidate's concepts, the
     channels to split, the output folder (rank 0 checks it takes files) and the validation images."""
     store = st.model_store(cfg.store_dir, lm, layer)
-    concepts, least = channel_concepts(store, cfg.tau, cfg.p, cfg.gamma_high, progress=cfg.progress and runner.lead)
+    concepts, least, evidence = channel_concepts(store, cfg.tau, cfg.p, cfg.gamma_high,
+                                                 progress=cfg.progress and runner.lead)
     chosen = select_channels(concepts, least, cfg)
     if not chosen:
         raise UserError(f"no channel of {layer} has {cfg.min_concepts} or more concepts at tau {cfg.tau}, p {cfg.p}, "
@@ -169,7 +170,7 @@ def _prepare(cfg: LayerConfig, runner: Runner, lm: LoadedModel, layer: str, log)
     log(f"{len(concepts)} candidate channels in {lm.name} {layer}; splitting {len(chosen)} with "
         f"{cfg.min_concepts}+ concepts: " + ", ".join(f"{c} (k={len(concepts[c])})" for c in chosen[:20])
         + (" ..." if len(chosen) > 20 else ""))
-    return store, concepts, chosen, out, _val_images(cfg, lm, store, [concepts[c] for c in chosen], chosen)
+    return store, concepts, chosen, out, _val_images(cfg, lm, store, [concepts[c] for c in chosen], chosen), evidence
 
 
 def _score(cfg: LayerConfig, runner: Runner, store: st.Store, model, unit: Unit,

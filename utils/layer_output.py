@@ -131,9 +131,10 @@ class ChannelFiles:
 
 
 def write_layer(cfg, lm, model, layer: str, store, ev: LayerEvaluation, records: dict[int, Record], out: str,
-                seconds: dict, log) -> dict:
+                seconds: dict, log, evidence: dict | None = None) -> dict:
     """Every output of the layer command into ``out`` (rank 0); returns the ``--json`` summary. ``model``: the
-    one the passes ran on, on the device (the pictures use it rather than copy ``lm.model`` again)."""
+    one the passes ran on, on the device (the pictures use it rather than copy ``lm.model`` again);
+    ``evidence``: why each channel is a candidate (``utils.linkage.channel_concepts``)."""
     from .layer_report import write_layer_report
 
     os.makedirs(out, exist_ok=True)
@@ -148,7 +149,7 @@ def write_layer(cfg, lm, model, layer: str, store, ev: LayerEvaluation, records:
     pictures = _pictures(cfg, lm, model, layer, ev, records, names, out)
     files = {c: ChannelFiles(f.record, f.quantitative, f.plots, pictures[c]) for c, f in files.items()}
     seconds["pictures"] = time.perf_counter() - t0
-    summary = _summary(cfg, lm, layer, ev, files, export, names)
+    summary = _summary(cfg, lm, layer, ev, files, export, names, evidence or {})
     write_json(os.path.join(out, "layer.json"), {**summary, "timings": seconds})
     report = os.path.join(out, "report.html")
     write_layer_report(report, summary, ev, files, names, seconds, cfg.notes)
@@ -219,7 +220,8 @@ def _pictures(cfg, lm, model, layer: str, ev: LayerEvaluation, records: dict[int
     return done
 
 
-def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelFiles], export: str, names) -> dict:
+def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelFiles], export: str, names,
+             evidence: dict) -> dict:
     """The ``--json`` object: per channel its concepts, every rho's score and index sets, best rho, purity."""
     channels = {}
     for r in ev.channels:
@@ -231,6 +233,7 @@ def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelF
             "auc": {"original": r.auc_before, "concepts": r.auc_after, "images_in_concept": r.auc_images[0],
                     "images": r.auc_images[1]},
             "purity_gain_per_concept": [a - b for a, b in zip(r.after, r.before)], "flags": _flags(ev.top, r, f),
+            "why": {"candidate": evidence.get(r.channel), "outside": _outside(ev.top, r)},
             "record": rec.dir, "quantitative": {f"concept{j}": {k: v for k, v in q.items() if k != "csv"}
                                                 for j, q in enumerate(f.quantitative, 1)},
             "plots": f.plots, "csv": [q["csv"] for q in f.quantitative], "pictures": f.pictures}
@@ -245,6 +248,18 @@ def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelF
                                 "concept_channels_mean": _mean([v for r in ev.channels for v in r.after])},
             "max_abs_logit_diff": ev.logit_diff, "checked_images": ev.checked, "validation_images": ev.images,
             "export": export}
+
+
+def _outside(top: TopK, r: ChannelResult, n: int = 3) -> list[list[list[float]]]:
+    """Per concept unit D_j, the ``n`` classes outside its concept on which it fires most: ``[class, mean
+    activation over the class's validation images]``, strongest first (where an impure unit's top images come from)."""
+    labels = top.every.labels
+    out = []
+    for j, cs in enumerate(r.concepts, 1):
+        scores = top.scores(r.channel, f"D{j}")
+        means = [[int(t), float(scores[labels == t].mean())] for t in np.unique(labels) if t not in set(cs)]
+        out.append(sorted(means, key=lambda tm: -tm[1])[:n])
+    return out
 
 
 def _flags(top: TopK, r: ChannelResult, f: ChannelFiles) -> list[list[str]]:

@@ -95,7 +95,27 @@ def _quantitative(f) -> str:
                   + ["Res / orig"], rows, left=1)
 
 
-def _card(r, f, names, base: str) -> str:
+def _why(r, names, ch: dict) -> str:
+    """Why the channel was split (each relevant class's share of images where it is important, the least
+    similar concepts) and where each concept unit fires outside its concept."""
+    cand, parts = ch["why"]["candidate"], []
+    if cand:
+        shares = ", ".join(f"{_e(names.label(t))} {s:.0%}" for t, s in zip(cand["classes"], cand["shares"]))
+        group = {t: j for j, cs in enumerate(r.concepts) for t in cs}
+        cross = [v for a, t in enumerate(cand["classes"]) for b, u in enumerate(cand["classes"])
+                 if group.get(t) != group.get(u) for v in [cand["similarity"][a][b]]]
+        parts.append(f"<p><b>Why polysemantic:</b> important (relevance ≥ τ) on these shares of its relevant classes' "
+                     f"images: {shares}; the most alike classes of different concepts have ARV cosine "
+                     f"{max(cross) if cross else float('nan'):.2f}.</p>")
+    outside = "; ".join(f"D{j}: " + (", ".join(f"{_e(names.label(t))} ({m:.3g})" for t, m in o) or "–")
+                        for j, o in enumerate(ch["why"]["outside"], 1))
+    parts.append(f"<p><b>Outside its concept</b>, each concept channel fires most (mean activation) on: {outside}."
+                 + ("" if not any(ch["flags"]) else " <span class=\"down\">Flagged: " + _e("; ".join(
+                     f"D{j}: {', '.join(fl)}" for j, fl in enumerate(ch["flags"], 1) if fl)) + "</span>") + "</p>")
+    return "".join(parts)
+
+
+def _card(r, f, names, base: str, summary_ch: dict) -> str:
     k, rec = len(r.concepts), f.record
     purity = _table(["channel"] + [f"concept {j}" for j in range(1, k + 1)],
                     [[_e(sub_label("original"))] + [_pct(v) for v in r.before]]
@@ -104,6 +124,7 @@ def _card(r, f, names, base: str) -> str:
                     + [["baseline (random channels, their own n_j top classes)"] + [_pct(v) for v in r.baseline]],
                     left=1)
     inside, n = r.auc_images
+    why = _why(r, names, summary_ch)
     auc = _table(["channel"] + [f"concept {j} ({m} of {n} images)" for j, m in enumerate(inside, 1)],
                  [[_e(sub_label("original"))] + [_auc(v) for v in r.auc_before]]
                  + [[_e(sub_label(f"D{j}")), *(["–"] * (j - 1)), _auc(v), *(["–"] * (k - j))]
@@ -116,7 +137,7 @@ def _card(r, f, names, base: str) -> str:
         "<details><summary>rho sweep</summary>", _sweep(rec), "</details>",
         "<h4>What the channels respond to (top validation images; frames: colour of the concept, gray other)</h4>",
         _img(f.pictures.get("teaser", ""), base, "teaser"),
-        "<h4>Purity of the top images</h4>", purity,
+        why, "<h4>Purity of the top images</h4>", purity,
         "<h4>Selectivity on every validation image: ROC AUC of the activation for the concept's images against "
         "all others (1: perfect, 0.5: chance)</h4>", auc,
         "<h4>Activations on the concepts' validation images</h4>",
@@ -164,6 +185,6 @@ def write_layer_report(path: str, summary: dict, ev, files: dict, names, seconds
             "baseline is the same share for random channels in the classes that suit them best.</p>",
             "<h2>Settings</h2>", _table(["", ""], settings, left=2),
             "<h2>Split channels, by purity gain</h2>", _overview(ev, files, names, summary),
-            "<h2>Channels</h2>"] + [_card(r, files[r.channel], names, base)
+            "<h2>Channels</h2>"] + [_card(r, files[r.channel], names, base, summary["channels"][str(r.channel)])
                                     for r in sorted(ev.channels, key=lambda r: -r.gain)]
     write_text(path, "\n".join(page + ["</body></html>"]))

@@ -45,17 +45,22 @@ def complete_linkage(classes: list[int], s: torch.Tensor, gamma: float) -> list[
     return sorted([sorted(classes[i] for i in g) for g in groups])
 
 
-def channel_concepts(store: st.Store, tau: float, p: float, gamma_high: float,
-                     progress: bool = False) -> tuple[dict[int, list[list[int]]], dict[int, float]]:
-    """Every candidate channel's concepts (stage 2's rules and counts): c -> groups of classes; and per channel
-    the lowest similarity between classes of different concepts (1.0 with one concept)."""
+def channel_concepts(store: st.Store, tau: float, p: float, gamma_high: float, progress: bool = False
+                     ) -> tuple[dict[int, list[list[int]]], dict[int, float], dict[int, dict]]:
+    """Every candidate channel's concepts (stage 2's rules and counts): c -> groups of classes; per channel the
+    lowest similarity between classes of different concepts (1.0 with one concept); and why it is a candidate
+    (``evidence``): its relevant ``classes``, each one's ``shares`` of images where the channel is important
+    (relevance >= tau) and the cosine ``similarity`` of their ARVs (m x m)."""
     found = find_pairs(store, tau, p, 0.0, gamma_high, progress=progress)
-    concepts, least = {}, {}
+    concepts, least, evidence = {}, {}, {}
+    n = store.class_counts
     for c, classes in found.candidates.items():
         s = cosine_matrix(found.arvs[c])
+        evidence[c] = {"classes": classes, "shares": [float(found.counts[t, c]) / max(int(n[t]), 1) for t in classes],
+                       "similarity": [[round(float(v), 4) for v in row] for row in s]}
         concepts[c] = complete_linkage(classes, s, gamma_high)
         group = {t: j for j, g in enumerate(concepts[c]) for t in g}
         cross = [float(s[a, b]) for a, t in enumerate(classes) for b, u in enumerate(classes)
                  if group[t] != group[u] and not math.isnan(float(s[a, b]))]
         least[c] = min(cross) if cross else 1.0
-    return concepts, least
+    return concepts, least, evidence
