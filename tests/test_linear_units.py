@@ -21,7 +21,7 @@ import torchvision
 from torch import nn
 
 from conftest import write_image_folder
-from test_stage1 import assert_relevance_close
+from test_stage1 import assert_relevance_close, backprop_seen
 from utils.arv import concept_arvs
 from utils.data import ImageDataset, Preprocess, list_images
 from utils.disentangle import Stage3Config, disentangle_channel
@@ -151,22 +151,7 @@ def backprop_to_image(build, layer: str, data: str):
     lm = build()
     images, labels = direct_images(data, lm)
     m = copy.deepcopy(lm.model).double().eval()
-    seen = {}
-
-    def hook(_mod, inputs, out):
-        seen["x"] = inputs[0].detach().clone()
-        seen["a"] = out.detach().clone()
-        out.register_hook(lambda g: seen.__setitem__("g", g.detach().clone()))
-
-    h = m.get_submodule(layer).register_forward_hook(hook)
-    try:
-        img = images.double().clone().requires_grad_(True)
-        with torch.enable_grad():
-            logits = m(img)
-            logits.gather(1, labels[:, None]).sum().backward()
-    finally:
-        h.remove()
-    assert img.grad is not None and img.grad.abs().max() > 0  # it really went back to the image
+    seen, logits = backprop_seen(m, m.get_submodule(layer), images, labels)
     ag = seen["a"] * seen["g"]
     return images, labels, ag.reshape(len(images), -1, ag.shape[-1]), logits.detach().argmax(1), seen["x"]
 

@@ -43,16 +43,10 @@ def channels_first(t: torch.Tensor, linear: bool, positions: str = "all") -> tor
     return t.reshape(t.shape[0], -1, t.shape[-1]).transpose(1, 2)
 
 
-def relevance_via_image(model: torch.nn.Module, layer_name: str, images: torch.Tensor, labels: torch.Tensor,
-                        positions: str = "all"):
-    """The reference's way, in float64: image requires grad, full graph, backward to the image.
-
-    Returns ``R`` (B x C, float64), the predictions, and the layer's input (float64).
-    The tensor hook sees the gradient w.r.t. the layer output as it was before any in-place
-    op that follows (e.g. VGG's ReLU(inplace=True)).
-    """
-    m = copy.deepcopy(model).double().eval()
-    layer = m.get_submodule(layer_name)
+def backprop_seen(m: torch.nn.Module, layer: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor):
+    """Back-propagate the label logits of ``m`` (float64) to the image, reading at ``layer`` its input ``x``, output
+    ``a`` and the gradient ``g`` there (a tensor hook: as it was before any in-place op that follows, e.g. VGG's
+    ReLU(inplace=True)). Returns ``seen`` (x, a, g) and the logits; the image gradient is checked to exist."""
     seen = {}
 
     def hook(_mod, inputs, out):
@@ -68,10 +62,22 @@ def relevance_via_image(model: torch.nn.Module, layer_name: str, images: torch.T
             logits.gather(1, labels[:, None]).sum().backward()
     finally:
         h.remove()
-    assert img.grad is not None  # it really went back to the image
+    assert img.grad is not None and img.grad.abs().max() > 0  # it really went back to the image
+    return seen, logits.detach()
+
+
+def relevance_via_image(model: torch.nn.Module, layer_name: str, images: torch.Tensor, labels: torch.Tensor,
+                        positions: str = "all"):
+    """The reference's way, in float64: image requires grad, full graph, backward to the image.
+
+    Returns ``R`` (B x C, float64), the predictions, and the layer's input (float64).
+    """
+    m = copy.deepcopy(model).double().eval()
+    layer = m.get_submodule(layer_name)
+    seen, logits = backprop_seen(m, layer, images, labels)
     linear = isinstance(layer, torch.nn.Linear)
     R = (channels_first(seen["a"], linear, positions) * channels_first(seen["g"], linear, positions)).sum(2)
-    return R, logits.detach().argmax(1), seen["x"]
+    return R, logits.argmax(1), seen["x"]
 
 
 def taps_by_shifting(x: torch.Tensor, pad: int) -> np.ndarray:
