@@ -64,3 +64,52 @@ def test_demo_bad_input_one_line(tmp_path):
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error:") and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_demo_vit_small(tmp_path):
+    """``demo.py --model vit`` on a smaller setting: the digits ViT trained, split at its last MLP (class token)."""
+    import torch
+
+    from utils.data import list_images, load_image
+    from utils.demo_models import digits_vit_spec
+    from utils.models import load_model
+    from utils.surgery import load_checkpoint
+
+    spec = digits_vit_spec()
+    cfg = DemoConfig(model=spec, demo_root=str(tmp_path / "demo_data"), out_dir=str(tmp_path / "out"), epochs=3,
+                     max_train=400, max_images_per_class=20, max_channels=2, pictures_k=4, fv_steps=2,
+                     batch_size=32, num_workers=0, progress=False)
+    out = run_demo(cfg)
+    assert os.path.isfile(out["report"]) and out["disentangled"]
+    layer = json.load(open(tmp_path / "out" / "layer.json"))
+    assert (layer["layer"], layer["unit"], layer["positions"]) == ("blocks.3.mlp.fc2", "Linear", "cls")
+    meta = json.load(open(os.path.join(out["store"], "meta.json")))
+    assert meta["complete"] and meta["positions"] == "cls" and meta["layer"] == "blocks.3.mlp.fc2"
+    assert 0 <= layer["max_abs_logit_diff"] <= 1e-4
+    # the trained ViT is cached under a file name without the path's slashes, and the exported network
+    # (the split layer) gives the trained model's logits
+    ckpts = [f for f in os.listdir(tmp_path / "demo_data") if f.endswith(".pt")]
+    assert len(ckpts) == 1 and ckpts[0].startswith("demo_models.py-digits_vit-") and "_e3_s0_n400" in ckpts[0]
+    original = load_model(spec, str(tmp_path / "demo_data" / ckpts[0]))
+    val = list_images(str(tmp_path / "demo_data" / "digits"), "val", max_images_per_class=1)
+    x = torch.stack([load_image(val, i, original.preprocess) for i in range(len(val))])
+    net = load_checkpoint(layer["export"])
+    assert isinstance(net.get_submodule("blocks.3.mlp.fc2"), torch.nn.Sequential)  # the split layer: widened, merge
+    with torch.no_grad():
+        assert float((net(x) - original.model(x)).abs().max()) <= 1e-4
+
+
+def test_demo_vit_flag(tmp_path):
+    """``--model vit`` (the exact word) is the digits ViT's own-file spec by absolute path; other names pass on;
+    with --data_dir it is one line; --help names the models' default epochs."""
+    import demo
+
+    spec = demo.demo_model("vit", None)
+    assert os.path.isabs(spec.rsplit(":", 1)[0]) and spec.endswith("demo_models.py:digits_vit")
+    assert demo.demo_model("vit_b_16", None) == "vit_b_16" and demo.demo_model(None, None) is None
+    help_text = " ".join(demo.get_args_parser().format_help().split())
+    assert "2 for mobilenet_v3_small" in help_text and "for vit)" in help_text
+    out = subprocess.run([sys.executable, "demo.py", "--model", "vit", "--data_dir", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith("error: --model vit") and len(out.stderr.splitlines()) == 1

@@ -71,12 +71,13 @@ def recalibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor, batch_size: i
 
 
 def train_classifier(data_dir: str, model_name: str, out_path: str, epochs: int = 3, batch_size: int = 32,
-                     lr: float = 2e-3, seed: int = 0, max_train: int | None = None) -> dict:
+                     lr: float = 2e-3, seed: int = 0, max_train: int | None = None, progress: bool = True) -> dict:
     """Train model ``model_name`` (any name ``utils.models.build_model`` knows: torchvision, ``timm/<name>``,
     ``file.py:function``) from scratch on ``data_dir/train`` (eval transform, no augmentation, seeded: the
     same seed gives the same weights).
 
     Saves the state_dict to ``out_path`` (atomically) and returns train/val accuracy and seconds.
+    ``progress``: a progress bar of the steps.
     """
     torch.manual_seed(seed)
     x, y = _tensors(data_dir, "train")
@@ -84,13 +85,14 @@ def train_classifier(data_dir: str, model_name: str, out_path: str, epochs: int 
         keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:max_train]
         x, y = x[keep], y[keep]
     xv, yv = _tensors(data_dir, "val")
-    model = _untrained(model_name, int(y.max()) + 1, x[:1])
+    model = _untrained(model_name, int(y.max()) + 1, x[:1], seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((len(y) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
     g = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"train {model_tag(model_name)}", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, desc=f"train {model_tag(model_name)}", unit="step", dynamic_ncols=True,
+               disable=not progress)
     for _ in range(epochs):
         model.train()
         perm = torch.randperm(len(y), generator=g)
@@ -112,12 +114,12 @@ def train_classifier(data_dir: str, model_name: str, out_path: str, epochs: int 
     return {"train_accuracy": acc["train"], "val_accuracy": acc["val"], "seconds": time.perf_counter() - start}
 
 
-def _untrained(model_name: str, classes: int, probe: torch.Tensor) -> torch.nn.Module:
-    """``model_name`` freshly initialised (from torch's generator as seeded by the caller) with ``classes``
-    outputs, trainable; a model with another number of outputs (an own file's fixed head) is one line."""
+def _untrained(model_name: str, classes: int, probe: torch.Tensor, seed: int) -> torch.nn.Module:
+    """``model_name`` freshly initialised from ``seed`` with ``classes`` outputs, trainable; a model with another
+    number of outputs (an own file's fixed head) is one line."""
     from .models import build_model
 
-    model = build_model(model_name, classes)
+    model = build_model(model_name, classes, seed)
     for p in model.parameters():
         p.requires_grad_(True)
     with torch.no_grad():

@@ -109,13 +109,13 @@ def torchvision_weights_id(name: str, weights: str) -> str | None:
     return f"{enum.__name__}.{TORCHVISION_DEFAULT if weights == DEFAULT_WEIGHTS else weights}"
 
 
-def build_torchvision(name: str, weights: str, num_classes: int | None) -> Built:
+def build_torchvision(name: str, weights: str, num_classes: int | None, seed: int = 0) -> Built:
     if name not in torchvision_models():
         raise UserError(f"unknown model {name!r}; torchvision classification models are e.g. resnet18, resnet50, "
                         "vgg16, densenet121, convnext_tiny (timm models: timm/<name>; your own: file.py:function)")
     kw = {"num_classes": num_classes} if num_classes else {}
-    if weights == "none":
-        torch.manual_seed(0)
+    if weights == "none":  # random, from ``seed``
+        torch.manual_seed(seed)
         return Built(torchvision.models.get_model(name, weights=None, **kw), "none")
     if is_checkpoint(weights):
         if not kw:
@@ -202,13 +202,13 @@ def timm_categories(model: nn.Module) -> list[str] | None:
         return None
 
 
-def build_timm(arch: str, weights: str, num_classes: int | None) -> Built:
+def build_timm(arch: str, weights: str, num_classes: int | None, seed: int = 0) -> Built:
     timm = _timm()
     if not timm.is_model(arch):
         raise UserError(f"timm has no model {arch!r} (timm.list_models() lists them)")
     kw = {"num_classes": num_classes} if num_classes else {}
-    if weights == "none":
-        torch.manual_seed(0)
+    if weights == "none":  # random, from ``seed``
+        torch.manual_seed(seed)
         model, wid = timm.create_model(arch, pretrained=False, **kw), "none"
     elif is_checkpoint(weights):
         if not kw:
@@ -278,10 +278,12 @@ def _own_result(name: str, path: str, function: str, out) -> tuple[nn.Module, li
     return out, None
 
 
-def build_own(name: str, weights: str, num_classes: int | None) -> Built:
+def build_own(name: str, weights: str, num_classes: int | None, seed: int = 0) -> Built:
     path, function = split_file_spec(name)
     if not os.path.isfile(path):
         raise UserError(f"no file {path} (--model path/to/file.py:function)")
+    if weights == "none":  # random, from ``seed`` (the function's initialisation draws from torch's generator)
+        torch.manual_seed(seed)
     model, names = _own_result(name, path, function, _call_own(name, path, function))
     wid = "as-built:" + file_sha256(path)[:16]
     if weights not in (DEFAULT_WEIGHTS, "none"):

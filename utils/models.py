@@ -48,10 +48,10 @@ def model_tag(name: str) -> str:
 
 def _source(name: str):
     if name.startswith("timm/"):
-        return lambda w, n: build_timm(name[5:], w, n)
+        return lambda w, n, seed=0: build_timm(name[5:], w, n, seed)
     if split_file_spec(name):
-        return lambda w, n: build_own(name, w, n)
-    return lambda w, n: build_torchvision(name, w, n)
+        return lambda w, n, seed=0: build_own(name, w, n, seed)
+    return lambda w, n, seed=0: build_torchvision(name, w, n, seed)
 
 
 def load_model(name: str, weights: str = DEFAULT_WEIGHTS, num_classes: int | None = None) -> LoadedModel:
@@ -107,10 +107,10 @@ def weights_id(name: str, weights: str) -> str | None:
     return torchvision_weights_id(name, weights)
 
 
-def build_model(name: str, num_classes: int | None = None) -> nn.Module:
-    """The architecture ``name`` without pretrained weights, convs made plain as by :func:`load_model` (to load
-    a state_dict saved from a loaded model into)."""
-    built = _source(name)("none", num_classes)
+def build_model(name: str, num_classes: int | None = None, seed: int = 0) -> nn.Module:
+    """The architecture ``name`` without pretrained weights (random from ``seed``), convs made plain as by
+    :func:`load_model` (to load a state_dict saved from a loaded model into, or to train)."""
+    built = _source(name)("none", num_classes, seed)
     model = plain_convs(built.model)
     remember_side(model, built.preprocess.crop)
     return model

@@ -12,7 +12,8 @@ from .distributed import run_together
 from .errors import UserError
 from .files import check_writable, read_json, write_json
 from .importances import Stage1Config, compute_importances
-from .models import get_layer, load_model
+from .model_sources import split_file_spec
+from .models import file_sha256, get_layer, load_model, model_tag
 
 
 @dataclass
@@ -27,7 +28,7 @@ class DemoConfig:
     tau: float | None = None  # default: 0.01 for the digits demo, 0.03 (the paper's) for real data
     p: float = DEFAULT_P
     cos_sim_high: float = DEFAULT_GAMMA
-    epochs: int = 2
+    epochs: int | None = None  # training epochs of the digits model; None: the model's (2 for the CNN)
     max_images_per_class: int | None = None
     pictures_k: int = 12
     fv_steps: int = 64
@@ -50,24 +51,37 @@ def _stage(name: str, cfg: DemoConfig):
 
 
 def _prepare_digits(cfg: DemoConfig, say: bool = True) -> tuple[str, str, str, dict]:
-    """Build the digits folder and train (or reuse) the demo model; returns data_dir, model, weights, info."""
+    """Build the digits folder and train (or reuse) the demo model; returns data_dir, model, weights, info
+    (info holds the training's accuracies, seconds and ``epochs``)."""
     from .demo_data import make_digits_folder, train_classifier
+    from .demo_models import DIGITS_CNN, digits_training
 
-    model = cfg.model or "mobilenet_v3_small"
+    model = cfg.model or DIGITS_CNN
+    training = digits_training(model)
+    if cfg.epochs is not None:
+        training["epochs"] = cfg.epochs
     data_dir = make_digits_folder(os.path.join(cfg.demo_root, "digits"))
-    tag = f"{model}_digits_e{cfg.epochs}_s{cfg.seed}" + (f"_n{cfg.max_train}" if cfg.max_train else "")
-    ckpt = os.path.join(cfg.demo_root, f"{tag}.pt")
-    info_path = ckpt.replace(".pt", ".json")
+    ckpt = os.path.join(cfg.demo_root, f"{_cache_tag(model, training['epochs'], cfg)}.pt")
+    info_path = ckpt[:-len(".pt")] + ".json"
     if os.path.isfile(ckpt) and os.path.isfile(info_path):
         info = {**read_json(info_path), "cached": True}
         print_ = print if say else (lambda *a: None)
         print_(f"using the trained model {ckpt} (val accuracy {info['val_accuracy']:.3f}); delete it to retrain")
     else:
-        info = train_classifier(data_dir, model, ckpt, epochs=cfg.epochs, seed=cfg.seed, max_train=cfg.max_train)
+        info = train_classifier(data_dir, model, ckpt, seed=cfg.seed, max_train=cfg.max_train, progress=cfg.progress,
+                                **training)
         write_json(info_path, info)
-        print(f"trained {model}: train accuracy {info['train_accuracy']:.3f}, val accuracy "
+        print(f"trained {model_tag(model)}: train accuracy {info['train_accuracy']:.3f}, val accuracy "
               f"{info['val_accuracy']:.3f} in {info['seconds']:.0f} s -> {ckpt}")
-    return data_dir, model, ckpt, info
+    return data_dir, model, ckpt, {**info, "epochs": training["epochs"]}
+
+
+def _cache_tag(model: str, epochs: int, cfg: DemoConfig) -> str:
+    """The trained model's file name (no extension) in ``cfg.demo_root``: the model as file names spell it
+    (an own file's name, function and a hash of its text, so that an edited file trains anew), epochs, seed."""
+    own = split_file_spec(model)
+    name = model_tag(model) + (f"-{file_sha256(own[0])[:8]}" if own and os.path.isfile(own[0]) else "")
+    return f"{name}_digits_e{epochs}_s{cfg.seed}" + (f"_n{cfg.max_train}" if cfg.max_train else "")
 
 
 @dataclass
@@ -102,8 +116,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     t0 = _stage("the layer: concepts from the data, every polysemantic channel split in one network, evaluated", cfg)
     notes = {"training images": images, "stage 1 (seconds)": f"{timings['stage 1']:.1f}"}
     if run.training:
-        notes["demo model"] = (f"{run.model_name} trained {cfg.epochs} epochs from scratch: train accuracy "
-                               f"{run.training['train_accuracy']:.3f}, val accuracy {run.training['val_accuracy']:.3f}")
+        notes["demo model"] = (f"{model_tag(run.model_name)} trained {run.training['epochs']} epochs from scratch: "
+                               f"train accuracy {run.training['train_accuracy']:.3f}, val accuracy "
+                               f"{run.training['val_accuracy']:.3f}")
     out = disentangle_layer(LayerConfig(
         data_dir=run.data_dir, store_dir=run.store_dir, model=run.model_name, weights=run.weights, layer=run.layer,
         progress=cfg.progress, tau=cfg.tau, p=cfg.p, gamma_high=cfg.cos_sim_high, max_channels=cfg.max_channels,
