@@ -158,7 +158,7 @@ def remember_side(model: nn.Module, side: int) -> None:
     _SIDES[model] = int(side)
 
 
-def _leaves_with_parameters(model: nn.Module) -> list[nn.Module]:
+def leaves_with_parameters(model: nn.Module) -> list[nn.Module]:
     """The modules of ``model`` without children that hold parameters (convs, norms, linears)."""
     return [m for m in model.modules() if not next(m.children(), None) and next(m.parameters(), None) is not None]
 
@@ -169,7 +169,7 @@ def _probe_order(model: nn.Module, side: int) -> tuple[list[tuple[nn.Module, int
     logits; ``([], None)`` if the model cannot run it."""
     order: list[tuple[nn.Module, int]] = []
     hooks = [m.register_forward_hook(lambda mod, i, _o: order.append((mod, i[0].dim() if i else 0)))
-             for m in _leaves_with_parameters(model)]
+             for m in leaves_with_parameters(model)]
     modes = {m: m.training for m in model.modules()}
     p = next(model.parameters(), None)
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)

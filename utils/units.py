@@ -183,11 +183,12 @@ def resolve_positions(model: nn.Module, module: nn.Module, requested: str, side:
 
 def _output_gradient(model: nn.Module, module: nn.Module, side: int, device) -> torch.Tensor:
     """The gradient at ``module``'s output of a random projection of the head's input (else of the logits)."""
+    from .conv_kinds import leaves_with_parameters
     from .relevance import capture_layer
 
     seen: dict[str, torch.Tensor] = {}
-    leaves = [m for m in model.modules() if not next(m.children(), None) and next(m.parameters(), None) is not None]
-    hooks = [m.register_forward_hook(lambda _m, i, _o: seen.__setitem__("head_input", i[0])) for m in leaves]
+    hooks = [m.register_forward_hook(lambda _m, i, _o: seen.__setitem__("head_input", i[0]))
+             for m in leaves_with_parameters(model)]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, side, side, generator=gen).to(device)
     try:
