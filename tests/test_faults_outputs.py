@@ -205,11 +205,11 @@ OWN = "import sys\nimport torch\nfrom torch import nn\n\n\nclass Net(nn.Module):
 
 
 @pytest.mark.parametrize("body, words", [
-    ("def build():\n    return (Net(),)\n", "returned a tuple of 1 (Net); it must return an nn.Module, or (nn.Module, class names)"),
+    ("def build():\n    return (Net(),)\n", "returned a tuple of 1 (Net); it must return an nn.Module, (nn.Module, class names) or"),
     ("def build():\n    return Net(), ['a', 'b', 'c'], torch.zeros(1)\n", "returned a tuple of 3"),
     ("def build():\n    return Net(), 5\n", "returned a tuple of 2 (Net, int)"),
     ("def build():\n    return 'net'\n", "returned a str; it must return an nn.Module"),
-    ("def build():\n    return Net()\n", "fails on one 3 x 224 x 224 image, the size its transform makes"),  # built for 32 px
+    ("def build():\n    return Net()\n", "fails on one 3 x 224 x 224 image, the input size its transform makes"),  # built for 32 px
     ("class D(nn.Module):\n    def forward(self, x):\n        return {'logits': x.mean((2, 3))}\n\n\n"
      "def build():\n    return D()\n", "returns dict for one image; it must return its logits"),
     ("def build():\n    return Net().no_such_thing\n", "build failed: AttributeError"),

@@ -143,16 +143,21 @@ def test_torchrun_two_processes_equal_one(planted4, tmp_path):
 
 
 def test_every_pass_of_the_layer_command_feeds_images_through_the_models_transform(planted4, tmp_path, monkeypatch):
-    """The scoring pass and the validation pass both get the transform the model declares (not the paper's)."""
+    """The scoring pass and the validation pass both get the transform the model declares (not the paper's; its
+    store is made with it too: a store made with another transform is refused, see test_input_size)."""
     import dataclasses
 
     from utils import image_pass
+    from utils.importances import Stage1Config, compute_importances
     from utils.layer import LayerConfig, disentangle_layer
     from utils.models import load_model
 
     root, data, common = planted4
     lm = load_model(common[common.index("--model") + 1])
     lm = dataclasses.replace(lm, preprocess=dataclasses.replace(lm.preprocess, resize=20, crop=16))
+    store = str(tmp_path / "store")
+    compute_importances(Stage1Config(data_dir=data, store_dir=store, model=lm.name, layer="conv", batch_size=4,
+                                     num_workers=0, progress=False, device="cpu"), loaded=lm)
     seen = []
     real = image_pass.Runner.image_pass
 
@@ -161,7 +166,7 @@ def test_every_pass_of_the_layer_command_feeds_images_through_the_models_transfo
         return real(self, images, batches, transform, desc, shard)
 
     monkeypatch.setattr(image_pass.Runner, "image_pass", spy)
-    disentangle_layer(LayerConfig(data, str(root / "store"), model=common[common.index("--model") + 1], layer="conv",
+    disentangle_layer(LayerConfig(data, store, model=common[common.index("--model") + 1], layer="conv",
                                   batch_size=4, num_workers=0, progress=False, device="cpu", top_k=4,
                                   out_dir=str(tmp_path / "out")), loaded=lm, log=lambda *a: None)
     passes = [d for d, _ in seen]

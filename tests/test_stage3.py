@@ -349,7 +349,7 @@ def test_cli_seed_command(cli_store):
     assert f["D1"].shape == f["D2"].shape == f["Res"].shape == (20, 512, 3, 3)
     js = json.load(open(out_json))
     assert set(js) == {"channel", "classes_for_concept1", "classes_for_concept2", "scores", "best_rho", "sources",
-                       "max_abs_logit_diff", "files"}
+                       "max_abs_logit_diff", "files", "provenance"}
     assert js["scores"] == rec["scores"] and set(js["sources"]["0.50"]) == {"concept1", "concept2"}
     assert ck in js["files"] and all(os.path.isfile(p) for p in js["files"])
     original = load_model("resnet18", "none").model

@@ -88,6 +88,7 @@ def assemble(path: str, meta: dict, plan: ChunkPlan) -> None:
     save_npy(os.path.join(path, "targets.npy"), targets)
     save_npy(os.path.join(path, "predictions.npy"), preds)
     save_npy(os.path.join(path, "tap_sums.npy"), sums.reshape(K, *meta["tap_shape"]))
+    meta["train_accuracy"] = float((preds == targets).mean()) if n else None  # the model on the images as fed
     meta["complete"] = True
     write_json(os.path.join(path, "meta.json"), meta)
     # rmtree, not rmdir: a killed run can leave a half-written chunk_*.tmp-* behind

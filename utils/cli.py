@@ -100,10 +100,14 @@ class RunOptions:
     class_index: str | None = None  # --class_index FILE: JSON {folder: logit index}
     rank: int = 0  # under torchrun: this process's rank and the number of processes (utils.distributed)
     world_size: int = 1
+    input_size: int | None = None  # --input_size, --resize, --mean, --std: the transform (None: the model's own)
+    resize: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
 
 def add_model_args(p: argparse.ArgumentParser, layer_flags=("--layer",), weights_default: str | None = "default",
-                   weights_help: str | None = None) -> None:
+                   weights_help: str | None = None, inputs: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="resnet50",
                    help="a torchvision classification model (resnet50, vgg16, ...), timm/<name> (a timm model, e.g. "
@@ -121,6 +125,28 @@ def add_model_args(p: argparse.ArgumentParser, layer_flags=("--layer",), weights
                         "for ViT and ConvNeXt; 'last_conv' means the same)")
     g.add_argument("--nr_channels_in_layer_of_interest", type=int, default=None,
                    help="output channels of the layer (2048 for resnet50); checked, not needed")
+    if inputs:  # a command that feeds images
+        add_input_args(p)
+
+
+def add_input_args(p: argparse.ArgumentParser) -> None:
+    """--input_size, --resize, --mean, --std: the evaluation transform, when not the model's declared one."""
+    g = p.add_argument_group("input transform (default: what the weights declare; own models: Resize 256, "
+                             "CenterCrop 224, ImageNet mean and std; give the same in every command)")
+    g.add_argument("--input_size", type=positive_int, default=None, metavar="N",
+                   help="side of the network's input: CenterCrop N (the shorter side is resized to N too, unless "
+                        "--resize)")
+    g.add_argument("--resize", type=positive_int, default=None, metavar="N",
+                   help="resize the shorter side to N before the centre crop")
+    g.add_argument("--mean", type=float, nargs="+", default=None, metavar="M",
+                   help="Normalize's mean: one value or one per colour channel")
+    g.add_argument("--std", type=float, nargs="+", default=None, metavar="S",
+                   help="Normalize's standard deviation: one value or one per colour channel")
+
+
+def input_options(args: argparse.Namespace) -> dict:
+    """The transform flags of ``args`` as :class:`RunOptions` fields."""
+    return {k: getattr(args, k, None) for k in ("input_size", "resize", "mean", "std")}
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -170,9 +196,12 @@ def add_json_arg(p: argparse.ArgumentParser) -> None:
                    help="also write the results as JSON to PATH")
 
 
-def write_json_output(path: str | None, obj) -> None:
+def write_json_output(path: str | None, obj: dict, seed: int | None = None) -> None:
+    """``--json PATH``: ``obj`` with its ``provenance`` (what made it; ``seed`` when the command draws anything)."""
     if path:
-        write_json(path, obj)
+        from .provenance import provenance
+
+        write_json(path, {**obj, "provenance": obj.get("provenance") or provenance(seed)})
 
 
 MAX_CONCEPT_FLAGS = 8

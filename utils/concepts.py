@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Iterable, Sequence
 
 from .data import class_folders
+from .datasets import Datasets
 from .errors import UserError, say
 from .files import read_json
 
@@ -175,7 +176,9 @@ def data_class_map(data_dir: str, split: str, outputs: int, class_index: str | N
 
     A folder of this split that the store does not know (a class with validation images only) is one more
     class of the model when ``--class_index`` or an ImageNet wnid says which; otherwise it is left out, and
-    said so once."""
+    said so once. The class map of a :class:`utils.datasets.Datasets` is its own (labels are logit indices)."""
+    if isinstance(data_dir, Datasets):
+        return dataset_class_map(data_dir, split, outputs)
     folders = class_folders(data_dir, split)
     root = os.path.join(data_dir, split)
     meta_path = os.path.join(store_path or "", "meta.json")
@@ -199,6 +202,16 @@ def data_class_map(data_dir: str, split: str, outputs: int, class_index: str | N
                    f"{', ...' if len(skipped) > 3 else ''}) have no training images in store {store_path} and no "
                    "--class_index entry: their images are left out")
     return ClassMap({**recorded, **{f: t for f, t in extra.items() if t is not None}}, num, skipped)
+
+
+def dataset_class_map(data: Datasets, split: str, outputs: int) -> ClassMap:
+    """A dataset's classes: each label is its logit index; a label the model has no output for is one line."""
+    folders = data.folders(split)
+    top = max(folders.values())
+    if outputs and top >= outputs:
+        raise UserError(f"the {split} data of {data.name} has label {top} but the model has {outputs} outputs "
+                        "(a label is the index of its class's logit)")
+    return ClassMap(dict(folders), outputs or top + 1)
 
 
 def _extra_class(folder: str, given: dict[str, int], num: int) -> int | None:

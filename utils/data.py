@@ -11,55 +11,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 
+from .datasets import Datasets
+from .preprocess import Preprocess, eval_transform
 from .errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_INTERPOLATION = {"nearest": transforms.InterpolationMode.NEAREST, "bilinear": transforms.InterpolationMode.BILINEAR,
-                  "bicubic": transforms.InterpolationMode.BICUBIC}
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """The evaluation transform of every image, train and val (no augmentation anywhere): Resize(``resize``,
-    ``interpolation``), CenterCrop(``crop``), ToTensor, Normalize(``mean``, ``std``). The default is the
-    paper's (ResNet-50 ``IMAGENET1K_V1``: 256, 224, bilinear, ImageNet statistics)."""
-
-    resize: int = 256
-    crop: int = 224
-    interpolation: str = "bilinear"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def display(self) -> transforms.Compose:
-        """The transform without Normalize: what the network sees, as a picture in [0, 1]."""
-        return transforms.Compose([transforms.Resize(self.resize, _INTERPOLATION.get(self.interpolation)),
-                                   transforms.CenterCrop(self.crop), transforms.ToTensor()])
-
-    def normalize(self) -> transforms.Normalize:
-        return transforms.Normalize(self.mean, self.std)
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.normalize()(self.display()(image))
-
-    def to_json(self) -> dict:
-        return {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation,
-                "mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_json(cls, d: dict | None) -> "Preprocess":
-        if not d:
-            return cls()
-        return cls(int(d["resize"]), int(d["crop"]), d["interpolation"], tuple(d["mean"]), tuple(d["std"]))
-
-
-def eval_transform() -> Preprocess:
-    """The paper's evaluation transform: Resize(256), CenterCrop(224), ToTensor, ImageNet Normalize."""
-    return Preprocess()
-
 
 @dataclass
 class ImageList:
@@ -67,6 +23,8 @@ class ImageList:
 
     ``classes`` are all class folders (sorted); ``index`` maps each to its logit index; ``listed`` are the
     folders whose images were listed (all, or those a caller asked for), with ``stats`` (size, mtime).
+    Images of a :class:`utils.datasets.Datasets` have ``source`` and ``split`` set, ``items[i]`` is entry
+    ``i``'s index in that dataset and ``paths[i]`` names it (``name/split[index]``).
     """
 
     root: str
@@ -76,16 +34,30 @@ class ImageList:
     index: dict[str, int] = field(default_factory=dict)
     listed: list[str] = field(default_factory=list)
     stats: list[tuple[int, int]] = field(default_factory=list)
+    source: Datasets | None = None
+    split: str = ""
+    items: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def class_fingerprints(self) -> dict[str, str]:
-        """sha256 per listed class folder over its images' relative paths, sizes and modification times."""
+        """sha256 per listed class folder over its images' relative paths, sizes and modification times (of a
+        dataset: over its items' indices and the dataset's sampled content, :meth:`Datasets.content_hash`)."""
+        if self.source is not None:
+            return self._dataset_fingerprints()
         out: dict[str, hashlib._Hash] = {c: hashlib.sha256() for c in self.listed}
         for p, (size, mtime) in zip(self.paths, self.stats):
             rel = os.path.relpath(p, self.root)
             out[rel.split(os.sep, 1)[0]].update(f"{rel}\t{size}\t{mtime}\n".encode())
+        return {c: h.hexdigest() for c, h in out.items()}
+
+    def _dataset_fingerprints(self) -> dict[str, str]:
+        content = self.source.content_hash(self.split)
+        out = {c: hashlib.sha256(content.encode()) for c in self.listed}
+        names = {t: c for c, t in self.index.items()}
+        for i, t in zip(self.items, self.targets):
+            out[names[t]].update(f"{i}\n".encode())
         return {c: h.hexdigest() for c, h in out.items()}
 
     def fingerprint(self) -> str:
@@ -115,8 +87,19 @@ class ImageList:
         return [i for i, t in enumerate(self.targets) if t in wanted]
 
 
-def class_folders(data_dir: str, split: str) -> list[str]:
-    """The class folders of ``data_dir/split``, sorted (ImageFolder's classes)."""
+def data_root(data, split: str | None = None) -> str:
+    """How messages and records name the data (a folder's absolute path, a :class:`Datasets`' name), or one
+    split of it."""
+    if isinstance(data, Datasets):
+        return data.name if split is None else data.root(split)
+    return os.path.abspath(data if split is None else os.path.join(data, split))
+
+
+def class_folders(data_dir, split: str) -> list[str]:
+    """The class folders of ``data_dir/split``, sorted (ImageFolder's classes); of a :class:`Datasets`, its
+    classes' names in label order."""
+    if isinstance(data_dir, Datasets):
+        return list(data_dir.folders(split))
     root = os.path.join(data_dir, split)
     if not os.path.isdir(root):
         raise UserError(f"no folder {root} (expected an ImageFolder tree with {split}/<class>/<image>)")
@@ -134,7 +117,10 @@ def list_images(data_dir: str, split: str, max_images_per_class: int | None = No
     ``only``: list only the folders of these class indices (the others are not even walked). With
     ``max_images_per_class`` only the first N files of each class are kept. Raises :class:`UserError` for
     a missing folder, no class folders, an empty class folder, or a folder the class map does not know.
+    ``data_dir`` may be a :class:`utils.datasets.Datasets` (its labels are the classes' logit indices).
     """
+    if isinstance(data_dir, Datasets):
+        return _list_dataset(data_dir, split, max_images_per_class, only)
     root = os.path.join(data_dir, split)
     folders = class_folders(data_dir, split)
     wanted = None if only is None else set(only)
@@ -152,6 +138,25 @@ def list_images(data_dir: str, split: str, max_images_per_class: int | None = No
         out.paths += [p for p, _ in files]
         out.stats += [st for _, st in files]
         out.targets += [index[c]] * len(files)
+    return out
+
+
+def _list_dataset(data: Datasets, split: str, max_images: int | None, only) -> ImageList:
+    """The items of ``data``'s ``split`` grouped by label (in dataset order within a label)."""
+    labels, folders = data.labels(split), data.folders(split)
+    wanted = None if only is None else set(only)
+    out = ImageList(data.root(split), list(folders), [], [], dict(folders), source=data, split=split)
+    by_label: dict[int, list[int]] = {}
+    for i, t in enumerate(labels):
+        by_label.setdefault(t, []).append(i)
+    for c, t in folders.items():
+        if wanted is not None and t not in wanted:
+            continue
+        items = by_label[t][:max_images] if max_images else by_label[t]
+        out.listed.append(c)
+        out.items += items
+        out.paths += [f"{out.root}[{i}]" for i in items]
+        out.targets += [t] * len(items)
     return out
 
 
@@ -201,11 +206,26 @@ def _read_rgb(path: str) -> Image.Image:
         return im.convert("RGB")
 
 
+def read_image(images: ImageList, i: int, transform=None) -> torch.Tensor:
+    """Image ``i`` through ``transform`` (default: the evaluation transform). A dataset's tensor image is the
+    network's input as it is for a :class:`Preprocess` (or none); any other transform (a picture's) gets it
+    mapped back to colours (:meth:`Datasets.picture`)."""
+    transform = transform or eval_transform()
+    if images.source is None:
+        return transform(read_rgb(images.paths[i]))
+    image = images.source.item(images.split, images.items[i])[0]
+    if isinstance(transform, Preprocess):
+        return image.float() if isinstance(image, torch.Tensor) else transform(image.convert("RGB"))
+    return transform(images.source.picture(images.split, images.items[i]))
+
+
 def load_image(images: ImageList, i: int, transform=None) -> torch.Tensor:
     """Image ``i`` of ``images`` through ``transform`` (default: the paper's evaluation transform); an
     unreadable file is a UserError that names it and says why."""
     try:
-        return (transform or eval_transform())(read_rgb(images.paths[i]))
+        return read_image(images, i, transform)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure to decode is a bad file
         raise UserError(f"cannot read image {images.paths[i]}: {image_problem(e)}") from None
 
@@ -231,7 +251,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(read_rgb(self.images.paths[i])), self.images.targets[i], i
+            return read_image(self.images, i, self.transform), self.images.targets[i], i
         except Exception:  # noqa: BLE001 - reported by check_batch with the file name
             return torch.zeros(3, self.side, self.side), -1, i
 

@@ -23,6 +23,7 @@ from .data import ImageList, class_batches
 from .errors import UserError
 from .image_pass import Runner
 from .models import LoadedModel, get_layer, load_model
+from .preprocess import InputSpec
 from .records import CHANNEL_COMMAND, Record, make_record
 from .relevance import layer_input
 from .scoring import Scored, batch_ratio_sums, best_index, score_filters, scores_from_sums
@@ -70,7 +71,7 @@ def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, ch
     if cfg.check_images < 1:
         raise UserError("--check_images must be at least 1")
     check_split_rule(cfg.split_rule)
-    lm = loaded or load_model(cfg.model, cfg.weights)
+    lm = loaded or load_model(cfg.model, cfg.weights, inputs=InputSpec.of(cfg))
     layer, unit = get_layer(lm.model, cfg.layer)
     if check is not None:
         check(unit.out_channels)

@@ -21,12 +21,14 @@ from torch import nn
 
 from .cli import RunOptions
 from .concepts import ClassNames, check_channel, check_concepts, data_class_map, normalise
-from .data import ImageList, Preprocess, class_batches, list_images
+from .data import ImageList, Preprocess, class_batches, data_root, list_images
 from .defaults import DEFAULT_TAU
 from .distributed import reduce_over_ranks
 from .errors import UserError
 from .image_pass import Runner
 from .models import LoadedModel, get_layer, load_model
+from .preprocess import InputSpec
+from .provenance import provenance
 from .records import Record, check_record, find_record, load_split, record_head
 from .relevance import layer_input, relevance_batch
 from .split import FilterBank, Split, filter_bank, sub_names
@@ -214,15 +216,15 @@ def prepare_evaluation(cfg: Stage4Config, loaded: LoadedModel | None = None) -> 
     if cfg.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
     concepts = normalise(cfg.concepts)
-    lm = loaded or load_model(cfg.model, cfg.weights)
+    lm = loaded or load_model(cfg.model, cfg.weights, inputs=InputSpec.of(cfg))
     layer, conv = get_layer(lm.model, cfg.layer)
     check_channels(cfg.nr_channels, conv.out_channels, f"layer {layer} of {lm.name}")
     check_channel(cfg.channel, conv.out_channels, layer)
     rec = find_record(cfg.model_dir, record_head(lm, layer), cfg.channel, concepts,
                       known=lambda: data_class_map(cfg.data_dir, "val", lm.num_classes, cfg.class_index).index.values())
-    check_record(rec, lm.name, lm.weights, layer, conv)
+    check_record(rec, lm.name, lm.weights, layer, conv, lm.preprocess)
     cmap = data_class_map(cfg.data_dir, "val", lm.num_classes, cfg.class_index, rec.store)
-    check_concepts(concepts, cmap.index.values(), os.path.join(cfg.data_dir, "val"))
+    check_concepts(concepts, cmap.index.values(), data_root(cfg.data_dir, "val"))
     wanted = None if cfg.purity_k > 0 else [t for cs in concepts for t in cs]  # purity: all val images
     images = list_images(cfg.data_dir, "val", classes=cmap, only=wanted)
     rho = round(float(rec.best_rho if cfg.rho is None else cfg.rho), 2)
@@ -256,7 +258,7 @@ def run_stage4(cfg: Stage4Config, loaded: LoadedModel | None = None, log=print) 
     ips = val.images / max(val.seconds, 1e-9)
     log(f"{val.images} validation images in {val.seconds:.1f} s ({ips:.1f} img/s)")
     out: dict = {"record": ev.record.dir, "rho": ev.rho, "tau": cfg.tau, "images": len(acts), "seconds": val.seconds,
-                 "images_per_second": ips, "plots": [], "csv": []}
+                 "images_per_second": ips, "plots": [], "csv": [], "provenance": provenance(transform=ev.lm.preprocess)}
     per_concept = [acts.of_classes(cs) for cs in ev.concepts]
     for j, (a, lab) in enumerate(zip(per_concept, labels), 1):
         out[f"concept{j}"] = {"images": len(a), "classes": lab}

@@ -19,13 +19,15 @@ from . import chunks, store as st
 from .arv import batch_tap_sums, tap_maps
 from .chunks import ChunkPlan, assemble, chunk_path, missing_chunks, remove_partial
 from .cli import RunOptions
-from .concepts import ClassMap, ClassNames, class_map
-from .data import ImageList, class_folders, list_images
+from .concepts import ClassMap, ClassNames, data_class_map
+from .data import ImageList, list_images
 from .image_pass import Batch, Runner
 from .errors import UserError
 from .files import check_writable, read_json, save_npy, write_json
 from .lock import writer_lock
 from .models import LoadedModel, get_layer, load_model
+from .preprocess import InputSpec
+from .provenance import provenance
 from .relevance import capture_layer, relevance_batch
 from .units import Unit, resolve_positions
 
@@ -57,7 +59,7 @@ def _new_meta(cfg: Stage1Config, lm: LoadedModel, layer: str, unit: Unit, images
         "conv": {"kernel_size": list(conv.kernel_size), "stride": list(conv.stride),
                  "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
                  "dilation": list(conv.dilation), "padding_mode": conv.padding_mode, "bias": conv.bias is not None},
-        "preprocess": lm.preprocess.to_json(),
+        "preprocess": lm.preprocess.to_json(), "provenance": provenance(transform=lm.preprocess),
         "data_root": os.path.dirname(images.root), "split": os.path.basename(images.root),
         "data_fingerprint": images.fingerprint(), "class_fingerprints": images.class_fingerprints(),
         "max_images_per_class": cfg.max_images_per_class, "num_images": len(images),
@@ -97,9 +99,8 @@ def prepare(cfg: Stage1Config, loaded: LoadedModel | None = None) -> Prepared:
         raise UserError("--batch_size must be at least 1")
     if cfg.max_images_per_class is not None and cfg.max_images_per_class < 1:
         raise UserError("--max_images_per_class must be at least 1")
-    lm = loaded or load_model(cfg.model, cfg.weights)
-    cmap = class_map(class_folders(cfg.data_dir, "train"), lm.num_classes, cfg.class_index,
-                     os.path.join(cfg.data_dir, "train"))
+    lm = loaded or load_model(cfg.model, cfg.weights, inputs=InputSpec.of(cfg))
+    cmap = data_class_map(cfg.data_dir, "train", lm.num_classes, cfg.class_index)
     images = list_images(cfg.data_dir, "train", cfg.max_images_per_class, cmap)
     layer, unit = get_layer(lm.model, cfg.layer)
     unit = Unit(unit.module, resolve_positions(lm.model, unit.module, cfg.positions, lm.preprocess.crop))
@@ -126,6 +127,8 @@ def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None =
     with contextlib.ExitStack() as held:
         runner.together(lambda: _claim(cfg, job, held), "stage 1")
         summary = _fill(cfg, job, runner)
+    if runner.lead:
+        summary["accuracy"] = st.Store.open(job.path).accuracy
     runner.together(lambda: None, "stage 1")  # every rank returns once rank 0 has assembled the store and let go
     return summary
 
@@ -139,7 +142,8 @@ def _claim(cfg: Stage1Config, job: Prepared, held: contextlib.ExitStack) -> None
 
 def _fill(cfg: Stage1Config, job: Prepared, runner: Runner) -> dict:
     """Create or continue the store at ``job.path`` (its lock held): the pass, then the assembly."""
-    summary = {"store": job.path, "images": len(job.images), "channels": job.unit.out_channels}
+    summary = {"store": job.path, "images": len(job.images), "channels": job.unit.out_channels,
+               "classes": len(set(job.images.targets)), "provenance": provenance(transform=job.lm.preprocess)}
     created = not _existing_store_fits(cfg, job)
     if _is_complete(job.path):
         st.Store.open(job.path, writer=True)  # checked file by file before it is called complete
@@ -195,7 +199,7 @@ def _existing_store_fits(cfg: Stage1Config, job: Prepared) -> bool:
     legacy = meta.get("format_version") == 1
     wanted = {"model": job.lm.name, "weights": job.lm.weights, "layer": job.layer,
               "data_fingerprint": job.images.legacy_fingerprint() if legacy else job.images.fingerprint(),
-              "max_images_per_class": cfg.max_images_per_class}
+              "max_images_per_class": cfg.max_images_per_class, "preprocess": job.lm.preprocess.to_json()}
     diff = st.identity_difference(meta, wanted)
     if diff is None and meta.get("positions", "all") != job.unit.positions:
         diff = f"--positions: store has {meta.get('positions', 'all')!r}, this run has {job.unit.positions!r}"

@@ -33,6 +33,7 @@ from .files import check_writable
 from .image_pass import Runner
 from .linkage import channel_concepts
 from .models import LoadedModel, get_layer, load_model
+from .preprocess import InputSpec
 from .records import LAYER_COMMAND, make_record, save_record
 from .scoring import Scored, best_index
 from .split import sweep
@@ -118,7 +119,7 @@ def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=p
     t0 = time.perf_counter()
     runner = Runner.of(cfg)
     log = log if runner.lead else (lambda *a: None)
-    lm = loaded or load_model(cfg.model, cfg.weights)
+    lm = loaded or load_model(cfg.model, cfg.weights, inputs=InputSpec.of(cfg))
     layer, shape = get_layer(lm.model, cfg.layer)
     check_layer_config(cfg, shape.out_channels, layer)
     store, concepts, chosen, out, val, evidence = runner.together(lambda: _prepare(cfg, runner, lm, layer, log),
@@ -141,7 +142,7 @@ def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=p
 
     def write() -> dict:
         records = {s.channel: make_record(lm, layer, store, cfg.data_dir, s, ev.logit_diff, ev.checked,
-                                          LAYER_COMMAND, score_seconds, cfg.split_rule) for s in scored}
+                                          LAYER_COMMAND, score_seconds, cfg.split_rule, cfg.seed) for s in scored}
         for s in scored:
             rec = records[s.channel]
             rec.dir = os.path.join(cfg.store_dir, "models_disentangled", rec.name())

@@ -18,6 +18,7 @@ from .evaluation import Activations, TopKRequest, evaluate_splits
 from .selectivity import split_aucs, split_flags, split_purity
 from .errors import UserError
 from .files import read_json, write_json
+from .provenance import provenance
 from .records import Record
 from .results import ResultFiles
 from .scoring import Scored
@@ -142,14 +143,15 @@ def write_layer(cfg, lm, model, layer: str, store, ev: LayerEvaluation, records:
     names = ClassNames(lm.categories, list(store.class_index), list(store.class_index.values()))
     t0 = time.perf_counter()
     export = os.path.join(out, "disentangled.pt")
-    export_network(lm.model, lm.name, {layer: [r.scored.split() for r in ev.channels]}, export)
+    export_network(lm.model, lm.name, {layer: [r.scored.split() for r in ev.channels]}, export, lm.preprocess)
     files = {r.channel: _stage4_files(out, lm, layer, r, records[r.channel], names, cfg.tau) for r in ev.channels}
     seconds["results and plots"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     pictures = _pictures(cfg, lm, model, layer, ev, records, names, out)
     files = {c: ChannelFiles(f.record, f.quantitative, f.plots, pictures[c]) for c, f in files.items()}
     seconds["pictures"] = time.perf_counter() - t0
-    summary = _summary(cfg, lm, layer, ev, files, export, names, evidence or {})
+    summary = {**_summary(cfg, lm, layer, ev, files, export, names, evidence or {}),
+               "provenance": provenance(cfg.seed, lm.preprocess)}
     write_json(os.path.join(out, "layer.json"), {**summary, "timings": seconds})
     report = os.path.join(out, "report.html")
     write_layer_report(report, summary, ev, files, names, seconds, cfg.notes)

@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 
 from .data import Preprocess
+from .preprocess import as_preprocess
 from .errors import UserError
 
 DEFAULT_WEIGHTS = "default"
@@ -235,7 +236,7 @@ def split_file_spec(name: str) -> tuple[str, str] | None:
     return (m[1], m[2]) if m else None
 
 
-OWN_RETURNS = "an nn.Module, or (nn.Module, class names)"
+OWN_RETURNS = "an nn.Module, (nn.Module, class names) or (nn.Module, class names or None, transform)"
 
 
 def _call_own(name: str, path: str, function: str):
@@ -265,17 +266,22 @@ def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else ""
 
 
-def _own_result(name: str, path: str, function: str, out) -> tuple[nn.Module, list | None]:
-    """The model and class names that the user's function returned, checked: one line for anything else."""
+def _own_result(name: str, path: str, function: str, out) -> tuple[nn.Module, list | None, Preprocess | None]:
+    """The model, class names and transform (a :class:`Preprocess` or a dict of its fields, see
+    :func:`utils.preprocess.as_preprocess`) that the user's function returned, checked: one line for anything
+    else."""
     if isinstance(out, tuple):
-        if len(out) != 2 or not isinstance(out[0], nn.Module) or (
-                out[1] is not None and (isinstance(out[1], (str, bytes)) or not hasattr(out[1], "__iter__"))):
+        names = out[1] if len(out) > 1 else None
+        if len(out) not in (2, 3) or not isinstance(out[0], nn.Module) or (
+                names is not None and (isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"))) or (
+                len(out) == 3 and not isinstance(out[2], (Preprocess, dict))):
             kinds = ", ".join(type(v).__name__ for v in out)
             raise UserError(f"{name} returned a tuple of {len(out)} ({kinds}); it must return {OWN_RETURNS}")
-        return out[0], list(out[1]) if out[1] is not None else None
+        transform = as_preprocess(out[2]) if len(out) == 3 else None
+        return out[0], list(names) if names is not None else None, transform
     if not isinstance(out, nn.Module):
         raise UserError(f"{name} returned a {type(out).__name__}; it must return {OWN_RETURNS}")
-    return out, None
+    return out, None, None
 
 
 def build_own(name: str, weights: str, num_classes: int | None, seed: int = 0) -> Built:
@@ -284,9 +290,9 @@ def build_own(name: str, weights: str, num_classes: int | None, seed: int = 0) -
         raise UserError(f"no file {path} (--model path/to/file.py:function)")
     if weights == "none":  # random, from ``seed`` (the function's initialisation draws from torch's generator)
         torch.manual_seed(seed)
-    model, names = _own_result(name, path, function, _call_own(name, path, function))
+    model, names, transform = _own_result(name, path, function, _call_own(name, path, function))
     wid = "as-built:" + file_sha256(path)[:16]
     if weights not in (DEFAULT_WEIGHTS, "none"):
         load_state(model, weights, name)
         wid = "file:" + file_sha256(weights)[:16]
-    return Built(model, wid, names or None)
+    return Built(model, wid, names or None, transform or Preprocess())

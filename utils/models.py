@@ -12,6 +12,7 @@ from torch import nn
 from .conv_kinds import (classifier_conv, has_own_forward, own_forward_problem, plain_convs, positionwise_linears,
                          remember_side)
 from .data import Preprocess
+from .preprocess import INPUT_FLAGS, InputSpec
 from .errors import UserError
 from .units import Unit
 from .model_sources import (DEFAULT_WEIGHTS, build_own, build_timm, build_torchvision, file_sha256, is_checkpoint,
@@ -54,9 +55,12 @@ def _source(name: str):
     return lambda w, n, seed=0: build_torchvision(name, w, n, seed)
 
 
-def load_model(name: str, weights: str = DEFAULT_WEIGHTS, num_classes: int | None = None) -> LoadedModel:
+def load_model(name: str, weights: str = DEFAULT_WEIGHTS, num_classes: int | None = None,
+               inputs: InputSpec | None = None) -> LoadedModel:
     """Build model ``name`` in eval mode with ``weights`` (see ``utils.model_sources``), parameters frozen, timm's
     weight-standardised and symmetric 'same'-padded convs made plain ``nn.Conv2d`` (:func:`plain_convs`).
+    ``inputs`` replaces parts of the transform its weights declare (``--input_size``, ...). One blank image
+    of that size goes through the model first: a model that fails on it is one line naming the flags.
 
     Nothing is downloaded: torchvision weights must be in ``$TORCH_HOME/hub/checkpoints``, timm's in the
     local Hugging Face (or torch hub) cache.
@@ -65,13 +69,21 @@ def load_model(name: str, weights: str = DEFAULT_WEIGHTS, num_classes: int | Non
     if weights.lower() == "none":
         weights = "none"
     built = _source(name)(weights, num_classes)
-    model = plain_convs(built.model).eval()
-    remember_side(model, built.preprocess.crop)
+    preprocess = (inputs or InputSpec()).applied(built.preprocess)
+    return loaded_model(built.model, name, built.weights_id, built.categories, preprocess)
+
+
+def loaded_model(model: nn.Module, name: str, weights_id: str, categories, preprocess: Preprocess) -> LoadedModel:
+    """A model in memory made ready as :func:`load_model` makes one (eval mode, frozen, convs plain, probed
+    with one image of ``preprocess.crop`` px): for the Python API's ``nn.Module``. The caller's module is used
+    in place."""
+    model = plain_convs(model).eval()
+    remember_side(model, preprocess.crop)
     for p in model.parameters():
         p.requires_grad_(False)
-    out = outputs(model, built.preprocess.crop, name)
-    categories = built.categories if built.categories and len(built.categories) == out else None
-    return LoadedModel(model, name, built.weights_id, out, categories, built.preprocess)
+    out = outputs(model, preprocess.crop, name)
+    categories = list(categories) if categories and len(categories) == out else None
+    return LoadedModel(model, name, weights_id, out, categories, preprocess)
 
 
 def outputs(model: nn.Module, side: int = 224, name: str = "the model") -> int:
@@ -84,8 +96,8 @@ def outputs(model: nn.Module, side: int = 224, name: str = "the model") -> int:
             y = model(torch.zeros(1, 3, side, side, device=None if p is None else p.device))
     except Exception as e:  # noqa: BLE001 - the user's model: say what failed, and what it was given
         first = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"{name} fails on one 3 x {side} x {side} image, the size its transform makes "
-                        f"({type(e).__name__}: {first}); give it images of the size it expects") from None
+        raise UserError(f"{name} fails on one 3 x {side} x {side} image, the input size its transform makes "
+                        f"({type(e).__name__}: {first}); give the size it takes with {INPUT_FLAGS}") from None
     if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != 1:
         what = type(y).__name__ if not isinstance(y, torch.Tensor) else f"a tensor of shape {tuple(y.shape)}"
         raise UserError(f"{name} returns {what} for one image; it must return its logits, a tensor of shape "

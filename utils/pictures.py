@@ -18,7 +18,9 @@ from .errors import UserError
 from .files import write_json
 from .image_pass import Runner, plain_batches
 from .models import LoadedModel, get_layer, load_model
+from .preprocess import InputSpec
 from .receptive import ReceptiveField, crop, receptive_field
+from .provenance import provenance
 from .records import Record, check_record, find_record, load_split, record_head
 from .relevance import layer_input
 from .split import FilterBank, Split, filter_bank, sub_names
@@ -86,14 +88,14 @@ def prepare(cfg: PicturesConfig, runner: Runner, loaded: LoadedModel | None = No
     if cfg.split not in ("train", "val"):
         raise UserError(f"--split must be train or val, not {cfg.split!r}")
     concepts = normalise(cfg.concepts)
-    lm = loaded or load_model(cfg.model, cfg.weights)
+    lm = loaded or load_model(cfg.model, cfg.weights, inputs=InputSpec.of(cfg))
     layer, unit = get_layer(lm.model, cfg.layer)
     if check is not None:
         check(unit.out_channels)
     check_channel(cfg.channel, unit.out_channels, layer)
     rec = find_record(cfg.model_dir, record_head(lm, layer), cfg.channel, concepts,
                       known=lambda: data_class_map(cfg.data_dir, cfg.split, lm.num_classes, cfg.class_index).index.values())
-    check_record(rec, lm.name, lm.weights, layer, unit)
+    check_record(rec, lm.name, lm.weights, layer, unit, lm.preprocess)
     cmap = data_class_map(cfg.data_dir, cfg.split, lm.num_classes, cfg.class_index, rec.store)
     images = list_images(cfg.data_dir, cfg.split, classes=cmap)
     check_concepts(concepts, cmap.index.values(), images.root)
@@ -142,7 +144,8 @@ def draw(cfg: PicturesConfig, job: Job, top: TopK, seconds_topk: float = 0.0) ->
                       "feature_visualisation": fv_info}
         files += paths + fv_paths
     files += _figure(cfg, job, panels, out)
-    summary = _summary(cfg, job, rf, subs, seconds_topk, out)
+    summary = {**_summary(cfg, job, rf, subs, seconds_topk, out),
+               "provenance": provenance(cfg.fv.seed if cfg.fv else None, job.lm.preprocess)}
     files.append(os.path.join(out, "purity.json"))
     summary["files"] = files
     write_json(files[-1], summary)

@@ -11,9 +11,11 @@ from .defaults import DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
 from .distributed import run_together
 from .errors import UserError
 from .files import check_writable, read_json, write_json
+from .provenance import provenance
 from .importances import Stage1Config, compute_importances
 from .model_sources import split_file_spec
 from .models import file_sha256, get_layer, load_model, model_tag
+from .preprocess import InputSpec
 
 
 @dataclass
@@ -42,6 +44,10 @@ class DemoConfig:
     progress: bool = True
     rank: int = 0  # under torchrun: this process's rank and the number of processes
     world_size: int = 1
+    input_size: int | None = None  # --input_size, --resize, --mean, --std (None: the model's declared transform)
+    resize: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
 
 def _stage(name: str, cfg: DemoConfig):
@@ -70,7 +76,7 @@ def _prepare_digits(cfg: DemoConfig, say: bool = True) -> tuple[str, str, str, d
     else:
         info = train_classifier(data_dir, model, ckpt, seed=cfg.seed, max_train=cfg.max_train, progress=cfg.progress,
                                 **training)
-        write_json(info_path, info)
+        write_json(info_path, {**info, "provenance": provenance(cfg.seed)})
         print(f"trained {model_tag(model)}: train accuracy {info['train_accuracy']:.3f}, val accuracy "
               f"{info['val_accuracy']:.3f} in {info['seconds']:.0f} s -> {ckpt}")
     return data_dir, model, ckpt, {**info, "epochs": training["epochs"]}
@@ -143,7 +149,7 @@ def _setup(cfg: DemoConfig) -> Setup:
         data_dir, model_name, weights = cfg.data_dir, cfg.model or "resnet50", cfg.weights or "default"
     if cfg.tau is None:
         cfg.tau = 0.01 if cfg.data_dir is None else DEFAULT_TAU
-    lm = load_model(model_name, weights)
+    lm = load_model(model_name, weights, inputs=InputSpec.of(cfg))
     layer, conv = get_layer(lm.model, cfg.layer)
     return Setup(data_dir, model_name, weights, lm, layer, conv.out_channels,
                  cfg.store_dir or os.path.join(cfg.out_dir, "store"), training,

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .concepts import check_concepts, concept_classes_text
+from .data import data_root
 from .errors import UserError
+from .preprocess import INPUT_FLAGS
+from .provenance import provenance
 from .files import read_json, save_torch, write_json
 from .split import Split, Sweep, sub_names
 from .units import Unit, unit_at
@@ -57,6 +60,7 @@ class Record:
     command: str | None = None  # what made it: disentangle_channel.py or disentangle_layer.py (None: older records)
     positions: str | None = None  # a Linear layer's positions that count (all, cls); None: a Conv2d (all)
     split_rule: str | None = None  # "positive"; None: the paper's rule (records of the paper's rule are as before)
+    provenance: dict | None = None  # utils.provenance: command, seed, versions, commit, transform (None: older records)
     format_version: int = RECORD_VERSION
     dir: str | None = field(default=None, compare=False)  # the folder it was read from (not stored)
 
@@ -109,7 +113,7 @@ def rho_key(rho: float) -> str:
 
 
 def make_record(lm, layer: str, store, data_dir: str, scored, diff: float, checked: int, command: str,
-                seconds: float, split_rule: str = "paper") -> Record:
+                seconds: float, split_rule: str = "paper", seed: int | None = None) -> Record:
     """The record of one scored channel (a :class:`utils.scoring.Scored`), made by ``command`` from ``store``:
     the one factory of stage 3 and the layer command. ``seconds``: the scoring pass that scored it; ``split_rule``:
     the rule of its sweep."""
@@ -120,13 +124,14 @@ def make_record(lm, layer: str, store, data_dir: str, scored, diff: float, check
         model=lm.name, weights=lm.weights, layer=layer, default_layer=layer == default_layer(lm.model),
         in_channels=unit.in_channels, out_channels=unit.out_channels, channel=int(scored.channel),
         concepts=scored.concepts, class_names=store.names.as_dict(t for cs in scored.concepts for t in cs),
-        store=os.path.abspath(store.path), data_dir=os.path.abspath(data_dir),
+        store=os.path.abspath(store.path), data_dir=data_root(data_dir),
         data_fingerprint=store.meta["data_fingerprint"], rhos=[round(float(r), 2) for r in sw.rhos],
         scores={rho_key(r): float(v) for r, v in zip(sw.rhos, scored.scores)}, best_rho=scored.best_rho,
         sources={rho_key(r): sw.sources(i) for i, r in enumerate(sw.rhos)}, max_abs_logit_diff=diff,
         equivalence_images=checked, train_images={f"concept{j}": n for j, n in enumerate(scored.counts, 1)},
         seconds=seconds, images_per_second=sum(scored.counts) / max(seconds, 1e-9), command=command,
-        positions=unit.positions if unit.linear else None, split_rule=None if split_rule == "paper" else split_rule)
+        positions=unit.positions if unit.linear else None, split_rule=None if split_rule == "paper" else split_rule,
+        provenance=provenance(seed, lm.preprocess))
 
 
 def save_record(folder: str, record: Record, sw: Sweep) -> list[str]:
@@ -197,12 +202,18 @@ def _folder_concepts(tail: str) -> list[list[int]] | None:
     return [sorted(int(t) for t in p.split("-")[1:]) for p in parts]
 
 
-def check_record(rec: Record, model: str, weights: str, layer: str, conv: Unit | None = None) -> None:
-    """Refuse a record made with another model, weights or layer, or (``conv``, the layer) for another shape."""
+def check_record(rec: Record, model: str, weights: str, layer: str, conv: Unit | None = None,
+                 transform=None) -> None:
+    """Refuse a record made with another model, weights or layer, (``conv``, the layer) for another shape, or
+    (``transform``, a Preprocess) from images fed otherwise."""
     for key, have in (("model", model), ("weights", weights), ("layer", layer)):
         if getattr(rec, key) != have:
             raise UserError(f"disentanglement {rec.dir} was made with {key} {getattr(rec, key)!r}, "
                             f"this run uses {have!r}")
+    made = (rec.provenance or {}).get("transform")
+    if transform is not None and made is not None and made != transform.to_json():
+        raise UserError(f"disentanglement {rec.dir} was made from images fed as {made}, this run feeds them as "
+                        f"{transform.to_json()}: give the same {INPUT_FLAGS}")
     if conv is not None and (rec.in_channels, rec.out_channels) != (conv.in_channels, conv.out_channels):
         raise UserError(f"disentanglement {rec.dir} is for a layer of {rec.in_channels} -> {rec.out_channels} "
                         f"channels, layer {layer} has {conv.in_channels} -> {conv.out_channels}")

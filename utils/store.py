@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .concepts import ClassNames, data_class_map
-from .data import ImageList, list_images
+from .data import ImageList, data_root, list_images
 from .errors import UserError
 from .files import read_json
 from .lock import check_not_written
@@ -34,7 +34,9 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 # What must agree between a store and a run that uses it: key -> words for the message.
 IDENTITY_KEYS = {"model": "model", "weights": "weights", "layer": "layer",
-                 "data_fingerprint": "image list", "max_images_per_class": "--max_images_per_class"}
+                 "data_fingerprint": "image list", "max_images_per_class": "--max_images_per_class",
+                 "preprocess": "input transform (--input_size, --resize, --mean, --std)"}
+OPTIONAL_IDENTITY = {"preprocess"}  # older stores may not have recorded it
 
 
 def store_name(model: str, layer: str, default: str) -> str:
@@ -45,6 +47,8 @@ def store_name(model: str, layer: str, default: str) -> str:
 def identity_difference(meta: dict, wanted: dict) -> str | None:
     """Name the first identity field in which ``wanted`` differs from ``meta``, or None."""
     for key, words in IDENTITY_KEYS.items():
+        if key in OPTIONAL_IDENTITY and key not in meta:
+            continue
         if key in wanted and meta.get(key) != wanted[key]:
             return f"{words}: store has {meta.get(key)!r}, this run has {wanted[key]!r}"
     return None
@@ -196,6 +200,14 @@ class Store:
         return self.meta.get("positions", "all")
 
     @property
+    def accuracy(self) -> float | None:
+        """Top-1 accuracy of the model on the training images as stage 1 fed them (None: no images)."""
+        if "train_accuracy" in self.meta:
+            return self.meta["train_accuracy"]
+        t, p = self._load("targets.npy"), self._load("predictions.npy")
+        return float((t == p).mean()) if len(t) else None
+
+    @property
     def num_channels(self) -> int:
         return int(self.meta["out_channels"])
 
@@ -222,7 +234,7 @@ def model_store(store_dir: str, lm, layer: str) -> Store:
     """The complete store of a loaded model's ``layer``, checked against it (model, weights, layer): how
     every command that has the model opens its store."""
     store = Store.open(store_path(store_dir, lm, layer))
-    store.check(model=lm.name, weights=lm.weights, layer=layer)
+    store.check(model=lm.name, weights=lm.weights, layer=layer, preprocess=lm.preprocess.to_json())
     return store
 
 
@@ -267,11 +279,11 @@ def training_images(store: Store, data_dir: str, classes: list[int], class_index
         recorded = meta.get("class_fingerprints", {})
         changed = [c for c, f in images.class_fingerprints().items() if recorded.get(c) != f]
         same = not changed
-        if changed and os.path.abspath(data_dir) == os.path.abspath(meta.get("data_root") or ""):
-            raise UserError(f"the images of class folder {os.path.join(data_dir, 'train', changed[0])} changed "
+        if changed and data_root(data_dir) == meta.get("data_root"):
+            raise UserError(f"the images of class folder {os.path.join(data_root(data_dir, 'train'), changed[0])} changed "
                             f"since stage 1 made store {store.path} (an image added, removed or replaced): rerun "
                             "stage 1 into a new --store_dir")
     if not same:
-        raise UserError(f"the training images in {data_dir} are not those of store {store.path} "
+        raise UserError(f"the training images in {data_root(data_dir)} are not those of store {store.path} "
                         f"(made from {meta.get('data_root')}); pass the same --data_dir as in stage 1")
     return images

@@ -11,6 +11,7 @@ after ``L`` is untouched and the logits are unchanged up to float rounding.
 from __future__ import annotations
 
 import copy
+import os
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -91,35 +92,57 @@ def disentangle_model(model: nn.Module, records: list, rho: float | None = None,
     return split_network(model, by_layer, inplace)
 
 
-def export_network(model: nn.Module, model_name: str, splits: dict[str, list[Split]], path: str) -> None:
+def export_network(model: nn.Module, model_name: str, splits: dict[str, list[Split]], path: str,
+                   preprocess=None) -> None:
     """Save ``model`` with ``splits`` applied as a plain checkpoint (``torch.load(..., weights_only=True)``).
 
-    Holds ``state_dict`` (an ordinary module tree), ``model`` (its name), ``splits`` ({layer: [channels]})
-    and ``k`` ({layer: [concepts per split]}), so that :func:`load_checkpoint` can rebuild it.
+    Holds ``state_dict`` (an ordinary module tree), ``model`` (its name; an own file's by its absolute path, so
+    that the checkpoint loads from any folder), ``splits`` ({layer: [channels]}), ``k`` ({layer: [concepts per
+    split]}) and ``preprocess`` (the input transform, :func:`checkpoint_transform`), so that
+    :func:`load_checkpoint` can rebuild it.
     """
+    from .model_sources import split_file_spec
+
+    own = split_file_spec(model_name)
+    name = f"{os.path.abspath(own[0])}:{own[1]}" if own else model_name
     net = split_network(model, splits)
-    save_torch(path, {"model": model_name, "splits": {n: [s.channel for s in ss] for n, ss in splits.items()},
-                      "k": {n: [s.k for s in ss] for n, ss in splits.items()}, "state_dict": net.state_dict()})
+    save_torch(path, {"model": name, "splits": {n: [s.channel for s in ss] for n, ss in splits.items()},
+                      "k": {n: [s.k for s in ss] for n, ss in splits.items()}, "state_dict": net.state_dict(),
+                      **({"preprocess": preprocess.to_json()} if preprocess is not None else {})})
 
 
-def export_checkpoint(model: nn.Module, model_name: str, records: list, path: str, rho: float | None = None) -> None:
+def export_checkpoint(model: nn.Module, model_name: str, records: list, path: str, rho: float | None = None,
+                      preprocess=None) -> None:
     """:func:`export_network` of the splits of ``records`` (best rho, or ``rho``)."""
     from .records import load_split
 
     by_layer: dict[str, list[Split]] = OrderedDict()
     for rec in records:
         by_layer.setdefault(rec.layer, []).append(load_split(rec, rho))
-    export_network(model, model_name, by_layer, path)
+    export_network(model, model_name, by_layer, path, preprocess)
 
 
-def load_checkpoint(path: str) -> nn.Module:
+def _read_checkpoint(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint {path}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def load_checkpoint(path: str, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a network saved by :func:`export_network` (no custom classes needed; a timm model needs timm,
-    your own model its file)."""
+    your own model its file). ``model``: the original architecture to split instead of building it by name
+    (a network made in a notebook; its weights are replaced by the checkpoint's, it is not changed)."""
     from .model_sources import head_size
 
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = _read_checkpoint(path)
     sd = ck["state_dict"]
-    model = build_model(ck["model"], head_size(sd, build_model(ck["model"])))
+    if model is None:
+        model = build_model(ck["model"], head_size(sd, build_model(ck["model"])))
+    else:
+        model = copy.deepcopy(model)
     for layer, channels in ck["splits"].items():
         _, unit = get_layer(model, layer)
         ks = ck.get("k", {}).get(layer, [2] * len(channels))
@@ -128,6 +151,19 @@ def load_checkpoint(path: str) -> nn.Module:
         set_module(model, layer, make_split_layer(unit, blanks))
     model.load_state_dict(sd)
     return model.eval()
+
+
+def checkpoint_splits(path: str) -> dict[str, list[int]]:
+    """``{layer: [channels]}`` of a checkpoint, in the order their concept units follow in each split layer."""
+    return {k: [int(c) for c in v] for k, v in _read_checkpoint(path)["splits"].items()}
+
+
+def checkpoint_transform(path: str):
+    """The input transform (a :class:`utils.data.Preprocess`) a checkpoint was made with (None: not recorded)."""
+    from .data import Preprocess
+
+    p = _read_checkpoint(path).get("preprocess")
+    return Preprocess.from_json(p) if p else None
 
 
 def max_logit_diff(original: nn.Module, disentangled: nn.Module, images: torch.Tensor, batch_size: int = 64) -> float:

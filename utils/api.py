@@ -1,0 +1,209 @@
+"""The Python API: what a notebook has (an ``nn.Module``, its layer, Datasets or DataLoaders of ``(image,
+label)``) in, results as objects out. The commands run the same functions.
+
+    import disentangle_channels as dc
+    result = dc.disentangle(model, train_set, val_set, layer="layer4.2.conv3", input_size=224)
+    result.network                  # the split network: same logits, one unit per concept
+    result.channels[1660].concepts  # per split channel: concepts, best rho, index sets, scores, purity, AUC
+    result.units(x)                 # {channel: B x k x H x W}: every split channel's concept activations
+    result.report("report")         # the HTML report (result.html(): the same page, self-contained)
+    result.save("split"); dc.load("split", model)
+
+The stages one by one: :func:`importances` (stage 1, a store), :func:`polysemantic_pairs` (stage 2),
+:func:`split_channel` (stage 3) and :func:`evaluate_channel` (stage 4).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from .data import Preprocess
+from .datasets import Datasets, is_datasets
+from .errors import UserError
+from .models import LoadedModel, loaded_model
+from .preprocess import InputSpec, as_preprocess
+from .provenance import running
+from .result import Result, load  # noqa: F401 - part of the API
+
+__all__ = ["Data", "prepare", "importances", "polysemantic_pairs", "split_channel", "evaluate_channel", "disentangle",
+           "Result", "load"]
+
+
+@dataclass
+class Data:
+    """A model made ready and its images, as every stage function takes them (see :func:`prepare`)."""
+
+    loaded: LoadedModel
+    data: Datasets | str  # Datasets, or an ImageFolder root holding train/ and val/
+    store_dir: str
+    keep: object = None  # the temporary store folder, removed with this object
+
+    @property
+    def transform(self) -> Preprocess:
+        return self.loaded.preprocess
+
+
+def _weights_id(model: nn.Module) -> str:
+    """``module:<sha256 prefix>`` over the parameters and buffers: a store made with other weights is refused."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return "module:" + h.hexdigest()[:16]
+
+
+def _transform(train, transform, input_size, resize, mean, std) -> Preprocess:
+    """The input transform: ``transform`` (a Preprocess or a dict of its fields), else the flags' values over the
+    default (Resize 256, CenterCrop 224, ImageNet statistics); a dataset of tensors sets the input size to its own."""
+    asked = SimpleNamespace(input_size=input_size, resize=resize, mean=mean, std=std)
+    pre = as_preprocess(transform) if transform is not None else InputSpec.of(asked).applied(Preprocess())
+    if is_datasets(train) and train.splits["train"] is not None:
+        image = train.item("train", 0)[0]
+        if isinstance(image, torch.Tensor):
+            if image.dim() != 3 or image.shape[-1] != image.shape[-2]:
+                raise UserError(f"the training images are tensors of shape {tuple(image.shape)}; give square "
+                                "C x N x N tensors (or PIL images, which the transform makes square)")
+            side = int(image.shape[-1])
+            pre = Preprocess(side, side, pre.interpolation, pre.mean, pre.std)
+    return pre
+
+
+def prepare(model: nn.Module, train=None, val=None, *, name: str | None = None, classes=None, transform=None,
+            input_size: int | None = None, resize: int | None = None, mean=None, std=None,
+            store_dir: str | None = None) -> Data:
+    """Make ``model`` ready (a copy: eval mode, frozen, probed with one image of the input size) and wrap the
+    images. ``train``/``val``: Datasets or DataLoaders of ``(image, label)`` (a label is the logit index), or
+    ``train`` an ImageFolder root holding ``train/`` and ``val/``. ``name``: the model's name in reports and folder
+    names (default: its class name). ``classes``: names of the labels.
+    ``transform``: a :class:`Preprocess` or a dict of its fields; else ``input_size``/``resize``/``mean``/``std``
+    (as the commands' flags). PIL images go through it; tensor images are fed as they are (their normalisation
+    is ``mean``/``std``, used to show them). ``store_dir``: where stage 1's store goes (default: a temporary
+    folder that lives as long as the returned object)."""
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model must be an nn.Module, not a {type(model).__name__}")
+    if isinstance(train, (str, os.PathLike)):
+        if val is not None:
+            raise UserError("give either an ImageFolder root (train/ and val/ inside) or train and val datasets")
+        data = os.fspath(train)
+    else:
+        data = Datasets(train, val, classes, name=type(_first(train, val)).__name__)
+    pre = _transform(data, transform, input_size, resize, mean, std)
+    if is_datasets(data):
+        data.mean, data.std = pre.mean, pre.std
+    net = copy.deepcopy(model)
+    label = name or type(model).__name__
+    names = data.names() if is_datasets(data) else None
+    lm = loaded_model(net, label, _weights_id(net), names, pre)
+    keep = None
+    if store_dir is None:
+        keep = tempfile.TemporaryDirectory(prefix="disentangle_channels-")
+        store_dir = keep.name
+    return Data(lm, data, store_dir, keep)
+
+
+def _first(*ds):
+    for d in ds:
+        if d is not None:
+            return getattr(d, "dataset", d) if isinstance(d, torch.utils.data.DataLoader) else d
+    raise UserError("no images given: pass train (and val) Datasets, or an ImageFolder root")
+
+
+def _run_options(d: Data, layer, batch_size: int, device: str, num_workers: int, progress: bool) -> dict:
+    return {"model": d.loaded.name, "weights": d.loaded.weights, "layer": layer, "batch_size": batch_size,
+            "device": device, "num_workers": num_workers, "progress": progress, "data_dir": d.data,
+            "store_dir": d.store_dir}
+
+
+def importances(d: Data, layer: str | None = None, *, positions: str = "auto", batch_size: int = 64,
+                device: str = "auto", num_workers: int = 0, progress: bool = True):
+    """Stage 1: the relevance of every unit of ``layer`` for every training image, into ``d.store_dir``;
+    returns the :class:`utils.store.Store` (``.relevance``, ``.accuracy``, ...)."""
+    from .importances import Stage1Config, compute_importances
+    from .store import Store
+
+    with running("disentangle_channels.importances"):
+        s = compute_importances(Stage1Config(**_run_options(d, layer, batch_size, device, num_workers, progress),
+                                             positions=positions), loaded=d.loaded)
+    return Store.open(s["store"])
+
+
+def polysemantic_pairs(store, tau: float = 0.03, p: float = 0.75, gamma_high: float = 0.5):
+    """Stage 2 on a store: candidates, their ARVs and the gamma-polysemantic pairs (``.pairs``: dicts of channel,
+    class1, class2, cosine_similarity; :class:`utils.selection.Stage2Result`)."""
+    from .selection import find_pairs
+
+    return find_pairs(store, tau=tau, p=p, gamma_high=gamma_high)
+
+
+def split_channel(d: Data, channel: int, concepts, layer: str | None = None, *, split_rule: str = "paper",
+                  batch_size: int = 64, device: str = "auto", num_workers: int = 0, progress: bool = True):
+    """Stage 3: split ``channel`` between ``concepts`` (lists of class indices) after :func:`importances`;
+    writes its record into ``d.store_dir/models_disentangled`` and returns it (:class:`utils.records.Record`)."""
+    from .disentangle import Stage3Config, disentangle_channel
+    from .records import save_record
+
+    with running("disentangle_channels.split_channel"):
+        cfg = Stage3Config(**_run_options(d, layer, batch_size, device, num_workers, progress), channel=channel,
+                           concepts=[list(c) for c in concepts], split_rule=split_rule)
+        rec, sw = disentangle_channel(cfg, loaded=d.loaded)
+        rec.dir = os.path.join(d.store_dir, "models_disentangled", rec.name())
+        save_record(rec.dir, rec, sw)
+    return rec
+
+
+def evaluate_channel(d: Data, channel: int, concepts, layer: str | None = None, *, out_dir: str | None = None,
+                     purity_k: int = 0, batch_size: int = 64, device: str = "auto", num_workers: int = 0,
+                     progress: bool = True) -> dict:
+    """Stage 4 of a channel split by :func:`split_channel`: relative attributions on the concepts' validation
+    images, fraction tables and density plots in ``out_dir`` (default: ``d.store_dir/results``); its summary."""
+    from .evaluation import Stage4Config, run_stage4
+
+    opts = _run_options(d, layer, batch_size, device, num_workers, progress)
+    opts.pop("store_dir")
+    with running("disentangle_channels.evaluate_channel"):
+        cfg = Stage4Config(**opts, model_dir=os.path.join(d.store_dir, "models_disentangled"), channel=channel,
+                           concepts=[list(c) for c in concepts], purity_k=purity_k,
+                           out_dir=out_dir or os.path.join(d.store_dir, "results"))
+        return run_stage4(cfg, loaded=d.loaded, log=lambda *a: None)
+
+
+def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, name: str | None = None,
+                classes=None, transform=None,
+                input_size: int | None = None, resize: int | None = None, mean=None, std=None,
+                store_dir: str | None = None, out_dir: str | None = None, positions: str = "auto",
+                tau: float = 0.03, p: float = 0.75, gamma_high: float = 0.5, min_concepts: int = 2,
+                max_channels: int | None = None, channels: list[int] | None = None, split_rule: str = "paper",
+                top_k: int = 12, check_images: int = 32, seed: int = 0, batch_size: int = 64,
+                device: str = "auto", num_workers: int = 0, progress: bool = True, log=print) -> Result:
+    """The layer pipeline in one call: stage 1 (into ``store_dir``, default a temporary folder), every
+    polysemantic unit's concepts from the data, each split into one unit per concept, all in one network,
+    evaluated on ``val`` (purity, ROC AUC, stage 4) and drawn; returns a :class:`Result`.
+
+    ``train``/``val``, ``name`` (the model's name in reports and folders; default: its class name), ``classes``,
+    ``transform``, ``input_size``, ``resize``, ``mean``, ``std``: see :func:`prepare`. The rest are the layer command's settings (``disentangle_layer.py --help``): ``tau``,
+    ``p``, ``gamma_high`` (its ``--cos_sim_high``), ``min_concepts``, ``max_channels``, ``channels``,
+    ``split_rule``, ``top_k``, ``check_images``, ``seed``; ``positions`` is stage 1's. ``log``: where progress
+    lines go (None: nowhere)."""
+    from .layer import LayerConfig, disentangle_layer
+
+    with running("disentangle_channels.disentangle"):
+        d = prepare(model, train, val, name=name, classes=classes, transform=transform, input_size=input_size,
+                    resize=resize, mean=mean, std=std, store_dir=store_dir)
+        store = importances(d, layer, positions=positions, batch_size=batch_size, device=device,
+                            num_workers=num_workers, progress=progress)
+        if log:
+            log(f"stage 1: {store.meta['num_images']} training images; the model's accuracy on them as fed: "
+                f"{store.accuracy:.1%}")
+        cfg = LayerConfig(**_run_options(d, store.meta["layer"], batch_size, device, num_workers, progress),
+                          tau=tau, p=p, gamma_high=gamma_high, min_concepts=min_concepts, max_channels=max_channels,
+                          channels=channels, split_rule=split_rule, top_k=top_k, check_images=check_images,
+                          seed=seed, out_dir=out_dir)
+        summary = disentangle_layer(cfg, loaded=d.loaded, log=log or (lambda *a: None))
+    return Result.from_summary(summary, model, d.transform, keep=d.keep, accuracy=store.accuracy)

@@ -1,0 +1,193 @@
+"""What :func:`utils.api.disentangle` returns: the split network, per split unit its concepts and scores, the
+concept units' activations, the report, and a folder that saves and loads it from anywhere."""
+from __future__ import annotations
+
+import base64
+import html
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data import Preprocess
+from .errors import UserError
+from .files import read_json, write_json
+from .units import Unit
+
+RESULT_FILE = "result.json"
+NETWORK_FILE = "disentangled.pt"
+
+
+@dataclass(frozen=True)
+class ChannelSplit:
+    """One split unit: its ``concepts`` (class indices) and their ``class_names``; ``best_rho``; ``inputs[j]``:
+    the layer's input channels that concept j's filter keeps at the best rho, ``shared``: those the residual
+    keeps; ``scores``: every rho's score; ``purity`` and ``auc``: ``{"original": [...], "concepts": [...]}`` per
+    concept (purity's ``baseline`` too); ``flags``: per concept unit what to be wary of; ``columns``: the split
+    layer's ``expanded`` outputs that are its concept units D_1 .. D_k."""
+
+    channel: int
+    concepts: list[list[int]]
+    class_names: list[list[str]]
+    best_rho: float
+    inputs: list[list[int]]
+    shared: list[int]
+    scores: dict[float, float]
+    purity: dict
+    auc: dict
+    flags: list[list[str]]
+    columns: list[int]
+
+    @property
+    def k(self) -> int:
+        return len(self.concepts)
+
+    @classmethod
+    def of(cls, channel: int, ch: dict, columns: list[int]) -> "ChannelSplit":
+        at = ch["sources"][f"{float(ch['best_rho']):.2f}"]
+        k = len(ch["concepts"])
+        return cls(channel, ch["concepts"], ch["class_names"], ch["best_rho"],
+                   [at[f"concept{j}"] for j in range(1, k + 1)], at["shared"],
+                   {float(r): v for r, v in ch["scores"].items()}, ch["purity"], ch["auc"], ch["flags"], columns)
+
+
+class Result:
+    """The split ``network`` (an ``nn.Module``: the same logits as the original), its ``layer`` and
+    ``positions``, ``channels`` (channel -> :class:`ChannelSplit`), the input ``transform``, the model's
+    ``accuracy`` on the training images as fed, and ``summary`` (the layer command's ``layer.json``)."""
+
+    def __init__(self, network: nn.Module, summary: dict, transform: Preprocess, folder: str, keep=None,
+                 accuracy: float | None = None):
+        from .surgery import checkpoint_splits
+
+        self.network, self.summary, self.transform, self.folder = network.eval(), summary, transform, folder
+        self.layer, self.positions, self.accuracy = summary["layer"], summary.get("positions", "all"), accuracy
+        self._keep = keep  # a temporary store folder: lives as long as this result
+        C = Unit(network.get_submodule(self.layer).merge).out_channels
+        nxt, self.channels = C, {}
+        for c in checkpoint_splits(os.path.join(folder, NETWORK_FILE))[self.layer]:  # the split layer's order
+            ch = summary["channels"][str(c)]
+            k = len(ch["concepts"])
+            self.channels[c] = ChannelSplit.of(c, ch, [c] + list(range(nxt, nxt + k - 1)))
+            nxt += k
+
+    def __repr__(self) -> str:
+        return (f"Result({self.summary['model']} {self.layer}: {len(self.channels)} split units "
+                f"{sorted(self.channels)[:8]}{' ...' if len(self.channels) > 8 else ''})")
+
+    @classmethod
+    def from_summary(cls, summary: dict, model: nn.Module, transform: Preprocess, keep=None,
+                     accuracy: float | None = None) -> "Result":
+        from .surgery import load_checkpoint
+
+        folder = os.path.dirname(summary["report"])
+        net = load_checkpoint(summary["export"], model)
+        return cls(net, summary, transform, folder, keep, accuracy)
+
+    @torch.no_grad()
+    def units(self, x: torch.Tensor, pooled: bool = False) -> dict[int, torch.Tensor]:
+        """Every split unit's k concept activations for the batch ``x`` (already transformed, ``self.transform``):
+        ``{channel: B x k x H x W}`` at the positions that count (a Linear's tokens: N x 1; the class token alone:
+        1 x 1); ``pooled``: their mean over positions, ``B x k``."""
+        expanded = self.network.get_submodule(self.layer).expanded
+        got = {}
+        hook = expanded.register_forward_hook(lambda m, i, o: got.__setitem__("a", o))
+        try:
+            p = next(self.network.parameters())
+            self.network(x.to(p.device, p.dtype))
+        finally:
+            hook.remove()
+        a = Unit(expanded, self.positions).counted(got["a"])
+        out = {c: a[:, s.columns] for c, s in self.channels.items()}
+        return {c: v.mean((2, 3)) for c, v in out.items()} if pooled else out
+
+    def report(self, path: str) -> str:
+        """Write the HTML report (with its pictures and plots) into the folder ``path``; its page's path."""
+        os.makedirs(path, exist_ok=True)
+        for name in ("pictures", "plots"):
+            if os.path.isdir(os.path.join(self.folder, name)):
+                shutil.copytree(os.path.join(self.folder, name), os.path.join(path, name), dirs_exist_ok=True)
+        shutil.copy2(os.path.join(self.folder, "report.html"), os.path.join(path, "report.html"))
+        return os.path.join(path, "report.html")
+
+    def html(self) -> str:
+        """The report as one self-contained page (pictures inlined): ``IPython.display.HTML(result.html())``."""
+        with open(os.path.join(self.folder, "report.html"), encoding="utf-8") as f:
+            page = f.read()
+
+        def inline(m: re.Match) -> str:
+            path = os.path.join(self.folder, html.unescape(m[2]))
+            if not os.path.isfile(path):
+                return m[0]
+            with open(path, "rb") as f:
+                return f'{m[1]}="data:image/png;base64,{base64.b64encode(f.read()).decode()}"'
+
+        return re.sub(r'(src|href)="([^"#:]+\.png)"', inline, page)
+
+    def show(self, height: int = 900) -> "Page":
+        """The report inside a notebook (the cell's value): a frame holding :meth:`html`, so its styles stay its own."""
+        return Page(f'<iframe srcdoc="{html.escape(self.html(), quote=True)}" style="width: 100%; height: {height}px; '
+                    'border: 1px solid #ccc"></iframe>')
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{c}</td><td>{s.k}</td><td>{html.escape(' | '.join(', '.join(n) for n in s.class_names))}</td>"
+            f"<td>{s.best_rho:.2f}</td><td>{_shares(s.purity['original'])}</td><td>{_shares(s.purity['concepts'])}</td></tr>"
+            for c, s in self.channels.items())
+        return (f"<p>{html.escape(repr(self))}</p><table><tr><th>unit</th><th>k</th><th>concepts</th><th>best rho</th>"
+                f"<th>purity before</th><th>after</th></tr>{rows}</table>")
+
+    def save(self, path: str) -> str:
+        """Save into the folder ``path`` (the network, the transform, the summary, the report's files): load it
+        with :func:`load` from any working directory."""
+        if os.path.abspath(path) != os.path.abspath(self.folder):
+            self.report(path)
+            shutil.copy2(os.path.join(self.folder, NETWORK_FILE), os.path.join(path, NETWORK_FILE))
+        write_json(os.path.join(path, RESULT_FILE), {"summary": self.summary, "transform": self.transform.to_json(),
+                                                      "accuracy": self.accuracy})
+        return path
+
+
+class Page:
+    """HTML that a notebook shows as a cell's value."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def _repr_html_(self) -> str:
+        return self.text
+
+
+def load(path: str, model: nn.Module | None = None) -> Result:
+    """A :class:`Result` saved by :meth:`Result.save` (or the layer command's output folder). ``model``: the
+    original network (its architecture; needed unless the checkpoint's model can be built by name: a
+    torchvision or timm name, or an own file)."""
+    from .surgery import load_checkpoint
+
+    if not os.path.isdir(path):
+        raise UserError(f"no saved result {path}")
+    saved = os.path.join(path, RESULT_FILE)
+    if os.path.isfile(saved):
+        obj = read_json(saved)
+        summary, transform, accuracy = obj["summary"], Preprocess.from_json(obj["transform"]), obj.get("accuracy")
+    elif os.path.isfile(os.path.join(path, "layer.json")):
+        summary, accuracy = read_json(os.path.join(path, "layer.json")), None
+        transform = Preprocess.from_json((summary.get("provenance") or {}).get("transform"))
+    else:
+        raise UserError(f"{path} holds no {RESULT_FILE} (Result.save) nor layer.json (the layer command)")
+    try:
+        net = load_checkpoint(os.path.join(path, NETWORK_FILE), model)
+    except (RuntimeError, KeyError) as e:
+        raise UserError(f"the network in {path} does not fit the model given: {str(e).splitlines()[0]}") from None
+    except UserError as e:
+        if model is not None:
+            raise
+        raise UserError(f"{e}; pass the original network: load({path!r}, model)") from None
+    return Result(net, summary, transform, path, accuracy=accuracy)
+
+
+def _shares(v: list) -> str:
+    return "/".join("-" if x is None else f"{x:.0%}" for x in v)
