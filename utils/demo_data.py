@@ -13,11 +13,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data import list_images, load_image
+from .demo_models import DIGIT_NAMES
 from .errors import UserError
 from .files import save_torch
 from .models import model_tag
-
-DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 def make_digits_folder(root: str, val_fraction: float = 0.25, size: int = 64, seed: int = 0) -> str:

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import os
 
+# The ten classes' names (demo_data's folders are named by them). Kept here, not imported from a sibling: this
+# file is also loaded by path as an own model file (importlib), where it has no package for a relative import,
+# and the package's name differs between a clone (utils) and an installed copy (disentangle_channels).
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGITS_CNN = "mobilenet_v3_small"  # the demo's default model
 DIGITS_CNN_TRAINING = {"epochs": 2, "lr": 2e-3, "batch_size": 32}
 
@@ -31,10 +35,6 @@ def digits_vit():
     before it builds the model to train; a trained model's weights replace it anyway)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    try:  # loaded by path (importlib) as an own file, or imported as utils.demo_models
-        from .demo_data import DIGIT_NAMES
-    except ImportError:
-        from utils.demo_data import DIGIT_NAMES
     model = VisionTransformer(num_classes=len(DIGIT_NAMES), **DIGITS_VIT)
     sincos_positions(model)
     return model, list(DIGIT_NAMES)
