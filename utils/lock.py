@@ -20,12 +20,19 @@ from .errors import UserError
 WRITER = ".writer"
 
 
-def _holder(store: str) -> str:
-    try:
-        with open(os.path.join(store, WRITER)) as f:
-            return f.read().strip() or "another process"
-    except OSError:
-        return "another process"
+def _holder(store: str, patience: float = 2.0) -> str:
+    """Who holds the store's lock, from its ``.writer``. The holder names itself just after it takes the lock,
+    so a job that finds the lock taken waits up to ``patience`` seconds for the name."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            with open(os.path.join(store, WRITER)) as f:
+                text = f.read().strip()
+        except OSError:
+            text = ""
+        if text or time.monotonic() >= deadline:
+            return text or "another process"
+        time.sleep(0.05)
 
 
 @contextmanager
@@ -45,8 +52,10 @@ def writer_lock(store: str, wait: bool = False, poll: float = 1.0) -> Iterator[N
                     raise UserError(f"store {store} is in use by {_holder(store)}: wait for it to finish, or "
                                     "pass --wait to wait for it") from None
                 time.sleep(poll)
-        with open(os.path.join(store, WRITER), "w") as f:
+        tmp = os.path.join(store, f"{WRITER}.{os.getpid()}")  # renamed into place: never read half-written
+        with open(tmp, "w") as f:
             f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        os.replace(tmp, os.path.join(store, WRITER))
         yield
     finally:
         _release(store, fd, made)
