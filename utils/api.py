@@ -15,6 +15,7 @@ The stages one by one: :func:`importances` (stage 1, a store), :func:`polysemant
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -71,7 +72,7 @@ def _transform(train, transform, input_size, resize, mean, std) -> Preprocess:
                 raise UserError(f"the training images are tensors of shape {tuple(image.shape)}; give square "
                                 "C x N x N tensors (or PIL images, which the transform makes square)")
             side = int(image.shape[-1])
-            pre = Preprocess(side, side, pre.interpolation, pre.mean, pre.std)
+            pre = dataclasses.replace(pre, resize=side, crop=side)
     return pre
 
 
@@ -191,6 +192,7 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
     ``p``, ``gamma_high`` (its ``--cos_sim_high``), ``min_concepts``, ``max_channels``, ``channels``,
     ``split_rule``, ``top_k``, ``check_images``, ``seed``; ``positions`` is stage 1's. ``log``: where progress
     lines go (None: nowhere)."""
+    from .importances import accuracy_lines
     from .layer import LayerConfig, disentangle_layer
 
     with running("disentangle_channels.disentangle"):
@@ -198,9 +200,8 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
                     resize=resize, mean=mean, std=std, store_dir=store_dir)
         store = importances(d, layer, positions=positions, batch_size=batch_size, device=device,
                             num_workers=num_workers, progress=progress)
-        if log:
-            log(f"stage 1: {store.meta['num_images']} training images; the model's accuracy on them as fed: "
-                f"{store.accuracy:.1%}")
+        for line in accuracy_lines(store.accuracy, int((store.class_counts > 0).sum())) if log else []:
+            log(line)
         cfg = LayerConfig(**_run_options(d, store.meta["layer"], batch_size, device, num_workers, progress),
                           tau=tau, p=p, gamma_high=gamma_high, min_concepts=min_concepts, max_channels=max_channels,
                           channels=channels, split_rule=split_rule, top_k=top_k, check_images=check_images,

@@ -133,6 +133,18 @@ def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None =
     return summary
 
 
+def accuracy_lines(accuracy: float | None, classes: int) -> list[str]:
+    """The model's accuracy on the training images as this tool feeds them; a note when it is near chance (below
+    twice 1/classes), which asks after the input transform."""
+    if accuracy is None:
+        return []
+    lines = [f"the model's accuracy on these training images, as fed to it: {accuracy:.1%}"]
+    if classes > 1 and accuracy < 2.0 / classes:
+        lines.append(f"note: that is near chance (1/{classes} = {1 / classes:.1%}): is the input transform the one "
+                     "the model was trained with? (--input_size, --resize, --mean, --std)")
+    return lines
+
+
 def _claim(cfg: Stage1Config, job: Prepared, held: contextlib.ExitStack) -> None:
     """Rank 0: the store's folder takes files, and this job holds its write lock until it returns."""
     if cfg.rank == 0:

@@ -12,7 +12,7 @@ from .distributed import run_together
 from .errors import UserError
 from .files import check_writable, read_json, write_json
 from .provenance import provenance
-from .importances import Stage1Config, compute_importances
+from .importances import Stage1Config, accuracy_lines, compute_importances
 from .model_sources import split_file_spec
 from .models import file_sha256, get_layer, load_model, model_tag
 from .preprocess import InputSpec
@@ -164,7 +164,9 @@ def _stage1(cfg: DemoConfig, run: Setup, timings: dict) -> tuple[st.Store, int]:
                                           weights=run.weights, layer=run.layer,
                                           max_images_per_class=cfg.max_images_per_class, progress=cfg.progress,
                                           **run.common), loaded=run.lm)
-    if s1.get("already_complete") and cfg.rank == 0:
-        print(f"store {s1['store']} is already complete; reusing it")
+    if cfg.rank == 0:
+        if s1.get("already_complete"):
+            print(f"store {s1['store']} is already complete; reusing it")
+        print("\n".join(accuracy_lines(s1.get("accuracy"), s1["classes"])))
     timings["stage 1"] = time.perf_counter() - t0
     return st.Store.open(s1["store"]), s1["images"]

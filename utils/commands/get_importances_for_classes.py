@@ -38,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    from ..importances import Stage1Config, compute_importances
+    from ..importances import Stage1Config, accuracy_lines, compute_importances
     from ..cli import check_channels
     from ..distributed import distributed_context
 
@@ -61,19 +61,9 @@ def main(args: argparse.Namespace) -> None:
     else:
         print(f"done: {s['processed']} images in {s['seconds']:.1f} s ({s['images_per_second']:.1f} img/s); "
               f"store {s['store']} ({s['images']} images x {s['channels']} channels)")
-    print_accuracy(s["accuracy"], s["classes"])
+    print("\n".join(accuracy_lines(s["accuracy"], s["classes"])))
     write_json_output(args.json, {k: s[k] for k in ("store", "images", "channels", "seconds", "images_per_second",
                                                     "accuracy", "provenance")})
-
-
-def print_accuracy(accuracy: float | None, classes: int) -> None:
-    """The model's accuracy on the training images as this tool feeds them; a word when it is near chance."""
-    if accuracy is None:
-        return
-    print(f"the model's accuracy on these training images, as fed to it: {accuracy:.1%}")
-    if classes > 1 and accuracy < 2.0 / classes:
-        print(f"note: that is near chance (1/{classes} = {1 / classes:.1%}): is the input transform the one the "
-              "model was trained with? (--input_size, --resize, --mean, --std)")
 
 
 def cli() -> None:
