@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from conftest import COLOURS, PLANTED4, run_script, write_image_folder
 
@@ -79,6 +80,12 @@ def test_a_32_px_model_runs_through_every_command_with_input_size_32(for32):
     assert r.returncode == 0, r.stderr
     layer = json.load(open(root / "layer.json"))
     assert sorted(layer["channels"]) == ["0", "1"] and layer["provenance"]["transform"]["crop"] == 32
+    # the layer command's folder loads as a result from anywhere: the own file by its absolute path, the transform
+    from utils.result import load
+
+    res = load(os.path.dirname(layer["report"]))
+    assert res.transform.crop == 32 and sorted(res.channels) == [0, 1]
+    assert res.units(torch.zeros(2, 3, 32, 32))[0].shape == (2, 2, 32, 32)
     for script, extra in (("get_importances_for_classes.py", ["--store_dir", str(root / "other")]),
                           ("disentangle_channel.py", ["--store_dir", store, *concepts]),
                           ("get_results.py", [*rec, "--out_dir", str(root / "r2")]),

@@ -165,7 +165,7 @@ def load(path: str, model: nn.Module | None = None) -> Result:
     """A :class:`Result` saved by :meth:`Result.save` (or the layer command's output folder). ``model``: the
     original network (its architecture; needed unless the checkpoint's model can be built by name: a
     torchvision or timm name, or an own file)."""
-    from .surgery import load_checkpoint
+    from .surgery import checkpoint_transform, load_checkpoint
 
     if not os.path.isdir(path):
         raise UserError(f"no saved result {path}")
@@ -175,7 +175,7 @@ def load(path: str, model: nn.Module | None = None) -> Result:
         summary, transform, accuracy = obj["summary"], Preprocess.from_json(obj["transform"]), obj.get("accuracy")
     elif os.path.isfile(os.path.join(path, "layer.json")):
         summary, accuracy = read_json(os.path.join(path, "layer.json")), None
-        transform = Preprocess.from_json((summary.get("provenance") or {}).get("transform"))
+        transform = checkpoint_transform(os.path.join(path, NETWORK_FILE)) or Preprocess()
     else:
         raise UserError(f"{path} holds no {RESULT_FILE} (Result.save) nor layer.json (the layer command)")
     try:
