@@ -36,7 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "average stay shared (the record's folder name ends in _positive)")
     g.add_argument("--export", metavar="PATH", type=output_path, default=None,
                    help="also save the whole disentangled network (best rho) as a checkpoint "
-                        "(utils.surgery.load_checkpoint rebuilds it)")
+                        "with its input transform (disentangle_channels.surgery.load_checkpoint rebuilds it; in a "
+                        "clone: utils.surgery)")
     add_json_arg(p)
     return p
 

@@ -12,9 +12,10 @@ validation images (stage 4) and by the purity of its channels' top validation im
 against random other channels of the layer as a baseline.
 
 Writes STORE_DIR/layer_disentangled/<model>_<layer>_required<tau>_p<p>_cossim<gamma>[_positive]/: layer.json,
-disentangled.pt (the whole network, utils.surgery.load_checkpoint), results_quantitative/, plots/,
-pictures/ and report.html; and one record per channel in STORE_DIR/models_disentangled/ (so that
-get_results.py and visualize_channel.py work on each channel too).
+disentangled.pt (the whole network and its input transform), results_quantitative/, plots/, pictures/ and
+report.html; and one record per channel in STORE_DIR/models_disentangled/ (so that get_results.py and
+visualize_channel.py work on each channel too). In Python the folder loads as a result:
+disentangle_channels.load(OUT_DIR) (the split network, per channel its concepts and scores, units(x)).
 
   python disentangle_layer.py --data_dir /datasets/imagenet --store_dir /store_dir --model resnet50 \\
       --proportion_attribution_required 0.03 --p 0.75 --cos_sim_high 0.5
