@@ -47,7 +47,8 @@ class Datasets:
         self.splits = {"train": _dataset(train, "train"), "val": _dataset(val, "val")}
         self.name, self.mean, self.std = name, tuple(mean), tuple(std)
         self._classes = list(classes) if classes is not None else None
-        self._labels: dict[str, list[int]] = {}
+        self._labels: dict[str, list[int]] = {}  # read once per split, like the content hash
+        self._hashes: dict[str, str] = {}
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={len(d)}" for s, d in self.splits.items() if d is not None)
@@ -127,14 +128,17 @@ class Datasets:
         return Image.fromarray(a[..., 0] if a.shape[2] == 1 else a).convert("RGB")
 
     def content_hash(self, split: str) -> str:
-        """sha256 of the labels and the content of up to :data:`SAMPLED` items spread over ``split``."""
-        labels = self.labels(split)
-        h = hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes())
-        for i in np.linspace(0, len(labels) - 1, min(SAMPLED, len(labels))).round().astype(int):
-            image = self.item(split, int(i))[0]
-            h.update(image.tobytes() if isinstance(image, Image.Image)
-                     else image.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        """sha256 of the labels and the content of up to :data:`SAMPLED` items spread over ``split`` (read once: a
+        store's fingerprint and its per-class fingerprints both use it)."""
+        if split not in self._hashes:
+            labels = self.labels(split)
+            h = hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes())
+            for i in np.linspace(0, len(labels) - 1, min(SAMPLED, len(labels))).round().astype(int):
+                image = self.item(split, int(i))[0]
+                h.update(image.tobytes() if isinstance(image, Image.Image)
+                         else image.detach().cpu().contiguous().numpy().tobytes())
+            self._hashes[split] = h.hexdigest()
+        return self._hashes[split]
 
 
 def _base(d):
