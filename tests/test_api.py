@@ -103,7 +103,7 @@ def test_concept_units_are_the_split_filters_applied_to_the_layer_input(result):
             want = torch.einsum("i,bihw->bhw", w[c] * mask, seen["x"])
             assert torch.allclose(units[c][:, j], want, atol=1e-5)
     pooled = res.units(x, pooled=True)
-    assert pooled[0].shape == (len(x), 2) and torch.allclose(pooled[0], units[0].mean((2, 3)))
+    assert pooled[0].shape == (len(x), 2) and torch.allclose(pooled[0], units[0].sum((2, 3)))
 
 
 def test_a_saved_result_loads_from_another_folder_with_the_same_activations(result, tmp_path, monkeypatch):
@@ -160,7 +160,7 @@ def test_what_the_api_refuses(tmp_path):
         def forward(self, x):
             return self.fc(self.conv(x).flatten(1))
 
-    with pytest.raises(UserError, match=r"fails on one 3 x 224 x 224 image.*--input_size"):
+    with pytest.raises(UserError, match=r"fails on one 3 x 224 x 224 image.*input_size="):
         dc.prepare(For32(), Pictures(2, 0), Pictures(2, 1))
     assert dc.prepare(For32(), Pictures(2, 0), Pictures(2, 1), input_size=32).transform.crop == 32
     with pytest.raises(UserError, match="must be an nn.Module"):

@@ -27,7 +27,8 @@ from torch import nn
 
 from .data import Preprocess
 from .datasets import Datasets, is_datasets
-from .errors import UserError
+from .defaults import DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
+from .errors import UserError, api_errors
 from .models import LoadedModel, loaded_model
 from .preprocess import InputSpec, as_preprocess
 from .provenance import running
@@ -50,6 +51,10 @@ class Data:
     def transform(self) -> Preprocess:
         return self.loaded.preprocess
 
+    def __repr__(self) -> str:  # never the whole model
+        return (f"Data({self.loaded.name} ({self.loaded.weights}), {self.data!r}, store_dir={self.store_dir!r}"
+                f"{' (temporary)' if self.keep is not None else ''})")
+
 
 def _weights_id(model: nn.Module) -> str:
     """``module:<sha256 prefix>`` over the parameters and buffers: a store made with other weights is refused."""
@@ -67,6 +72,9 @@ def _transform(train, transform, input_size, resize, mean, std) -> Preprocess:
     pre = as_preprocess(transform) if transform is not None else InputSpec.of(asked).applied(Preprocess())
     if is_datasets(train) and train.splits["train"] is not None:
         image = train.item("train", 0)[0]
+        if isinstance(image, torch.Tensor) and image.device.type != "cpu":
+            raise UserError(f"train holds tensors on {image.device}; give them on the CPU (each batch is moved to "
+                            "device= as it is read)")
         if isinstance(image, torch.Tensor):
             if image.dim() != 3 or image.shape[-1] != image.shape[-2]:
                 raise UserError(f"the training images are tensors of shape {tuple(image.shape)}; give square "
@@ -76,6 +84,7 @@ def _transform(train, transform, input_size, resize, mean, std) -> Preprocess:
     return pre
 
 
+@api_errors
 def prepare(model: nn.Module, train=None, val=None, *, name: str | None = None, classes=None, transform=None,
             input_size: int | None = None, resize: int | None = None, mean=None, std=None,
             store_dir: str | None = None) -> Data:
@@ -116,33 +125,61 @@ def _first(*ds):
     raise UserError("no images given: pass train (and val) Datasets, or an ImageFolder root")
 
 
+def _count(name: str, v, least: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+        raise UserError(f"{name} must be a whole number >= {least}, not {v!r}")
+
+
 def _run_options(d: Data, layer, batch_size: int, device: str, num_workers: int, progress: bool) -> dict:
+    """The options every image pass takes; the caller's numbers and device checked first."""
+    if not isinstance(d, Data):
+        raise UserError(f"the first argument must be what prepare() returns, not a {type(d).__name__}")
+    _count("batch_size", batch_size, 1)
+    _count("num_workers", num_workers, 0)
+    if layer is not None and not isinstance(layer, str):
+        raise UserError(f"layer must be a module's dotted name (a str, e.g. 'layer4.2.conv3'), not {layer!r}")
+    from .device import resolve_device
+
+    resolve_device(str(device))
     return {"model": d.loaded.name, "weights": d.loaded.weights, "layer": layer, "batch_size": batch_size,
             "device": device, "num_workers": num_workers, "progress": progress, "data_dir": d.data,
             "store_dir": d.store_dir}
 
 
+@api_errors
 def importances(d: Data, layer: str | None = None, *, positions: str = "auto", batch_size: int = 64,
-                device: str = "auto", num_workers: int = 0, progress: bool = True):
+                device: str = "auto", num_workers: int = 0, progress: bool = True, wait: bool = False):
     """Stage 1: the relevance of every unit of ``layer`` for every training image, into ``d.store_dir``;
-    returns the :class:`utils.store.Store` (``.relevance``, ``.accuracy``, ...)."""
+    returns the :class:`utils.store.Store` (``.relevance``, ``.accuracy``, ...). A store that is complete is
+    read, not recomputed; one that another job is writing is refused, or waited for with ``wait=True``."""
     from .importances import Stage1Config, compute_importances
     from .store import Store
 
     with running("disentangle_channels.importances"):
         s = compute_importances(Stage1Config(**_run_options(d, layer, batch_size, device, num_workers, progress),
-                                             positions=positions), loaded=d.loaded)
+                                             positions=positions, wait=wait), loaded=d.loaded)
     return Store.open(s["store"])
 
 
-def polysemantic_pairs(store, tau: float = 0.03, p: float = 0.75, gamma_high: float = 0.5):
+@api_errors
+def polysemantic_pairs(store, tau: float = DEFAULT_TAU, p: float = DEFAULT_P, gamma_high: float = DEFAULT_GAMMA):
     """Stage 2 on a store: candidates, their ARVs and the gamma-polysemantic pairs (``.pairs``: dicts of channel,
-    class1, class2, cosine_similarity; :class:`utils.selection.Stage2Result`)."""
+    class1, class2, cosine_similarity; :class:`utils.selection.Stage2Result`).
+
+    The defaults are the paper's and :func:`disentangle`'s (tau 0.03, p 0.75, gamma_high 0.5), so the pairs are
+    those the layer pipeline splits. ``get_cosine_similarities.py`` keeps the authors' script defaults (tau 0.05,
+    ``--cos_sim_high 1.0``: every pair less alike than 1, for browsing). Pass the same ``tau`` to
+    :func:`evaluate_channel`."""
     from .selection import find_pairs
+    from .store import Store
+
+    if not isinstance(store, Store):
+        raise UserError(f"store must be what importances() returns, not a {type(store).__name__}")
 
     return find_pairs(store, tau=tau, p=p, gamma_high=gamma_high)
 
 
+@api_errors
 def split_channel(d: Data, channel: int, concepts, layer: str | None = None, *, split_rule: str = "paper",
                   batch_size: int = 64, device: str = "auto", num_workers: int = 0, progress: bool = True):
     """Stage 3: split ``channel`` between ``concepts`` (lists of class indices) after :func:`importances`;
@@ -159,22 +196,25 @@ def split_channel(d: Data, channel: int, concepts, layer: str | None = None, *, 
     return rec
 
 
-def evaluate_channel(d: Data, channel: int, concepts, layer: str | None = None, *, out_dir: str | None = None,
-                     purity_k: int = 0, batch_size: int = 64, device: str = "auto", num_workers: int = 0,
-                     progress: bool = True) -> dict:
+@api_errors
+def evaluate_channel(d: Data, channel: int, concepts, layer: str | None = None, *, tau: float = DEFAULT_TAU,
+                     out_dir: str | None = None, purity_k: int = 0, batch_size: int = 64, device: str = "auto",
+                     num_workers: int = 0, progress: bool = True) -> dict:
     """Stage 4 of a channel split by :func:`split_channel`: relative attributions on the concepts' validation
-    images, fraction tables and density plots in ``out_dir`` (default: ``d.store_dir/results``); its summary."""
+    images with relevance >= ``tau`` (give the tau the pairs were found with), fraction tables and density plots
+    in ``out_dir`` (default: ``d.store_dir/results``); its summary."""
     from .evaluation import Stage4Config, run_stage4
 
     opts = _run_options(d, layer, batch_size, device, num_workers, progress)
     opts.pop("store_dir")
     with running("disentangle_channels.evaluate_channel"):
         cfg = Stage4Config(**opts, model_dir=os.path.join(d.store_dir, "models_disentangled"), channel=channel,
-                           concepts=[list(c) for c in concepts], purity_k=purity_k,
+                           concepts=[list(c) for c in concepts], purity_k=purity_k, tau=tau,
                            out_dir=out_dir or os.path.join(d.store_dir, "results"))
         return run_stage4(cfg, loaded=d.loaded, log=lambda *a: None)
 
 
+@api_errors
 def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, name: str | None = None,
                 classes=None, transform=None,
                 input_size: int | None = None, resize: int | None = None, mean=None, std=None,
@@ -182,7 +222,8 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
                 tau: float = 0.03, p: float = 0.75, gamma_high: float = 0.5, min_concepts: int = 2,
                 max_channels: int | None = None, channels: list[int] | None = None, split_rule: str = "paper",
                 top_k: int = 12, check_images: int = 32, seed: int = 0, batch_size: int = 64,
-                device: str = "auto", num_workers: int = 0, progress: bool = True, log=print) -> Result:
+                device: str = "auto", num_workers: int = 0, progress: bool = True, wait: bool = False,
+                log=print) -> Result:
     """The layer pipeline in one call: stage 1 (into ``store_dir``, default a temporary folder), every
     polysemantic unit's concepts from the data, each split into one unit per concept, all in one network,
     evaluated on ``val`` (purity, ROC AUC, stage 4) and drawn; returns a :class:`Result`.
@@ -190,16 +231,20 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
     ``train``/``val``, ``name`` (the model's name in reports and folders; default: its class name), ``classes``,
     ``transform``, ``input_size``, ``resize``, ``mean``, ``std``: see :func:`prepare`. The rest are the layer command's settings (``disentangle_layer.py --help``): ``tau``,
     ``p``, ``gamma_high`` (its ``--cos_sim_high``), ``min_concepts``, ``max_channels``, ``channels``,
-    ``split_rule``, ``top_k``, ``check_images``, ``seed``; ``positions`` is stage 1's. ``log``: where progress
-    lines go (None: nowhere)."""
+    ``split_rule``, ``top_k``, ``check_images``, ``seed``; ``positions`` and ``wait`` are stage 1's (see
+    :func:`importances`). ``log``: where progress lines go (None: nowhere)."""
     from .importances import accuracy_lines
     from .layer import LayerConfig, disentangle_layer
 
+    if max_channels is not None:
+        _count("max_channels", max_channels, 1)  # None: all of them
+    if log is not None and not callable(log):
+        raise UserError(f"log must be a function such as print, or None, not {type(log).__name__}")
     with running("disentangle_channels.disentangle"):
         d = prepare(model, train, val, name=name, classes=classes, transform=transform, input_size=input_size,
                     resize=resize, mean=mean, std=std, store_dir=store_dir)
         store = importances(d, layer, positions=positions, batch_size=batch_size, device=device,
-                            num_workers=num_workers, progress=progress)
+                            num_workers=num_workers, progress=progress, wait=wait)
         for line in accuracy_lines(store.accuracy, int((store.class_counts > 0).sum())) if log else []:
             log(line)
         cfg = LayerConfig(**_run_options(d, store.meta["layer"], batch_size, device, num_workers, progress),

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import errno
+import functools
+import re
 import sys
 from typing import Callable
 
@@ -51,3 +53,41 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         say("interrupted (rerun the same command to continue where it stopped)")
         sys.exit(130)
+
+
+# The commands' flags in the Python API's words: what a notebook caller passed. A flag not listed is its own name
+# (--input_size -> input_size=).
+API_WORDS = {
+    "--proportion_attribution_required": "tau=", "--tau": "tau=", "--cos_sim_high": "gamma_high=",
+    "--gamma": "gamma_high=", "--concept": "concepts=", "--channel_of_interest": "channel=",
+    "--channel_disentangle": "channel=", "--data_dir": "train=", "--gpu": "device=", "--no_progress": "progress=False",
+    "--wait": "wait=True", "--model": "model=", "--weights": "model=", "--nr_channels_in_layer_of_interest": "layer=",
+}
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_]*)")
+
+
+def in_api_words(line: str) -> str:
+    """``line`` with every command-line flag named as the API's argument (``--p`` -> ``p=``)."""
+    def word(m: re.Match) -> str:
+        flag = m[0]
+        if flag.startswith("--classes_for_concept"):
+            return "concepts="
+        return API_WORDS.get(flag, f"{m[1]}=")
+
+    return _FLAG.sub(word, line)
+
+
+def api_errors(fn: Callable):
+    """Decorate a public API function: a :class:`UserError` or a failed file operation (a full disk, a read-only
+    folder) leaves it as ONE :class:`UserError` line in the caller's words, without the package's frames behind
+    it; a bug of the package keeps its whole traceback."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, OSError) as e:
+            line = in_api_words(describe_os_error(e) if isinstance(e, OSError) and not isinstance(e, UserError)
+                                else str(e))
+            raise UserError(line) from None
+
+    return call

@@ -161,8 +161,10 @@ def _prepare(cfg: LayerConfig, runner: Runner, lm: LoadedModel, layer: str, log)
                                                  progress=cfg.progress and runner.lead)
     chosen = select_channels(concepts, least, cfg)
     if not chosen:
+        most = max((len(v) for v in concepts.values()), default=0)
         raise UserError(f"no channel of {layer} has {cfg.min_concepts} or more concepts at tau {cfg.tau}, p {cfg.p}, "
-                        f"gamma {cfg.gamma_high}: lower --p or raise --cos_sim_high")
+                        f"gamma {cfg.gamma_high} ({len(concepts)} candidate channels, the most concepts any has: "
+                        f"{most}): lower --p or raise --cos_sim_high")
     out = cfg.out_dir or os.path.join(cfg.store_dir, "layer_disentangled",
                                       layer_name(lm.tag, layer, cfg.tau, cfg.p, cfg.gamma_high, cfg.split_rule))
     if runner.lead:

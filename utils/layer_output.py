@@ -16,6 +16,7 @@ from .concepts import ClassNames
 from .data import ImageList
 from .evaluation import Activations, TopKRequest, evaluate_splits
 from .selectivity import split_aucs, split_flags, split_purity
+from .defaults import NEAR_CHANCE
 from .errors import UserError
 from .files import read_json, write_json
 from .provenance import provenance
@@ -151,7 +152,7 @@ def write_layer(cfg, lm, model, layer: str, store, ev: LayerEvaluation, records:
     files = {c: ChannelFiles(f.record, f.quantitative, f.plots, pictures[c]) for c, f in files.items()}
     seconds["pictures"] = time.perf_counter() - t0
     summary = {**_summary(cfg, lm, layer, ev, files, export, names, evidence or {}),
-               "provenance": provenance(cfg.seed, lm.preprocess)}
+               "warnings": warnings(store), "provenance": provenance(cfg.seed, lm.preprocess)}
     write_json(os.path.join(out, "layer.json"), {**summary, "timings": seconds})
     report = os.path.join(out, "report.html")
     write_layer_report(report, summary, ev, files, names, seconds, cfg.notes)
@@ -159,6 +160,18 @@ def write_layer(cfg, lm, model, layer: str, store, ev: LayerEvaluation, records:
     _remove({p for p in previous - described_outputs(os.path.join(out, "layer.json")) if p.startswith(inside)})
     log(f"wrote {out}/ (layer.json, disentangled.pt, results_quantitative/, plots/, pictures/, report.html)")
     return {**summary, "report": report, "out_dir": out}
+
+
+def warnings(store) -> list[str]:
+    """What a reader must know before reading any split: a model near chance on its own training images has
+    concepts that mean little (a model with random weights is a fair subject, so this warns, never refuses)."""
+    classes = int((store.class_counts > 0).sum())
+    acc = store.accuracy
+    if acc is None or classes < 2 or acc >= NEAR_CHANCE / classes:
+        return []
+    return [f"the model is near chance on its training images ({acc:.1%}; chance 1/{classes} = {1 / classes:.1%}): "
+            "its concepts and splits say little about what it has learned (random weights? the wrong input "
+            "transform?)"]
 
 
 def described_outputs(layer_json: str) -> set[str]:

@@ -183,6 +183,7 @@ def write_layer_report(path: str, summary: dict, ev, files: dict, names, seconds
             "residual, all in one network that computes the same logits (Hesse et al., CVPRW 2025, extended to k "
             "concepts). Purity: the share of a channel's top validation images in a concept's classes; its "
             "baseline is the same share for random channels in the classes that suit them best.</p>",
+            *(f'<p class="bad"><b>warning:</b> {_e(w)}</p>' for w in summary.get("warnings", [])),
             "<h2>Settings</h2>", _table(["", ""], settings, left=2),
             "<h2>Split channels, by purity gain</h2>", _overview(ev, files, names, summary),
             "<h2>Channels</h2>"] + [_card(r, files[r.channel], names, base, summary["channels"][str(r.channel)])

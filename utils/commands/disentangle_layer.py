@@ -89,8 +89,9 @@ def main(args: argparse.Namespace) -> dict | None:
     if rank != 0:  # rank 0 alone prints and writes
         return None
     print_layer(out, args.top_k)
-    write_json_output(args.json, {k: out[k] for k in ("split_rule", "channels", "baseline_purity", "max_abs_logit_diff",
-                                                      "export", "seconds", "report", "provenance")})
+    write_json_output(args.json, {k: out[k] for k in ("warnings", "split_rule", "channels", "baseline_purity",
+                                                      "max_abs_logit_diff", "export", "seconds", "report",
+                                                      "provenance")})
     return out
 
 
@@ -98,6 +99,8 @@ def print_layer(out: dict, top_k: int) -> None:
     """One line per split channel (k, best rho, purity before, after and its baseline, concepts), the baseline,
     the logit check and the report's path."""
     rows = sorted(out["channels"].items(), key=lambda kv: -kv[1]["purity_gain"])
+    for w in out.get("warnings", []):
+        print(f"WARNING: {w}")
     print(f"{'channel':>7} {'k':>2} {'best rho':>8} {'purity before':>14} {'after':>14} {'baseline':>14} "
           f"{'AUC before':>17} {'after':>17}  concepts")
     for c, ch in rows:
