@@ -208,15 +208,25 @@ def _read_rgb(path: str) -> Image.Image:
 
 def read_image(images: ImageList, i: int, transform=None) -> torch.Tensor:
     """Image ``i`` through ``transform`` (default: the evaluation transform). A dataset's tensor image is the
-    network's input as it is for a :class:`Preprocess` (or none); any other transform (a picture's) gets it
+    network's input as it is for a :class:`Preprocess` (or none), and must be 3 x crop x crop (with none: the
+    size of the data's first tensor, :meth:`Datasets.tensor_shape`); any other transform (a picture's) gets it
     mapped back to colours (:meth:`Datasets.picture`)."""
-    transform = transform or eval_transform()
+    given, transform = transform, transform or eval_transform()
     if images.source is None:
         return transform(read_rgb(images.paths[i]))
     image = images.source.item(images.split, images.items[i])[0]
-    if isinstance(transform, Preprocess):
-        return image.float() if isinstance(image, torch.Tensor) else transform(image.convert("RGB"))
-    return transform(images.source.picture(images.split, images.items[i]))
+    if not isinstance(transform, Preprocess):
+        return transform(images.source.picture(images.split, images.items[i]))
+    if not isinstance(image, torch.Tensor):
+        return transform(image.convert("RGB"))
+    # a tensor of another size: one line, not torch.stack's traceback; without a transform, the data's own size
+    want = (3, given.crop, given.crop) if given is not None else images.source.tensor_shape(images.split)
+    if want is not None and tuple(image.shape) != tuple(want):
+        raise UserError(f"item {images.items[i]} of the {images.split} data of {images.source.name} is a tensor of "
+                        f"shape {tuple(image.shape)}; tensors are fed as they are, so every image tensor must be "
+                        f"{' x '.join(map(str, want))}, the input size (or give PIL images, which the transform "
+                        "resizes)")
+    return image.float()
 
 
 def load_image(images: ImageList, i: int, transform=None) -> torch.Tensor:
