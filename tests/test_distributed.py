@@ -179,3 +179,168 @@ def test_stages_3_and_4_under_torchrun_equal_a_single_process(tmp_path):
         script = "disentangle_channel.py" if split == "train" else "get_results.py"
         r = _launch(script, [*common, *argv], nproc=2, ok=False)
         assert f"error: cannot read image {bad}" in r.stderr and "other process(es) of this job failed" in r.stderr
+
+
+# ------------------------------------------------------------------ the README's torchrun lines
+
+DOCS = [os.path.join(ROOT, "README.md")] + sorted(
+    os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))
+CONSOLE = {"dc-importances": "get_importances_for_classes", "dc-similarities": "get_cosine_similarities",
+           "dc-channel": "disentangle_channel", "dc-results": "get_results", "dc-summarize": "summarize_results",
+           "dc-visualize": "visualize_channel", "dc-layer": "disentangle_layer", "dc-demo": "demo"}
+
+
+def doc_torchrun_lines() -> list[tuple[str, list[str]]]:
+    """Every torchrun command line of README.md and docs/*.md, code blocks and inline code, as ``(file, argv)``
+    (backslash continuations joined; ``$(which dc-x)`` read as the console script dc-x)."""
+    import re
+    import shlex
+
+    found = []
+    for path in DOCS:
+        text = open(path).read()
+        blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
+        commands = [c for b in blocks for c in b.replace("\\\n", " ").splitlines() if c.strip().startswith("torchrun")]
+        inline = re.sub(r"```.*?```", "", text, flags=re.S)
+        commands += [c for c in re.findall(r"`([^`]+)`", inline) if c.strip().startswith("torchrun ")]
+        for c in commands:
+            c = re.sub(r"\$\(which (dc-\w+)\)", r"\1", " ".join(c.split()))
+            found.append((os.path.basename(path), shlex.split(c.split("#")[0])))
+    return found
+
+
+def test_every_torchrun_line_of_the_docs_parses():
+    """torchrun reads any abbreviation of its own options even after the script (``--p`` could be its
+    ``--print-completion``): each documented line goes through the installed torchrun's parser to the script it
+    names, and the script's own parser takes its flags."""
+    import contextlib
+    import importlib
+    import io
+
+    from torch.distributed.run import parse_args
+
+    lines = doc_torchrun_lines()
+    assert len(lines) >= 8 and any("--p" in argv for _, argv in lines)
+    for where, argv in lines:
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                a = parse_args(argv[1:])
+        except SystemExit:
+            raise AssertionError(f"{where}: torchrun refuses {' '.join(argv)}: {err.getvalue().splitlines()[-1]}")
+        script = os.path.basename(a.training_script)
+        name = CONSOLE.get(script, script[:-3])
+        assert os.path.isfile(os.path.join(ROOT, f"{name}.py")), (where, argv)
+        if "..." in a.training_script_args:
+            continue
+        command = importlib.import_module(f"utils.commands.{name}")
+        try:
+            with contextlib.redirect_stderr(err):
+                command.get_args_parser().parse_args(a.training_script_args)
+        except SystemExit:
+            raise AssertionError(f"{where}: {script} refuses {' '.join(argv)}: {err.getvalue().splitlines()[-1]}")
+
+
+def test_the_readme_layer_line_runs_as_written(planted4, tmp_path):
+    """The README's torchrun line of the layer command, with its ``--p 0.75``, run with the installed torchrun:
+    only its folders and model are this test's (and 2 processes on a free port instead of 8)."""
+    import shutil
+
+    root, data, common = planted4
+    shutil.copytree(root / "store", tmp_path / "store")
+    (_, argv), = [x for x in doc_torchrun_lines() if "disentangle_layer.py" in x[1] and "--p" in x[1]]
+    values = {"--data_dir": data, "--store_dir": str(tmp_path / "store"), "--model": f"{root / 'planted4.py'}:build"}
+    argv = [values.get(prev, a) for prev, a in zip([None, *argv], argv)]
+    argv = [TORCHRUN, "--standalone"] + [("--nproc_per_node=2" if a.startswith("--nproc_per_node") else a)
+                                         for a in argv[1:]]
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = tmp_path / "layer.json"
+    r = subprocess.run([*argv, "--num_workers", "0", "--device", "cpu", "--batch_size", "4", "--no_progress",
+                        "--top_k", "4", "--out_dir", str(tmp_path / "out"), "--json", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, env=e, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(out))["channels"]
+    js = json.load(open(tmp_path / "out" / "layer.json"))
+    assert (js["tau"], js["p"], js["gamma_high"]) == (0.03, 0.75, 0.5)
+    assert r.stdout.count("report:") == 1  # rank 0 alone prints
+
+
+# ------------------------------------------------------------------ ranks that see different folders
+
+
+def torchrun_in_own_folders(data, base, store="store"):
+    """Stage 1 under torchrun, process RANK started in ``base/rank<RANK>`` (as on machines that are each
+    started in their own folder) with the relative ``--store_dir store``."""
+    for r in (0, 1):
+        os.makedirs(os.path.join(base, f"rank{r}"), exist_ok=True)
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    start = 'cd "$0/rank$RANK" && exec "$@"'
+    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "--no-python", "--", "bash", "-c", start,
+                           str(base), sys.executable, SCRIPT, *args(data, store)],
+                          capture_output=True, text=True, cwd=ROOT, env=e, timeout=300)
+
+
+def test_ranks_that_see_different_store_folders_stop_before_any_work(data_and_reference, tmp_path):
+    """Process 0 started in rank0/ (where a store was begun and its process 1 killed), process 1 in rank1/, with
+    the relative ``--store_dir store``: both stop before any work, one line each and no traceback of theirs, the
+    store as it was; started in one folder, the same command completes it."""
+    data, ref = data_and_reference
+    killer = (os.path.join(ROOT, "tests", "kill_after_chunks.py"), "1", "1")
+    assert torchrun(data, tmp_path / "rank0" / "store", script=killer).returncode != 0
+    path = tmp_path / "rank0" / "store" / "resnet18_channel_importances"
+    before = {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    assert "chunks/chunk_000001.npz" in before and "relevance.npy" not in before
+    r = torchrun_in_own_folders(data, tmp_path)
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    mine, other = (str(tmp_path / f"rank{k}" / "store") for k in (1, 0))
+    assert errors.count("error: stage 1 stopped: 1 other process(es) of this job failed (see their error)") == 1
+    assert [ln for ln in errors if ln.startswith("error: process 1 does not see the folder of process 0 as "
+                                                 f"--store_dir store: it is {mine} here and {other} for process 0")]
+    assert len(errors) == 2, errors  # one line on each process
+    assert "gloo" not in r.stderr and "[rank" not in r.stderr  # no process's traceback (torchrun's own may follow)
+    assert {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
+    assert os.listdir(tmp_path / "rank0") == ["store"] and os.listdir(tmp_path / "rank1") == []  # nothing else
+    os.rmdir(tmp_path / "rank1")
+    os.symlink("rank0", tmp_path / "rank1")  # now both start in one folder
+    r = torchrun_in_own_folders(data, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_store(ref, str(path))
+
+
+# ------------------------------------------------------------------ the pictures under torchrun
+
+
+def test_visualize_channel_shares_the_search_and_draws_once(planted4, tmp_path):
+    """visualize_channel.py under torchrun: the top-k search is shared by 2 processes and gives one process's
+    top-k; process 0 alone draws, writes and prints."""
+    import shutil
+
+    from conftest import run_script
+
+    root, data, common = planted4
+    store = tmp_path / "store"
+    shutil.copytree(root / "store", store)
+    concepts = ["--classes_for_concept1", "0", "1", "--classes_for_concept2", "3"]
+    r = run_script("disentangle_channel.py", *common, "--store_dir", str(store), "--channel_disentangle", "0", *concepts)
+    assert r.returncode == 0, r.stderr
+    flags = [*common, "--store_dir", str(store), "--channel_of_interest", "0", *concepts, "--top_k", "5", "--fv_method", "fourier", "--fv_steps",
+             "2", "--fv_size", "32"]
+    r = run_script("visualize_channel.py", *flags, "--out_dir", str(tmp_path / "one"), "--json", str(tmp_path / "1.json"))
+    assert r.returncode == 0, r.stderr
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "--", "visualize_channel.py", *flags,
+                        "--batch_size", "3", "--out_dir", str(tmp_path / "two"), "--json", str(tmp_path / "2.json")],
+                       capture_output=True, text=True, cwd=ROOT, env=e, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("figure: ") == 1 and r.stdout.count("channel 0 of ") == 1  # rank 0 alone prints
+    one, two = (json.load(open(tmp_path / f"{n}.json")) for n in (1, 2))
+    assert two["images_searched"] == one["images_searched"] == 24
+    assert two["purity"] == one["purity"]
+    for name, sub in one["subchannels"].items():
+        a, b = sub["topk"], two["subchannels"][name]["topk"]
+        assert [t["index"] for t in a] == [t["index"] for t in b] and len(a) == 5
+        assert np.allclose([t["activation"] for t in a], [t["activation"] for t in b], rtol=1e-6)
+        assert b[0]["path"] == a[0]["path"] and two["subchannels"][name]["feature_visualisation"] is not None
+    folder, = os.listdir(tmp_path / "two")
+    assert sorted(os.listdir(tmp_path / "two" / folder)) == sorted(os.listdir(tmp_path / "one" / folder))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import secrets
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, TypeVar
 
@@ -66,6 +68,9 @@ def run_together(step: Callable[[], T], world: int, device: torch.device | str =
     """Run ``step`` on every rank and return its value, then agree: if it failed anywhere, it fails
     everywhere (a barrier too). The failing rank re-raises its own error; the others raise a UserError
     that points to it. With ``world`` 1 this is just ``step()``.
+
+    On a failure every rank's one line is out before any rank goes on to end: the launcher stops the
+    other processes as soon as one ends, which would otherwise cut some of them short of saying theirs.
     """
     error, value = None, None
     try:
@@ -82,10 +87,15 @@ def run_together(step: Callable[[], T], world: int, device: torch.device | str =
         t = torch.tensor([error is not None], dtype=torch.int64, device=_comm_device(device))
         dist.all_reduce(t)
         failed = int(t.item())
+    if error is None and failed:
+        error = UserError(f"{what} stopped: {failed} other process(es) of this job failed (see their error)")
+    if failed:
+        if isinstance(error, UserError) and not isinstance(error, Reported):
+            say("\n" + error_line(error))
+            error = Reported(str(error))
+        dist.all_reduce(torch.zeros(1, dtype=torch.int64, device=_comm_device(device)))  # every line is out
     if error is not None:
         raise error
-    if failed:
-        raise UserError(f"{what} stopped: {failed} other process(es) of this job failed (see their error)")
     return value
 
 
@@ -127,6 +137,76 @@ def broadcast_float(value: float | None, world: int, device: torch.device | str 
     dist.broadcast(t, 0)
     v = float(t.item())
     return None if v != v else v
+
+
+def check_one_folder(folder: str, world: int, device: torch.device | str = "cpu", flag: str = "--store_dir",
+                     what: str = "the job") -> None:
+    """Under torchrun, stop every process before any work unless all of them see ``folder`` as ONE folder.
+
+    Ranks started in different working folders read a relative ``--store_dir`` as different folders, and
+    machines without a shared file system each see their own: the job would fail half-way (or never
+    complete its store). Process 0 leaves a file with a random name in ``folder`` (in its nearest existing
+    ancestor while it does not exist yet: nothing is created) and every process looks for it. A process
+    that cannot see it fails with one line naming both paths; the others stop with it (:func:`run_together`).
+    Nothing of a store is touched, so it stays as it was: resumable. With ``world`` 1 this does nothing.
+    """
+    if world <= 1:
+        return
+    rank, dev = dist.get_rank(), _comm_device(device)
+    here = _nearest_folder(folder)
+    tag = torch.tensor([secrets.randbits(62) if rank == 0 else 0], dtype=torch.int64, device=dev)
+    dist.broadcast(tag, 0)
+    probe = f".same-folder-{int(tag.item()):016x}"
+    path0 = _broadcast_text(os.path.abspath(folder), dev)
+
+    def leave() -> None:
+        if rank == 0:
+            try:
+                with open(os.path.join(here, probe), "w"):
+                    pass
+            except OSError as e:
+                raise UserError(f"cannot write into {folder}: {e.strerror}") from None
+
+    def look() -> None:
+        seen = os.path.isfile(os.path.join(here, probe))
+        for _ in range(20):  # a shared file system may show a new file a moment later
+            if seen:
+                break
+            time.sleep(0.1)
+            seen = os.path.isfile(os.path.join(here, probe))
+        if not seen:
+            mine = os.path.abspath(folder)
+            where = (f"it is {mine} here and {path0} for process 0" if mine != path0 else
+                     f"{mine} is not the folder that process 0 sees under that name")
+            raise UserError(f"process {rank} does not see the folder of process 0 as {flag} {folder}: {where}; all "
+                            "processes must see one folder: start them in the same working folder, or give an "
+                            f"absolute {flag} on a file system that every machine shares")
+
+    try:
+        run_together(leave, world, device, what)
+        run_together(look, world, device, what)
+    finally:
+        if rank == 0 and os.path.exists(os.path.join(here, probe)):
+            os.remove(os.path.join(here, probe))
+
+
+def _nearest_folder(folder: str) -> str:
+    """``folder`` when it exists, else its nearest existing ancestor."""
+    here = os.path.abspath(folder)
+    while not os.path.isdir(here) and os.path.dirname(here) != here:
+        here = os.path.dirname(here)
+    return here
+
+
+def _broadcast_text(text: str, dev: torch.device) -> str:
+    """Rank 0's ``text`` on every rank (its UTF-8 bytes in a tensor: no pickled objects)."""
+    data = torch.tensor(list(text.encode()) if dist.get_rank() == 0 else [], dtype=torch.uint8, device=dev)
+    n = torch.tensor([data.numel()], dtype=torch.int64, device=dev)
+    dist.broadcast(n, 0)
+    if dist.get_rank() != 0:
+        data = torch.zeros(int(n.item()), dtype=torch.uint8, device=dev)
+    dist.broadcast(data, 0)
+    return bytes(data.cpu().tolist()).decode()
 
 
 def _comm_device(device: torch.device | str) -> torch.device:

@@ -21,6 +21,7 @@ from .chunks import ChunkPlan, assemble, chunk_path, missing_chunks, remove_part
 from .cli import RunOptions
 from .concepts import ClassMap, ClassNames, data_class_map
 from .data import ImageList, list_images
+from .distributed import check_one_folder
 from .image_pass import Batch, Runner
 from .errors import UserError
 from .files import check_writable, read_json, save_npy, write_json
@@ -120,6 +121,7 @@ def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None =
     """
     if cfg.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
+    check_one_folder(cfg.store_dir, cfg.world_size, Runner.of(cfg).device, "--store_dir", "stage 1")
     job = prepare(cfg, loaded)
     if check is not None:
         check(job.unit.out_channels)

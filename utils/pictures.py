@@ -113,14 +113,19 @@ def channel_pictures(cfg: PicturesConfig, loaded: LoadedModel | None = None,
     ``check(out_channels)`` may reject the layer (the scripts' --nr_channels_in_layer_of_interest).
     ``top``: the top-k of this channel already found by :func:`topk_for_splits` (one pass for many
     channels) with the same ``top_k``, ``rho``, ``residual`` and split; otherwise it is searched here.
+
+    Under torchrun (``cfg.rank``, ``cfg.world_size``) every rank calls this: the top-k search is shared out
+    (each rank a block of whole batches, merged in dataset order) and rank 0 alone draws, writes and returns
+    the summary; the other ranks return None once it has. A failure on any rank stops all of them.
     """
     runner = Runner.of(cfg)
-    job = prepare(cfg, runner, loaded, check)
+    job = runner.together(lambda: prepare(cfg, runner, loaded, check), "the pictures")
     t0 = time.time()
     if top is None:
         top = topk_for_splits(runner, job.model, job.layer, [job.split], job.images, cfg.top_k, job.lm.preprocess,
                               cfg.residual, job.record.positions)
-    return draw(cfg, job, top, time.time() - t0)
+    seconds = time.time() - t0
+    return runner.together(lambda: draw(cfg, job, top, seconds) if runner.lead else None, "the pictures")
 
 
 def draw(cfg: PicturesConfig, job: Job, top: TopK, seconds_topk: float = 0.0) -> dict:

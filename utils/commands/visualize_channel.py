@@ -14,6 +14,9 @@ folder of disentangle_channel.py) and, for the original channel, Disentangled 1 
 
   python visualize_channel.py --data_dir /datasets/imagenet --store_dir /store_dir --model resnet50 \\
       --channel_of_interest 1660 --classes_for_concept1 530 --classes_for_concept2 938
+
+Under torchrun (torchrun --nproc_per_node=N -- visualize_channel.py ...) the top-k search is shared out among the
+processes and process 0 alone draws the pictures and feature visualisations, writes and prints.
 """
 import argparse
 
@@ -59,6 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     import os
 
+    from ..distributed import distributed_context
     from ..featvis import FVConfig
     from ..files import check_writable
     from ..pictures import PicturesConfig, channel_pictures
@@ -70,15 +74,20 @@ def main(args: argparse.Namespace) -> None:
     check_writable(args.out_dir)  # before the passes
     fv = None if args.no_fv else FVConfig(method=args.fv_method, steps=args.fv_steps, size=args.fv_size,
                                           input_size=min(args.fv_size, 224), views=args.fv_views, seed=args.seed)
-    cfg = PicturesConfig(
-        data_dir=args.data_dir, model_dir=args.model_dir or os.path.join(args.store_dir, "models_disentangled"),
-        channel=args.channel, concepts=required_concepts(args), model=args.model, weights=args.weights, layer=args.layer,
-        rho=args.rho, split=args.split, top_k=args.top_k, out_dir=args.out_dir, residual=args.residual,
-        heatmap=args.heatmap, crop_size=args.crop_size, fv=fv, fv_spectrum_images=args.fv_spectrum_images,
-        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, gpu=args.gpu,
-        class_index=args.class_index, progress=not args.no_progress, **input_options(args))
-    s = channel_pictures(cfg, check=lambda c: check_channels(args.nr_channels_in_layer_of_interest, c,
-                                                             f"layer {args.layer or 'last_conv'}"))
+    # under torchrun the top-k search is shared out; process 0 alone draws, writes and prints
+    with distributed_context(args.device, args.gpu) as (rank, world, device):
+        cfg = PicturesConfig(
+            data_dir=args.data_dir, model_dir=args.model_dir or os.path.join(args.store_dir, "models_disentangled"),
+            channel=args.channel, concepts=required_concepts(args), model=args.model, weights=args.weights,
+            layer=args.layer, rho=args.rho, split=args.split, top_k=args.top_k, out_dir=args.out_dir,
+            residual=args.residual, heatmap=args.heatmap, crop_size=args.crop_size, fv=fv,
+            fv_spectrum_images=args.fv_spectrum_images, batch_size=args.batch_size, num_workers=args.num_workers,
+            device=device, class_index=args.class_index, progress=not args.no_progress, rank=rank, world_size=world,
+            **input_options(args))
+        s = channel_pictures(cfg, check=lambda c: check_channels(args.nr_channels_in_layer_of_interest, c,
+                                                                 f"layer {args.layer or 'last_conv'}"))
+    if rank != 0:
+        return
     print(f"channel {s['channel']} of {s['model']} {s['layer']} at rho {s['rho']:.2f}: top {s['top_k']} of "
           f"{s['images_searched']} {s['split']} images in {s['seconds_topk']:.1f} s")
     for name, sub in s["subchannels"].items():
