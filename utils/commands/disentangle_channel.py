@@ -8,7 +8,7 @@ STORE_DIR/models_disentangled/<model>_channel<c>_c1-<classes>_c2-<classes>/ (rec
 Several classes per concept (--classes_for_concept1 57 58 53) make one concept of all of them.
 
 Several GPUs or machines: start the same command with torchrun, e.g.
-  torchrun --nproc_per_node=4 disentangle_channel.py --data_dir D --store_dir S --channel_disentangle C ...
+  torchrun --nproc_per_node=4 -- disentangle_channel.py --data_dir D --store_dir S --channel_disentangle C ...
 Each process scores a disjoint share of the images; the result equals a single-process run.
 """
 import argparse

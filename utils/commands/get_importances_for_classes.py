@@ -8,7 +8,7 @@ A Linear layer's units are its neurons and its positions are tokens or cells: th
 the positions that count (--positions).
 
 Several GPUs or machines: start the same command with torchrun, e.g.
-  torchrun --nproc_per_node=4 get_importances_for_classes.py --data_dir D --store_dir S
+  torchrun --nproc_per_node=4 -- get_importances_for_classes.py --data_dir D --store_dir S
 Each process takes a disjoint share of the images; the store equals a single-process run.
 """
 import argparse

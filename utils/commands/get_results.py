@@ -13,8 +13,8 @@ and of its sub-channels Disentangled 1, Disentangled 2 and Residual.
 
 The disentanglement is read from MODEL_DIR/<name>/ as written by disentangle_channel.py.
 
-Several GPUs or machines: start the same command with torchrun (torchrun --nproc_per_node=4
-get_results.py ...); each process evaluates a disjoint share of the images, process 0 gathers them
+Several GPUs or machines: start the same command with torchrun (torchrun --nproc_per_node=4 --
+get_results.py ...; the -- ends torchrun's own options); each process evaluates a disjoint share of the images, process 0 gathers them
 and writes outputs equal to a single-process run.
 """
 from __future__ import annotations
