@@ -7,6 +7,7 @@ import os
 from .files import write_text
 from .defaults import MAX_LOGIT_DIFF
 from .style import concept_colour, sub_label
+from .units import describe_positions
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222;
@@ -171,7 +172,7 @@ def write_layer_report(path: str, summary: dict, ev, files: dict, names, seconds
                 ["seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())],
                 ["the whole network", f'<code>{_e(summary["export"])}</code>']]
     if summary.get("unit") == "Linear":
-        where = "the class token alone" if summary["positions"] == "cls" else "every token or cell"
+        where = describe_positions(summary["positions"])
         settings.insert(3, ["units", f"the Linear layer's output neurons (called channels below), applied at every "
                                      f"position; the positions that count: {where} ({summary['positions']})"])
     settings += [[_e(k), _e(v)] for k, v in (notes or {}).items()]

@@ -66,7 +66,7 @@ def receptive_field(model: nn.Module, conv: Unit | nn.Module, in_hw: tuple[int, 
     with torch.enable_grad():
         xin = layer_input(model, unit, x, grad=True)
         if unit.tokens(xin):
-            return patch_field(in_hw, unit.grid(xin).shape[-1], unit.positions == "cls", min_size)
+            return patch_field(in_hw, unit.grid(xin).shape[-1], unit.prefix_only, min_size)
         out = unit.apply(unit.grid(xin), unit.weight, unit.bias)
         H, W = out.shape[-2:]
         ci, cj = H // 2, W // 2

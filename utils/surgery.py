@@ -22,6 +22,7 @@ from .defaults import MAX_LOGIT_DIFF
 from .distributed import reduce_over_ranks
 from .errors import UserError
 from .files import save_torch
+from .conv_kinds import plain_convs
 from .models import build_model, get_layer, set_module
 from .split import Split
 from .units import Unit, as_unit, filters
@@ -73,8 +74,11 @@ def make_split_layer(layer: Unit | nn.Module, splits: list[Split]) -> nn.Sequent
 
 
 def split_network(model: nn.Module, splits: dict[str, list[Split]], inplace: bool = False) -> nn.Module:
-    """``model`` with every layer named in ``splits`` replaced by its split layer (a copy unless ``inplace``)."""
-    model = model if inplace else copy.deepcopy(model)
+    """``model`` with every layer named in ``splits`` replaced by its split layer (a copy unless ``inplace``), and
+    timm's weight-standardised convs plain ``nn.Conv2d`` holding the weight they apply (:func:`plain_convs`, as
+    every model the toolkit loads has them: the splits are of that weight, and :func:`load_checkpoint` rebuilds
+    the same module tree)."""
+    model = plain_convs(model if inplace else copy.deepcopy(model))
     for name, layer_splits in splits.items():
         _, unit = get_layer(model, name)
         set_module(model, name, make_split_layer(unit, layer_splits))
@@ -134,15 +138,17 @@ def _read_checkpoint(path: str) -> dict:
 def load_checkpoint(path: str, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a network saved by :func:`export_network` (no custom classes needed; a timm model needs timm,
     your own model its file). ``model``: the original architecture to split instead of building it by name
-    (a network made in a notebook; its weights are replaced by the checkpoint's, it is not changed)."""
+    (a network made in a notebook; its weights are replaced by the checkpoint's, it is not changed; its timm
+    weight-standardised convs become the plain convs the checkpoint holds, so the result computes what the
+    original does, standardised once)."""
     from .model_sources import head_size
 
     ck = _read_checkpoint(path)
     sd = ck["state_dict"]
     if model is None:
         model = build_model(ck["model"], head_size(sd, build_model(ck["model"])))
-    else:
-        model = copy.deepcopy(model)
+    else:  # as the checkpoint's network was saved: timm's StdConv2d / ScaledStdConv2d plain, with the weight they apply
+        model = plain_convs(copy.deepcopy(model))
     for layer, channels in ck["splits"].items():
         _, unit = get_layer(model, layer)
         ks = ck.get("k", {}).get(layer, [2] * len(channels))

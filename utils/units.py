@@ -7,15 +7,19 @@ works on one picture of a layer, :class:`Unit`:
 - ``weight``: ``C_out x C_in x kh x kw`` (a ``Linear``: one tap, a view of its weight) and ``bias``;
 - ``counted(t)``: the layer's input or output in conv layout (``B x C x H x W``), restricted to the
   positions that count (those that reach the logits, see :func:`resolve_positions`): all of them for a
-  ``Conv2d``; for a ``Linear`` on tokens ``(B, N, C)`` the N tokens as an N x 1 map, or the class token
-  alone (1 x 1) with ``positions="cls"``; a channels-last grid ``(B, H, W, C)`` as H x W; ``(B, C)`` as 1 x 1;
-- ``grid(t)``: where the unit looks, for pictures: the spatial map, or the patch tokens as their g x g grid;
+  ``Conv2d``; for a ``Linear`` on tokens ``(B, N, C)`` the tokens of ``positions`` as an n x 1 map (``all``:
+  every token; ``cls``: the class token alone, 1 x 1; ``tokens[a:b]``: the tokens a .. b-1, either end open:
+  ``tokens[:2]`` a distilled DeiT's class and distillation tokens, ``tokens[5:]`` the patch tokens after a
+  class and 4 register tokens); a channels-last grid ``(B, H, W, C)`` as H x W; ``(B, C)`` as 1 x 1;
+- ``grid(t)``: where the unit looks, for pictures: the spatial map, or the patch tokens as their g x g grid
+  (the tokens before them, class, distillation and register tokens, counted by :func:`prefix_tokens` of the model);
 - ``apply(x, weight, bias)``: other filters at the layer's place, on ``counted`` inputs;
 - ``widened(n)`` and ``merge(n)``: the two layers of a split layer (``utils.surgery``).
 """
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -32,27 +36,80 @@ def filters(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Conv2d) else module.weight[:, :, None, None]
 
 
-def prefix_tokens(n: int) -> int:
-    """Tokens before the patch tokens of a sequence of ``n`` (class, distillation, register tokens): the rest
-    of ``n`` after the largest square, the patch grid of a square image."""
-    return n - math.isqrt(n) ** 2
+_TOKENS = re.compile(r"tokens\[(\d*):(\d*)\]")
+
+
+def token_slice(positions: str) -> slice | None:
+    """The tokens that ``positions`` counts, as a slice of the token axis (None: every token); a UserError for a
+    value that is none of ``all``, ``cls``, ``tokens[a:b]`` (a and b token indices, either left out)."""
+    if positions == "all":
+        return None
+    if positions == "cls":
+        return slice(0, 1)
+    m = _TOKENS.fullmatch(positions) if isinstance(positions, str) else None
+    if m is None:
+        raise UserError(f"positions must be all, cls or tokens[a:b] (e.g. tokens[:2], tokens[1:]), not {positions!r}")
+    a, b = (int(v) if v else None for v in m.groups())
+    if b is not None and (b <= (a or 0)):
+        raise UserError(f"positions {positions} counts no token")
+    return slice(a, b)
+
+
+def tokens_positions(a: int, b: int | None) -> str:
+    """The ``positions`` value that counts tokens ``a`` .. ``b - 1`` (``b`` None: to the last): ``cls`` for token 0
+    alone, ``all`` for every token, else ``tokens[a:b]``."""
+    if a == 0 and b is None:
+        return "all"
+    if a == 0 and b == 1:
+        return "cls"
+    return f"tokens[{a or ''}:{'' if b is None else b}]"
+
+
+def describe_positions(positions: str) -> str:
+    """``positions`` in words, for reports."""
+    s = token_slice(positions)
+    if s is None:
+        return "every token or cell"
+    if s == slice(0, 1):
+        return "the class token alone"
+    if s.stop is None:
+        return f"every token from token {s.start} on (the patch tokens, after the class and register tokens)"
+    if not s.start:
+        return f"the first {s.stop} tokens" + (" (a distilled DeiT's class and distillation tokens)" if s.stop == 2 else "")
+    return f"tokens {s.start} to {s.stop - 1}"
+
+
+def prefix_tokens(model: nn.Module) -> int | None:
+    """How many tokens come before the patch tokens in ``model``'s token sequences (class, distillation and
+    register tokens), as the model declares it: timm's ``num_prefix_tokens`` (the model's, or a submodule's when
+    it is wrapped), torchvision's ``VisionTransformer`` (a class token: 1); None when it declares nothing (an own
+    model may set ``num_prefix_tokens`` itself). The one place the toolkit learns it."""
+    for m in model.modules():
+        n = getattr(m, "num_prefix_tokens", None)
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+            return n
+        if isinstance(getattr(m, "class_token", None), nn.Parameter) and hasattr(m, "encoder"):  # torchvision ViT
+            return 1
+    return None
 
 
 class Unit:
     """One layer of interest (a ``Conv2d``, or a position-wise ``Linear``) as every stage sees it.
 
-    ``positions``: ``all`` (every position counts) or ``cls`` (a Linear on tokens: the class token alone).
+    ``positions``: ``all`` (every position counts), ``cls`` (a Linear on tokens: the class token alone) or
+    ``tokens[a:b]`` (a Linear on tokens: those tokens). ``prefix``: the model's tokens before its patch tokens
+    (:func:`prefix_tokens`; :func:`unit_at` gives it), for :meth:`grid`.
     """
 
-    def __init__(self, module: nn.Module, positions: str = "all"):
+    def __init__(self, module: nn.Module, positions: str = "all", prefix: int | None = None):
         if not isinstance(module, KINDS):
             raise UserError(f"a {type(module).__name__} has no units to split; the layer must be a Conv2d or a Linear")
-        if positions not in ("all", "cls"):
-            raise UserError(f"positions must be all or cls, not {positions!r}")
-        if positions == "cls" and not isinstance(module, nn.Linear):
-            raise UserError("--positions cls is for a Linear on tokens; a Conv2d's positions all count")
+        self.tokens_counted = token_slice(positions)
+        if positions != "all" and not isinstance(module, nn.Linear):
+            raise UserError(f"--positions {positions} is for a Linear on tokens; a Conv2d's positions all count")
         self.module = module
         self.positions = positions
+        self.prefix = prefix
         self.linear = isinstance(module, nn.Linear)
 
     # -------------------------------------------------------------- the layer as a bank of filters
@@ -100,22 +157,39 @@ class Unit:
         """The layer's input or output ``t`` at the positions that count, in conv layout (B x C x H x W)."""
         if not self.linear:
             return t
-        if t.dim() == 3 and self.positions == "cls":
-            t = t[:, :1]
+        if t.dim() == 3 and self.tokens_counted is not None:
+            t = t[:, self.tokens_counted]
         return _conv_layout(t)
 
     def tokens(self, t: torch.Tensor) -> bool:
         """Whether ``t`` (the layer's input or output) is a token sequence, whose grid is not its counted positions."""
         return self.linear and t.dim() == 3
 
+    @property
+    def prefix_only(self) -> bool:
+        """Whether only tokens at the start of the sequence count (``cls``, a distilled DeiT's ``tokens[:2]``):
+        tokens that look at the whole image, not at one patch."""
+        s = self.tokens_counted
+        return self.linear and s is not None and not s.start and s.stop is not None and (
+            self.prefix is None or s.stop <= max(self.prefix, 1))
+
     def grid(self, t: torch.Tensor) -> torch.Tensor:
         """Where the unit looks, in conv layout over the image's grid: a Conv2d's map, a channels-last grid,
-        or a token sequence's patch tokens as their g x g grid (prefix tokens left out)."""
+        or a token sequence's patch tokens as their g x g grid (the model's prefix tokens left out: ``prefix``;
+        else the start of ``tokens[a:]``; else, for a model that declares nothing, what is left after the
+        largest square). A sequence whose patch tokens are no square grid is a UserError."""
         if not self.linear or t.dim() != 3:
             return _conv_layout(t) if self.linear else t
         n = t.shape[1]
-        g = math.isqrt(n)
-        return t[:, n - g * g:].transpose(1, 2).reshape(t.shape[0], t.shape[2], g, g)
+        p = self.prefix
+        if p is None:
+            s = self.tokens_counted
+            p = s.start if s is not None and s.start and s.stop is None else n - math.isqrt(n) ** 2
+        g = math.isqrt(max(n - p, 0))
+        if p > n or g * g != n - p:
+            raise UserError(f"the layer sees {n} tokens, {p} of them before the patch tokens (the model's "
+                            f"num_prefix_tokens): the other {n - p} form no square grid of patches")
+        return t[:, p:].transpose(1, 2).reshape(t.shape[0], t.shape[2], g, g)
 
     # -------------------------------------------------------------- the split layer's two layers
 
@@ -148,8 +222,9 @@ def _conv_layout(t: torch.Tensor) -> torch.Tensor:
 
 
 def unit_at(model: nn.Module, layer: str, positions: str | None = None) -> Unit:
-    """The :class:`Unit` of ``model``'s layer ``layer`` (a store's or a record's ``positions``; None: all)."""
-    return Unit(model.get_submodule(layer), positions or "all")
+    """The :class:`Unit` of ``model``'s layer ``layer`` (a store's or a record's ``positions``; None: all), with the
+    model's prefix tokens (:func:`prefix_tokens`)."""
+    return Unit(model.get_submodule(layer), positions or "all", prefix_tokens(model))
 
 
 def as_unit(layer: "Unit | nn.Module") -> Unit:
@@ -158,49 +233,85 @@ def as_unit(layer: "Unit | nn.Module") -> Unit:
 
 
 def resolve_positions(model: nn.Module, module: nn.Module, requested: str, side: int, device=None) -> str:
-    """The positions that count for ``module`` in ``model`` (``requested``: auto, all or cls).
+    """The positions that count for ``module`` in ``model`` (``requested``: auto, all, cls or ``tokens[a:b]``).
 
-    ``auto`` measures which positions reach the logits: the gradient, at the layer's output on two noise images
-    of ``side`` px, of a random projection of what the head reads (the input of the last layer with weights to
-    run, so that a head initialised to zero, as torchvision's ViT's is, still tells). A Linear on tokens whose
-    class token alone reaches it (a ViT's last block, read through its class token) gets ``cls``; everything
-    else ``all``.
+    ``auto`` measures which positions reach the logits (:func:`reaching_positions`). A Linear on tokens gets the
+    run of tokens that reaches them: ``cls`` (a ViT's last block read through its class token, register tokens
+    or not), ``tokens[:2]`` (a distilled DeiT's last block: class and distillation token), ``tokens[P:]`` (the
+    last block of a ViT that averages its patch tokens, P its class and register tokens), ``all`` (every token:
+    an earlier block); every other layer ``all``. Tokens that reach the logits in more than one run are a
+    UserError (pass the positions to count).
     """
+    if requested not in POSITIONS and not (isinstance(requested, str) and _TOKENS.fullmatch(requested)):
+        raise UserError(f"--positions must be auto, all, cls or tokens[a:b] (e.g. tokens[:2]), not {requested!r}")
     if requested not in POSITIONS:
-        raise UserError(f"--positions must be one of {', '.join(POSITIONS)}, not {requested!r}")
+        token_slice(requested)  # counts at least one token
     if not isinstance(module, nn.Linear):
         return Unit(module, "all" if requested == "auto" else requested).positions
     if requested == "all":
         return "all"
-    g = _output_gradient(model, module, side, device or module.weight.device)
-    if g.dim() != 3:
-        if requested == "cls":
-            raise UserError(f"--positions cls needs a Linear on tokens (B, tokens, C); this one sees {tuple(g.shape)}")
+    g = reaching_positions(model, module, side, device or module.weight.device)
+    if g.dim() != 1:
+        if requested != "auto":
+            raise UserError(f"--positions {requested} needs a Linear on tokens (B, tokens, C); this one sees "
+                            f"(B, {', '.join(map(str, g.shape))}, C)")
         return "all"
-    reach = g.abs().sum((0, 2)) > 0
-    return "cls" if requested == "cls" or (bool(reach[0]) and not bool(reach[1:].any())) else "all"
+    if requested != "auto":
+        return requested
+    idx = [int(i) for i in g.nonzero().flatten()]
+    if not idx:  # nothing reaches the logits from noise images (a dead layer): every token, as the layer sees them
+        return "all"
+    a, b = idx[0], idx[-1] + 1
+    if b - a != len(idx):
+        raise UserError(f"the tokens of this layer that reach the logits ({_runs(idx)} of {len(g)}) are not one run; "
+                        "pass the positions that count (all, cls or tokens[a:b])")
+    return tokens_positions(a, None if b == len(g) else b)
 
 
-def _output_gradient(model: nn.Module, module: nn.Module, side: int, device) -> torch.Tensor:
-    """The gradient at ``module``'s output of a random projection of the head's input (else of the logits)."""
-    from .conv_kinds import leaves_with_parameters
+def _runs(idx: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2, 5``."""
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def reaching_positions(model: nn.Module, module: nn.Module, side: int, device=None) -> torch.Tensor:
+    """Which positions of ``module``'s output reach ``model``'s logits: a bool tensor of the output's shape without
+    its batch and channel axes (tokens ``(B, N, C)``: N; a channels-last grid: H x W; ``(B, C)``: none).
+
+    Measured, for any architecture: the gradient at the layer's output, on two noise images of ``side`` px, of a
+    random projection of the logits, with every parameter that is all zeros (a head initialised to zero, as
+    torchvision's ViT's is; a zero layer scale) replaced by noise for this one forward (``torch.func.functional_call``:
+    the model is not changed), so that a zero weight does not hide a path that exists. A distilled DeiT's logits
+    average two heads, on its class and its distillation token: both reach them."""
+    from torch.func import functional_call
+
     from .relevance import capture_layer
 
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda _m, i, _o: seen.__setitem__("head_input", i[0]))
-             for m in leaves_with_parameters(model)]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, side, side, generator=gen).to(device)
-    try:
-        with torch.enable_grad(), capture_layer(module, grad=True) as cap:
-            logits = model(x)
-            for target in (seen.get("head_input"), logits):
-                if isinstance(target, torch.Tensor) and target.requires_grad:
-                    r = torch.randn(target.shape, generator=gen).to(target.device)
-                    (g,) = torch.autograd.grad((target.float() * r).sum(), cap.a, retain_graph=True, allow_unused=True)
-                    if g is not None and bool(g.abs().sum() > 0):
-                        return g
-    finally:
-        for h in hooks:
-            h.remove()
-    return torch.zeros_like(cap.a)
+    device = device or module.weight.device
+    noise = {n: (0.02 * torch.randn(p.shape, generator=gen, dtype=torch.float32)).to(p)
+             for n, p in model.named_parameters() if p.is_floating_point() and p.numel() and not bool(p.any())}
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float32
+    x = torch.randn(2, first.in_channels if first is not None else 3, side, side, generator=gen).to(device, dtype)
+    with torch.enable_grad(), capture_layer(module, grad=True) as cap:
+        out = functional_call(model, noise, (x,)) if noise else model(x)
+        logits = out if isinstance(out, torch.Tensor) else next(t for t in out if isinstance(t, torch.Tensor))
+        if cap.a is None:
+            raise UserError("the model's forward pass never runs the layer of interest; choose another --layer")
+        g = None
+        if logits.requires_grad:
+            r = torch.randn(logits.shape, generator=gen).to(logits.device)
+            (g,) = torch.autograd.grad((logits.float() * r).sum(), cap.a, allow_unused=True)
+    a = cap.a
+    reach = (torch.zeros_like(a) if g is None else g).abs()
+    if a.dim() == 3:
+        return reach.sum((0, 2)) > 0
+    if a.dim() == 4:
+        return reach.sum((0, 3)) > 0
+    return reach.sum((0, 1)) > 0

@@ -28,9 +28,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="images per resumable chunk (default: about 4096, a multiple of --batch_size); "
                         "fixed when the store is created")
     p.add_argument("--positions", choices=("auto", "all", "cls"), default="auto",
-                   help="a Linear layer's positions that count: auto (those that reach the logits: a ViT's class "
-                        "token after its last block, every token or cell elsewhere), all, or cls (the class token "
-                        "alone); a Conv2d's are all (default: auto); recorded in the store")
+                   help="a Linear layer's positions that count: auto (those that reach the logits, measured: a "
+                        "ViT's class token after its last block, a distilled DeiT's class and distillation tokens "
+                        "(tokens[:2]), an average-pool ViT's patch tokens (tokens[P:], P its class and register "
+                        "tokens), every token or cell elsewhere), all, or cls (the class token alone); a Conv2d's "
+                        "are all (default: auto); recorded in the store")
     p.add_argument("--wait", action="store_true",
                    help="if another job is writing this store, wait for it to finish (default: stop with one line)")
     add_json_arg(p)
