@@ -103,7 +103,7 @@ def test_two_concurrent_runs_never_crash_and_end_with_the_single_run_store(tiny,
     # with --wait the second job waits for the first and then finds the store complete
     procs = [subprocess.Popen([PY, os.path.join(ROOT, "get_importances_for_classes.py"), *stage1(args), "--store_dir",
                                str(tmp_path / "w"), "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, cwd=ROOT) for _ in range(2)]
+                              text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     assert_same_store(reference, os.path.join(str(tmp_path / "w"), os.path.basename(reference)))
 
@@ -156,7 +156,9 @@ def test_readers_never_read_a_store_being_written(tiny, tmp_path):
 
 
 def _in_process(argv) -> tuple[int, str]:
-    """Run stage 1's command line in this process (so faults can be patched in); exit code and stderr."""
+    """Run stage 1's command line in this process (so faults can be patched in); exit code and stderr. It runs on
+    one thread, as the reference store's process (OMP_NUM_THREADS=1): float32 relevance is compared bit for bit,
+    and sums split over threads round differently."""
     import io
     from contextlib import redirect_stderr
 
@@ -164,12 +166,16 @@ def _in_process(argv) -> tuple[int, str]:
     from utils.errors import run_cli
 
     err = io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with redirect_stderr(err):
         try:
             run_cli(lambda: stage1.main(stage1.get_args_parser().parse_args(argv)))
             code = 0
         except SystemExit as e:
             code = e.code
+        finally:
+            torch.set_num_threads(threads)
     return code, err.getvalue()
 
 
@@ -251,7 +257,7 @@ def test_an_injected_full_disk_during_assembly_is_one_line_and_resumable(tiny, t
     """The test above without a real file system (it runs everywhere, also where mount is not allowed):
     from the moment the assembly starts, every file opened for writing under the store folder is on a
     device with 1000 bytes left (its space check is told a lie), so streaming relevance.npy (128-byte header
-    + 24 x 64 float16) meets ENOSPC mid-stream. One line naming the file, nothing half-written, the chunks
+    + 24 x 64 float32) meets ENOSPC mid-stream. One line naming the file, nothing half-written, the chunks
     kept; the same command then finishes with the store of an uninterrupted run."""
     import builtins
 
@@ -304,7 +310,7 @@ def test_an_injected_full_disk_during_assembly_is_one_line_and_resumable(tiny, t
     ("remove targets.npy", "targets.npy is missing"),
     ("truncate tap_sums.npy", "tap_sums.npy is truncated"),
     ("truncate layer_weight.npy", "layer_weight.npy is truncated"),
-    ("meta num_images", "relevance.npy holds float16 (24, 64), meta.json implies float16 (25, 64)"),
+    ("meta num_images", "relevance.npy holds float32 (24, 64), meta.json implies float32 (25, 64)"),
     ("meta garbage", "meta.json cannot be read"),
 ])
 def test_a_damaged_store_is_one_line_naming_the_file(tiny, tmp_path, damage, words):

@@ -224,11 +224,12 @@ def test_own_model_file(image_folder, tmp_path):
     assert os.path.basename(store) == "my_net.py-build_channel_importances" == f"{model_tag(f'{code}:build')}_channel_importances"
     meta = json.load(open(os.path.join(store, "meta.json")))
     assert meta["layer"] == "2" and meta["class_names"] == ["red", "blue", "gray"]
-    assert meta["weights"].startswith("as-built:") and meta["preprocess"]["crop"] == 224
+    assert meta["weights"].startswith("module:") and meta["preprocess"]["crop"] == 224
     one_error_line(run("get_importances_for_classes.py", *args, "--model", f"{code}:broken"),
                    "broken failed: RuntimeError: no GPU here")
     one_error_line(run("get_importances_for_classes.py", *args, "--model", f"{code}:missing"), "has no function missing")
     lm = load_model(f"{code}:build")
+    assert lm.weights == meta["weights"]  # its parameters and buffers identify it
     ck = tmp_path / "w.pt"
     torch.save({k: v + 1 for k, v in lm.model.state_dict().items()}, ck)
     again = load_model(f"{code}:build", str(ck))

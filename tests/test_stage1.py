@@ -173,7 +173,7 @@ def test_store_matches_direct_computation(planted_model, image_folder, tmp_path)
     got = load_store(s["store"])
     imgs, x_img, labels = direct_images(data)
     ref, pred, _ = relevance_via_image(planted_model.model, "conv", x_img, labels)
-    assert got["relevance"].dtype == np.float16 and got["relevance"].shape == (10, 4)
+    assert got["relevance"].dtype == np.float32 and got["relevance"].shape == (10, 4)
     assert np.allclose(got["relevance"], ref.numpy(), rtol=2e-3, atol=1e-3 * np.abs(ref.numpy()).max())
     assert np.array_equal(got["targets"], labels.numpy())
     assert np.array_equal(got["predictions"], pred.numpy())
@@ -367,7 +367,7 @@ def test_cli_seed_command_and_store_is_readable(image_folder, tmp_path):
     path = summary["store"]
     assert os.path.basename(path) == "resnet18_channel_importances"
     rel = np.load(os.path.join(path, "relevance.npy"), mmap_mode="r", allow_pickle=False)
-    assert isinstance(rel, np.memmap) and rel.shape == (7, 512) and rel.dtype == np.float16
+    assert isinstance(rel, np.memmap) and rel.shape == (7, 512) and rel.dtype == np.float32
     sums = np.load(os.path.join(path, "tap_sums.npy"), mmap_mode="r", allow_pickle=False)
     assert sums.shape == (1000, 512, 3, 3) and not sums[3:].any()  # classes 3..999 have no images
     assert np.array_equal(np.load(os.path.join(path, "targets.npy")), [0, 0, 0, 1, 1, 2, 2])

@@ -405,7 +405,7 @@ def test_cli_refuses_bad_input_with_one_line(cli_store, tmp_path, capsys, monkey
     main(get_args_parser().parse_args(argv))
     folder = os.path.join(store, "models_disentangled", "resnet18_channel9_c1-0_c2-1")
     saved = {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)}
-    monkeypatch.setattr(surgery, "MAX_LOGIT_DIFF", -1.0)
+    monkeypatch.setattr(surgery, "logit_tolerance", lambda scale: -1.0)
     assert "nothing written" in _cli_error(argv, capsys)
     assert {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)} == saved
     after = {d: sorted(os.listdir(os.path.join(store, "models_disentangled", d)))

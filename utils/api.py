@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from .data import Preprocess
 from .datasets import Datasets, is_datasets
 from .defaults import DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
 from .errors import UserError, api_errors
-from .models import LoadedModel, loaded_model
+from .models import LoadedModel, loaded_model, module_weights_id as _weights_id
 from .preprocess import InputSpec, as_preprocess
 from .provenance import running
 from .result import Result, load  # noqa: F401 - part of the API
@@ -54,15 +53,6 @@ class Data:
     def __repr__(self) -> str:  # never the whole model
         return (f"Data({self.loaded.name} ({self.loaded.weights}), {self.data!r}, store_dir={self.store_dir!r}"
                 f"{' (temporary)' if self.keep is not None else ''})")
-
-
-def _weights_id(model: nn.Module) -> str:
-    """``module:<sha256 prefix>`` over the parameters and buffers: a store made with other weights is refused."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return "module:" + h.hexdigest()[:16]
 
 
 def _transform(train, transform, input_size, resize, mean, std) -> Preprocess:

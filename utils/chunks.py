@@ -16,6 +16,7 @@ import torch
 
 from .errors import UserError
 from .files import atomic_path, read_json, save_npy, save_npz, write_json
+from .store import relevance_dtype
 
 
 class ChunkPlan:
@@ -57,7 +58,7 @@ def write_chunk(path: str, j: int, rel: torch.Tensor, pred: torch.Tensor, tgt: t
 def assembled_bytes(meta: dict) -> int:
     """Bytes the final arrays of a store take (known before assembly, from its meta)."""
     n, C, K = meta["num_images"], meta["out_channels"], meta["num_classes"]
-    return n * C * 2 + 2 * n * 8 + K * int(np.prod(meta["tap_shape"])) * 8 + 3 * 4096
+    return n * C * relevance_dtype(meta).itemsize + 2 * n * 8 + K * int(np.prod(meta["tap_shape"])) * 8 + 3 * 4096
 
 
 def assemble(path: str, meta: dict, plan: ChunkPlan) -> None:
@@ -73,15 +74,16 @@ def assemble(path: str, meta: dict, plan: ChunkPlan) -> None:
                         f"{free / 1e9:.2f} GB are free; free some space and rerun the same command (the "
                         f"{plan.count} finished chunks are kept)")
     n, C, K = meta["num_images"], meta["out_channels"], meta["num_classes"]
+    dtype = relevance_dtype(meta)  # float32; a store begun by an earlier version is finished in its float16
     targets, preds = np.empty(n, np.int64), np.empty(n, np.int64)
     sums = np.zeros((K, int(np.prod(meta["tap_shape"]))), np.float64)
     with atomic_path(os.path.join(path, "relevance.npy")) as tmp, open(tmp, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                  "fortran_order": False, "shape": (n, C)})
         for j in range(plan.count):
             lo, hi = plan.bounds(j)
             with np.load(chunk_path(path, j), allow_pickle=False) as z:
-                f.write(np.ascontiguousarray(z["relevance"], dtype=np.float16).tobytes())
+                f.write(np.ascontiguousarray(z["relevance"], dtype=dtype).tobytes())
                 targets[lo:hi] = z["targets"]
                 preds[lo:hi] = z["predictions"]
                 sums[z["sum_classes"]] += z["sums"]

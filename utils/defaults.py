@@ -1,7 +1,15 @@
 """The numbers every command shares, defined once."""
 
-MAX_LOGIT_DIFF = 1e-3  # above this largest |logit difference| a disentangled network is reported as broken
+MAX_LOGIT_DIFF = 1e-3  # above this largest |logit difference| a disentangled network is reported as broken ...
+LOGIT_RTOL = 1e-5  # ... or above this share of the largest |logit|, when that is larger (float32 rounds at 6e-8)
 DEFAULT_TAU = 0.03  # the paper's importance threshold tau (stage 4's rows, the layer command's candidates)
 DEFAULT_P = 0.75  # share of a class's images for which a channel must be important (stage 2's p)
 DEFAULT_GAMMA = 0.5  # the paper's gamma_high: concepts less alike than this are unrelated
 NEAR_CHANCE = 2.0  # a model whose accuracy is below this many times chance (1/classes) is "near chance"
+
+
+def logit_tolerance(scale: float) -> float:
+    """The largest |logit difference| a disentangled network may have, for original logits up to ``scale`` in
+    size: MAX_LOGIT_DIFF, or LOGIT_RTOL relative where that is more (logits above 100), since float32 sums
+    round relative to their size (a split network of logits ~1e4 differs by ~1e-2 from rounding alone)."""
+    return max(MAX_LOGIT_DIFF, LOGIT_RTOL * float(scale))

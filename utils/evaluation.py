@@ -32,7 +32,7 @@ from .provenance import provenance
 from .records import Record, check_record, find_record, load_split, record_head
 from .relevance import layer_input, relevance_batch
 from .split import FilterBank, Split, filter_bank, sub_names
-from .surgery import max_logit_diff
+from .surgery import logit_diff_scale, nan_max
 from .topk import TopK, TopKSearch
 from .selectivity import split_selectivity
 from .units import Unit, as_unit, unit_at
@@ -111,13 +111,15 @@ class TopKRequest:
 class ValPass:
     """What one validation pass returns: stage 4's ``acts`` per split channel; the ``top`` images of a
     :class:`TopKRequest` (else None); the largest |logit difference| of a check (else None); the ``images``
-    read by all ranks and the ``seconds`` of the slowest."""
+    read by all ranks and the ``seconds`` of the slowest; the largest |original logit| of the check (its
+    tolerance's scale)."""
 
     acts: dict[int, Activations]
     top: TopK | None
     logit_diff: float | None
     images: int
     seconds: float
+    logit_scale: float = 0.0
 
 
 def evaluate_splits(runner: Runner, model: nn.Module, conv: Unit | nn.Module, splits: list[Split],
@@ -143,8 +145,11 @@ def evaluate_splits(runner: Runner, model: nn.Module, conv: Unit | nn.Module, sp
 
     def step(batches) -> tuple[list[torch.Tensor], float]:  # per split, rows: index, label, rel, orig, d_1.., res
         rows = [[torch.zeros(0, 4 + s.k + 1, dtype=torch.float64)] for s in splits]
-        diff = 0.0
+        diff = (0.0, 0.0)  # the largest |logit difference| and |original logit|
+        finite, seen = [], []  # per image: whether it is finite (on the device: one look at the end)
         for b in batches:
+            finite.append(torch.isfinite(b.x).reshape(len(b), -1).all(1))
+            seen.append(b.index)
             mine = users.get(int(b.targets[0]), [])
             if mine:
                 P, _, a, x = relevance_batch(model, conv, b.x, b.labels, positive=True)
@@ -155,7 +160,12 @@ def evaluate_splits(runner: Runner, model: nn.Module, conv: Unit | nn.Module, sp
             if top is not None:
                 top.add(x if mine else layer_input(model, conv, b.x), b.index, b.targets)
             if check is not None:
-                diff = max(diff, _batch_logit_diff(model, check, b))
+                diff = tuple(map(nan_max, diff, _batch_logit_diff(model, check, b)))
+        if finite:
+            ok = torch.cat(finite).cpu()
+            if not bool(ok.all()):
+                raise UserError(f"validation image {images.paths[int(torch.cat(seen)[~ok][0])]} holds NaN or infinite "
+                                "values: fix it or leave it out")
         return [torch.cat(r) for r in rows], diff
 
     rows, diff = ip.run(step, "stage 4")
@@ -163,15 +173,17 @@ def evaluate_splits(runner: Runner, model: nn.Module, conv: Unit | nn.Module, sp
     for s, r in zip(splits, rows):
         r = ip.gather_rows(r).numpy()  # rank order = dataset order
         acts[s.channel] = Activations(r[:, 0].astype(np.int64), r[:, 1].astype(np.int64), r[:, 2], r[:, 3], r[:, 4:])
-    diff = reduce_over_ranks(diff, runner.world, runner.device) if check is not None else None
-    return ValPass(acts, top.result(runner) if top is not None else None, diff, ip.total, ip.seconds)
+    scale = reduce_over_ranks(diff[1], runner.world, runner.device) if check is not None else 0.0
+    diff = reduce_over_ranks(diff[0], runner.world, runner.device) if check is not None else None
+    return ValPass(acts, top.result(runner) if top is not None else None, diff, ip.total, ip.seconds, scale)
 
 
-def _batch_logit_diff(model: nn.Module, check: tuple[nn.Module, set[int]], b) -> float:
-    """The largest |logit difference| of ``check``'s network on the batch's images that ``check`` names."""
+def _batch_logit_diff(model: nn.Module, check: tuple[nn.Module, set[int]], b) -> tuple[float, float]:
+    """The largest |logit difference| of ``check``'s network on the batch's images that ``check`` names, and the
+    largest |original logit| there."""
     net, wanted = check
     sel = [j for j, i in enumerate(b.index.tolist()) if i in wanted]
-    return max_logit_diff(model, net, b.x[sel]) if sel else 0.0
+    return logit_diff_scale(model, net, b.x[sel]) if sel else (0.0, 0.0)
 
 
 # ------------------------------------------------------------------ the whole stage

@@ -29,7 +29,7 @@ from .lock import writer_lock
 from .models import LoadedModel, get_layer, load_model
 from .preprocess import InputSpec
 from .provenance import provenance
-from .relevance import capture_layer, relevance_batch
+from .relevance import LossScale, capture_layer, relevance_logits
 from .units import Unit, resolve_positions
 
 DEFAULT_CHUNK_IMAGES = 4096
@@ -42,7 +42,7 @@ class Stage1Config(RunOptions):
     store_dir: str
     max_images_per_class: int | None = None
     chunk_images: int | None = None
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast dtype of the forward and backward pass
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast dtype of the forward and backward pass (fp16: loss-scaled)
     wait: bool = False  # another job writes this store: wait for it (else one line and stop)
     positions: str = "auto"  # a Linear's positions that count: auto (those that reach the logits), all, cls
 
@@ -67,7 +67,7 @@ def _new_meta(cfg: Stage1Config, lm: LoadedModel, layer: str, unit: Unit, images
         "classes": images.classes, "class_index": cmap.index, "num_classes": cmap.num_classes,
         "class_names": [names.name(t) for t in range(cmap.num_classes)] if names.categories else None,
         "class_counts": images.class_counts(cmap.num_classes),
-        "relevance_dtype": "float16", "precision": cfg.precision, "chunk_images": chunk_images,
+        "relevance_dtype": "float32", "precision": cfg.precision, "chunk_images": chunk_images,
         "batch_size": cfg.batch_size,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -211,10 +211,8 @@ def _existing_store_fits(cfg: Stage1Config, job: Prepared) -> bool:
         return False
     meta = st.read_meta(job.path)
     legacy = meta.get("format_version") == 1
-    wanted = {"model": job.lm.name, "weights": job.lm.weights, "layer": job.layer,
-              "data_fingerprint": job.images.legacy_fingerprint() if legacy else job.images.fingerprint(),
-              "max_images_per_class": cfg.max_images_per_class, "preprocess": job.lm.preprocess.to_json()}
-    diff = st.identity_difference(meta, wanted)
+    diff = st.model_difference(job.path, meta, job.lm, job.layer, job.unit, max_images_per_class=cfg.max_images_per_class,
+                               data_fingerprint=job.images.legacy_fingerprint() if legacy else job.images.fingerprint())
     if diff is None and meta.get("positions", "all") != job.unit.positions:
         diff = f"--positions: store has {meta.get('positions', 'all')!r}, this run has {job.unit.positions!r}"
     if diff is None and meta.get("precision", "fp32") != cfg.precision:
@@ -258,7 +256,7 @@ def _run_chunks(cfg, job: Prepared, model, unit: Unit, in_shape, plan: ChunkPlan
             lo, hi = plan.bounds(j)
             sums = torch.zeros(job.classes.num_classes, unit.in_channels * maps.shape[0], dtype=torch.float64,
                                device=maps.device)
-            chunks.write_chunk(job.path, j, *_chunk_results(cfg, model, unit, maps, sums, batches, hi - lo))
+            chunks.write_chunk(job.path, j, *_chunk_results(cfg, job, model, unit, maps, sums, batches, hi - lo))
     except BaseException:
         if cfg.world_size > 1:  # tell the other processes to stop at their next chunk
             open(_stop_path(job.path), "w").close()
@@ -272,22 +270,51 @@ def add_class_tap_sums(sums: torch.Tensor, labels: torch.Tensor, x: torch.Tensor
     sums += onehot.scatter_(1, labels[:, None], 1.0).T @ batch_tap_sums(x, maps).flatten(1)
 
 
-def _chunk_results(cfg, model, unit: Unit, maps, sums, batches: Iterator[Batch], n: int):
-    """Relevance, predictions and labels of the next ``n`` images of ``batches``, and their per-class tap sums
-    added into ``sums`` (K x C_in*T).
+def _chunk_results(cfg, job: Prepared, model, unit: Unit, maps, sums, batches: Iterator[Batch], n: int):
+    """Relevance (float32), predictions and labels of the next ``n`` images of ``batches``, and their per-class tap
+    sums added into ``sums`` (K x C_in*T).
 
     Results stay on the device until the chunk is complete, then come to the host in one copy:
-    no per-batch host synchronisation on a GPU.
+    no per-batch host synchronisation on a GPU (``--precision fp16`` excepted: its loss scaling looks at every
+    batch's gradient, see :class:`utils.relevance.LossScale`; each chunk starts at the same scale, so a resumed run
+    computes a chunk as an uninterrupted one does). An image, logit or relevance that is not finite (a NaN
+    image, a float16 overflow) is a UserError naming the image; the chunk is not written.
     """
     dtype = PRECISIONS[cfg.precision]
-    rels, preds, tgts = [], [], []
+    scale = LossScale() if dtype == torch.float16 else None
+    rels, preds, tgts, index, finite = [], [], [], [], []
     while n > 0:
         b = next(batches)
         with torch.autocast(b.x.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
-            R, pred, _, x = relevance_batch(model, unit, b.x, b.labels)
+            R, logits, _, x = relevance_logits(model, unit, b.x, b.labels, scale=scale)
         add_class_tap_sums(sums, b.labels, unit.counted(x), maps)
-        rels.append(R.to(torch.float16))
-        preds.append(pred)
+        rels.append(R)
+        preds.append(logits.argmax(1))
         tgts.append(b.targets)
+        index.append(b.index)
+        finite.append(torch.stack([_finite_rows(b.x), _finite_rows(logits), _finite_rows(R)], 1))
         n -= len(b)
+    finite = torch.cat(finite).cpu()
+    if not bool(finite.all()):
+        raise UserError(_not_finite(cfg, job.images, torch.cat(index), finite))
     return torch.cat(rels), torch.cat(preds), torch.cat(tgts), sums
+
+
+def _finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """Per row of ``t`` (an image, logits, relevance): whether all its values are finite (on t's device)."""
+    return torch.isfinite(t).reshape(len(t), -1).all(1)
+
+
+def _not_finite(cfg, images: ImageList, index: torch.Tensor, finite: torch.Tensor) -> str:
+    """The line for the first image of a chunk whose image, logits or relevance (``finite``: B x 3) is not finite."""
+    row = int((~finite.all(1)).nonzero()[0, 0])
+    image, logits, _ = finite[row].tolist()
+    what = f"training image {images.paths[int(index[row])]}"
+    if not image:
+        return f"{what} holds NaN or infinite values: fix it or leave it out (stage 1 stopped there)"
+    where = {"fp16": " in float16 (beyond +-65504)", "bf16": " in bfloat16"}.get(cfg.precision, "")
+    instead = {"fp16": "; run stage 1 with --precision bf16 (float32's range) or fp32",
+               "bf16": "; run stage 1 with --precision fp32"}.get(cfg.precision, "")
+    if not logits:
+        return f"the model's logits are not finite (inf or NaN) on {what}, a finite image: they overflow{where}{instead}"
+    return f"the relevance of {what} is not finite: the backward pass overflows{where}{instead}"

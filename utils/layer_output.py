@@ -16,7 +16,7 @@ from .concepts import ClassNames
 from .data import ImageList
 from .evaluation import Activations, TopKRequest, evaluate_splits
 from .selectivity import split_aucs, split_flags, split_purity
-from .defaults import NEAR_CHANCE
+from .defaults import MAX_LOGIT_DIFF, NEAR_CHANCE, logit_tolerance
 from .errors import UserError
 from .files import read_json, write_json
 from .provenance import provenance
@@ -85,7 +85,8 @@ class ChannelResult:
 @dataclass(frozen=True)
 class LayerEvaluation:
     """The validation pass of the layer command: every channel's result, the top-k, the baseline, the one
-    network's largest |logit difference| on ``checked`` images, the images read and the pass's seconds."""
+    network's largest |logit difference| on ``checked`` images, the images read and the pass's seconds, the
+    tolerance of the logit check (:func:`utils.defaults.logit_tolerance`)."""
 
     channels: list[ChannelResult]
     top: TopK
@@ -95,6 +96,7 @@ class LayerEvaluation:
     val: ImageList
     images: int
     seconds: float
+    logit_tolerance: float = MAX_LOGIT_DIFF
 
 
 def evaluate_layer(runner, model: nn.Module, unit: Unit, scored: list[Scored], val: ImageList, check: list[int],
@@ -107,7 +109,8 @@ def evaluate_layer(runner, model: nn.Module, unit: Unit, scored: list[Scored], v
     bank = FilterBank.join([filter_bank(unit, splits)] + ([channel_bank(unit, baseline)] if baseline else []))
     vp = evaluate_splits(runner, model, unit, splits, [s.concepts for s in scored], val,
                          preprocess, TopKRequest(bank, k, keep_all=True), (net, set(check)))
-    check_logit_diff(vp.logit_diff, f"on {len(check)} validation images (the one network with every split)")
+    check_logit_diff(vp.logit_diff, f"on {len(check)} validation images (the one network with every split)",
+                     vp.logit_scale)
     base = Baseline(baseline, [[int(t) for t in vp.top.get(c, "original")["labels"]] for c in baseline])
     results = []
     for s in scored:
@@ -118,7 +121,8 @@ def evaluate_layer(runner, model: nn.Module, unit: Unit, scored: list[Scored], v
                                      [base.share(len(cs)) for cs in s.concepts],
                                      [a["original"][f"concept{j}"] for j in js], [a[f"D{j}"][f"concept{j}"] for j in js],
                                      (a["original"]["inside"], a["original"]["images"])))
-    return LayerEvaluation(results, vp.top, base, vp.logit_diff, len(check), val, vp.images, vp.seconds)
+    return LayerEvaluation(results, vp.top, base, vp.logit_diff, len(check), val, vp.images, vp.seconds,
+                           logit_tolerance(vp.logit_scale))
 
 
 @dataclass(frozen=True)
@@ -261,8 +265,8 @@ def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelF
             "baseline_purity": {"channels": base.channels, "by_classes": {str(n): base.share(n) for n in sizes},
                                 "mean": _mean([v for r in ev.channels for v in r.baseline]),
                                 "concept_channels_mean": _mean([v for r in ev.channels for v in r.after])},
-            "max_abs_logit_diff": ev.logit_diff, "checked_images": ev.checked, "validation_images": ev.images,
-            "export": export}
+            "max_abs_logit_diff": ev.logit_diff, "logit_tolerance": ev.logit_tolerance, "checked_images": ev.checked,
+            "validation_images": ev.images, "export": export}
 
 
 def _outside(top: TopK, r: ChannelResult, n: int = 3) -> list[list[list[float]]]:

@@ -153,6 +153,7 @@ def write_layer_report(path: str, summary: dict, ev, files: dict, names, seconds
     ``files`` (:class:`utils.layer_output.ChannelFiles`); pictures and plots are linked relative to ``path``."""
     base = os.path.dirname(os.path.abspath(path))
     diff = summary["max_abs_logit_diff"]
+    tol = summary.get("logit_tolerance", MAX_LOGIT_DIFF)  # layer.json before it: the absolute bound
     b = summary["baseline_purity"]
     ks = sorted({len(r.concepts) for r in ev.channels})
     settings = [["model", _e(summary["model"])], ["weights", _e(summary["weights"])], ["layer", _e(summary["layer"])],
@@ -162,7 +163,7 @@ def write_layer_report(path: str, summary: dict, ev, files: dict, names, seconds
                                   "with A_j > 0 can be exclusive to concept j; inputs that inhibit on average stay "
                                   "shared)")],
                 ["split channels", f"{len(ev.channels)} (k = {', '.join(map(str, ks))})"],
-                ["one network, max |logit difference|", f'<b class="{"ok" if diff <= MAX_LOGIT_DIFF else "bad"}">'
+                ["one network, max |logit difference|", f'<b class="{"ok" if diff <= tol else "bad"}">'
                  f'{diff:.2e}</b> on {summary["checked_images"]} validation images'],
                 ["purity of the concept channels (mean)", _pct(b["concept_channels_mean"])],
                 [f"purity baseline: {len(b['channels'])} random channels that are no candidate, the share of their "

@@ -5,6 +5,10 @@ anything, and says what its weights declare: class names and the evaluation tran
 Weights: ``default`` (torchvision: ``IMAGENET1K_V1``; timm: its pretrained weights; own file: the model
 as the function returns it), a weights name (torchvision) or ``pretrained`` (timm), a local checkpoint
 file (a state_dict, read with ``weights_only=True``), or ``none`` (random initialisation, seeded).
+
+The weights' id that stores and records keep: ``<WeightsEnum>.<NAME>`` (torchvision's published files),
+``timm:<name>``, ``file:<sha256 of the checkpoint file>``, ``none``, and for an own file's model as its function
+returns it (``default`` or ``none``) ``module:<sha256 of its parameters and buffers>``.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ class Built:
     weights_id: str
     categories: list[str] | None = None
     preprocess: Preprocess = Preprocess()
+    legacy_id: str | None = None  # the id an earlier version recorded for these weights (own files: the .py's hash)
 
 
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:
@@ -43,6 +48,17 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def module_weights_id(model: nn.Module) -> str:
+    """``module:<sha256 prefix>`` over the names and bytes of the parameters and buffers (its ``state_dict``):
+    what identifies a model that is not a named or checkpoint file's weights (a notebook's ``nn.Module``, an own
+    model file's function, whatever file that function reads its weights from)."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return "module:" + h.hexdigest()[:16]
 
 
 def is_checkpoint(weights: str) -> bool:
@@ -291,8 +307,10 @@ def build_own(name: str, weights: str, num_classes: int | None, seed: int = 0) -
     if weights == "none":  # random, from ``seed`` (the function's initialisation draws from torch's generator)
         torch.manual_seed(seed)
     model, names, transform = _own_result(name, path, function, _call_own(name, path, function))
-    wid = "as-built:" + file_sha256(path)[:16]
     if weights not in (DEFAULT_WEIGHTS, "none"):
         load_state(model, weights, name)
-        wid = "file:" + file_sha256(weights)[:16]
-    return Built(model, wid, names or None, transform or Preprocess())
+        return Built(model, "file:" + file_sha256(weights)[:16], names or None, transform or Preprocess())
+    # the model as the function returns it: its parameters and buffers identify it, wherever they come from (the
+    # function may read another file); earlier versions recorded the hash of the .py file alone (``legacy_id``)
+    return Built(model, module_weights_id(model), names or None, transform or Preprocess(),
+                 "as-built:" + file_sha256(path)[:16])

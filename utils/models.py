@@ -16,10 +16,10 @@ from .preprocess import INPUT_FLAGS, InputSpec
 from .errors import UserError
 from .units import Unit
 from .model_sources import (DEFAULT_WEIGHTS, build_own, build_timm, build_torchvision, file_sha256, is_checkpoint,
-                            split_file_spec, torchvision_weights_id)
+                            module_weights_id, split_file_spec, torchvision_weights_id)
 
-__all__ = ["DEFAULT_WEIGHTS", "LoadedModel", "load_model", "weights_id", "build_model", "model_tag", "default_layer",
-           "get_layer", "set_module", "file_sha256", "plain_convs"]
+__all__ = ["DEFAULT_WEIGHTS", "LoadedModel", "load_model", "weights_id", "module_weights_id", "build_model", "model_tag",
+           "default_layer", "get_layer", "set_module", "file_sha256", "plain_convs"]
 
 
 @dataclass
@@ -28,10 +28,12 @@ class LoadedModel:
 
     model: nn.Module
     name: str  # torchvision name, timm/<name>, or path/to/file.py:function
-    weights: str  # weights id: "<WeightsEnum>.<NAME>", "timm:<name>", "file:<sha256 prefix>", "none", ...
+    weights: str  # weights id: "<WeightsEnum>.<NAME>", "timm:<name>", "file:<sha256 prefix>", "module:<sha256
+    # prefix of the parameters and buffers>" (an own file's model as built, a notebook's module), "none"
     num_classes: int  # outputs (logits)
     categories: list[str] | None  # human class names by logit index, from the weights' metadata, if any
     preprocess: Preprocess = field(default_factory=Preprocess)  # the evaluation transform its weights declare
+    legacy_weights: str | None = None  # the id an earlier version recorded instead (own file: "as-built:<.py hash>")
 
     @property
     def tag(self) -> str:
@@ -70,20 +72,37 @@ def load_model(name: str, weights: str = DEFAULT_WEIGHTS, num_classes: int | Non
         weights = "none"
     built = _source(name)(weights, num_classes)
     preprocess = (inputs or InputSpec()).applied(built.preprocess)
-    return loaded_model(built.model, name, built.weights_id, built.categories, preprocess)
+    return loaded_model(built.model, name, built.weights_id, built.categories, preprocess, built.legacy_id)
 
 
-def loaded_model(model: nn.Module, name: str, weights_id: str, categories, preprocess: Preprocess) -> LoadedModel:
+def check_float32(model: nn.Module, name: str = "the model") -> None:
+    """Refuse a model whose parameters are not float32 or whose buffers are half precision (``model.half()``,
+    a bfloat16 or float64 model): every pass feeds float32 images and keeps float32 filters; half precision is
+    a setting of stage 1's pass (``--precision``), not of the model."""
+    def odd(t: torch.Tensor, parameter: bool) -> bool:
+        return t.is_floating_point() and t.dtype != torch.float32 and (
+            parameter or t.dtype in (torch.float16, torch.bfloat16))
+
+    kinds = sorted({str(t.dtype).replace("torch.", "") for t in model.parameters() if odd(t, True)}
+                   | {str(t.dtype).replace("torch.", "") for t in model.buffers() if odd(t, False)})
+    if kinds:
+        raise UserError(f"{name} has {' and '.join(kinds)} weights; this toolkit takes float32 models: pass "
+                        "model.float() (--precision bf16 or fp16 runs stage 1's pass in half precision)")
+
+
+def loaded_model(model: nn.Module, name: str, weights_id: str, categories, preprocess: Preprocess,
+                 legacy_weights: str | None = None) -> LoadedModel:
     """A model in memory made ready as :func:`load_model` makes one (eval mode, frozen, convs plain, probed
     with one image of ``preprocess.crop`` px): for the Python API's ``nn.Module``. The caller's module is used
-    in place."""
+    in place. A model that is not float32 (``model.half()``) is one UserError line."""
+    check_float32(model, name)
     model = plain_convs(model).eval()
     remember_side(model, preprocess.crop)
     for p in model.parameters():
         p.requires_grad_(False)
     out = outputs(model, preprocess.crop, name)
     categories = list(categories) if categories and len(categories) == out else None
-    return LoadedModel(model, name, weights_id, out, categories, preprocess)
+    return LoadedModel(model, name, weights_id, out, categories, preprocess, legacy_weights)
 
 
 def outputs(model: nn.Module, side: int = 224, name: str = "the model") -> int:

@@ -208,8 +208,11 @@ def check_record(rec: Record, model: str, weights: str, layer: str, conv: Unit |
     (``transform``, a Preprocess) from images fed otherwise."""
     for key, have in (("model", model), ("weights", weights), ("layer", layer)):
         if getattr(rec, key) != have:
+            old = key == "weights" and str(rec.weights).startswith("as-built:") and str(have).startswith("module:")
             raise UserError(f"disentanglement {rec.dir} was made with {key} {getattr(rec, key)!r}, "
-                            f"this run uses {have!r}")
+                            f"this run uses {have!r}" + (" (an earlier version identified an own model file by its "
+                                                          ".py file alone; rerun disentangle_channel.py to make the "
+                                                          "record anew)" if old else ""))
     made = (rec.provenance or {}).get("transform")
     if transform is not None and made is not None and made != transform.to_json():
         raise UserError(f"disentanglement {rec.dir} was made from images fed as {made}, this run feeds them as "

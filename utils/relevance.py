@@ -88,14 +88,50 @@ def relevance_batch(model: nn.Module, layer: Unit | nn.Module, images: torch.Ten
     ``sum_hw max(a * d z / d a, 0)`` (stage 4); the predictions (B, argmax of the logits); the layer output
     ``a`` at the positions that count (B x C x H' x W') and the layer input ``x`` as the layer sees it.
     """
+    R, logits, a, x = relevance_logits(model, layer, images, labels, positive)
+    return R, logits.argmax(1), a, x
+
+
+class LossScale:
+    """Dynamic loss scaling of the backward pass in float16 (``--precision fp16``): gradients below float16's
+    smallest value (6e-8) would become zero, so the label logits' gradient starts at ``value`` (a power of two,
+    2^15 at first: the largest that float16 holds); a backward pass that overflows (a gradient not finite) is
+    redone at half the scale, which then stays (one host synchronisation per batch). Dividing by a power of two
+    is exact: where nothing under- or overflows the relevance is bit for bit that of an unscaled pass."""
+
+    START = 2.0 ** 15
+
+    def __init__(self) -> None:
+        self.value = self.START
+
+    def grad(self, objective: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``d objective / d a`` (float32) by a scaled backward pass, retried at half the scale while it overflows
+        (down to 1: then what overflows is the forward pass, and the gradient is returned as it is)."""
+        while True:
+            (g,) = torch.autograd.grad(objective, a, grad_outputs=torch.full_like(objective, self.value),
+                                       retain_graph=True)
+            if self.value <= 1 or bool(torch.isfinite(g).all()):
+                return g.float() / self.value
+            self.value /= 2
+
+
+def relevance_logits(model: nn.Module, layer: Unit | nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     positive: bool = False, scale: LossScale | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`relevance_batch` that returns the logits (B x K, detached) instead of the predictions; ``scale``:
+    the backward pass's loss scaling (:class:`LossScale`, for float16 autocast), else none."""
     unit = as_unit(layer)
     with torch.enable_grad(), capture_layer(unit, grad=True) as cap:
         logits = model(images)
-        (g,) = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), cap.a)
+        objective = logits.gather(1, labels[:, None]).sum()
+        if scale is not None and bool(torch.isfinite(logits).all()):
+            g = scale.grad(objective, cap.a)
+        else:
+            (g,) = torch.autograd.grad(objective, cap.a)
     a = unit.counted(cap.a.detach())
     ag = a.float() * unit.counted(g).float()
     R = (ag.clamp_min(0) if positive else ag).sum(dim=(2, 3))
-    return R, logits.detach().argmax(1), a, cap.x
+    return R, logits.detach(), a, cap.x
 
 
 def conv_with_filters(layer: Unit | nn.Module, x: torch.Tensor, weight: torch.Tensor,

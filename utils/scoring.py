@@ -71,7 +71,11 @@ def scores_from_sums(sw: Sweep, parts: list[torch.Tensor], counts: list[int]) ->
 
 
 def best_index(scores: torch.Tensor) -> int:
-    """Index of the first maximal score (sweep order decides ties)."""
+    """Index of the first maximal score (sweep order decides ties); scores that are not numbers (NaN: an image
+    or activation that is not finite) are a UserError, never an arbitrary choice."""
+    if not len(scores) or bool(torch.isnan(scores).any()):
+        raise UserError("a split's scores are not numbers (NaN): an image of its concepts holds NaN or infinite "
+                        "values, or the model overflows on one")
     return int((scores == scores.max()).nonzero()[0, 0])
 
 

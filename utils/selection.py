@@ -54,7 +54,8 @@ def important(R: torch.Tensor, tau: float, out_dtype: torch.dtype = torch.bool,
     """``R_i[c] >= tau * sum_c' max(R_i[c'], 0)`` (B x C, bool or 0/1 in ``out_dtype``) for ``R`` (B x C).
 
     The positive total is accumulated in float64, which is exact for float16 relevance (a sum of up
-    to 2^11 such values needs < 53 bits); ``tau * total`` is rounded once in float64 and the
+    to 2^11 such values needs < 53 bits; the stores of earlier versions) and rounds at ~1e-16 per term for
+    the float32 relevance of newer stores; ``tau * total`` is rounded once in float64 and the
     comparison is exact: the float32 copy of R is compared with the smallest float32 >= the threshold.
     With ``buffers`` the result is a view into a reused buffer, overwritten by the next call.
     """

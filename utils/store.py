@@ -3,7 +3,7 @@
 Layout of ``<store_dir>/<model>[_<layer>]_channel_importances/``::
 
     meta.json         what made the store (model, weights, layer, data fingerprints, class map, ...) and "complete"
-    relevance.npy     N x C float16, R_i[c] in dataset order
+    relevance.npy     N x C float32, R_i[c] in dataset order (its dtype is meta.json's "relevance_dtype")
     targets.npy       N int64, labels (the model's logit indices)
     predictions.npy   N int64, argmax of the logits
     tap_sums.npy      K x C_in x kh x kw float64, per class what each kernel tap of the layer sees (summed)
@@ -11,7 +11,9 @@ Layout of ``<store_dir>/<model>[_<layer>]_channel_importances/``::
     chunks/           while running: one .npz per finished chunk of images (deleted when complete)
 
 Format 1 stores (``input_sums.npy``: K x C_in x H x W whole input maps) still open; their ARVs follow from
-the input sums, which convert exactly into tap sums (``utils.arv.class_tap_sums``).
+the input sums, which convert exactly into tap sums (``utils.arv.class_tap_sums``). Format 1 and 2 stores hold
+float16 relevance (values beyond 65504 became inf, those below 6e-8 zero); format 3 stores float32, which holds
+whatever the pass computes. An unfinished store is finished in its own format.
 
 Every file is written under a temporary name and renamed, so a crash leaves the old or the new
 state. All arrays open with ``numpy.load(path, mmap_mode="r")``; nothing is pickled.
@@ -30,13 +32,18 @@ from .errors import UserError
 from .files import read_json
 from .lock import check_not_written
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: relevance float32 (1 and 2: float16)
+READABLE_VERSIONS = (1, 2, 3)
 # What must agree between a store and a run that uses it: key -> words for the message.
 IDENTITY_KEYS = {"model": "model", "weights": "weights", "layer": "layer",
                  "data_fingerprint": "image list", "max_images_per_class": "--max_images_per_class",
                  "preprocess": "input transform (--input_size, --resize, --mean, --std)"}
 OPTIONAL_IDENTITY = {"preprocess"}  # older stores may not have recorded it
+
+
+def relevance_dtype(meta: dict) -> np.dtype:
+    """The dtype of a store's relevance rows: its meta.json's ``relevance_dtype`` (stores before format 3: float16)."""
+    return np.dtype(meta.get("relevance_dtype", "float16"))
 
 
 def store_name(model: str, layer: str, default: str) -> str:
@@ -52,6 +59,56 @@ def identity_difference(meta: dict, wanted: dict) -> str | None:
         if key in wanted and meta.get(key) != wanted[key]:
             return f"{words}: store has {meta.get(key)!r}, this run has {wanted[key]!r}"
     return None
+
+
+def _same_layer_weights(path: str, unit) -> bool | None:
+    """Whether the store's ``layer_weight.npy`` (and ``layer_bias.npy``) hold exactly ``unit``'s filters (a
+    :class:`utils.units.Unit`); None when the store does not say."""
+    try:
+        w = np.load(os.path.join(path, "layer_weight.npy"), allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    same = np.array_equal(w, unit.weight.detach().float().cpu().numpy())
+    if same and unit.bias is not None and os.path.isfile(os.path.join(path, "layer_bias.npy")):
+        same = np.array_equal(np.load(os.path.join(path, "layer_bias.npy"), allow_pickle=False),
+                              unit.bias.detach().float().cpu().numpy())
+    return same
+
+
+def weights_difference(path: str, meta: dict, lm, layer: str, unit) -> str | None:
+    """How the weights of the store at ``path`` (its ``meta``) differ from the loaded model ``lm``'s (``unit``:
+    its layer ``layer``), in words for "made with another ...", or None when they are the same.
+
+    The store's weights id is compared with ``lm.weights``; the store's copy of the layer's filters says whether
+    the difference reaches the layer. A store an earlier version made of an own model file recorded the hash of
+    the .py file alone (``lm.legacy_weights``): it is taken when that file is unchanged AND the layer's filters are
+    those of this model (the weights the function reads did not change); otherwise the line says how to proceed.
+    """
+    have, want = meta.get("weights"), lm.weights
+    if have == want:
+        return None
+    same = _same_layer_weights(path, unit)
+    if have is not None and have == lm.legacy_weights:
+        if same:
+            return None
+        return (f"weights: store has {have!r}, which an earlier version made from {lm.name}'s .py file alone; that "
+                f"file is unchanged, but layer {layer}'s filters are not those stage 1 used (the weights it loads "
+                "changed)")
+    where = {True: f"layer {layer}'s filters are the same, other parameters or buffers differ",
+             False: f"layer {layer}'s filters differ"}.get(same, "parameters or buffers differ")
+    line = f"weights: store has {have!r}, this run has {want!r} ({where})"
+    if str(have).startswith("as-built:") and lm.legacy_weights is not None:
+        line += (f"; the store's id is an earlier version's hash of the .py file alone, and that file changed: if "
+                 f"the parameters are those stage 1 used, set \"weights\" to {want!r} in "
+                 f"{os.path.join(path, 'meta.json')} to keep the store")
+    return line
+
+
+def model_difference(path: str, meta: dict, lm, layer: str, unit, **wanted: Any) -> str | None:
+    """The first identity field in which the store at ``path`` differs from the loaded model ``lm``'s layer
+    ``layer`` (``unit``) and ``wanted``: model, weights (:func:`weights_difference`), then the rest."""
+    return (identity_difference(meta, {"model": lm.name}) or weights_difference(path, meta, lm, layer, unit)
+            or identity_difference(meta, {"layer": layer, "preprocess": lm.preprocess.to_json(), **wanted}))
 
 
 REDO = "rerun stage 1 (get_importances_for_classes.py) into a fresh --store_dir"
@@ -144,7 +201,7 @@ class Store:
         m = self.meta
         n, C, c_in = int(m["num_images"]), int(m["out_channels"]), int(m["in_channels"])
         K = len(m["class_counts"])
-        out = {"relevance.npy": (np.float16, (n, C)), "targets.npy": (np.int64, (n,)),
+        out = {"relevance.npy": (relevance_dtype(m), (n, C)), "targets.npy": (np.int64, (n,)),
                "predictions.npy": (np.int64, (n,)),
                "layer_weight.npy": (np.float32, (C, c_in, *m["conv"]["kernel_size"]))}
         if self.format_version >= 2:
@@ -169,7 +226,7 @@ class Store:
     def _load(self, name: str, mmap: bool = True) -> np.ndarray:
         return np.load(os.path.join(self.path, name), mmap_mode="r" if mmap else None, allow_pickle=False)
 
-    relevance = _array("relevance", mmap=True)  # N x C float16, memory-mapped
+    relevance = _array("relevance", mmap=True)  # N x C float32 (older stores: float16), memory-mapped
     targets = _array("targets")  # N int64
     predictions = _array("predictions")  # N int64
     tap_sums = _array("tap_sums", mmap=True)  # K x C_in x kh x kw float64 (format 2)
@@ -233,8 +290,12 @@ def store_path(store_dir: str, lm, layer: str) -> str:
 def model_store(store_dir: str, lm, layer: str) -> Store:
     """The complete store of a loaded model's ``layer``, checked against it (model, weights, layer): how
     every command that has the model opens its store."""
+    from .models import get_layer
+
     store = Store.open(store_path(store_dir, lm, layer))
-    store.check(model=lm.name, weights=lm.weights, layer=layer, preprocess=lm.preprocess.to_json())
+    diff = model_difference(store.path, store.meta, lm, layer, get_layer(lm.model, layer)[1])
+    if diff:
+        raise UserError(f"store {store.path} was made with another {diff}")
     return store
 
 

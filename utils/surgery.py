@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .defaults import MAX_LOGIT_DIFF
+from .defaults import logit_tolerance
 from .distributed import reduce_over_ranks
 from .errors import UserError
 from .files import save_torch
@@ -174,28 +174,46 @@ def checkpoint_transform(path: str):
 
 def max_logit_diff(original: nn.Module, disentangled: nn.Module, images: torch.Tensor, batch_size: int = 64) -> float:
     """Largest |original(images) - disentangled(images)| over all logits (full forwards)."""
-    diff = 0.0
+    return logit_diff_scale(original, disentangled, images, batch_size)[0]
+
+
+def logit_diff_scale(original: nn.Module, disentangled: nn.Module, images: torch.Tensor,
+                     batch_size: int = 64) -> tuple[float, float]:
+    """The largest |logit difference| (:func:`max_logit_diff`) and the largest |original logit| (the scale its
+    tolerance is relative to, see :func:`utils.defaults.logit_tolerance`)."""
+    diff = scale = 0.0
     with torch.no_grad():
         for b in range(0, len(images), batch_size):
             x = images[b:b + batch_size]
-            diff = max(diff, float((original(x).float() - disentangled(x).float()).abs().max()))
-    return diff
+            o = original(x).float()
+            diff = nan_max(diff, float((o - disentangled(x).float()).abs().max()))
+            scale = nan_max(scale, float(o.abs().max()))
+    return diff, scale
+
+
+def nan_max(a: float, b: float) -> float:
+    """``max(a, b)``, NaN when either is (Python's max keeps whichever comes first)."""
+    return a if a != a else b if b != b else max(a, b)
 
 
 def logit_check(runner: Runner, model: nn.Module, net: nn.Module, images: dict[int, torch.Tensor],
                 where: str) -> float:
     """Largest |logit difference| between ``model`` and its disentangled ``net`` over every rank's ``images``
-    (index -> image, each rank those of its share), known to every rank; above MAX_LOGIT_DIFF a UserError."""
+    (index -> image, each rank those of its share), known to every rank; above its tolerance (relative to the
+    largest |logit|, see :func:`check_logit_diff`) a UserError."""
     x = torch.stack([images[i] for i in sorted(images)]).to(runner.device) if images else None
-    diff = runner.together(lambda: 0.0 if x is None else max_logit_diff(model, net, x, runner.batch_size),
-                           "the logit check")
-    return check_logit_diff(reduce_over_ranks(diff, runner.world, runner.device), where)
+    diff, scale = runner.together(lambda: (0.0, 0.0) if x is None else logit_diff_scale(model, net, x, runner.batch_size),
+                                  "the logit check")
+    return check_logit_diff(reduce_over_ranks(diff, runner.world, runner.device), where,
+                            reduce_over_ranks(scale, runner.world, runner.device))
 
 
-def check_logit_diff(diff: float, where: str) -> float:
-    """``diff``, the largest |logit difference| of a disentangled network (``where``: on which images);
-    above MAX_LOGIT_DIFF (or NaN) a UserError: the split is broken and nothing may be written."""
-    if not diff <= MAX_LOGIT_DIFF:
+def check_logit_diff(diff: float, where: str, scale: float = 0.0) -> float:
+    """``diff``, the largest |logit difference| of a disentangled network (``where``: on which images); above
+    :func:`utils.defaults.logit_tolerance` of ``scale``, the largest |original logit| (MAX_LOGIT_DIFF, or a share
+    of large logits), or NaN, a UserError: the split is broken and nothing may be written."""
+    tol = logit_tolerance(scale)
+    if not diff <= tol:
         raise UserError(f"the disentangled network's logits differ from the original's by {diff:.3g} "
-                        f"(> {MAX_LOGIT_DIFF:g}) {where}; nothing written")
+                        f"(> {tol:g}, for logits up to {scale:.3g}) {where}; nothing written")
     return diff

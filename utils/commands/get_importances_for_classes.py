@@ -23,7 +23,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_images_per_class", type=positive_int, default=None, metavar="N",
                    help="use only the first N images of each class (quick runs)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="autocast dtype of the pass (default: fp32); recorded in the store")
+                   help="autocast dtype of the pass (default: fp32); recorded in the store. fp16 scales the "
+                        "backward pass (dynamic loss scaling) and refuses logits beyond float16's range (use bf16)")
     p.add_argument("--chunk_images", type=positive_int, default=None, metavar="N",
                    help="images per resumable chunk (default: about 4096, a multiple of --batch_size); "
                         "fixed when the store is created")
