@@ -203,3 +203,24 @@ def test_a_full_disk_while_writing_the_network_is_one_line_and_a_rerun_finishes(
     x = val.tensors[0]
     with torch.no_grad():
         assert (res.network(x) - planted4()(x)).abs().max() <= 1e-5
+
+
+def test_a_fault_after_the_work_keeps_the_temporary_store_and_says_where(monkeypatch):
+    import shutil
+
+    import utils.surgery as surgery
+
+    def broken(path, model=None):
+        raise RuntimeError("Error(s) in loading state_dict: Missing key(s) in state_dict: \"0.gain\"\nmore")
+
+    monkeypatch.setattr(surgery, "load_checkpoint", broken)
+    with pytest.raises(UserError) as e:
+        api.disentangle(planted4(), tensors(6, 0), tensors(5, 1), **DATA)
+    line = one_line(e)
+    kept = line.rsplit("the store in ", 1)[1]
+    try:
+        assert "0.gain" in line and os.path.isdir(os.path.join(kept, "models_disentangled"))
+        out = line.split("every output is kept in ", 1)[1].split(" and the store", 1)[0]
+        assert os.path.isfile(os.path.join(out, "report.html"))
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)

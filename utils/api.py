@@ -17,7 +17,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -53,6 +55,19 @@ class Data:
     def __repr__(self) -> str:  # never the whole model
         return (f"Data({self.loaded.name} ({self.loaded.weights}), {self.data!r}, store_dir={self.store_dir!r}"
                 f"{' (temporary)' if self.keep is not None else ''})")
+
+
+class TemporaryStore:
+    """A store folder removed when the last object holding it goes (or at exit), unless :meth:`keep` is called:
+    after a fault, what was written stays for the caller to read."""
+
+    def __init__(self):
+        self.name = tempfile.mkdtemp(prefix="disentangle_channels-")
+        self._remove = weakref.finalize(self, shutil.rmtree, self.name, ignore_errors=True)
+
+    def keep(self) -> str:
+        self._remove.detach()
+        return self.name
 
 
 def _transform(train, transform, input_size, resize, mean, std) -> Preprocess:
@@ -103,7 +118,7 @@ def prepare(model: nn.Module, train=None, val=None, *, name: str | None = None, 
     lm = loaded_model(net, label, _weights_id(net), names, pre)
     keep = None
     if store_dir is None:
-        keep = tempfile.TemporaryDirectory(prefix="disentangle_channels-")
+        keep = TemporaryStore()
         store_dir = keep.name
     return Data(lm, data, store_dir, keep)
 
@@ -242,4 +257,9 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
                           channels=channels, split_rule=split_rule, top_k=top_k, check_images=check_images,
                           seed=seed, out_dir=out_dir)
         summary = disentangle_layer(cfg, loaded=d.loaded, log=log or (lambda *a: None))
-    return Result.from_summary(summary, model, d.transform, keep=d.keep, accuracy=store.accuracy)
+    try:
+        return Result.from_summary(summary, model, d.transform, keep=d.keep, accuracy=store.accuracy)
+    except (UserError, RuntimeError, KeyError, OSError) as e:  # the work is done: never delete it with the fault
+        kept = d.keep.keep() if d.keep is not None else d.store_dir
+        raise UserError(f"the split network could not be loaded back ({str(e).splitlines()[0]}); every output is "
+                        f"kept in {summary.get('out_dir') or kept} and the store in {kept}") from None
