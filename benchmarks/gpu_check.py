@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_commands import check_commands  # noqa: E402
 from stage1 import bench_loader, bench_tensors, make_image_folder  # noqa: E402
 from utils.device import model_on, resolve_device  # noqa: E402
-from utils.importances import PRECISIONS, Stage1Config, compute_importances  # noqa: E402
+from utils.stage1 import PRECISIONS, Stage1Config, compute_importances  # noqa: E402
 from utils.models import get_layer, load_model, model_tag  # noqa: E402
 
 

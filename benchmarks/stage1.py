@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.data import class_folders, list_images, make_loader  # noqa: E402
 from utils.arv import tap_maps  # noqa: E402
 from utils.concepts import class_map, imagenet_wnids  # noqa: E402
-from utils.importances import PRECISIONS, Stage1Config, add_class_tap_sums, compute_importances  # noqa: E402
+from utils.stage1 import PRECISIONS, Stage1Config, add_class_tap_sums, compute_importances  # noqa: E402
 from utils.models import get_layer, load_model  # noqa: E402
 from utils.relevance import relevance_batch  # noqa: E402
 from utils.units import Unit, resolve_positions  # noqa: E402

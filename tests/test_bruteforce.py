@@ -8,7 +8,7 @@ compute them. The production code is then compared with them:
   ``utils.split.sweep`` / ``assign_inputs`` / ``Sweep.sources``;
 - the filters D_j, Res and the identity sum_j D_j - (k - 1) Res = W[c];
 - the score of every rho and the best rho (first maximal), k = 3 (and a k = 2 channel in the same pass),
-  on a tiny random CNN and tiny PNG images, through ``utils.disentangle.score_channels``;
+  on a tiny random CNN and tiny PNG images, through ``utils.stage3.score_channels``;
 - the split layer of ``utils.surgery`` for k = 3: +1 per D_j and -(k - 1) for Res, same logits.
 """
 from __future__ import annotations
@@ -320,11 +320,11 @@ def _own_sweep(weight_c: torch.Tensor, sets_per_rho):
 
 
 def _score(model, root, sweeps, dtype):
-    """``utils.disentangle.score_channels`` on the training images: batches of 2 (classes of 2 to 4 images,
+    """``utils.stage3.score_channels`` on the training images: batches of 2 (classes of 2 to 4 images,
     so several batches and a short last one per class), no workers, CPU."""
     
     from utils.data import list_images
-    from utils.disentangle import score_channels
+    from utils.stage3 import score_channels
 
     images = list_images(root, "train")
     assert images.classes == list(COUNTS)

@@ -223,7 +223,7 @@ def test_too_little_space_to_assemble_is_said_before_writing(tiny, tmp_path, mon
 def test_a_really_full_disk_during_assembly_no_sigbus_and_resumable(tiny, tmp_path, monkeypatch):
     """On a real small file system, filled up right before the assembly (whose space check is told a lie):
     the assembly itself meets ENOSPC while streaming relevance.npy (a memory map died with SIGBUS here)."""
-    from utils import chunks, importances
+    from utils import chunks, stage1 as importances
 
     args, reference = tiny
     with small_fs(str(tmp_path / "fs"), "4m",
@@ -261,7 +261,7 @@ def test_an_injected_full_disk_during_assembly_is_one_line_and_resumable(tiny, t
     kept; the same command then finishes with the store of an uninterrupted run."""
     import builtins
 
-    from utils import chunks, importances
+    from utils import chunks, stage1 as importances
 
     args, reference = tiny
     fs = str(tmp_path / "fs")

@@ -19,7 +19,7 @@ from conftest import write_image_folder
 from test_api import FAST, NAMES, planted4, tensors
 from utils import store as st
 from utils.errors import UserError
-from utils.importances import Stage1Config, compute_importances
+from utils.stage1 import Stage1Config, compute_importances
 from utils.models import load_model
 
 # ------------------------------------------------------------------ item 2: which model made a store

@@ -163,8 +163,8 @@ def test_planted_channel_comes_out_as_three_concept_channels(planted3):
 
 def test_layer_command_equals_stage_3_for_two_single_class_concepts(planted_model, planted_data, tmp_path):
     """For a channel whose concepts are two single classes: the same index sets, scores, best rho and filters."""
-    from utils import disentangle as dis
-    from utils.importances import Stage1Config, compute_importances
+    from utils import stage3 as dis
+    from utils.stage1 import Stage1Config, compute_importances
     from utils.layer import LayerConfig, disentangle_layer
     from utils.records import load_record, load_split
 

@@ -148,7 +148,7 @@ def test_every_pass_of_the_layer_command_feeds_images_through_the_models_transfo
     import dataclasses
 
     from utils import image_pass
-    from utils.importances import Stage1Config, compute_importances
+    from utils.stage1 import Stage1Config, compute_importances
     from utils.layer import LayerConfig, disentangle_layer
     from utils.models import load_model
 

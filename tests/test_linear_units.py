@@ -24,8 +24,8 @@ from conftest import write_image_folder
 from test_stage1 import assert_relevance_close, backprop_seen
 from utils.arv import concept_arvs
 from utils.data import ImageDataset, Preprocess, list_images
-from utils.disentangle import Stage3Config, disentangle_channel
-from utils.importances import Stage1Config, compute_importances
+from utils.stage3 import Stage3Config, disentangle_channel
+from utils.stage1 import Stage1Config, compute_importances
 from utils.models import LoadedModel, default_layer, get_layer
 from utils.records import rho_key
 from utils.relevance import capture_layer, layer_input, relevance_batch

@@ -128,8 +128,8 @@ def test_folder_count_unlike_the_outputs_is_one_line_and_writes_nothing(image_fo
 
 
 def test_stage3_lists_and_checks_only_its_concepts_classes(planted_model, image_folder, tmp_path):
-    from utils import disentangle as dis
-    from utils.importances import Stage1Config, compute_importances
+    from utils import stage3 as dis
+    from utils.stage1 import Stage1Config, compute_importances
 
     data = image_folder(n_train=4, n_val=1)
     compute_importances(Stage1Config(data, str(tmp_path / "s"), layer="conv", batch_size=4, num_workers=0,

@@ -21,7 +21,7 @@ from utils.data import ImageDataset, list_images
 from utils.errors import UserError
 from conftest import class_index_for
 from utils import chunks
-from utils.importances import Stage1Config, compute_importances
+from utils.stage1 import Stage1Config, compute_importances
 from utils.models import LoadedModel, get_layer, load_model
 from utils.relevance import relevance_batch
 

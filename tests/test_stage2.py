@@ -18,7 +18,7 @@ from conftest import arv_autograd, class_index_for, planted_loaded, taps_by_form
 from utils import arv as arvs
 from utils import selection as sel
 from utils.errors import UserError
-from utils.importances import Stage1Config, compute_importances
+from utils.stage1 import Stage1Config, compute_importances
 from utils.relevance import layer_input
 from utils.store import Store, open_store
 

@@ -14,12 +14,12 @@ import torchvision
 from torch import nn
 
 from conftest import arv_autograd, class_index_for, make_record
-from utils import disentangle as dis, surgery
+from utils import stage3 as dis, surgery
 from utils.arv import concept_arvs
 from utils.concepts import check_concepts
 from utils.data import list_images, make_loader
 from utils.errors import UserError, run_cli
-from utils.importances import Stage1Config, compute_importances
+from utils.stage1 import Stage1Config, compute_importances
 from utils.models import get_layer, load_model
 from utils.records import load_record, load_split, record_keys, save_record
 from utils.relevance import layer_input

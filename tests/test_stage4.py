@@ -214,8 +214,8 @@ def test_planted_channel_splits_into_its_two_concepts(planted_run):
 
 def test_end_to_end_through_stages_1_and_3(tmp_path, planted_model, planted_data):
     """Stage 1 store -> stage 3 record (utils.disentangle, as disentangle_channel.py) -> stage 4."""
-    from utils import disentangle as dis
-    from utils.importances import Stage1Config, compute_importances
+    from utils import stage3 as dis
+    from utils.stage1 import Stage1Config, compute_importances
     from utils.records import save_record
 
     store = str(tmp_path / "store")
@@ -240,8 +240,8 @@ def test_end_to_end_through_stages_1_and_3(tmp_path, planted_model, planted_data
 def test_concepts_in_any_class_order_name_one_folder_and_are_found(tmp_path, planted_model, planted_data):
     """Stage 3 given concept 1 = classes 2, 0 (unsorted) names its folder c1-0-2; stage 4 finds it given either
     order, and also finds a folder an older version named c1-2-0."""
-    from utils import disentangle as dis
-    from utils.importances import Stage1Config, compute_importances
+    from utils import stage3 as dis
+    from utils.stage1 import Stage1Config, compute_importances
     from utils.records import save_record
 
     store = str(tmp_path / "store")

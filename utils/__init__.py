@@ -6,7 +6,9 @@ from .errors import UserError
 
 __version__ = "0.1.0"  # the one place of the version: pyproject.toml reads it
 
-# The Python API (utils.api), imported when first used: the commands' --help stays quick.
+# The Python API (utils.api), imported when first used: the commands' --help stays quick. No submodule may share
+# a name with these: importing it would set the package's attribute to the module (stage 1 and 3 live in stage1.py
+# and stage3.py for that reason).
 _API = ("disentangle", "load", "prepare", "importances", "polysemantic_pairs", "split_channel", "evaluate_channel",
         "Result", "Data")
 _MORE = {"Datasets": "datasets", "Preprocess": "preprocess", "ChannelSplit": "result"}

@@ -157,7 +157,7 @@ def importances(d: Data, layer: str | None = None, *, positions: str = "auto", b
     """Stage 1: the relevance of every unit of ``layer`` for every training image, into ``d.store_dir``;
     returns the :class:`utils.store.Store` (``.relevance``, ``.accuracy``, ...). A store that is complete is
     read, not recomputed; one that another job is writing is refused, or waited for with ``wait=True``."""
-    from .importances import Stage1Config, compute_importances
+    from .stage1 import Stage1Config, compute_importances
     from .store import Store
 
     with running("disentangle_channels.importances"):
@@ -189,7 +189,7 @@ def split_channel(d: Data, channel: int, concepts, layer: str | None = None, *, 
                   batch_size: int = 64, device: str = "auto", num_workers: int = 0, progress: bool = True):
     """Stage 3: split ``channel`` between ``concepts`` (lists of class indices) after :func:`importances`;
     writes its record into ``d.store_dir/models_disentangled`` and returns it (:class:`utils.records.Record`)."""
-    from .disentangle import Stage3Config, disentangle_channel
+    from .stage3 import Stage3Config, disentangle_channel
     from .records import save_record
 
     with running("disentangle_channels.split_channel"):
@@ -238,7 +238,7 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
     ``p``, ``gamma_high`` (its ``--cos_sim_high``), ``min_concepts``, ``max_channels``, ``channels``,
     ``split_rule``, ``top_k``, ``check_images``, ``seed``; ``positions`` and ``wait`` are stage 1's (see
     :func:`importances`). ``log``: where progress lines go (None: nowhere)."""
-    from .importances import accuracy_lines
+    from .stage1 import accuracy_lines
     from .layer import LayerConfig, disentangle_layer
 
     if max_channels is not None:

@@ -3,7 +3,7 @@ from the data, each channel split into as many channels as it has concepts, all 
 
     the store -> stage 2's candidates and ARVs -> concepts by complete linkage (``utils.linkage``)
     -> per channel the rho sweep of its k concepts -> ONE truncated pass over the union of the concepts'
-       training images scores every channel and rho (``utils.disentangle.score_channels``)
+       training images scores every channel and rho (``utils.stage3.score_channels``)
     -> ONE network with every split
     -> ONE pass over the validation images (``utils.layer_output.evaluate_layer``): stage 4's values of every
        split on its concepts' images, the top-k images of every sub-channel and of random other channels
@@ -26,7 +26,7 @@ from .cli import RunOptions
 from .concepts import check_channel, data_class_map
 from .data import ImageList, list_images
 from .defaults import DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
-from .disentangle import check_indices, check_split_rule, score_channels
+from .stage3 import check_indices, check_split_rule, score_channels
 from .errors import UserError
 from .featvis import FVConfig
 from .files import check_writable

@@ -12,7 +12,7 @@ from .distributed import run_together
 from .errors import UserError
 from .files import check_writable, read_json, write_json
 from .provenance import provenance
-from .importances import Stage1Config, accuracy_lines, compute_importances
+from .stage1 import Stage1Config, accuracy_lines, compute_importances
 from .model_sources import split_file_spec
 from .models import file_sha256, get_layer, load_model, model_tag
 from .preprocess import InputSpec

@@ -43,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    from ..disentangle import Stage3Config, disentangle_channel
+    from ..stage3 import Stage3Config, disentangle_channel
     from ..files import check_writable
     from ..distributed import distributed_context
     from ..models import load_model

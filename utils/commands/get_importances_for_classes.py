@@ -41,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    from ..importances import Stage1Config, accuracy_lines, compute_importances
+    from ..stage1 import Stage1Config, accuracy_lines, compute_importances
     from ..cli import check_channels
     from ..distributed import distributed_context
 
