@@ -77,9 +77,6 @@ def _transform(train, transform, input_size, resize, mean, std) -> Preprocess:
     pre = as_preprocess(transform) if transform is not None else InputSpec.of(asked).applied(Preprocess())
     if is_datasets(train) and train.splits["train"] is not None:
         image = train.item("train", 0)[0]
-        if isinstance(image, torch.Tensor) and image.device.type != "cpu":
-            raise UserError(f"train holds tensors on {image.device}; give them on the CPU (each batch is moved to "
-                            "device= as it is read)")
         if isinstance(image, torch.Tensor):
             if image.dim() != 3 or image.shape[-1] != image.shape[-2]:
                 raise UserError(f"the training images are tensors of shape {tuple(image.shape)}; give square "
