@@ -224,3 +224,11 @@ def test_a_fault_after_the_work_keeps_the_temporary_store_and_says_where(monkeyp
         assert os.path.isfile(os.path.join(out, "report.html"))
     finally:
         shutil.rmtree(kept, ignore_errors=True)
+
+
+def test_the_precision_named_in_refusals_is_an_argument_of_the_api(tmp_path):
+    d = api.prepare(planted4(), tensors(3, 0), tensors(2, 1), classes=NAMES, store_dir=str(tmp_path))
+    with pytest.raises(UserError) as e:
+        api.importances(d, "conv", precision="fp8", **FAST)
+    assert "precision=" in one_line(e)
+    assert api.importances(d, "conv", precision="bf16", **FAST).meta["precision"] == "bf16"

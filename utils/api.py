@@ -149,17 +149,20 @@ def _run_options(d: Data, layer, batch_size: int, device: str, num_workers: int,
 
 
 @api_errors
-def importances(d: Data, layer: str | None = None, *, positions: str = "auto", batch_size: int = 64,
-                device: str = "auto", num_workers: int = 0, progress: bool = True, wait: bool = False):
+def importances(d: Data, layer: str | None = None, *, positions: str = "auto", precision: str = "fp32",
+                batch_size: int = 64, device: str = "auto", num_workers: int = 0, progress: bool = True,
+                wait: bool = False):
     """Stage 1: the relevance of every unit of ``layer`` for every training image, into ``d.store_dir``;
-    returns the :class:`utils.store.Store` (``.relevance``, ``.accuracy``, ...). A store that is complete is
+    returns the :class:`utils.store.Store` (``.relevance``, ``.accuracy``, ...). ``precision``: fp32, or bf16 or
+    fp16 autocast for the pass (as ``get_importances_for_classes.py --precision``). A store that is complete is
     read, not recomputed; one that another job is writing is refused, or waited for with ``wait=True``."""
     from .stage1 import Stage1Config, compute_importances
     from .store import Store
 
     with running("disentangle_channels.importances"):
         s = compute_importances(Stage1Config(**_run_options(d, layer, batch_size, device, num_workers, progress),
-                                             positions=positions, wait=wait), loaded=d.loaded)
+                                             positions=positions, precision=precision, wait=wait),
+                                 loaded=d.loaded)
     return Store.open(s["store"])
 
 
@@ -221,6 +224,7 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
                 classes=None, transform=None,
                 input_size: int | None = None, resize: int | None = None, mean=None, std=None,
                 store_dir: str | None = None, out_dir: str | None = None, positions: str = "auto",
+                precision: str = "fp32",
                 tau: float = 0.03, p: float = 0.75, gamma_high: float = 0.5, min_concepts: int = 2,
                 max_channels: int | None = None, channels: list[int] | None = None, split_rule: str = "paper",
                 top_k: int = 12, check_images: int = 32, seed: int = 0, batch_size: int = 64,
@@ -233,8 +237,8 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
     ``train``/``val``, ``name`` (the model's name in reports and folders; default: its class name), ``classes``,
     ``transform``, ``input_size``, ``resize``, ``mean``, ``std``: see :func:`prepare`. The rest are the layer command's settings (``disentangle_layer.py --help``): ``tau``,
     ``p``, ``gamma_high`` (its ``--cos_sim_high``), ``min_concepts``, ``max_channels``, ``channels``,
-    ``split_rule``, ``top_k``, ``check_images``, ``seed``; ``positions`` and ``wait`` are stage 1's (see
-    :func:`importances`). ``log``: where progress lines go (None: nowhere)."""
+    ``split_rule``, ``top_k``, ``check_images``, ``seed``; ``positions``, ``precision`` and ``wait`` are stage 1's
+    (see :func:`importances`). ``log``: where progress lines go (None: nowhere)."""
     from .stage1 import accuracy_lines
     from .layer import LayerConfig, disentangle_layer
 
@@ -245,8 +249,8 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
     with running("disentangle_channels.disentangle"):
         d = prepare(model, train, val, name=name, classes=classes, transform=transform, input_size=input_size,
                     resize=resize, mean=mean, std=std, store_dir=store_dir)
-        store = importances(d, layer, positions=positions, batch_size=batch_size, device=device,
-                            num_workers=num_workers, progress=progress, wait=wait)
+        store = importances(d, layer, positions=positions, precision=precision, batch_size=batch_size,
+                            device=device, num_workers=num_workers, progress=progress, wait=wait)
         for line in accuracy_lines(store.accuracy, int((store.class_counts > 0).sum())) if log else []:
             log(line)
         cfg = LayerConfig(**_run_options(d, store.meta["layer"], batch_size, device, num_workers, progress),
