@@ -232,3 +232,11 @@ def test_the_precision_named_in_refusals_is_an_argument_of_the_api(tmp_path):
         api.importances(d, "conv", precision="fp8", **FAST)
     assert "precision=" in one_line(e)
     assert api.importances(d, "conv", precision="bf16", **FAST).meta["precision"] == "bf16"
+
+
+def test_a_validation_label_beyond_the_outputs_is_refused_before_any_pass(tmp_path):
+    bad_val = TensorDataset(torch.zeros(2, 3, 16, 16), torch.tensor([0, 4]))  # planted4 has 4 outputs
+    with pytest.raises(UserError) as e:
+        api.prepare(planted4(), tensors(2, 0), bad_val, store_dir=str(tmp_path / "s"))
+    assert "the val data of TensorDataset has label 4 but the model has 4 outputs" in one_line(e)
+    assert not (tmp_path / "s").exists()

@@ -113,6 +113,12 @@ def prepare(model: nn.Module, train=None, val=None, *, name: str | None = None, 
     label = name or type(model).__name__
     names = data.names() if is_datasets(data) else None
     lm = loaded_model(net, label, _weights_id(net), names, pre)
+    if is_datasets(data):  # before any pass: a label is a logit index (labels are read without images where kept)
+        for split in ("train", "val"):
+            top = max(data.labels(split), default=-1) if data.splits[split] is not None else -1
+            if top >= lm.num_classes:
+                raise UserError(f"the {split} data of {data.name} has label {top} but the model has {lm.num_classes} outputs: a label is "
+                                "the index of its class's logit")
     keep = None
     if store_dir is None:
         keep = TemporaryStore()
