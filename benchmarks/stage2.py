@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Benchmark stage 2 on a synthetic ImageNet-sized store (no images, no model weights needed).
 
-Writes ``<dir>/resnet50[_<layer>]_channel_importances/`` in the store format: 1,281,167 x C float16
-relevance, 1000 classes (sorted labels, 1281-1282 images each), per-class tap sums K x C_in x kh x kw
+Writes ``<dir>/resnet50[_<layer>]_channel_importances/`` in the store format: 1,281,167 x C float32
+relevance (``--dtype float16``: as stores of earlier versions, which stage 2 still reads), 1000 classes (sorted labels, 1281-1282 images each), per-class tap sums K x C_in x kh x kw
 float64, the layer weight and meta.json. ``--layer layer4.2.conv3`` (default): C = 2048 from 512 inputs,
-1x1 (5.2 GB relevance); ``--layer layer1``: C = 256 columns from 64 inputs with layer1.0.conv2's 3x3 taps
-(655 MB relevance; tap sums 4.6 MB). Each class has one or two planted channels that are important in
+1x1 (10.5 GB relevance; 5.2 GB in float16); ``--layer layer1``: C = 256 columns from 64 inputs with
+layer1.0.conv2's 3x3 taps (1.3 GB relevance; 655 MB in float16; tap sums 4.6 MB). Each class has one or two planted channels that are important in
 ~85% of its images (a few hundred channels end up relevant to 2+ classes); every image also has random
 spikes. Then runs stage 2 in this process and prints seconds per step, total seconds and peak memory
 (ru_maxrss). The store is generated in a child process, so the peak memory is stage 2's alone.
@@ -35,6 +35,7 @@ N, K = 1_281_167, 1000
 # layer -> (channels C, inputs C_in, kernel, input side, padding, layer name in meta.json)
 LAYERS = {"layer4.2.conv3": (2048, 512, 1, 7, 0, "layer4.2.conv3"), "layer1": (256, 64, 3, 56, 1, "layer1.0.conv2")}
 C, C_IN, KS, HW, PAD, LAYER = LAYERS["layer4.2.conv3"]
+DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def set_layer(name: str) -> None:
@@ -51,6 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cold", action="store_true", help="drop the relevance file from the page cache before stage 2")
     p.add_argument("--layer", choices=tuple(LAYERS), default="layer4.2.conv3",
                    help="geometry of the synthetic layer (default: layer4.2.conv3)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="the relevance's dtype: float32 (stores of this version) or float16 (earlier ones)")
     p.add_argument("--generate_only", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -76,7 +79,7 @@ def expected_candidates(seed: int = 0) -> dict[int, list[int]]:
     return {c: ts for c, ts in sorted(out.items()) if len(ts) >= 2}
 
 
-def generate(path: str, n: int, block_rows: int = 65536, seed: int = 0) -> None:
+def generate(path: str, n: int, block_rows: int = 65536, seed: int = 0, dtype: str = "float32") -> None:
     """Write the synthetic store to ``path`` (a ``*_channel_importances`` folder)."""
     from utils import files, store as st
 
@@ -86,11 +89,12 @@ def generate(path: str, n: int, block_rows: int = 65536, seed: int = 0) -> None:
     targets = np.repeat(np.arange(K), counts)
     planted = planted_channels(rng)
     # one noise block, reused with a random row shift per step: small signed noise plus ~0.5% spikes
-    noise = (rng.standard_normal((block_rows, C), dtype=np.float32) * 0.05).astype(np.float16)
+    dt = DTYPES[dtype]
+    noise = (rng.standard_normal((block_rows, C), dtype=np.float32) * 0.05).astype(dt)
     spikes = rng.random((block_rows, C), dtype=np.float32) < 0.005
-    noise[spikes] = np.float16(2.0)
+    noise[spikes] = dt(2.0)
     del spikes
-    rel = np.lib.format.open_memmap(os.path.join(path, "relevance.npy.partial"), mode="w+", dtype=np.float16,
+    rel = np.lib.format.open_memmap(os.path.join(path, "relevance.npy.partial"), mode="w+", dtype=dt,
                                     shape=(n, C))
     block = np.empty_like(noise)
     for lo in range(0, n, block_rows):
@@ -103,7 +107,7 @@ def generate(path: str, n: int, block_rows: int = 65536, seed: int = 0) -> None:
             rows = np.nonzero(t == cls)[0]
             for ch in planted[cls]:
                 on = rows[rng.random(len(rows)) < 0.85]
-                b[on, ch] = np.float16(3.0)
+                b[on, ch] = dt(3.0)
         rel[lo:hi] = b
     rel.flush()
     del rel
@@ -125,7 +129,7 @@ def generate(path: str, n: int, block_rows: int = 65536, seed: int = 0) -> None:
         "data_root": "synthetic", "split": "train", "data_fingerprint": "synthetic", "max_images_per_class": None,
         "num_images": n, "classes": [f"n{t:08d}" for t in range(K)], "num_classes": K,
         "class_index": {f"n{t:08d}": t for t in range(K)}, "class_names": None,
-        "class_counts": counts.tolist(), "relevance_dtype": "float16", "chunk_images": 4096, "batch_size": 256,
+        "class_counts": counts.tolist(), "relevance_dtype": dtype, "chunk_images": 4096, "batch_size": 256,
         "created": "synthetic"})
 
 
@@ -135,13 +139,13 @@ def main(args: argparse.Namespace) -> None:
     folder = "resnet50_channel_importances" if LAYER == "layer4.2.conv3" else f"resnet50_{LAYER}_channel_importances"
     path = os.path.join(base, folder)
     if args.generate_only:
-        generate(path, args.images)
+        generate(path, args.images, dtype=args.dtype)
         return
     try:
         if not os.path.isfile(os.path.join(path, "meta.json")):
             t0 = time.perf_counter()
             subprocess.run([sys.executable, os.path.abspath(__file__), "--generate_only", "--dir", base,
-                            "--images", str(args.images), "--layer", args.layer], check=True)
+                            "--images", str(args.images), "--layer", args.layer, "--dtype", args.dtype], check=True)
             size = os.path.getsize(os.path.join(path, "relevance.npy")) / 1e9
             print(f"generated {path} ({size:.2f} GB relevance) in {time.perf_counter() - t0:.1f} s")
         if args.cold:
