@@ -123,7 +123,7 @@ def tensor_passes(model, conv, batches, K, device, dtype, stage1: bool) -> float
                 maps = tap_maps(conv.geometry(), tuple(xin.shape[-2:])).to(device)
                 sums = torch.zeros(K, xin.shape[1] * maps.shape[0], dtype=torch.float64, device=device)
             add_class_tap_sums(sums, y, xin, maps)
-            R.to(torch.float16).cpu()
+            R.to(torch.float32).cpu()  # the store keeps float32 rows
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
@@ -233,7 +233,7 @@ def report(best: dict, mem: dict, n: int, store: str | None) -> None:
     import json
     meta = json.load(open(os.path.join(store, "meta.json")))
     C, K, (c_in, h, w) = meta["out_channels"], meta["num_classes"], meta["input_shape"]
-    print(f"  stored: {per_image:.1f} bytes/image (relevance, targets, predictions; bar 2*C+32 = {2 * C + 32}); "
+    print(f"  stored: {per_image:.1f} bytes/image (relevance float32, targets, predictions; bar 4*C+32 = {4 * C + 32}); "
           f"fixed: tap_sums {sizes['tap_sums.npy']} B, layer_weight {sizes['layer_weight.npy']} B, "
           f"meta.json {sizes['meta.json']} B")
     print(f"  class sums: {K} x {' x '.join(map(str, meta['tap_shape']))} float64 = {K * np.prod(meta['tap_shape']) * 8 / 2**20:.1f} "
