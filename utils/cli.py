@@ -85,27 +85,6 @@ nonnegative_int = _number(int, lambda v: v >= 0, "a whole number of at least 0")
 nonnegative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number of at least 0")
 
 
-@dataclass(kw_only=True)
-class RunOptions:
-    """What every image pass takes (stages 1, 3, 4 and the pictures), filled from the flags below."""
-
-    model: str = "resnet50"
-    weights: str = "default"
-    layer: str | None = None
-    batch_size: int = 64
-    device: str = "auto"
-    gpu: int | None = None
-    num_workers: int = 4
-    progress: bool = True
-    class_index: str | None = None  # --class_index FILE: JSON {folder: logit index}
-    rank: int = 0  # under torchrun: this process's rank and the number of processes (utils.distributed)
-    world_size: int = 1
-    input_size: int | None = None  # --input_size, --resize, --mean, --std: the transform (None: the model's own)
-    resize: int | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-
-
 def add_model_args(p: argparse.ArgumentParser, layer_flags=("--layer",), weights_default: str | None = "default",
                    weights_help: str | None = None, inputs: bool = True) -> None:
     g = p.add_argument_group("model")
@@ -145,7 +124,7 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
 
 
 def input_options(args: argparse.Namespace) -> dict:
-    """The transform flags of ``args`` as :class:`RunOptions` fields."""
+    """The transform flags of ``args`` as fields of the stages' options (:class:`utils.image_pass.RunOptions`)."""
     return {k: getattr(args, k, None) for k in ("input_size", "resize", "mean", "std")}
 
 

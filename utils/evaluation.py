@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from .cli import RunOptions
 from .concepts import ClassNames, check_channel, check_concepts, data_class_map, normalise
 from .data import ImageList, Preprocess, class_batches, data_root, list_images
 from .defaults import DEFAULT_TAU
 from .distributed import reduce_over_ranks
 from .errors import UserError
-from .image_pass import Runner
+from .image_pass import RunOptions, Runner
 from .models import LoadedModel, get_layer, load_model
 from .preprocess import InputSpec
 from .provenance import provenance
@@ -202,7 +202,6 @@ class Stage4Config(RunOptions):
     out_dir: str = "."
     qualitative: bool = True
     quantitative: bool = True
-    nr_channels: int | None = None
     purity_k: int = 0  # > 0: also the purity of the top-k validation images (all classes; one more pass)
 
 
@@ -221,16 +220,17 @@ class Evaluation:
     rho: float
 
 
-def prepare_evaluation(cfg: Stage4Config, loaded: LoadedModel | None = None) -> Evaluation:
-    """Check the inputs and find the disentanglement; raises UserError before any pass."""
-    from .cli import check_channels
-
+def prepare_evaluation(cfg: Stage4Config, loaded: LoadedModel | None = None,
+                       check: Callable[[int], None] | None = None) -> Evaluation:
+    """Check the inputs and find the disentanglement; raises UserError before any pass. ``check(out_channels)``
+    may reject the layer (the scripts' --nr_channels_in_layer_of_interest), as in the other stages."""
     if cfg.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
     concepts = normalise(cfg.concepts)
     lm = loaded or load_model(cfg.model, cfg.weights, inputs=InputSpec.of(cfg))
     layer, conv = get_layer(lm.model, cfg.layer)
-    check_channels(cfg.nr_channels, conv.out_channels, f"layer {layer} of {lm.name}")
+    if check is not None:
+        check(conv.out_channels)
     check_channel(cfg.channel, conv.out_channels, layer)
     rec = find_record(cfg.model_dir, record_head(lm, layer), cfg.channel, concepts,
                       known=lambda: data_class_map(cfg.data_dir, "val", lm.num_classes, cfg.class_index).index.values())
@@ -244,7 +244,8 @@ def prepare_evaluation(cfg: Stage4Config, loaded: LoadedModel | None = None) -> 
     return Evaluation(lm, layer, conv, images, names, concepts, rec, load_split(rec, cfg.rho), rho)
 
 
-def run_stage4(cfg: Stage4Config, loaded: LoadedModel | None = None, log=print) -> dict:
+def run_stage4(cfg: Stage4Config, loaded: LoadedModel | None = None, log=print,
+               check: Callable[[int], None] | None = None) -> dict:
     """Stage 4 end to end: check, one pass over the concepts' val images (all of them with ``purity_k``),
     write CSVs and plots; a summary dict.
 
@@ -254,7 +255,7 @@ def run_stage4(cfg: Stage4Config, loaded: LoadedModel | None = None, log=print) 
     """
     from .results import ResultFiles
 
-    ev = prepare_evaluation(cfg, loaded)
+    ev = prepare_evaluation(cfg, loaded, check)
     labels = [[ev.names.label(t) for t in cs] for cs in ev.concepts]
     runner = Runner.of(cfg)
     if runner.lead:

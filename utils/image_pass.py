@@ -33,6 +33,28 @@ from .distributed import all_gather_rows, batch_shard, reduce_over_ranks, run_to
 T = TypeVar("T")
 
 
+@dataclass(kw_only=True)
+class RunOptions:
+    """What every image pass takes (stages 1, 3, 4, the pictures and the layer pipeline): each stage's options
+    extend it; the commands fill it from their flags (``utils.cli``), the Python API from its arguments."""
+
+    model: str = "resnet50"
+    weights: str = "default"
+    layer: str | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    gpu: int | None = None
+    num_workers: int = 4
+    progress: bool = True
+    class_index: str | None = None  # --class_index FILE: JSON {folder: logit index}
+    rank: int = 0  # under torchrun: this process's rank and the number of processes (utils.distributed)
+    world_size: int = 1
+    input_size: int | None = None  # --input_size, --resize, --mean, --std: the transform (None: the model's own)
+    resize: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
 @dataclass(frozen=True)
 class Batch:
     """One batch of a pass: ``x`` (B x 3 x H x W) and ``labels`` (B,) on the pass's device; ``targets`` (the
@@ -61,7 +83,7 @@ class Runner:
 
     @classmethod
     def of(cls, opts) -> "Runner":
-        """The runner of a :class:`utils.cli.RunOptions` (device name resolved, ``--gpu`` applied)."""
+        """The runner of a :class:`RunOptions` (device name resolved, ``--gpu`` applied)."""
         return cls(resolve_device(str(opts.device), opts.gpu), opts.batch_size, opts.num_workers, opts.progress,
                    opts.rank, opts.world_size)
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 from . import store as st
 from .arv import concept_arvs
-from .cli import RunOptions
 from .concepts import check_channel, data_class_map
 from .data import ImageList, list_images
 from .defaults import DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
@@ -30,7 +29,7 @@ from .stage3 import check_indices, check_split_rule, score_channels
 from .errors import UserError
 from .featvis import FVConfig
 from .files import check_writable
-from .image_pass import Runner
+from .image_pass import RunOptions, Runner
 from .linkage import channel_concepts
 from .models import LoadedModel, get_layer, load_model
 from .preprocess import InputSpec

@@ -11,12 +11,11 @@ import torch
 from torch import nn
 
 from . import featvis, teaser
-from .cli import RunOptions
 from .concepts import ClassNames, check_channel, check_concepts, data_class_map, normalise
 from .data import ImageList, Preprocess, list_images, load_image
 from .errors import UserError
 from .files import write_json
-from .image_pass import Runner, plain_batches
+from .image_pass import RunOptions, Runner, plain_batches
 from .models import LoadedModel, get_layer, load_model
 from .preprocess import InputSpec
 from .receptive import ReceptiveField, crop, receptive_field

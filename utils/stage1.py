@@ -18,11 +18,10 @@ import torch
 from . import chunks, store as st
 from .arv import batch_tap_sums, tap_maps
 from .chunks import ChunkPlan, assemble, chunk_path, missing_chunks, remove_partial
-from .cli import RunOptions
 from .concepts import ClassMap, ClassNames, data_class_map
 from .data import ImageList, list_images
 from .distributed import check_one_folder
-from .image_pass import Batch, Runner
+from .image_pass import Batch, RunOptions, Runner
 from .errors import UserError
 from .files import check_writable, read_json, save_npy, write_json
 from .lock import writer_lock

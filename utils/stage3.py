@@ -17,11 +17,10 @@ from torch import nn
 
 from . import store as st
 from .arv import concept_arvs
-from .cli import RunOptions
 from .concepts import check_channel, check_concepts, normalise
 from .data import ImageList, class_batches
 from .errors import UserError
-from .image_pass import Runner
+from .image_pass import RunOptions, Runner
 from .models import LoadedModel, get_layer, load_model
 from .preprocess import InputSpec
 from .records import CHANNEL_COMMAND, Record, make_record

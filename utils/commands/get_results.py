@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..cli import (add_concept_args, add_data_args, add_device_args, add_json_arg, add_model_args, input_options,
-                   make_parser, nonnegative_float, nonnegative_int, required_concepts, write_json_output)
+from ..cli import (add_concept_args, add_data_args, add_device_args, add_json_arg, add_model_args, check_channels,
+                   input_options, make_parser, nonnegative_float, nonnegative_int, required_concepts, write_json_output)
 from ..errors import UserError, run_cli
 
 
@@ -100,9 +100,10 @@ def main(args: argparse.Namespace, loaded=None) -> dict:
                            qualitative=qualitative, quantitative=quantitative, batch_size=args.batch_size,
                            num_workers=args.num_workers, device=device,
                            class_index=args.class_index,
-                           nr_channels=args.nr_channels_in_layer_of_interest, progress=not args.no_progress,
+                           progress=not args.no_progress,
                            purity_k=args.purity_k, rank=rank, world_size=world, **input_options(args))
-        out = run_stage4(cfg, loaded=loaded, log=print)
+        out = run_stage4(cfg, loaded=loaded, log=print, check=lambda c: check_channels(
+            args.nr_channels_in_layer_of_interest, c, f"layer {args.layer or 'last_conv'}"))
     if rank == 0:  # rank 0 alone writes
         write_json_output(args.json, out)
     return out
