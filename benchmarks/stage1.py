@@ -35,8 +35,8 @@ from utils.arv import tap_maps  # noqa: E402
 from utils.concepts import class_map, imagenet_wnids  # noqa: E402
 from utils.stage1 import PRECISIONS, Stage1Config, add_class_tap_sums, compute_importances  # noqa: E402
 from utils.models import get_layer, load_model  # noqa: E402
-from utils.relevance import relevance_batch  # noqa: E402
-from utils.units import Unit, resolve_positions  # noqa: E402
+from utils.relevance import relevance_batch, resolve_positions  # noqa: E402
+from utils.units import Unit  # noqa: E402
 
 
 def make_image_folder(root: str, classes: int, images: int, size: int, seed: int = 0) -> str:

@@ -29,9 +29,10 @@ from utils.data import Preprocess
 from utils.errors import UserError
 from utils.models import LoadedModel, loaded_model
 from utils.receptive import receptive_field
+from utils.relevance import resolve_positions
 from utils.split import sweep
 from utils.surgery import export_network, load_checkpoint, split_network
-from utils.units import Unit, prefix_tokens, resolve_positions, unit_at
+from utils.units import Unit, prefix_tokens, unit_at
 
 timm = pytest.importorskip("timm")
 from timm.layers import ScaledStdConv2d, StdConv2d  # noqa: E402

@@ -28,11 +28,11 @@ from utils.stage3 import Stage3Config, disentangle_channel
 from utils.stage1 import Stage1Config, compute_importances
 from utils.models import LoadedModel, default_layer, get_layer
 from utils.records import rho_key
-from utils.relevance import capture_layer, layer_input, relevance_batch
+from utils.relevance import capture_layer, layer_input, relevance_batch, resolve_positions
 from utils.split import Split, sweep
 from utils.store import Store
 from utils.surgery import split_network
-from utils.units import Unit, resolve_positions
+from utils.units import Unit
 
 timm = pytest.importorskip("timm")
 

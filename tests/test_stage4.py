@@ -23,12 +23,12 @@ import get_results
 from conftest import arv_autograd, class_index_for, make_record
 from utils.data import list_images, make_loader
 from utils.errors import UserError
-from utils.evaluation import Activations, Stage4Config, evaluate_batch, fraction_rows, relative_attribution, run_stage4
+from utils.evaluation import Activations, Stage4Config, evaluate_batch, relative_attribution, run_stage4
 from utils.models import LoadedModel, get_layer
 from utils.plots import density_curves, density_plot, fit_kde, pgfplots_blocks, write_pgfplots
 from utils.records import load_split
 from utils.relevance import layer_input
-from utils.results import read_rows_csv, summarize, write_rows_csv
+from utils.results import fraction_rows, read_rows_csv, summarize, write_rows_csv
 from utils.split import assign_inputs
 from utils.surgery import disentangle_model
 

@@ -31,6 +31,7 @@ from .preprocess import InputSpec
 from .provenance import provenance
 from .records import Record, check_record, find_record, load_split, record_head
 from .relevance import layer_input, relevance_batch
+from .results import ResultFiles
 from .split import FilterBank, Split, filter_bank, sub_names
 from .surgery import logit_diff_scale, nan_max
 from .topk import TopK, TopKSearch
@@ -90,12 +91,6 @@ class Activations:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def fraction_rows(acts: Activations, tau: float = DEFAULT_TAU) -> np.ndarray:
-    """Rows (m x (k+1)) ``d_1/orig, ..., d_k/orig, res/orig`` of the images with ``rel >= tau`` and ``orig != 0``."""
-    keep = (acts.rel >= tau) & (acts.orig != 0)
-    return (acts.sub[keep] / acts.orig[keep][:, None]).reshape(-1, acts.sub.shape[1])
 
 
 @dataclass(frozen=True)
@@ -253,8 +248,6 @@ def run_stage4(cfg: Stage4Config, loaded: LoadedModel | None = None, log=print,
     rank 0 alone logs, writes the files and returns the full summary; the other ranks return
     ``{"rank": r, "images": n}`` after the pass.
     """
-    from .results import ResultFiles
-
     ev = prepare_evaluation(cfg, loaded, check)
     labels = [[ev.names.label(t) for t in cs] for cs in ev.concepts]
     runner = Runner.of(cfg)

@@ -100,6 +100,13 @@ def setting_label(setting: str) -> str:
 # ------------------------------------------------------------------ the outputs of one evaluation
 
 
+def fraction_rows(acts, tau: float = DEFAULT_TAU) -> np.ndarray:
+    """Rows (m x (k+1)) ``d_1/orig, ..., d_k/orig, res/orig`` of the images with ``rel >= tau`` and ``orig != 0``
+    (``acts``: a stage-4 pass's :class:`utils.evaluation.Activations`)."""
+    keep = (acts.rel >= tau) & (acts.orig != 0)
+    return (acts.sub[keep] / acts.orig[keep][:, None]).reshape(-1, acts.sub.shape[1])
+
+
 @dataclass(frozen=True)
 class ResultFiles:
     """One evaluation's result files: ``out_dir/results_quantitative/<stem>_concept<j>.csv`` and
@@ -118,8 +125,6 @@ class ResultFiles:
 
     def write_quantitative(self, per_concept: list, log) -> list[dict]:
         """Per concept, the fraction rows CSV; returns per concept ``{"rows", "mean", "csv"}``."""
-        from .evaluation import fraction_rows
-
         folder = os.path.join(self.out_dir, "results_quantitative")
         os.makedirs(folder, exist_ok=True)
         name, k, out = result_name(self.record_name, self.rho_asked, self.tau), self.k, []

@@ -28,8 +28,8 @@ from .lock import writer_lock
 from .models import LoadedModel, get_layer, load_model
 from .preprocess import InputSpec
 from .provenance import provenance
-from .relevance import LossScale, capture_layer, relevance_logits
-from .units import Unit, resolve_positions
+from .relevance import LossScale, capture_layer, relevance_logits, resolve_positions
+from .units import Unit
 
 DEFAULT_CHUNK_IMAGES = 4096
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -55,6 +55,11 @@ def token_slice(positions: str) -> slice | None:
     return slice(a, b)
 
 
+def known_positions(positions) -> bool:
+    """Whether ``positions`` is a value the positions rule takes: auto, all, cls or ``tokens[a:b]``."""
+    return positions in POSITIONS or (isinstance(positions, str) and _TOKENS.fullmatch(positions) is not None)
+
+
 def tokens_positions(a: int, b: int | None) -> str:
     """The ``positions`` value that counts tokens ``a`` .. ``b - 1`` (``b`` None: to the last): ``cls`` for token 0
     alone, ``all`` for every token, else ``tokens[a:b]``."""
@@ -230,88 +235,3 @@ def unit_at(model: nn.Module, layer: str, positions: str | None = None) -> Unit:
 def as_unit(layer: "Unit | nn.Module") -> Unit:
     """``layer`` as a :class:`Unit` (a plain module: every position counts)."""
     return layer if isinstance(layer, Unit) else Unit(layer)
-
-
-def resolve_positions(model: nn.Module, module: nn.Module, requested: str, side: int, device=None) -> str:
-    """The positions that count for ``module`` in ``model`` (``requested``: auto, all, cls or ``tokens[a:b]``).
-
-    ``auto`` measures which positions reach the logits (:func:`reaching_positions`). A Linear on tokens gets the
-    run of tokens that reaches them: ``cls`` (a ViT's last block read through its class token, register tokens
-    or not), ``tokens[:2]`` (a distilled DeiT's last block: class and distillation token), ``tokens[P:]`` (the
-    last block of a ViT that averages its patch tokens, P its class and register tokens), ``all`` (every token:
-    an earlier block); every other layer ``all``. Tokens that reach the logits in more than one run are a
-    UserError (pass the positions to count).
-    """
-    if requested not in POSITIONS and not (isinstance(requested, str) and _TOKENS.fullmatch(requested)):
-        raise UserError(f"--positions must be auto, all, cls or tokens[a:b] (e.g. tokens[:2]), not {requested!r}")
-    if requested not in POSITIONS:
-        token_slice(requested)  # counts at least one token
-    if not isinstance(module, nn.Linear):
-        return Unit(module, "all" if requested == "auto" else requested).positions
-    if requested == "all":
-        return "all"
-    g = reaching_positions(model, module, side, device or module.weight.device)
-    if g.dim() != 1:
-        if requested != "auto":
-            raise UserError(f"--positions {requested} needs a Linear on tokens (B, tokens, C); this one sees "
-                            f"(B, {', '.join(map(str, g.shape))}, C)")
-        return "all"
-    if requested != "auto":
-        return requested
-    idx = [int(i) for i in g.nonzero().flatten()]
-    if not idx:  # nothing reaches the logits from noise images (a dead layer): every token, as the layer sees them
-        return "all"
-    a, b = idx[0], idx[-1] + 1
-    if b - a != len(idx):
-        raise UserError(f"the tokens of this layer that reach the logits ({_runs(idx)} of {len(g)}) are not one run; "
-                        "pass the positions that count (all, cls or tokens[a:b])")
-    return tokens_positions(a, None if b == len(g) else b)
-
-
-def _runs(idx: list[int]) -> str:
-    """``[0, 1, 2, 5]`` as ``0-2, 5``."""
-    runs: list[list[int]] = []
-    for i in idx:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
-
-
-def reaching_positions(model: nn.Module, module: nn.Module, side: int, device=None) -> torch.Tensor:
-    """Which positions of ``module``'s output reach ``model``'s logits: a bool tensor of the output's shape without
-    its batch and channel axes (tokens ``(B, N, C)``: N; a channels-last grid: H x W; ``(B, C)``: none).
-
-    Measured, for any architecture: the gradient at the layer's output, on two noise images of ``side`` px, of a
-    random projection of the logits, with every parameter that is all zeros (a head initialised to zero, as
-    torchvision's ViT's is; a zero layer scale) replaced by noise for this one forward (``torch.func.functional_call``:
-    the model is not changed), so that a zero weight does not hide a path that exists. A distilled DeiT's logits
-    average two heads, on its class and its distillation token: both reach them."""
-    from torch.func import functional_call
-
-    from .relevance import capture_layer
-
-    gen = torch.Generator().manual_seed(0)
-    device = device or module.weight.device
-    noise = {n: (0.02 * torch.randn(p.shape, generator=gen, dtype=torch.float32)).to(p)
-             for n, p in model.named_parameters() if p.is_floating_point() and p.numel() and not bool(p.any())}
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float32
-    x = torch.randn(2, first.in_channels if first is not None else 3, side, side, generator=gen).to(device, dtype)
-    with torch.enable_grad(), capture_layer(module, grad=True) as cap:
-        out = functional_call(model, noise, (x,)) if noise else model(x)
-        logits = out if isinstance(out, torch.Tensor) else next(t for t in out if isinstance(t, torch.Tensor))
-        if cap.a is None:
-            raise UserError("the model's forward pass never runs the layer of interest; choose another --layer")
-        g = None
-        if logits.requires_grad:
-            r = torch.randn(logits.shape, generator=gen).to(logits.device)
-            (g,) = torch.autograd.grad((logits.float() * r).sum(), cap.a, allow_unused=True)
-    a = cap.a
-    reach = (torch.zeros_like(a) if g is None else g).abs()
-    if a.dim() == 3:
-        return reach.sum((0, 2)) > 0
-    if a.dim() == 4:
-        return reach.sum((0, 3)) > 0
-    return reach.sum((0, 1)) > 0
