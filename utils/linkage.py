@@ -13,15 +13,15 @@ import math
 import torch
 
 from . import store as st
-from .selection import find_pairs
+from .selection import cosines, find_pairs
 
 
 def cosine_matrix(A: torch.Tensor) -> torch.Tensor:
-    """Pairwise cosine similarities (m x m, float64) of the rows of ``A`` (m x C_in), with stage 2's arithmetic
-    (``sum(a * b) / (|a| |b|)``, so the same pair gives the same s); NaN where a row is zero."""
-    A = A.double()
-    norms = A.norm(dim=1)
-    return torch.stack([(A[i] * A).sum(1) / (norms[i] * norms) for i in range(len(A))]) if len(A) else A[:, :0]
+    """Pairwise cosine similarities (m x m, float64) of the rows of ``A`` (m x C_in), by stage 2's
+    :func:`utils.selection.cosines` (the same pair gives the same s); NaN where a row is zero."""
+    m = len(A)
+    i, j = torch.meshgrid(torch.arange(m), torch.arange(m), indexing="ij")
+    return cosines(A, i.flatten(), j.flatten()).view(m, m)
 
 
 def complete_linkage(classes: list[int], s: torch.Tensor, gamma: float) -> list[list[int]]:

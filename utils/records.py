@@ -161,8 +161,9 @@ def load_record(folder: str) -> Record:
 def record_head(lm, layer: str) -> str:
     """The start of a record folder's name: the model's tag, and the layer unless it is the default one."""
     from .models import default_layer
+    from .store import layer_head
 
-    return lm.tag if layer == default_layer(lm.model) else f"{lm.tag}_{layer}"
+    return layer_head(lm.tag, layer, default_layer(lm.model))
 
 
 def find_record(model_dir: str, head: str, channel: int, concepts: list[list[int]], known=None) -> Record:

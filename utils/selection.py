@@ -166,6 +166,15 @@ def candidate_channels(relevant: torch.Tensor) -> dict[int, list[int]]:
 # ---------------------------------------------------------------- step 6: cosine similarities and pairs
 
 
+def cosines(A: torch.Tensor, i: torch.Tensor, j: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """s of the row pairs ``(A[i], A[j])`` of ``A`` (float64): ``sum(a * b) / (|a| |b|)``, NaN (0/0) where a row is
+    zero. The one formula of every cosine similarity: stage 2's pairs and the layer command's concepts give the
+    same pair the same s. ``norms``: the rows' norms, when the caller has them."""
+    A = A.double()
+    norms = A.norm(dim=1) if norms is None else norms
+    return (A[i] * A[j]).sum(1) / (norms[i] * norms[j])
+
+
 def polysemantic_pairs(arvs: dict[int, torch.Tensor], candidates: dict[int, list[int]],
                        gamma_low: float, gamma_high: float) -> list[dict]:
     """Pairs ``{'channel', 'class1', 'class2', 'cosine_similarity'}`` with ``gamma_low <= s < gamma_high``.
@@ -191,9 +200,7 @@ def polysemantic_pairs(arvs: dict[int, torch.Tensor], candidates: dict[int, list
     pairs = []
     step = 1 << 16
     for lo in range(0, len(keys), step):
-        x = torch.tensor(i1[lo:lo + step])
-        y = torch.tensor(i2[lo:lo + step])
-        s = (flat[x] * flat[y]).sum(1) / (norms[x] * norms[y])  # NaN (0/0) for a zero ARV
+        s = cosines(flat, torch.tensor(i1[lo:lo + step]), torch.tensor(i2[lo:lo + step]), norms)
         for (c, t1, t2), v in zip(keys[lo:lo + step], s.tolist()):
             if gamma_low <= v < gamma_high:  # False for NaN
                 pairs.append({"channel": c, "class1": t1, "class2": t2, "cosine_similarity": v})
@@ -256,10 +263,9 @@ def find_pairs(store: st.Store, tau: float, p: float, gamma_low: float = 0.0, ga
 # ---------------------------------------------------------------- the results file
 
 
-def results_path(store_dir: str, model: str, tau: float, p: float, gamma_low: float, gamma_high: float,
-                 layer_tag: str = "") -> str:
+def results_path(store_dir: str, head: str, tau: float, p: float, gamma_low: float, gamma_high: float) -> str:
     """``<store_dir>/results_get_cosine_similarities/<model>[_<layer>]_required<tau>_p<p>_cossim<lo>to<hi>.txt``."""
-    name = f"{model}{layer_tag}_required{float(tau)}_p{float(p)}_cossim{float(gamma_low)}to{float(gamma_high)}.txt"
+    name = f"{head}_required{float(tau)}_p{float(p)}_cossim{float(gamma_low)}to{float(gamma_high)}.txt"
     return os.path.join(store_dir, "results_get_cosine_similarities", name)
 
 

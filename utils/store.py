@@ -46,9 +46,23 @@ def relevance_dtype(meta: dict) -> np.dtype:
     return np.dtype(meta.get("relevance_dtype", "float16"))
 
 
-def store_name(model: str, layer: str, default: str) -> str:
+STORE_SUFFIX = "_channel_importances"
+
+
+def layer_head(tag: str, layer: str | None, default: str | None) -> str:
+    """A model's name in the names of its files: its tag, and the layer unless it is the model's default layer
+    (``resnet50``, ``resnet50_layer3.1.conv2``): the start of a store's, a record's and stage 2's file names."""
+    return tag if layer == default else f"{tag}_{layer}"
+
+
+def store_name(model: str, layer: str | None, default: str | None) -> str:
     """``resnet50_channel_importances`` for the default layer, ``resnet50_layer3.1.conv2_...`` otherwise."""
-    return f"{model}_channel_importances" if layer == default else f"{model}_{layer}_channel_importances"
+    return layer_head(model, layer, default) + STORE_SUFFIX
+
+
+def store_head(path: str) -> str:
+    """The :func:`layer_head` a store's folder is named after."""
+    return os.path.basename(os.path.normpath(path)).removesuffix(STORE_SUFFIX)
 
 
 def identity_difference(meta: dict, wanted: dict) -> str | None:
@@ -126,7 +140,7 @@ def _stores_here(folder: str) -> str:
     found = []
     for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         meta_path = os.path.join(folder, entry, "meta.json")
-        if entry.endswith("_channel_importances") and os.path.isfile(meta_path):
+        if entry.endswith(STORE_SUFFIX) and os.path.isfile(meta_path):
             try:
                 meta = read_json(meta_path)
             except UserError:
@@ -308,10 +322,10 @@ def open_store(store_dir: str, model: str, layer: str | None = None, weights: st
     """
     from .models import model_tag, weights_id
 
-    default_path = os.path.join(store_dir, f"{model_tag(model)}_channel_importances")
+    default_path = os.path.join(store_dir, store_name(model_tag(model), None, None))
     path = default_path
     if layer not in (None, "", "last_conv"):
-        own = os.path.join(store_dir, f"{model_tag(model)}_{layer}_channel_importances")
+        own = os.path.join(store_dir, store_name(model_tag(model), layer, None))
         meta = os.path.join(default_path, "meta.json")
         if os.path.isfile(os.path.join(own, "meta.json")) or not os.path.isfile(meta) \
                 or read_json(meta).get("layer") != layer:

@@ -50,8 +50,7 @@ def main(args: argparse.Namespace) -> None:
     from ..errors import UserError
     from ..selection import check_params, find_pairs, results_path, write_pairs
     from ..files import check_writable
-    from ..models import model_tag
-    from ..store import open_store
+    from ..store import open_store, store_head
 
     check_params(args.tau, args.p, args.cos_sim_low, args.cos_sim_high)
     if args.rows < 1:
@@ -60,9 +59,7 @@ def main(args: argparse.Namespace) -> None:
     check_channels(args.nr_channels_in_layer_of_interest, store.num_channels,
                    f"layer {store.meta['layer']} in store {store.path}")
     m = store.meta
-    layer_tag = "" if os.path.basename(store.path) == f"{model_tag(args.model)}_channel_importances" else f"_{m['layer']}"
-    path = results_path(args.store_dir, model_tag(args.model), args.tau, args.p, args.cos_sim_low, args.cos_sim_high,
-                        layer_tag)
+    path = results_path(args.store_dir, store_head(store.path), args.tau, args.p, args.cos_sim_low, args.cos_sim_high)
     check_writable(os.path.dirname(path))  # before the pass over the relevance rows
     print(f"store {store.path}: {m['model']} {m['layer']}, {m['num_images']} training images, "
           f"{store.num_classes} classes, {store.num_channels} channels")
