@@ -181,17 +181,18 @@ def test_stages_3_and_4_under_torchrun_equal_a_single_process(tmp_path):
         assert f"error: cannot read image {bad}" in r.stderr and "other process(es) of this job failed" in r.stderr
 
 
-# ------------------------------------------------------------------ the README's torchrun lines
+# ------------------------------------------------------------------ the torchrun lines of README.md and docs/
 
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(
-    os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))
+    os.path.join(folder, f) for folder, _, files in os.walk(os.path.join(ROOT, "docs"))
+    for f in files if f.endswith(".md"))
 CONSOLE = {"dc-importances": "get_importances_for_classes", "dc-similarities": "get_cosine_similarities",
            "dc-channel": "disentangle_channel", "dc-results": "get_results", "dc-summarize": "summarize_results",
            "dc-visualize": "visualize_channel", "dc-layer": "disentangle_layer", "dc-demo": "demo"}
 
 
 def doc_torchrun_lines() -> list[tuple[str, list[str]]]:
-    """Every torchrun command line of README.md and docs/*.md, code blocks and inline code, as ``(file, argv)``
+    """Every torchrun command line of README.md and docs/**.md, code blocks and inline code, as ``(file, argv)``
     (backslash continuations joined; ``$(which dc-x)`` read as the console script dc-x)."""
     import re
     import shlex
@@ -241,9 +242,9 @@ def test_every_torchrun_line_of_the_docs_parses():
             raise AssertionError(f"{where}: {script} refuses {' '.join(argv)}: {err.getvalue().splitlines()[-1]}")
 
 
-def test_the_readme_layer_line_runs_as_written(planted4, tmp_path):
-    """The README's torchrun line of the layer command, with its ``--p 0.75``, run with the installed torchrun:
-    only its folders and model are this test's (and 2 processes on a free port instead of 8)."""
+def test_the_docs_layer_line_runs_as_written(planted4, tmp_path):
+    """The docs' torchrun line of the layer command (docs/scale.md), with its ``--p 0.75``, run with the installed
+    torchrun: only its folders and model are this test's (and 2 processes on a free port instead of 8)."""
     import shutil
 
     root, data, common = planted4
