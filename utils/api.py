@@ -142,8 +142,6 @@ def _run_options(d: Data, layer, batch_size: int, device: str, num_workers: int,
     """The options every image pass takes; the caller's numbers and device checked first."""
     if not isinstance(d, Data):
         raise UserError(f"the first argument must be what prepare() returns, not a {type(d).__name__}")
-    _count("batch_size", batch_size, 1)
-    _count("num_workers", num_workers, 0)
     if layer is not None and not isinstance(layer, str):
         raise UserError(f"layer must be a module's dotted name (a str, e.g. 'layer4.2.conv3'), not {layer!r}")
     from .device import resolve_device

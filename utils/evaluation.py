@@ -219,8 +219,7 @@ def prepare_evaluation(cfg: Stage4Config, loaded: LoadedModel | None = None,
                        check: Callable[[int], None] | None = None) -> Evaluation:
     """Check the inputs and find the disentanglement; raises UserError before any pass. ``check(out_channels)``
     may reject the layer (the scripts' --nr_channels_in_layer_of_interest), as in the other stages."""
-    if cfg.batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
+    cfg.check()
     concepts = normalise(cfg.concepts)
     lm = loaded or load_model(cfg.model, cfg.weights, inputs=InputSpec.of(cfg))
     layer, conv = get_layer(lm.model, cfg.layer)

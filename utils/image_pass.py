@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .data import ImageList, Preprocess, check_batch, make_loader
 from .device import model_on, pin, resolve_device, synchronize, to_device
+from .errors import UserError
 from .distributed import all_gather_rows, batch_shard, reduce_over_ranks, run_together
 
 T = TypeVar("T")
@@ -53,6 +54,12 @@ class RunOptions:
     resize: int | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+
+    def check(self) -> None:
+        """The numbers every pass takes, checked once for every stage: a UserError before any work."""
+        for flag, v, least in (("--batch_size", self.batch_size, 1), ("--num_workers", self.num_workers, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise UserError(f"{flag} must be a whole number >= {least}, not {v!r}")
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,8 @@ def check_layer_config(cfg: LayerConfig, out_channels: int, layer: str) -> None:
     if not 0 < cfg.gamma_high <= 1:
         raise UserError(f"--cos_sim_high must be in (0, 1]: classes at least this alike form one concept, "
                         f"not {cfg.gamma_high}")
-    for name, v in (("--check_images", cfg.check_images), ("--top_k", cfg.top_k), ("--batch_size", cfg.batch_size)):
+    cfg.check()
+    for name, v in (("--check_images", cfg.check_images), ("--top_k", cfg.top_k)):
         if v < 1:
             raise UserError(f"{name} must be at least 1, not {v}")
     if cfg.baseline is not None and cfg.baseline < 0:

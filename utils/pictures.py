@@ -82,6 +82,7 @@ class Job:
 def prepare(cfg: PicturesConfig, runner: Runner, loaded: LoadedModel | None = None,
             check: Callable[[int], None] | None = None) -> Job:
     """Check the inputs, find the record and list the images; raises UserError before any pass."""
+    cfg.check()
     if cfg.top_k < 1:
         raise UserError("--top_k must be at least 1")
     if cfg.split not in ("train", "val"):

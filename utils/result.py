@@ -15,6 +15,7 @@ from torch import nn
 from .data import Preprocess
 from .errors import UserError, api_errors
 from .files import read_json, write_json
+from .style import per_concept
 from .units import Unit
 
 RESULT_FILE = "result.json"
@@ -147,7 +148,7 @@ class Result:
     def _repr_html_(self) -> str:
         rows = "".join(
             f"<tr><td>{c}</td><td>{s.k}</td><td>{html.escape(' | '.join(', '.join(n) for n in s.class_names))}</td>"
-            f"<td>{s.best_rho:.2f}</td><td>{_shares(s.purity['original'])}</td><td>{_shares(s.purity['concepts'])}</td></tr>"
+            f"<td>{s.best_rho:.2f}</td><td>{per_concept(s.purity['original'])}</td><td>{per_concept(s.purity['concepts'])}</td></tr>"
             for c, s in self.channels.items())
         return (f"<p>{html.escape(repr(self))}</p><table><tr><th>unit</th><th>k</th><th>concepts</th><th>best rho</th>"
                 f"<th>purity before</th><th>after</th></tr>{rows}</table>")
@@ -258,6 +259,3 @@ def load(path: str, model: nn.Module | None = None) -> Result:
         raise UserError(f"{e}; pass the original network: load({path!r}, model)") from None
     return Result(net, summary, transform, path, accuracy=accuracy)
 
-
-def _shares(v: list) -> str:
-    return "/".join("-" if x is None else f"{x:.0%}" for x in v)

@@ -95,8 +95,7 @@ class Prepared:
 
 def prepare(cfg: Stage1Config, loaded: LoadedModel | None = None) -> Prepared:
     """Validate inputs and load what the pass needs; raises UserError before anything is written."""
-    if cfg.batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
+    cfg.check()
     if cfg.max_images_per_class is not None and cfg.max_images_per_class < 1:
         raise UserError("--max_images_per_class must be at least 1")
     lm = loaded or load_model(cfg.model, cfg.weights, inputs=InputSpec.of(cfg))

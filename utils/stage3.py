@@ -65,8 +65,7 @@ def disentangle_channel(cfg: Stage3Config, loaded: LoadedModel | None = None, ch
     ``loaded`` replaces ``cfg.model``/``cfg.weights`` by a model already in memory;
     ``check(out_channels)`` is called once the layer is known (the script's channel-count check).
     """
-    if cfg.batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
+    cfg.check()
     if cfg.check_images < 1:
         raise UserError("--check_images must be at least 1")
     check_split_rule(cfg.split_rule)

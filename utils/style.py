@@ -24,6 +24,11 @@ def concept_label(j: int, class_labels: list[str]) -> str:
     return f"concept {j}: {', '.join(class_labels)}"
 
 
+def per_concept(values, fmt: str = ".0%") -> str:
+    """One number per concept as the tables show it: ``83%/17%`` (``fmt`` ".2f" for AUCs), ``-`` where undefined."""
+    return "/".join("-" if v is None else format(v, fmt) for v in values)
+
+
 def literal(text: str) -> str:
     """``text`` as matplotlib shows it literally: a ``$`` (in a class folder's name, say) would start
     mathtext, and a name like ``a$\\foo$b`` stop the drawing with a parse error."""

@@ -21,6 +21,7 @@ from ..cli import add_input_args, add_json_arg, make_parser, nonnegative_float, 
 from ..defaults import DEFAULT_GAMMA, DEFAULT_P
 from ..demo_models import DIGITS_CNN, DIGITS_CNN_TRAINING, DIGITS_VIT_TRAINING, digits_vit_spec
 from ..errors import UserError, run_cli
+from ..style import per_concept
 
 DEMO_MODEL = DIGITS_CNN
 VIT = "vit"  # --model's shortcut for the digits ViT (utils/demo_models.py:digits_vit)
@@ -98,8 +99,7 @@ def print_summary(out_dir: str, report: str, top_k: int, seconds: float) -> None
     rows = sorted(layer["channels"].items(), key=lambda kv: -kv[1]["purity_gain"])
     print(f"\n{'channel':>7} {'k':>2} {'best rho':>8} {'purity before':>14} {'after':>14}  concepts")
     for c, ch in rows:
-        before, after = ("/".join("-" if v is None else f"{v:.0%}" for v in ch["purity"][key])
-                         for key in ("original", "concepts"))
+        before, after = (per_concept(ch["purity"][key]) for key in ("original", "concepts"))
         names = " | ".join(", ".join(n) for n in ch["class_names"])
         print(f"{c:>7} {len(ch['concepts']):>2} {ch['best_rho']:>8.2f} {before:>14} {after:>14}  {names}")
     means = [_mean([v for ch in layer["channels"].values() for v in ch["purity"][key]])

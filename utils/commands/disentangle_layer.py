@@ -26,6 +26,7 @@ from ..cli import (add_image_pass_args, add_json_arg, add_selection_args, check_
                    make_parser, nonnegative_int, positive_int, write_json_output)
 from ..defaults import DEFAULT_GAMMA, DEFAULT_TAU
 from ..errors import run_cli
+from ..style import per_concept
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -104,9 +105,8 @@ def print_layer(out: dict, top_k: int) -> None:
     print(f"{'channel':>7} {'k':>2} {'best rho':>8} {'purity before':>14} {'after':>14} {'baseline':>14} "
           f"{'AUC before':>17} {'after':>17}  concepts")
     for c, ch in rows:
-        before, after, base = ("/".join("-" if v is None else f"{v:.0%}" for v in ch["purity"][key])
-                               for key in ("original", "concepts", "baseline"))
-        auc = ["/".join("-" if v is None else f"{v:.2f}" for v in ch["auc"][key]) for key in ("original", "concepts")]
+        before, after, base = (per_concept(ch["purity"][key]) for key in ("original", "concepts", "baseline"))
+        auc = [per_concept(ch["auc"][key], ".2f") for key in ("original", "concepts")]
         names = " | ".join(", ".join(n) for n in ch["class_names"])
         flags = "; ".join(f"D{j}: {', '.join(fl)}" for j, fl in enumerate(ch["flags"], 1) if fl)
         print(f"{c:>7} {len(ch['concepts']):>2} {ch['best_rho']:>8.2f} {before:>14} {after:>14} {base:>14} "
