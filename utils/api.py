@@ -194,14 +194,13 @@ def split_channel(d: Data, channel: int, concepts, layer: str | None = None, *, 
     """Stage 3: split ``channel`` between ``concepts`` (lists of class indices) after :func:`importances`;
     writes its record into ``d.store_dir/models_disentangled`` and returns it (:class:`utils.records.Record`)."""
     from .stage3 import Stage3Config, disentangle_channel
-    from .records import save_record
+    from .records import store_record
 
     with running("disentangle_channels.split_channel"):
         cfg = Stage3Config(**_run_options(d, layer, batch_size, device, num_workers, progress), channel=channel,
                            concepts=[list(c) for c in concepts], split_rule=split_rule)
         rec, sw = disentangle_channel(cfg, loaded=d.loaded)
-        rec.dir = os.path.join(d.store_dir, "models_disentangled", rec.name())
-        save_record(rec.dir, rec, sw)
+        rec, _ = store_record(d.store_dir, rec, sw)
     return rec
 
 
@@ -213,11 +212,12 @@ def evaluate_channel(d: Data, channel: int, concepts, layer: str | None = None, 
     images with relevance >= ``tau`` (give the tau the pairs were found with), fraction tables and density plots
     in ``out_dir`` (default: ``d.store_dir/results``); its summary."""
     from .evaluation import Stage4Config, run_stage4
+    from .records import records_dir
 
     opts = _run_options(d, layer, batch_size, device, num_workers, progress)
     opts.pop("store_dir")
     with running("disentangle_channels.evaluate_channel"):
-        cfg = Stage4Config(**opts, model_dir=os.path.join(d.store_dir, "models_disentangled"), channel=channel,
+        cfg = Stage4Config(**opts, model_dir=records_dir(d.store_dir), channel=channel,
                            concepts=[list(c) for c in concepts], purity_k=purity_k, tau=tau,
                            out_dir=out_dir or os.path.join(d.store_dir, "results"))
         return run_stage4(cfg, loaded=d.loaded, log=lambda *a: None)

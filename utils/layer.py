@@ -33,7 +33,7 @@ from .image_pass import RunOptions, Runner
 from .linkage import channel_concepts
 from .models import LoadedModel, get_layer, load_model
 from .preprocess import InputSpec
-from .records import LAYER_COMMAND, make_record, save_record
+from .records import LAYER_COMMAND, make_record, records_dir, store_record
 from .scoring import Scored, best_index
 from .split import sweep
 from .units import Unit, unit_at
@@ -141,12 +141,9 @@ def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=p
         f"{ev.checked} validation images")
 
     def write() -> dict:
-        records = {s.channel: make_record(lm, layer, store, cfg.data_dir, s, ev.logit_diff, ev.checked,
-                                          LAYER_COMMAND, score_seconds, cfg.split_rule, cfg.seed) for s in scored}
-        for s in scored:
-            rec = records[s.channel]
-            rec.dir = os.path.join(cfg.store_dir, "models_disentangled", rec.name())
-            save_record(rec.dir, rec, s.sweep)
+        records = {s.channel: store_record(cfg.store_dir, make_record(
+            lm, layer, store, cfg.data_dir, s, ev.logit_diff, ev.checked, LAYER_COMMAND, score_seconds,
+            cfg.split_rule, cfg.seed), s.sweep)[0] for s in scored}
         return write_layer(cfg, lm, model, layer, store, ev, records, out, seconds, log, evidence)
 
     summary = runner.together(lambda: write() if runner.lead else None, "the layer command")
@@ -169,7 +166,7 @@ def _prepare(cfg: LayerConfig, runner: Runner, lm: LoadedModel, layer: str, log)
                                       layer_name(lm.tag, layer, cfg.tau, cfg.p, cfg.gamma_high, cfg.split_rule))
     if runner.lead:
         check_writable(out)
-        check_writable(os.path.join(cfg.store_dir, "models_disentangled"))
+        check_writable(records_dir(cfg.store_dir))
     log(f"{len(concepts)} candidate channels in {lm.name} {layer}; splitting {len(chosen)} with "
         f"{cfg.min_concepts}+ concepts: " + ", ".join(f"{c} (k={len(concepts[c])})" for c in chosen[:20])
         + (" ..." if len(chosen) > 20 else ""))

@@ -134,6 +134,22 @@ def make_record(lm, layer: str, store, data_dir: str, scored, diff: float, check
         provenance=provenance(seed, lm.preprocess))
 
 
+RECORDS_DIR = "models_disentangled"  # a store folder's sub-folder of records (the authors' name)
+
+
+def records_dir(store_dir: str) -> str:
+    """Where the records of the stores in ``store_dir`` go: ``<store_dir>/models_disentangled``."""
+    return os.path.join(store_dir, RECORDS_DIR)
+
+
+def store_record(store_dir: str, record: Record, sw: Sweep) -> tuple[Record, list[str]]:
+    """Save ``record`` and its filters (``sw``) as ``<store_dir>/models_disentangled/<record.name()>/``; returns
+    the record as saved (its ``dir`` that folder) and the files written."""
+    folder = os.path.join(records_dir(store_dir), record.name())
+    files = save_record(folder, record, sw)
+    return dataclasses.replace(record, dir=folder), files
+
+
 def save_record(folder: str, record: Record, sw: Sweep) -> list[str]:
     """Write ``filters.pt`` and ``record.json`` into ``folder``, each atomically; returns both paths."""
     os.makedirs(folder, exist_ok=True)

@@ -48,11 +48,11 @@ def main(args: argparse.Namespace) -> None:
     from ..distributed import distributed_context
     from ..models import load_model
     from ..preprocess import InputSpec
-    from ..records import save_record
+    from ..records import records_dir, store_record
     from ..surgery import export_checkpoint
 
     start = time.perf_counter()
-    check_writable(os.path.join(args.store_dir, "models_disentangled"))  # before the pass
+    check_writable(records_dir(args.store_dir))  # before the pass
     with distributed_context(args.device, args.gpu) as (rank, world, device):
         cfg = Stage3Config(data_dir=args.data_dir, store_dir=args.store_dir, channel=args.channel_disentangle,
                            concepts=required_concepts(args), model=args.model, weights=args.weights, layer=args.layer,
@@ -66,8 +66,7 @@ def main(args: argparse.Namespace) -> None:
     if rank != 0:  # rank 0 alone prints and writes
         return
     print_record(rec)
-    rec.dir = os.path.join(args.store_dir, "models_disentangled", rec.name())
-    files = save_record(rec.dir, rec, sw)
+    rec, files = store_record(args.store_dir, rec, sw)
     print(f"saved {rec.dir}/ (record.json, filters.pt)")
     if args.export:
         export_checkpoint(lm.model.cpu(), rec.model, [rec], args.export, preprocess=lm.preprocess)

@@ -66,6 +66,7 @@ def main(args: argparse.Namespace) -> None:
     from ..featvis import FVConfig
     from ..files import check_writable
     from ..pictures import PicturesConfig, channel_pictures
+    from ..records import records_dir
 
     for flag, v, low in (("--fv_steps", args.fv_steps, 1), ("--fv_size", args.fv_size, 16),
                          ("--fv_views", args.fv_views, 1), ("--fv_spectrum_images", args.fv_spectrum_images, 1)):
@@ -77,7 +78,7 @@ def main(args: argparse.Namespace) -> None:
     # under torchrun the top-k search is shared out; process 0 alone draws, writes and prints
     with distributed_context(args.device, args.gpu) as (rank, world, device):
         cfg = PicturesConfig(
-            data_dir=args.data_dir, model_dir=args.model_dir or os.path.join(args.store_dir, "models_disentangled"),
+            data_dir=args.data_dir, model_dir=args.model_dir or records_dir(args.store_dir),
             channel=args.channel, concepts=required_concepts(args), model=args.model, weights=args.weights,
             layer=args.layer, rho=args.rho, split=args.split, top_k=args.top_k, out_dir=args.out_dir,
             residual=args.residual, heatmap=args.heatmap, crop_size=args.crop_size, fv=fv,
