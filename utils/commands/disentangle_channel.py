@@ -12,7 +12,6 @@ Several GPUs or machines: start the same command with torchrun, e.g.
 Each process scores a disjoint share of the images; the result equals a single-process run.
 """
 import argparse
-import os
 import time
 
 from ..cli import (add_concept_args, add_image_pass_args, add_json_arg, check_channels, input_options, make_parser,
