@@ -61,8 +61,9 @@ def assembled_bytes(meta: dict) -> int:
     return n * C * relevance_dtype(meta).itemsize + 2 * n * 8 + K * int(np.prod(meta["tap_shape"])) * 8 + 3 * 4096
 
 
-def assemble(path: str, meta: dict, plan: ChunkPlan) -> None:
-    """Join the chunk files, in order, into the final arrays; then mark the store complete.
+def assemble(path: str, meta: dict, plan: ChunkPlan) -> dict:
+    """Join the chunk files, in order, into the final arrays; then mark the store complete: its meta.json
+    becomes ``meta`` with ``train_accuracy`` and ``complete``, which is returned (``meta`` is left as given).
 
     The space the arrays need is checked first; every file is written as a stream (no memory map, so a
     full disk is an error, not a SIGBUS) under a temporary name, and the chunks stay until the end, so
@@ -90,11 +91,12 @@ def assemble(path: str, meta: dict, plan: ChunkPlan) -> None:
     save_npy(os.path.join(path, "targets.npy"), targets)
     save_npy(os.path.join(path, "predictions.npy"), preds)
     save_npy(os.path.join(path, "tap_sums.npy"), sums.reshape(K, *meta["tap_shape"]))
-    meta["train_accuracy"] = float((preds == targets).mean()) if n else None  # the model on the images as fed
-    meta["complete"] = True
-    write_json(os.path.join(path, "meta.json"), meta)
+    done = {**meta, "train_accuracy": float((preds == targets).mean()) if n else None,  # the model as fed
+            "complete": True}
+    write_json(os.path.join(path, "meta.json"), done)
     # rmtree, not rmdir: a killed run can leave a half-written chunk_*.tmp-* behind
     shutil.rmtree(os.path.join(path, "chunks"), ignore_errors=True)
+    return done
 
 
 def remove_partial(path: str) -> None:

@@ -143,6 +143,7 @@ def write_layer(cfg, lm, model, layer: str, store, ev: LayerEvaluation, records:
     ``evidence``: why each channel is a candidate (``utils.linkage.channel_concepts``)."""
     from .layer_report import write_layer_report
 
+    seconds = dict(seconds)  # the caller's timings, and this step's added to a copy
     os.makedirs(out, exist_ok=True)
     previous = described_outputs(os.path.join(out, "layer.json"))  # an earlier run's files in this folder
     names = ClassNames(lm.categories, list(store.class_index), list(store.class_index.values()))

@@ -103,6 +103,7 @@ class Setup:
     store_dir: str
     training: dict | None
     common: dict
+    tau: float  # the demo's tau: --tau, else 0.01 for the bundled digits and the paper's 0.03 for real data
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -127,7 +128,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                                f"{run.training['val_accuracy']:.3f}")
     out = disentangle_layer(LayerConfig(
         data_dir=run.data_dir, store_dir=run.store_dir, model=run.model_name, weights=run.weights, layer=run.layer,
-        progress=cfg.progress, tau=cfg.tau, p=cfg.p, gamma_high=cfg.cos_sim_high, max_channels=cfg.max_channels,
+        progress=cfg.progress, tau=run.tau, p=cfg.p, gamma_high=cfg.cos_sim_high, max_channels=cfg.max_channels,
         top_k=cfg.pictures_k, seed=cfg.seed, out_dir=cfg.out_dir, notes=notes,
         fv=FVConfig(steps=cfg.fv_steps, seed=cfg.seed) if cfg.fv_steps > 0 else None, **run.common), loaded=run.lm)
     if cfg.rank != 0:  # under torchrun rank 0 alone writes and reports
@@ -147,14 +148,13 @@ def _setup(cfg: DemoConfig) -> Setup:
         weights = cfg.weights or weights
     else:
         data_dir, model_name, weights = cfg.data_dir, cfg.model or "resnet50", cfg.weights or "default"
-    if cfg.tau is None:
-        cfg.tau = 0.01 if cfg.data_dir is None else DEFAULT_TAU
     lm = load_model(model_name, weights, inputs=InputSpec.of(cfg))
     layer, conv = get_layer(lm.model, cfg.layer)
     return Setup(data_dir, model_name, weights, lm, layer, conv.out_channels,
                  cfg.store_dir or os.path.join(cfg.out_dir, "store"), training,
                  dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
-                      class_index=cfg.class_index, rank=cfg.rank, world_size=cfg.world_size))
+                      class_index=cfg.class_index, rank=cfg.rank, world_size=cfg.world_size),
+                 cfg.tau if cfg.tau is not None else 0.01 if cfg.data_dir is None else DEFAULT_TAU)
 
 
 def _stage1(cfg: DemoConfig, run: Setup, timings: dict) -> tuple[st.Store, int]:

@@ -22,6 +22,7 @@ from .concepts import ClassMap, ClassNames, data_class_map
 from .data import ImageList, list_images
 from .distributed import check_one_folder
 from .image_pass import Batch, RunOptions, Runner
+from .defaults import NEAR_CHANCE
 from .errors import UserError
 from .files import check_writable, read_json, save_npy, write_json
 from .lock import writer_lock
@@ -139,7 +140,7 @@ def accuracy_lines(accuracy: float | None, classes: int) -> list[str]:
     if accuracy is None:
         return []
     lines = [f"the model's accuracy on these training images, as fed to it: {accuracy:.1%}"]
-    if classes > 1 and accuracy < 2.0 / classes:
+    if classes > 1 and accuracy < NEAR_CHANCE / classes:
         lines.append(f"note: that is near chance (1/{classes} = {1 / classes:.1%}): is the input transform the one "
                      "the model was trained with? (--input_size, --resize, --mean, --std)")
     return lines
