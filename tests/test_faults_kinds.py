@@ -18,16 +18,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import utils.api as dc
 from conftest import COLOURS
-from utils.conv_kinds import plain_convs
 from utils.data import Preprocess
 from utils.errors import UserError
-from utils.models import LoadedModel, loaded_model
+from utils.models import loaded_model
 from utils.receptive import receptive_field
 from utils.relevance import resolve_positions
 from utils.split import sweep

@@ -14,7 +14,6 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import dataclass
 
 from .errors import UserError, say
 from .files import check_writable, write_json

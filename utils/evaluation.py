@@ -215,21 +215,44 @@ class Evaluation:
     rho: float
 
 
+@dataclass(frozen=True)
+class FoundSplit:
+    """A split channel as stage 4 and the pictures start from it: the model, its layer, the channel's concepts,
+    its record (checked to fit them) and the class map of the images to read."""
+
+    lm: LoadedModel
+    layer: str
+    unit: Unit
+    concepts: list[list[int]]
+    record: Record
+    classes: object  # utils.concepts.ClassMap
+
+
+def find_split(cfg, split: str, loaded: LoadedModel | None = None,
+               check: Callable[[int], None] | None = None) -> FoundSplit:
+    """``cfg.channel`` of ``cfg.layer`` split between ``cfg.concepts``: the model (``loaded``, or built from
+    ``cfg``), the record in ``cfg.model_dir`` and the class map of the ``split`` images; every check a UserError
+    before any pass (``check(out_channels)``: the scripts' --nr_channels_in_layer_of_interest)."""
+    cfg.check()
+    concepts = normalise(cfg.concepts)
+    lm = loaded or load_model(cfg.model, cfg.weights, inputs=InputSpec.of(cfg))
+    layer, unit = get_layer(lm.model, cfg.layer)
+    if check is not None:
+        check(unit.out_channels)
+    check_channel(cfg.channel, unit.out_channels, layer)
+    rec = find_record(cfg.model_dir, record_head(lm, layer), cfg.channel, concepts,
+                      known=lambda: data_class_map(cfg.data_dir, split, lm.num_classes, cfg.class_index).index.values())
+    check_record(rec, lm.name, lm.weights, layer, unit, lm.preprocess)
+    return FoundSplit(lm, layer, unit, concepts, rec,
+                      data_class_map(cfg.data_dir, split, lm.num_classes, cfg.class_index, rec.store))
+
+
 def prepare_evaluation(cfg: Stage4Config, loaded: LoadedModel | None = None,
                        check: Callable[[int], None] | None = None) -> Evaluation:
     """Check the inputs and find the disentanglement; raises UserError before any pass. ``check(out_channels)``
     may reject the layer (the scripts' --nr_channels_in_layer_of_interest), as in the other stages."""
-    cfg.check()
-    concepts = normalise(cfg.concepts)
-    lm = loaded or load_model(cfg.model, cfg.weights, inputs=InputSpec.of(cfg))
-    layer, conv = get_layer(lm.model, cfg.layer)
-    if check is not None:
-        check(conv.out_channels)
-    check_channel(cfg.channel, conv.out_channels, layer)
-    rec = find_record(cfg.model_dir, record_head(lm, layer), cfg.channel, concepts,
-                      known=lambda: data_class_map(cfg.data_dir, "val", lm.num_classes, cfg.class_index).index.values())
-    check_record(rec, lm.name, lm.weights, layer, conv, lm.preprocess)
-    cmap = data_class_map(cfg.data_dir, "val", lm.num_classes, cfg.class_index, rec.store)
+    f = find_split(cfg, "val", loaded, check)
+    lm, layer, conv, concepts, rec, cmap = f.lm, f.layer, f.unit, f.concepts, f.record, f.classes
     check_concepts(concepts, cmap.index.values(), data_root(cfg.data_dir, "val"))
     wanted = None if cfg.purity_k > 0 else [t for cs in concepts for t in cs]  # purity: all val images
     images = list_images(cfg.data_dir, "val", classes=cmap, only=wanted)

@@ -11,16 +11,16 @@ import torch
 from torch import nn
 
 from . import featvis, teaser
-from .concepts import ClassNames, check_channel, check_concepts, data_class_map, normalise
+from .concepts import ClassNames, check_concepts
 from .data import ImageList, Preprocess, list_images, load_image
 from .errors import UserError
 from .files import write_json
 from .image_pass import RunOptions, Runner, plain_batches
-from .models import LoadedModel, get_layer, load_model
-from .preprocess import InputSpec
+from .evaluation import find_split
+from .models import LoadedModel
 from .receptive import ReceptiveField, crop, receptive_field
 from .provenance import provenance
-from .records import Record, check_record, find_record, load_split, record_head
+from .records import Record, load_split
 from .relevance import layer_input
 from .split import FilterBank, Split, filter_bank, sub_names
 from .style import sub_label
@@ -82,21 +82,12 @@ class Job:
 def prepare(cfg: PicturesConfig, runner: Runner, loaded: LoadedModel | None = None,
             check: Callable[[int], None] | None = None) -> Job:
     """Check the inputs, find the record and list the images; raises UserError before any pass."""
-    cfg.check()
     if cfg.top_k < 1:
         raise UserError("--top_k must be at least 1")
     if cfg.split not in ("train", "val"):
         raise UserError(f"--split must be train or val, not {cfg.split!r}")
-    concepts = normalise(cfg.concepts)
-    lm = loaded or load_model(cfg.model, cfg.weights, inputs=InputSpec.of(cfg))
-    layer, unit = get_layer(lm.model, cfg.layer)
-    if check is not None:
-        check(unit.out_channels)
-    check_channel(cfg.channel, unit.out_channels, layer)
-    rec = find_record(cfg.model_dir, record_head(lm, layer), cfg.channel, concepts,
-                      known=lambda: data_class_map(cfg.data_dir, cfg.split, lm.num_classes, cfg.class_index).index.values())
-    check_record(rec, lm.name, lm.weights, layer, unit, lm.preprocess)
-    cmap = data_class_map(cfg.data_dir, cfg.split, lm.num_classes, cfg.class_index, rec.store)
+    f = find_split(cfg, cfg.split, loaded, check)
+    lm, layer, concepts, rec, cmap = f.lm, f.layer, f.concepts, f.record, f.classes
     images = list_images(cfg.data_dir, cfg.split, classes=cmap)
     check_concepts(concepts, cmap.index.values(), images.root)
     split = load_split(rec, cfg.rho)
