@@ -100,3 +100,15 @@ def test_relative_links_point_at_files():
                 assert target.startswith(DOCS + os.sep), f"{where}: {link} leaves docs/ (the site cannot serve it)"
             checked += 1
     assert checked > 50
+
+
+def test_the_architecture_page_lists_every_module_of_the_package_and_no_other():
+    """The layout table of docs/architecture.md against the package's files: a module moved, added or renamed
+    without the page following fails here."""
+    page = open(os.path.join(DOCS, "architecture.md"), encoding="utf-8").read()
+    listed = set(re.findall(r"^\| `([a-z_0-9]+\.py)` \|", page, re.M))
+    utils = os.path.join(ROOT, "utils")
+    present = {f for f in os.listdir(utils) if f.endswith(".py") and f != "__init__.py"}
+    assert listed >= present, f"not on the page: {sorted(present - listed)}"
+    scripts = {f for f in os.listdir(ROOT) if f.endswith(".py")}
+    assert listed <= present | scripts, f"on the page, not in the package: {sorted(listed - present - scripts)}"
