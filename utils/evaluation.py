@@ -163,14 +163,15 @@ def evaluate_splits(runner: Runner, model: nn.Module, conv: Unit | nn.Module, sp
                                 "values: fix it or leave it out")
         return [torch.cat(r) for r in rows], diff
 
-    rows, diff = ip.run(step, "stage 4")
+    ran = ip.run(step, "stage 4")
+    rows, diff = ran.value
     acts = {}
     for s, r in zip(splits, rows):
         r = ip.gather_rows(r).numpy()  # rank order = dataset order
         acts[s.channel] = Activations(r[:, 0].astype(np.int64), r[:, 1].astype(np.int64), r[:, 2], r[:, 3], r[:, 4:])
     scale = reduce_over_ranks(diff[1], runner.world, runner.device) if check is not None else 0.0
     diff = reduce_over_ranks(diff[0], runner.world, runner.device) if check is not None else None
-    return ValPass(acts, top.result(runner) if top is not None else None, diff, ip.total, ip.seconds, scale)
+    return ValPass(acts, top.result(runner) if top is not None else None, diff, ran.images, ran.seconds, scale)
 
 
 def _batch_logit_diff(model: nn.Module, check: tuple[nn.Module, set[int]], b) -> tuple[float, float]:

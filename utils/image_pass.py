@@ -7,8 +7,8 @@ torchrun); an :class:`ImagePass` is one walk over a list of batches of an :class
     runner = Runner.of(cfg)                       # cfg: any RunOptions (device, gpu, batch_size, rank, ...)
     model = runner.model(lm.model)                # on the device, once (the caller's model is left as it is)
     ip = runner.image_pass(images, batches, lm.preprocess, "stage 4")
-    rows = ip.run(lambda batches: [f(b.x, b.labels) for b in batches])   # every rank; failures agreed
-    rows = ip.gather_rows(torch.cat(rows))        # all ranks' rows in dataset order
+    ran = ip.run(lambda batches: [f(b.x, b.labels) for b in batches])    # every rank; failures agreed
+    rows = ip.gather_rows(torch.cat(ran.value))   # all ranks' rows in dataset order; ran.seconds, ran.images
 
 The pass owns the loader (pinned memory on a GPU), moving every batch to the device (images channels-last
 on a GPU), the check for unreadable images, the progress bar, the share of this rank (contiguous blocks of
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -131,16 +131,23 @@ def plain_batches(indices: Iterable[int], batch_size: int) -> list[list[int]]:
     return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
 
 
+@dataclass(frozen=True)
+class Ran(Generic[T]):
+    """What :meth:`ImagePass.run` gives back: the step's ``value``, the ``seconds`` of the slowest rank and the
+    ``images`` all ranks read."""
+
+    value: T
+    seconds: float
+    images: int
+
+
 class ImagePass:
     """One walk over ``batches`` of ``images`` through ``transform`` on ``runner``'s device; iterate it for
-    :class:`Batch` es, or :meth:`run` a step on every rank. :meth:`run` sets ``seconds`` (the slowest rank's)
-    and ``total`` (the images all ranks read)."""
+    :class:`Batch` es, or :meth:`run` a step on every rank."""
 
     def __init__(self, runner: Runner, images: ImageList, batches: list[list[int]], transform: Preprocess | None,
                  desc: str):
         self.runner, self.images, self.batches, self.transform, self.desc = runner, images, batches, transform, desc
-        self.seconds = 0.0
-        self.total = 0  # images read by all ranks, set by run()
 
     @property
     def count(self) -> int:
@@ -164,9 +171,9 @@ class ImagePass:
         finally:
             bar.close()
 
-    def run(self, step: Callable[[Iterator[Batch]], T], what: str | None = None) -> T:
-        """``step(batches)`` on every rank (it consumes this pass) and its value; all ranks agree on failure.
-        ``seconds`` becomes the time of the slowest rank."""
+    def run(self, step: Callable[[Iterator[Batch]], T], what: str | None = None) -> Ran[T]:
+        """``step(batches)`` on every rank (it consumes this pass); all ranks agree on failure. Its value, with the
+        slowest rank's seconds and the images all ranks read (:class:`Ran`)."""
         t0 = time.perf_counter()
 
         def walk() -> T:
@@ -176,9 +183,8 @@ class ImagePass:
             return value
 
         value = self.runner.together(walk, what or self.desc)
-        self.seconds = self.runner.slowest(time.perf_counter() - t0)
-        self.total = int(reduce_over_ranks(self.count, self.runner.world, self.runner.device, "sum"))
-        return value
+        seconds = self.runner.slowest(time.perf_counter() - t0)
+        return Ran(value, seconds, int(reduce_over_ranks(self.count, self.runner.world, self.runner.device, "sum")))
 
     def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """All ranks' ``rows`` in rank order = the order of the unsharded batches (see :meth:`Runner.gather_rows`)."""

@@ -171,16 +171,16 @@ def _fill(cfg: Stage1Config, job: Prepared, runner: Runner) -> dict:
     todo = [j for j in range(plan.count) if j % runner.world == runner.rank and not os.path.isfile(chunk_path(job.path, j))]
     ip = runner.image_pass(job.images, list(plan.batches(todo)), job.lm.preprocess, "stage 1", shard=False)
     try:
-        ip.run(lambda batches: _run_chunks(cfg, job, model, unit, in_shape, plan, todo, batches))
+        ran = ip.run(lambda batches: _run_chunks(cfg, job, model, unit, in_shape, plan, todo, batches))
     except UserError:
         if runner.lead:  # every rank has stopped writing by now
             _clear_stop(job.path)
             if created:
                 remove_partial(job.path)
         raise
-    done = ip.total
     runner.together(lambda: _assemble(job, meta, plan) if runner.lead else None, "stage 1")
-    return {**summary, "processed": done, "seconds": ip.seconds, "images_per_second": done / max(ip.seconds, 1e-9)}
+    return {**summary, "processed": ran.images, "seconds": ran.seconds,
+            "images_per_second": ran.images / max(ran.seconds, 1e-9)}
 
 
 def _assemble(job: Prepared, meta: dict, plan: ChunkPlan) -> None:

@@ -135,13 +135,14 @@ def score_channels(runner: Runner, model: nn.Module, unit: Unit | nn.Module, ima
                 counts[ci][j - 1] += len(b)
         return parts, counts, kept
 
-    parts, counts, kept = ip.run(step, "stage 3")
+    ran = ip.run(step, "stage 3")
+    parts, counts, kept = ran.value
     out = []
     for (_, _, sw), p, n in zip(channels, parts, counts):
         if runner.world > 1:  # every rank's batch sums, in rank order = batch order of the single-process pass
             p, n = _gather_sums(runner, p, n, sw.k, len(sw.distinct()[0]))
         out.append((scores_from_sums(sw, p, n), n))
-    return out, ip.seconds, kept
+    return out, ran.seconds, kept
 
 
 def _gather_sums(runner: Runner, parts: list[torch.Tensor], counts: list[int], k: int, U: int):
