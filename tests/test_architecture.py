@@ -79,3 +79,17 @@ def test_only_the_command_line_imports_the_command_line():
     top = {n for n in GRAPH if n == "cli" or n == "commands" or n.startswith("commands.")}
     wrong = sorted(f"{n} imports {d}" for n, ds in GRAPH.items() if n not in top for d in ds & top)
     assert not wrong, wrong
+
+
+def test_the_library_imports_its_own_modules_at_the_top():
+    """An import of the package's own modules inside a function hides the graph (and a circle). Only the command
+    line keeps them, so that --help does not load torch."""
+    hidden = []
+    for name, path in modules().items():
+        if name in ("cli", "") or name == "commands" or name.startswith("commands."):
+            continue
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                hidden += [f"{name}:{n.lineno}" for n in ast.walk(fn) if isinstance(n, ast.ImportFrom) and n.level]
+    assert not hidden, hidden

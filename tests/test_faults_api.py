@@ -208,12 +208,12 @@ def test_a_full_disk_while_writing_the_network_is_one_line_and_a_rerun_finishes(
 def test_a_fault_after_the_work_keeps_the_temporary_store_and_says_where(monkeypatch):
     import shutil
 
-    import utils.surgery as surgery
+    import utils.result as result
 
     def broken(path, model=None):
         raise RuntimeError("Error(s) in loading state_dict: Missing key(s) in state_dict: \"0.gain\"\nmore")
 
-    monkeypatch.setattr(surgery, "load_checkpoint", broken)
+    monkeypatch.setattr(result, "load_checkpoint", broken)  # as Result.from_summary reads the split network
     with pytest.raises(UserError) as e:
         api.disentangle(planted4(), tensors(6, 0), tensors(5, 1), **DATA)
     line = one_line(e)

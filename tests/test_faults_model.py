@@ -254,7 +254,7 @@ def test_large_logits_pass_the_logit_check_relative_to_their_size(tmp_path):
 def test_the_layer_command_checks_logits_relative_to_their_size(tmp_path, monkeypatch):
     """The layer command's one network, logits ~1e5: kept (its difference > 1e-3, < 1e-5 of the largest |logit|
     of the validation images, computed here); the outputs after the check are stubbed out (speed)."""
-    from utils import layer_output
+    from utils import layer as pipeline
     from utils.layer import LayerConfig, disentangle_layer
 
     model = tiny_cnn(1e6)
@@ -262,7 +262,7 @@ def test_the_layer_command_checks_logits_relative_to_their_size(tmp_path, monkey
     d = dc.prepare(model, tensors(6, 0), val, classes=NAMES, store_dir=str(tmp_path))
     dc.importances(d, "2", **FAST)
     seen = {}
-    monkeypatch.setattr(layer_output, "write_layer", lambda cfg, lm, m, layer, store, ev, *a, **k: seen.update(ev=ev))
+    monkeypatch.setattr(pipeline, "write_layer", lambda cfg, lm, m, layer, store, ev, *a, **k: seen.update(ev=ev))
     disentangle_layer(LayerConfig(d.data, d.store_dir, layer="2", p=0.5, gamma_high=0.9, max_channels=3, top_k=1,
                                   **FAST), loaded=d.loaded, log=lambda *a: None)
     with torch.no_grad():

@@ -29,11 +29,19 @@ from torch import nn
 from .data import Preprocess
 from .datasets import Datasets, is_datasets
 from .defaults import DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
+from .device import resolve_device
 from .errors import UserError, api_errors
+from .evaluation import Stage4Config, run_stage4
+from .layer import LayerConfig, disentangle_layer
 from .models import LoadedModel, loaded_model, module_weights_id as _weights_id
 from .preprocess import InputSpec, as_preprocess
 from .provenance import running
+from .records import records_dir, store_record
 from .result import Result, load  # noqa: F401 - part of the API
+from .selection import find_pairs
+from .stage1 import Stage1Config, accuracy_lines, compute_importances
+from .stage3 import Stage3Config, disentangle_channel
+from .store import Store
 
 __all__ = ["Data", "prepare", "importances", "polysemantic_pairs", "split_channel", "evaluate_channel", "disentangle",
            "Result", "load"]
@@ -144,7 +152,6 @@ def _run_options(d: Data, layer, batch_size: int, device: str, num_workers: int,
         raise UserError(f"the first argument must be what prepare() returns, not a {type(d).__name__}")
     if layer is not None and not isinstance(layer, str):
         raise UserError(f"layer must be a module's dotted name (a str, e.g. 'layer4.2.conv3'), not {layer!r}")
-    from .device import resolve_device
 
     resolve_device(str(device))
     return {"model": d.loaded.name, "weights": d.loaded.weights, "layer": layer, "batch_size": batch_size,
@@ -160,9 +167,6 @@ def importances(d: Data, layer: str | None = None, *, positions: str = "auto", p
     returns the :class:`utils.store.Store` (``.relevance``, ``.accuracy``, ...). ``precision``: fp32, or bf16 or
     fp16 autocast for the pass (as ``get_importances_for_classes.py --precision``). A store that is complete is
     read, not recomputed; one that another job is writing is refused, or waited for with ``wait=True``."""
-    from .stage1 import Stage1Config, compute_importances
-    from .store import Store
-
     with running("disentangle_channels.importances"):
         s = compute_importances(Stage1Config(**_run_options(d, layer, batch_size, device, num_workers, progress),
                                              positions=positions, precision=precision, wait=wait),
@@ -179,9 +183,6 @@ def polysemantic_pairs(store, tau: float = DEFAULT_TAU, p: float = DEFAULT_P, ga
     those the layer pipeline splits. ``get_cosine_similarities.py`` keeps the authors' script defaults (tau 0.05,
     ``--cos_sim_high 1.0``: every pair less alike than 1, for browsing). Pass the same ``tau`` to
     :func:`evaluate_channel`."""
-    from .selection import find_pairs
-    from .store import Store
-
     if not isinstance(store, Store):
         raise UserError(f"store must be what importances() returns, not a {type(store).__name__}")
 
@@ -193,9 +194,6 @@ def split_channel(d: Data, channel: int, concepts, layer: str | None = None, *, 
                   batch_size: int = 64, device: str = "auto", num_workers: int = 0, progress: bool = True):
     """Stage 3: split ``channel`` between ``concepts`` (lists of class indices) after :func:`importances`;
     writes its record into ``d.store_dir/models_disentangled`` and returns it (:class:`utils.records.Record`)."""
-    from .stage3 import Stage3Config, disentangle_channel
-    from .records import store_record
-
     with running("disentangle_channels.split_channel"):
         cfg = Stage3Config(**_run_options(d, layer, batch_size, device, num_workers, progress), channel=channel,
                            concepts=[list(c) for c in concepts], split_rule=split_rule)
@@ -211,9 +209,6 @@ def evaluate_channel(d: Data, channel: int, concepts, layer: str | None = None, 
     """Stage 4 of a channel split by :func:`split_channel`: relative attributions on the concepts' validation
     images with relevance >= ``tau`` (give the tau the pairs were found with), fraction tables and density plots
     in ``out_dir`` (default: ``d.store_dir/results``); its summary."""
-    from .evaluation import Stage4Config, run_stage4
-    from .records import records_dir
-
     opts = _run_options(d, layer, batch_size, device, num_workers, progress)
     opts.pop("store_dir")
     with running("disentangle_channels.evaluate_channel"):
@@ -243,9 +238,6 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
     ``p``, ``gamma_high`` (its ``--cos_sim_high``), ``min_concepts``, ``max_channels``, ``channels``,
     ``split_rule``, ``top_k``, ``check_images``, ``seed``; ``positions``, ``precision`` and ``wait`` are stage 1's
     (see :func:`importances`). ``log``: where progress lines go (None: nowhere)."""
-    from .stage1 import accuracy_lines
-    from .layer import LayerConfig, disentangle_layer
-
     if max_channels is not None:
         _count("max_channels", max_channels, 1)  # None: all of them
     if log is not None and not callable(log):

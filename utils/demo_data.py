@@ -16,7 +16,7 @@ from .data import list_images, load_image
 from .demo_models import DIGIT_NAMES
 from .errors import UserError
 from .files import save_torch
-from .models import model_tag
+from .models import build_model, model_tag
 
 
 def make_digits_folder(root: str, val_fraction: float = 0.25, size: int = 64, seed: int = 0) -> str:
@@ -116,8 +116,6 @@ def train_classifier(data_dir: str, model_name: str, out_path: str, epochs: int 
 def _untrained(model_name: str, classes: int, probe: torch.Tensor, seed: int) -> torch.nn.Module:
     """``model_name`` freshly initialised from ``seed`` with ``classes`` outputs, trainable; a model with another
     number of outputs (an own file's fixed head) is one line."""
-    from .models import build_model
-
     model = build_model(model_name, classes, seed)
     for p in model.parameters():
         p.requires_grad_(True)

@@ -25,6 +25,7 @@ from .arv import concept_arvs
 from .concepts import check_channel, data_class_map
 from .data import ImageList, list_images
 from .defaults import DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
+from .layer_output import evaluate_layer, write_layer
 from .stage3 import check_indices, check_split_rule, score_channels
 from .errors import UserError
 from .featvis import FVConfig
@@ -114,8 +115,6 @@ def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=p
     Under torchrun (``cfg.rank``, ``cfg.world_size``) every rank calls this; rank 0 alone logs, writes and
     returns the summary, the other ranks return ``{"seconds": ...}`` once rank 0 has written.
     """
-    from .layer_output import evaluate_layer, write_layer
-
     t0 = time.perf_counter()
     runner = Runner.of(cfg)
     log = log if runner.lead else (lambda *a: None)

@@ -15,6 +15,9 @@ from torch import nn
 from .concepts import ClassNames
 from .data import ImageList
 from .evaluation import Activations, TopKRequest, evaluate_splits
+from .layer_report import write_layer_report
+from .pictures import Job, PicturesConfig, draw
+from .receptive import receptive_field
 from .selectivity import split_aucs, split_flags, split_purity
 from .defaults import MAX_LOGIT_DIFF, NEAR_CHANCE, logit_tolerance
 from .errors import UserError
@@ -141,8 +144,6 @@ def write_layer(cfg, lm, model, layer: str, store, ev: LayerEvaluation, records:
     """Every output of the layer command into ``out`` (rank 0); returns the ``--json`` summary. ``model``: the
     one the passes ran on, on the device (the pictures use it rather than copy ``lm.model`` again);
     ``evidence``: why each channel is a candidate (``utils.linkage.channel_concepts``)."""
-    from .layer_report import write_layer_report
-
     seconds = dict(seconds)  # the caller's timings, and this step's added to a copy
     os.makedirs(out, exist_ok=True)
     previous = described_outputs(os.path.join(out, "layer.json"))  # an earlier run's files in this folder
@@ -218,9 +219,6 @@ def _stage4_files(out: str, lm, layer: str, r: ChannelResult, rec: Record, names
 def _pictures(cfg, lm, model, layer: str, ev: LayerEvaluation, records: dict[int, Record], names, out: str) -> dict:
     """The teaser figure (original and every concept channel) of each split, from the one top-k; ``model``
     is the one the passes ran on (already on the device)."""
-    from .pictures import Job, PicturesConfig, draw
-    from .receptive import receptive_field
-
     side = lm.preprocess.crop
     rf = receptive_field(model, unit_at(model, layer, next(iter(records.values())).positions), (side, side),
                          min_size=max(1, side // 8))

@@ -8,9 +8,13 @@ from dataclasses import dataclass
 
 from . import store as st
 from .defaults import DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
+from .demo_data import make_digits_folder, train_classifier
+from .demo_models import DIGITS_CNN, digits_training
 from .distributed import run_together
 from .errors import UserError
+from .featvis import FVConfig
 from .files import check_writable, read_json, write_json
+from .layer import LayerConfig, disentangle_layer
 from .provenance import provenance
 from .stage1 import Stage1Config, accuracy_lines, compute_importances
 from .model_sources import split_file_spec
@@ -59,9 +63,6 @@ def _stage(name: str, cfg: DemoConfig):
 def _prepare_digits(cfg: DemoConfig, say: bool = True) -> tuple[str, str, str, dict]:
     """Build the digits folder and train (or reuse) the demo model; returns data_dir, model, weights, info
     (info holds the training's accuracies, seconds and ``epochs``)."""
-    from .demo_data import make_digits_folder, train_classifier
-    from .demo_models import DIGITS_CNN, digits_training
-
     model = cfg.model or DIGITS_CNN
     training = digits_training(model)
     if cfg.epochs is not None:
@@ -109,9 +110,6 @@ class Setup:
 def run_demo(cfg: DemoConfig) -> dict:
     """Run everything and write ``cfg.out_dir/report.html``; returns ``{"report": path, "store": path,
     "disentangled": [{"channel", "concepts", "best_rho", "record"}, ...]}``."""
-    from .featvis import FVConfig
-    from .layer import LayerConfig, disentangle_layer
-
     if cfg.max_channels < 1:
         raise UserError("--max_channels must be at least 1")
     if cfg.rank == 0:

@@ -17,10 +17,12 @@ import torch
 from .concepts import check_concepts, concept_classes_text
 from .data import data_root
 from .errors import UserError
+from .models import default_layer, model_tag
 from .preprocess import INPUT_FLAGS
 from .provenance import provenance
 from .files import read_json, save_torch, write_json
 from .split import Split, Sweep, sub_names
+from .store import layer_head
 from .units import Unit, unit_at
 
 RECORD_VERSION = 1
@@ -70,8 +72,6 @@ class Record:
 
     def name(self) -> str:
         """Folder name under ``models_disentangled/``."""
-        from .models import model_tag
-
         tag = model_tag(self.model)
         name = record_name(tag if self.default_layer else f"{tag}_{self.layer}", self.channel, self.concepts)
         name += RULE_SUFFIX if self.split_rule == "positive" else ""
@@ -117,8 +117,6 @@ def make_record(lm, layer: str, store, data_dir: str, scored, diff: float, check
     """The record of one scored channel (a :class:`utils.scoring.Scored`), made by ``command`` from ``store``:
     the one factory of stage 3 and the layer command. ``seconds``: the scoring pass that scored it; ``split_rule``:
     the rule of its sweep."""
-    from .models import default_layer
-
     unit, sw = unit_at(lm.model, layer, store.positions), scored.sweep
     return Record(
         model=lm.name, weights=lm.weights, layer=layer, default_layer=layer == default_layer(lm.model),
@@ -176,9 +174,6 @@ def load_record(folder: str) -> Record:
 
 def record_head(lm, layer: str) -> str:
     """The start of a record folder's name: the model's tag, and the layer unless it is the default one."""
-    from .models import default_layer
-    from .store import layer_head
-
     return layer_head(lm.tag, layer, default_layer(lm.model))
 
 

@@ -16,6 +16,7 @@ from .data import Preprocess
 from .errors import UserError, api_errors
 from .files import read_json, write_json
 from .style import per_concept
+from .surgery import checkpoint_splits, checkpoint_transform, load_checkpoint
 from .units import Unit
 
 RESULT_FILE = "result.json"
@@ -63,8 +64,6 @@ class Result:
 
     def __init__(self, network: nn.Module, summary: dict, transform: Preprocess, folder: str, keep=None,
                  accuracy: float | None = None):
-        from .surgery import checkpoint_splits
-
         self.network, self.summary, self.transform, self.folder = network.eval(), summary, transform, folder
         self.layer, self.positions, self.accuracy = summary["layer"], summary.get("positions", "all"), accuracy
         self.warnings: list[str] = list(summary.get("warnings", []))
@@ -85,8 +84,6 @@ class Result:
     @classmethod
     def from_summary(cls, summary: dict, model: nn.Module, transform: Preprocess, keep=None,
                      accuracy: float | None = None) -> "Result":
-        from .surgery import load_checkpoint
-
         folder = os.path.dirname(summary["report"])
         net = load_checkpoint(summary["export"], model)
         return cls(net, summary, transform, folder, keep, accuracy)
@@ -235,8 +232,6 @@ def load(path: str, model: nn.Module | None = None) -> Result:
     """A :class:`Result` saved by :meth:`Result.save` (or the layer command's output folder). ``model``: the
     original network (its architecture; needed unless the checkpoint's model can be built by name: a
     torchvision or timm name, or an own file)."""
-    from .surgery import checkpoint_transform, load_checkpoint
-
     if not os.path.isdir(path):
         raise UserError(f"no saved result {path}")
     saved = os.path.join(path, RESULT_FILE)

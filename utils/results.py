@@ -15,6 +15,7 @@ import numpy as np
 from .defaults import DEFAULT_TAU
 from .errors import UserError
 from .files import write_text
+from .plots import degenerate_note, density_curves, density_plot, pgfplots_blocks, write_pgfplots
 
 
 def columns(k: int) -> tuple[str, ...]:
@@ -141,8 +142,6 @@ class ResultFiles:
 
     def write_density_plots(self, per_concept: list, labels: list[list[str]], log) -> list[str]:
         """Per concept a density PNG, and the pgfplots .tex of all of them, in ``plots/``; their paths."""
-        from .plots import degenerate_note, density_curves, density_plot, pgfplots_blocks, write_pgfplots
-
         folder = os.path.join(self.out_dir, "plots")
         os.makedirs(folder, exist_ok=True)
         name = result_name(self.record_name, self.rho_asked)  # tau does not enter

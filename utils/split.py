@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+from .relevance import conv_with_filters
 
 RHOS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05, 0.10, ..., 1.00
 SPLIT_RULES = ("paper", "positive")
@@ -147,8 +148,6 @@ class FilterBank:
 
     def maps(self, conv, x: torch.Tensor) -> torch.Tensor:
         """Output maps (B x S x H' x W') of every sub-channel on the layer input ``x`` (B x C_in x H x W)."""
-        from .relevance import conv_with_filters
-
         return conv_with_filters(conv, x, self.weight, self.bias)
 
 

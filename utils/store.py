@@ -31,6 +31,7 @@ from .data import ImageList, data_root, list_images
 from .errors import UserError
 from .files import read_json
 from .lock import check_not_written
+from .models import default_layer, get_layer, model_tag, weights_id
 
 FORMAT_VERSION = 3  # 3: relevance float32 (1 and 2: float16)
 READABLE_VERSIONS = (1, 2, 3)
@@ -296,16 +297,12 @@ class Store:
 
 def store_path(store_dir: str, lm, layer: str) -> str:
     """Where the store of a loaded model's ``layer`` lives in ``store_dir`` (see :func:`store_name`)."""
-    from .models import default_layer
-
     return os.path.join(store_dir, store_name(lm.tag, layer, default_layer(lm.model)))
 
 
 def model_store(store_dir: str, lm, layer: str) -> Store:
     """The complete store of a loaded model's ``layer``, checked against it (model, weights, layer): how
     every command that has the model opens its store."""
-    from .models import get_layer
-
     store = Store.open(store_path(store_dir, lm, layer))
     diff = model_difference(store.path, store.meta, lm, layer, get_layer(lm.model, layer)[1])
     if diff:
@@ -320,8 +317,6 @@ def open_store(store_dir: str, model: str, layer: str | None = None, weights: st
     another layer's is ``<model>_<layer>_channel_importances``. ``weights``, when given, is checked
     against the store as far as it can be known without the weights file.
     """
-    from .models import model_tag, weights_id
-
     default_path = os.path.join(store_dir, store_name(model_tag(model), None, None))
     path = default_path
     if layer not in (None, "", "last_conv"):

@@ -23,7 +23,10 @@ from .distributed import reduce_over_ranks
 from .errors import UserError
 from .files import save_torch
 from .conv_kinds import plain_convs
+from .data import Preprocess
+from .model_sources import head_size, split_file_spec
 from .models import build_model, get_layer, set_module
+from .records import load_split
 from .split import Split
 from .units import Unit, as_unit, filters
 
@@ -88,8 +91,6 @@ def split_network(model: nn.Module, splits: dict[str, list[Split]], inplace: boo
 def disentangle_model(model: nn.Module, records: list, rho: float | None = None, inplace: bool = False) -> nn.Module:
     """The disentangled network of :class:`utils.records.Record` s: every record's layer split (best rho,
     or ``rho``); several channels of one layer and channels of different layers both work."""
-    from .records import load_split
-
     by_layer: dict[str, list[Split]] = OrderedDict()
     for rec in records:
         by_layer.setdefault(rec.layer, []).append(load_split(rec, rho))
@@ -105,8 +106,6 @@ def export_network(model: nn.Module, model_name: str, splits: dict[str, list[Spl
     split]}) and ``preprocess`` (the input transform, :func:`checkpoint_transform`), so that
     :func:`load_checkpoint` can rebuild it.
     """
-    from .model_sources import split_file_spec
-
     own = split_file_spec(model_name)
     name = f"{os.path.abspath(own[0])}:{own[1]}" if own else model_name
     net = split_network(model, splits)
@@ -118,8 +117,6 @@ def export_network(model: nn.Module, model_name: str, splits: dict[str, list[Spl
 def export_checkpoint(model: nn.Module, model_name: str, records: list, path: str, rho: float | None = None,
                       preprocess=None) -> None:
     """:func:`export_network` of the splits of ``records`` (best rho, or ``rho``)."""
-    from .records import load_split
-
     by_layer: dict[str, list[Split]] = OrderedDict()
     for rec in records:
         by_layer.setdefault(rec.layer, []).append(load_split(rec, rho))
@@ -141,8 +138,6 @@ def load_checkpoint(path: str, model: nn.Module | None = None) -> nn.Module:
     (a network made in a notebook; its weights are replaced by the checkpoint's, it is not changed; its timm
     weight-standardised convs become the plain convs the checkpoint holds, so the result computes what the
     original does, standardised once)."""
-    from .model_sources import head_size
-
     ck = _read_checkpoint(path)
     sd = ck["state_dict"]
     if model is None:
@@ -166,8 +161,6 @@ def checkpoint_splits(path: str) -> dict[str, list[int]]:
 
 def checkpoint_transform(path: str):
     """The input transform (a :class:`utils.data.Preprocess`) a checkpoint was made with (None: not recorded)."""
-    from .data import Preprocess
-
     p = _read_checkpoint(path).get("preprocess")
     return Preprocess.from_json(p) if p else None
 
