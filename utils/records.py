@@ -72,8 +72,8 @@ class Record:
 
     def name(self) -> str:
         """Folder name under ``models_disentangled/``."""
-        tag = model_tag(self.model)
-        name = record_name(tag if self.default_layer else f"{tag}_{self.layer}", self.channel, self.concepts)
+        name = record_name(layer_head(model_tag(self.model), self.layer, self.default_layer), self.channel,
+                           self.concepts)
         name += RULE_SUFFIX if self.split_rule == "positive" else ""
         return name + LAYER_SUFFIX if self.command == LAYER_COMMAND else name
 
@@ -174,7 +174,7 @@ def load_record(folder: str) -> Record:
 
 def record_head(lm, layer: str) -> str:
     """The start of a record folder's name: the model's tag, and the layer unless it is the default one."""
-    return layer_head(lm.tag, layer, default_layer(lm.model))
+    return layer_head(lm.tag, layer, layer == default_layer(lm.model))
 
 
 def find_record(model_dir: str, head: str, channel: int, concepts: list[list[int]], known=None) -> Record:

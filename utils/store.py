@@ -50,15 +50,15 @@ def relevance_dtype(meta: dict) -> np.dtype:
 STORE_SUFFIX = "_channel_importances"
 
 
-def layer_head(tag: str, layer: str | None, default: str | None) -> str:
+def layer_head(tag: str, layer: str | None, is_default: bool) -> str:
     """A model's name in the names of its files: its tag, and the layer unless it is the model's default layer
     (``resnet50``, ``resnet50_layer3.1.conv2``): the start of a store's, a record's and stage 2's file names."""
-    return tag if layer == default else f"{tag}_{layer}"
+    return tag if is_default else f"{tag}_{layer}"
 
 
 def store_name(model: str, layer: str | None, default: str | None) -> str:
     """``resnet50_channel_importances`` for the default layer, ``resnet50_layer3.1.conv2_...`` otherwise."""
-    return layer_head(model, layer, default) + STORE_SUFFIX
+    return layer_head(model, layer, layer == default) + STORE_SUFFIX
 
 
 def store_head(path: str) -> str:
