@@ -25,7 +25,7 @@ from .data import ImageList, Preprocess, class_batches, data_root, list_images
 from .defaults import DEFAULT_TAU
 from .distributed import reduce_over_ranks
 from .errors import UserError
-from .image_pass import RunOptions, Runner
+from .image_pass import RunOptions, Runner, finite_rows
 from .models import LoadedModel, get_layer, load_model
 from .preprocess import InputSpec
 from .provenance import provenance
@@ -143,7 +143,7 @@ def evaluate_splits(runner: Runner, model: nn.Module, conv: Unit | nn.Module, sp
         diff = (0.0, 0.0)  # the largest |logit difference| and |original logit|
         finite, seen = [], []  # per image: whether it is finite (on the device: one look at the end)
         for b in batches:
-            finite.append(torch.isfinite(b.x).reshape(len(b), -1).all(1))
+            finite.append(finite_rows(b.x))
             seen.append(b.index)
             mine = users.get(int(b.targets[0]), [])
             if mine:

@@ -125,6 +125,12 @@ class Runner:
         return ImagePass(self, images, batches, transform, desc)
 
 
+def finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """Per row of ``t`` (a batch's images, logits, relevance): whether all its values are finite (a bool tensor on
+    t's device, to look at once per chunk or pass, not per batch)."""
+    return torch.isfinite(t).reshape(len(t), -1).all(1)
+
+
 def plain_batches(indices: Iterable[int], batch_size: int) -> list[list[int]]:
     """``indices`` in order, cut into batches of ``batch_size`` (the last one shorter)."""
     indices = list(indices)

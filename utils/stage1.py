@@ -21,7 +21,7 @@ from .chunks import ChunkPlan, assemble, chunk_path, missing_chunks, remove_part
 from .concepts import ClassMap, ClassNames, data_class_map
 from .data import ImageList, list_images
 from .distributed import check_one_folder
-from .image_pass import Batch, RunOptions, Runner
+from .image_pass import Batch, RunOptions, Runner, finite_rows
 from .defaults import NEAR_CHANCE
 from .errors import UserError
 from .files import check_writable, read_json, save_npy, write_json
@@ -291,17 +291,12 @@ def _chunk_results(cfg, job: Prepared, model, unit: Unit, maps, sums, batches: I
         preds.append(logits.argmax(1))
         tgts.append(b.targets)
         index.append(b.index)
-        finite.append(torch.stack([_finite_rows(b.x), _finite_rows(logits), _finite_rows(R)], 1))
+        finite.append(torch.stack([finite_rows(b.x), finite_rows(logits), finite_rows(R)], 1))
         n -= len(b)
     finite = torch.cat(finite).cpu()
     if not bool(finite.all()):
         raise UserError(_not_finite(cfg, job.images, torch.cat(index), finite))
     return torch.cat(rels), torch.cat(preds), torch.cat(tgts), sums
-
-
-def _finite_rows(t: torch.Tensor) -> torch.Tensor:
-    """Per row of ``t`` (an image, logits, relevance): whether all its values are finite (on t's device)."""
-    return torch.isfinite(t).reshape(len(t), -1).all(1)
 
 
 def _not_finite(cfg, images: ImageList, index: torch.Tensor, finite: torch.Tensor) -> str:
