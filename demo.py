@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""The whole pipeline: runs utils/commands/demo.py (installed: dc-demo); --help says what it does."""
+"""The whole pipeline: runs utils/cli/demo.py (installed: dc-demo); --help says what it does."""
 import sys
 
-from utils.commands import demo as command
+from utils.cli import demo as command
 
 if __name__ == "__main__":
     command.cli()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Stage 3: runs utils/commands/disentangle_channel.py (installed: dc-channel); --help says what it does."""
+"""Stage 3: runs utils/cli/disentangle_channel.py (installed: dc-channel); --help says what it does."""
 import sys
 
-from utils.commands import disentangle_channel as command
+from utils.cli import disentangle_channel as command
 
 if __name__ == "__main__":
     command.cli()

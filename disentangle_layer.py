@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""A whole layer: runs utils/commands/disentangle_layer.py (installed: dc-layer); --help says what it does."""
+"""A whole layer: runs utils/cli/disentangle_layer.py (installed: dc-layer); --help says what it does."""
 import sys
 
-from utils.commands import disentangle_layer as command
+from utils.cli import disentangle_layer as command
 
 if __name__ == "__main__":
     command.cli()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Stage 2: runs utils/commands/get_cosine_similarities.py (installed: dc-similarities); --help says what it does."""
+"""Stage 2: runs utils/cli/get_cosine_similarities.py (installed: dc-similarities); --help says what it does."""
 import sys
 
-from utils.commands import get_cosine_similarities as command
+from utils.cli import get_cosine_similarities as command
 
 if __name__ == "__main__":
     command.cli()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Stage 1: runs utils/commands/get_importances_for_classes.py (installed: dc-importances); --help says what it does."""
+"""Stage 1: runs utils/cli/get_importances_for_classes.py (installed: dc-importances); --help says what it does."""
 import sys
 
-from utils.commands import get_importances_for_classes as command
+from utils.cli import get_importances_for_classes as command
 
 if __name__ == "__main__":
     command.cli()

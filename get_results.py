@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Stage 4: runs utils/commands/get_results.py (installed: dc-results); --help says what it does."""
+"""Stage 4: runs utils/cli/get_results.py (installed: dc-results); --help says what it does."""
 import sys
 
-from utils.commands import get_results as command
+from utils.cli import get_results as command
 
 if __name__ == "__main__":
     command.cli()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""The paper's table: runs utils/commands/summarize_results.py (installed: dc-summarize); --help says what it does."""
+"""The paper's table: runs utils/cli/summarize_results.py (installed: dc-summarize); --help says what it does."""
 import sys
 
-from utils.commands import summarize_results as command
+from utils.cli import summarize_results as command
 
 if __name__ == "__main__":
     command.cli()

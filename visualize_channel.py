@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Pictures: runs utils/commands/visualize_channel.py (installed: dc-visualize); --help says what it does."""
+"""Pictures: runs utils/cli/visualize_channel.py (installed: dc-visualize); --help says what it does."""
 import sys
 
-from utils.commands import visualize_channel as command
+from utils.cli import visualize_channel as command
 
 if __name__ == "__main__":
     command.cli()

@@ -36,9 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gpu_commands import check_commands  # noqa: E402
 from stage1 import bench_loader, bench_tensors, make_image_folder  # noqa: E402
-from utils.device import model_on, resolve_device  # noqa: E402
-from utils.stage1 import PRECISIONS, Stage1Config, compute_importances  # noqa: E402
-from utils.models import get_layer, load_model, model_tag  # noqa: E402
+from utils.passes.device import model_on, resolve_device  # noqa: E402
+from utils.stages.relevance import PRECISIONS, Stage1Config, compute_importances  # noqa: E402
+from utils.model.loading import get_layer, load_model, model_tag  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -112,8 +112,8 @@ def check_bf16(args, data: str, tmp: str, fp32: dict, rows: list) -> None:
 
 def check_equivalence(args, lm, rows: list) -> None:
     """Check 4: a split channel of the last conv on the device computes the original logits."""
-    from utils.split import sweep
-    from utils.surgery import split_network
+    from utils.method.split import sweep
+    from utils.model.surgery import split_network
 
     device = resolve_device(args.device)
     model = model_on(lm.model, device)

@@ -47,7 +47,7 @@ def live_head(args: argparse.Namespace, work: str) -> None:
     so the benchmark uses a checkpoint of the same random model with a random normal head (said once)."""
     import torch
 
-    from utils.models import load_model
+    from utils.model.loading import load_model
 
     model = load_model(args.model, "none").model
     zero = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not m.weight.any()]

@@ -37,7 +37,7 @@ RULES = ("paper", "positive")
 
 def run_rule(args, rule: str, work: str, lm) -> dict:
     """The layer command with ``rule`` into ``work/rule``: per channel concepts, best rho, purity, AUC."""
-    from utils.layer import disentangle_layer as run_layer
+    from utils.stages.layer import disentangle_layer as run_layer
 
     args.split_rule, args.out_dir, args.fv_steps = rule, os.path.join(work, rule), 0
     out = run_layer(disentangle_layer.layer_config(args, args.device), loaded=lm, log=lambda *a: None)
@@ -100,9 +100,9 @@ def main() -> None:
     p.description = __doc__
     p.add_argument("--bootstrap", type=int, default=2000, help="resamples of the channels (default: 2000)")
     args = p.parse_args()
-    from utils.models import load_model
+    from utils.model.loading import load_model
 
-    from utils.store import is_store
+    from utils.store.layout import is_store
 
     lm = load_model(args.model, args.weights)
     work = tempfile.mkdtemp(prefix="split_rules_")

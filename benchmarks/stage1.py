@@ -30,13 +30,13 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.data import class_folders, list_images, make_loader  # noqa: E402
-from utils.arv import tap_maps  # noqa: E402
-from utils.concepts import class_map, imagenet_wnids  # noqa: E402
-from utils.stage1 import PRECISIONS, Stage1Config, add_class_tap_sums, compute_importances  # noqa: E402
-from utils.models import get_layer, load_model  # noqa: E402
-from utils.relevance import relevance_batch, resolve_positions  # noqa: E402
-from utils.units import Unit  # noqa: E402
+from utils.data.images import class_folders, list_images, make_loader  # noqa: E402
+from utils.method.arv import tap_maps  # noqa: E402
+from utils.data.classes import class_map, imagenet_wnids  # noqa: E402
+from utils.stages.relevance import PRECISIONS, Stage1Config, add_class_tap_sums, compute_importances  # noqa: E402
+from utils.model.loading import get_layer, load_model  # noqa: E402
+from utils.model.hooks import relevance_batch, resolve_positions  # noqa: E402
+from utils.model.units import Unit  # noqa: E402
 
 
 def make_image_folder(root: str, classes: int, images: int, size: int, seed: int = 0) -> str:

@@ -81,7 +81,8 @@ def expected_candidates(seed: int = 0) -> dict[int, list[int]]:
 
 def generate(path: str, n: int, block_rows: int = 65536, seed: int = 0, dtype: str = "float32") -> None:
     """Write the synthetic store to ``path`` (a ``*_channel_importances`` folder)."""
-    from utils import files, store as st
+    from utils import files
+    from utils.store import layout as st
 
     rng = np.random.default_rng(seed)
     os.makedirs(path, exist_ok=True)
@@ -162,8 +163,8 @@ def main(args: argparse.Namespace) -> None:
 
 def run_stage2(base: str, rows: int, layer: str | None) -> None:
     t_start = time.perf_counter()
-    from utils.selection import find_pairs, results_path, write_pairs
-    from utils.store import open_store
+    from utils.stages.candidates import find_pairs, results_path, write_pairs
+    from utils.store.layout import open_store
 
     t_imp = time.perf_counter()
     store = open_store(base, "resnet50", layer)

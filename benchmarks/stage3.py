@@ -43,8 +43,8 @@ def stage3_child(args) -> None:
     import torch
 
     from disentangle_channel import get_args_parser, main
-    from utils.models import get_layer, load_model
-    from utils.relevance import layer_input
+    from utils.model.loading import get_layer, load_model
+    from utils.model.hooks import layer_input
 
     out = os.path.join(args.work, "stage3.json")
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 
 Builds ``<dir>/train/`` with 1000 class folders x 1300 empty ``.JPEG`` files (1.3 M files), a stage-1
 store's ``meta.json`` for it (per-class fingerprints, as stage 1 writes them), then times what stage 3
-does before its pass for a pair of classes (``utils.store.training_images``: list the two folders, check
+does before its pass for a pair of classes (``utils.store.layout.training_images``: list the two folders, check
 their fingerprints against the store) against what it did before (list and fingerprint all 1.3 M files).
 
     python benchmarks/stage3_startup.py                 # temp dir, deleted afterwards
@@ -21,8 +21,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.files import write_json  # noqa: E402
-from utils.store import FORMAT_VERSION, Store, training_images  # noqa: E402
-from utils.data import list_images  # noqa: E402
+from utils.store.layout import FORMAT_VERSION, Store, training_images  # noqa: E402
+from utils.data.images import list_images  # noqa: E402
 
 
 def make_tree(root: str, classes: int, per_class: int) -> None:

@@ -33,14 +33,14 @@ WIDTH = 76  # the usage block: as --help prints it in a terminal this wide (a co
 def console_scripts() -> dict[str, str]:
     """script module -> console script, as pyproject.toml's [project.scripts] declares them."""
     text = open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8").read()
-    return {m: s for s, m in re.findall(r'^(dc-[\w-]+)\s*=\s*"disentangle_channels\.commands\.(\w+):cli"', text, re.M)}
+    return {m: s for s, m in re.findall(r'^(dc-[\w-]+)\s*=\s*"disentangle_channels\.cli\.(\w+):cli"', text, re.M)}
 
 
 def parser_of(name: str) -> argparse.ArgumentParser:
-    """The command's parser, as ``python NAME.py`` builds it (utils.commands.NAME is what the script runs)."""
+    """The command's parser, as ``python NAME.py`` builds it (utils.cli.NAME is what the script runs)."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    p = importlib.import_module(f"utils.commands.{name}").get_args_parser()
+    p = importlib.import_module(f"utils.cli.{name}").get_args_parser()
     p.prog = f"{name}.py"
     p.formatter_class = lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=WIDTH)
     return p
@@ -112,7 +112,7 @@ def render() -> str:
     """The whole page: every command, every group, every option string."""
     consoles = console_scripts()
     head = ["# Command-line reference", "",
-            "Generated from the commands' own parsers (`get_args_parser()` in `utils/commands/`) every time the site "
+            "Generated from the commands' own parsers (`get_args_parser()` in `utils/cli/`) every time the site "
             "is built, so it lists exactly what `--help` prints: every flag of every command, with its group, "
             "arguments, help and default. Each script runs the same way from a clone (`python SCRIPT.py`), as its "
             "console script after `pip install .`, and under torchrun (`torchrun --nproc_per_node=N -- SCRIPT.py ...`, "

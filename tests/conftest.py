@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from utils.models import LoadedModel
+from utils.model.loading import LoadedModel
 
 COLORS = {"A_red": (220, 30, 30), "B_blue": (30, 30, 220), "C_gray": (128, 128, 128)}
 
@@ -128,7 +128,7 @@ def conv_meta(conv: nn.Conv2d) -> dict:
 
 
 def taps_by_formula(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Tap sums by their definition (B x C_in x kh x kw, float64), independently of utils.arv:
+    """Tap sums by their definition (B x C_in x kh x kw, float64), independently of utils.method.arv:
     ``T[b, k, i, j] = sum over output positions (h', w') of xp[b, k, h'*s_h + i*d_h, w'*s_w + j*d_w]``
     with ``xp`` the input after the layer's own padding (any padding mode)."""
     import torch.nn.functional as F
@@ -173,9 +173,9 @@ def make_record(model_dir: str, lm: LoadedModel, layer: str | None, channel: int
     """A stage-3 record (record.json and filters.pt for every rho) of ``channel`` split by the concept ARVs
     ``A`` (k x C_in), written to ``model_dir/<its name>`` through the project's own record schema; no pass
     over images (its scores are zeros)."""
-    from utils.models import default_layer, get_layer
-    from utils.records import Record, load_record, rho_key, save_record
-    from utils.split import RHOS, sweep
+    from utils.model.loading import default_layer, get_layer
+    from utils.store.records import Record, load_record, rho_key, save_record
+    from utils.method.split import RHOS, sweep
 
     name, conv = get_layer(lm.model, layer)
     sw = sweep(conv.weight.detach().cpu()[channel], A)

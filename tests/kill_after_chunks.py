@@ -10,7 +10,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import get_importances_for_classes as stage1  # noqa: E402
-from utils import chunks  # noqa: E402
+from utils.store import chunks  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 rank, k = int(sys.argv[1]), int(sys.argv[2])

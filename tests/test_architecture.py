@@ -1,6 +1,7 @@
 """The package's import graph, read from the source (every import, at module level or inside a function): no
-module imports itself back through others, and the library never imports its command line (``cli.py`` and
-``commands/`` are the top: nothing else imports them)."""
+module imports itself back through others, imports go only downward through the rooms (sub-packages) in the
+order of ``ROOMS``, ``method/`` is arithmetic on tensors alone, and the library never imports its command line
+(``cli/`` is the top: nothing else imports it)."""
 from __future__ import annotations
 
 import ast
@@ -52,9 +53,24 @@ def imports(name: str, path: str, known: set[str]) -> set[str]:
 GRAPH = {n: imports(n, p, set(modules())) for n, p in modules().items()}
 
 
+# The rooms, bottom to top (docs/architecture.md explains the order): a module may import its own room and those
+# below it. "" holds the floor modules that everything may use; "api" the package's top (api.py, __init__.py).
+ROOMS = ["", "method", "data", "model", "store", "passes", "report", "stages", "api", "cli"]
+FLOOR = {"errors", "defaults", "files"}
+METHOD_MAY_IMPORT = {"__future__", "math", "dataclasses", "typing", "torch", "numpy", "scipy"}
+
+
+def room(name: str) -> str:
+    if name in FLOOR:
+        return ""
+    if name in ("api", ""):
+        return "api"
+    return name.split(".")[0]
+
+
 def test_the_graph_is_read():
-    assert {"stage1", "api", "commands.demo"} <= set(GRAPH)
-    assert "store" in GRAPH["stage1"] and "stage1" in GRAPH["api"]  # module level and inside functions
+    assert {"stages.relevance", "api", "cli.demo", "method.split"} <= set(GRAPH)
+    assert "store.layout" in GRAPH["stages.relevance"] and "stages.relevance" in GRAPH["api"]  # module level and inside functions
 
 
 def test_no_module_imports_itself_back():
@@ -76,7 +92,7 @@ def test_no_module_imports_itself_back():
 
 
 def test_only_the_command_line_imports_the_command_line():
-    top = {n for n in GRAPH if n == "cli" or n == "commands" or n.startswith("commands.")}
+    top = {n for n in GRAPH if n == "cli" or n.startswith("cli.")}
     wrong = sorted(f"{n} imports {d}" for n, ds in GRAPH.items() if n not in top for d in ds & top)
     assert not wrong, wrong
 
@@ -86,10 +102,61 @@ def test_the_library_imports_its_own_modules_at_the_top():
     line keeps them, so that --help does not load torch."""
     hidden = []
     for name, path in modules().items():
-        if name in ("cli", "") or name == "commands" or name.startswith("commands."):
+        if name in ("cli", "") or name.startswith("cli."):
             continue
         tree = ast.parse(open(path, encoding="utf-8").read())
         for fn in ast.walk(tree):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 hidden += [f"{name}:{n.lineno}" for n in ast.walk(fn) if isinstance(n, ast.ImportFrom) and n.level]
     assert not hidden, hidden
+
+
+def test_every_module_lives_in_a_room_and_the_top_level_holds_five():
+    rooms = {room(n) for n in GRAPH}
+    assert rooms <= set(ROOMS), sorted(rooms - set(ROOMS))
+    top = sorted(n for n in GRAPH if "." not in n)
+    assert len([n for n in top if n not in ROOMS[1:]]) <= 5, top  # __init__, api and the floor
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{n} ({room(n) or 'floor'}) imports {d} ({room(d) or 'floor'})" for n, ds in graph.items()
+                  for d in ds if ROOMS.index(room(d)) > ROOMS.index(room(n)))
+
+
+def test_imports_go_only_downward():
+    assert not upward(GRAPH), upward(GRAPH)
+
+
+def _third_party(path: str) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+    return found
+
+
+def test_method_is_arithmetic_on_tensors_alone():
+    """method/ reads no file, store, hook or model: from the package only the floor's errors and defaults (not
+    its files), outside it torch, numpy, scipy and the pure parts of the standard library."""
+    for name, path in modules().items():
+        if room(name) != "method":
+            continue
+        inside = {d for d in GRAPH[name] if room(d) != "method"}
+        assert inside <= {"errors", "defaults"}, (name, sorted(inside))
+        outside = _third_party(path) - {"utils", "disentangle_channels"}
+        assert outside <= METHOD_MAY_IMPORT, (name, sorted(outside - METHOD_MAY_IMPORT))
+
+
+def test_the_rules_catch_what_they_forbid(tmp_path):
+    """The checks above can fail: an upward import (method -> stages, the floor -> anything, store -> passes) is
+    seen, a downward one is not, and a method module's file import is read as such."""
+    assert upward({"method.split": {"stages.layer"}, "files": {"method.split"}, "store.records": {"passes.topk"},
+                   "stages.layer": {"method.split", "files"}}) == [
+        "files (floor) imports method.split (method)", "method.split (method) imports stages.layer (stages)",
+        "store.records (store) imports passes.topk (passes)"]
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\nfrom torch import nn\nfrom ..files import write_text\n")
+    assert _third_party(str(bad)) - METHOD_MAY_IMPORT == {"os"}
+    assert imports("method.bad", str(bad), set(GRAPH) | {"method.bad"}) == {"files"}

@@ -1,15 +1,15 @@
 """An independent, brute-force check of the k-concept split (ALGORITHM.md stage 3 and "Extension").
 
 The expected values come from slow, obvious Python written straight from ALGORITHM.md (loops over input
-channels, positions and images, in float64): nothing of ``utils.split`` or ``utils.scoring`` is used to
+channels, positions and images, in float64): nothing of ``utils.method.split`` or ``utils.method.scoring`` is used to
 compute them. The production code is then compared with them:
 
 - the index sets S_1 .. S_k, S_0 of every rho (signed values, ties, first j in concept order) against
-  ``utils.split.sweep`` / ``assign_inputs`` / ``Sweep.sources``;
+  ``utils.method.split.sweep`` / ``assign_inputs`` / ``Sweep.sources``;
 - the filters D_j, Res and the identity sum_j D_j - (k - 1) Res = W[c];
 - the score of every rho and the best rho (first maximal), k = 3 (and a k = 2 channel in the same pass),
-  on a tiny random CNN and tiny PNG images, through ``utils.stage3.score_channels``;
-- the split layer of ``utils.surgery`` for k = 3: +1 per D_j and -(k - 1) for Res, same logits.
+  on a tiny random CNN and tiny PNG images, through ``utils.stages.splitting.score_channels``;
+- the split layer of ``utils.model.surgery`` for k = 3: +1 per D_j and -(k - 1) for Res, same logits.
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ CASES = {
 
 
 def test_the_rho_grid_is_the_documented_one():
-    from utils.split import RHOS
+    from utils.method.split import RHOS
 
     assert list(RHOS) == DOC_RHOS  # exactly the same float64 values, in this order
 
@@ -147,7 +147,7 @@ def test_first_j_wins_and_signed_values_on_a_hand_checked_input():
     """A case worked out on paper: rho = 0.5, A = (-2, -1.5, -3): rho*A1 = -1 > max(-1.5, -3) and
     rho*A2 = -0.75 > max(-2, -3): both pass, S_1 (first j) gets it. At rho = 1 only A2 passes (-1.5 > -2).
     The input (1, 1, 0) is a tie of A1 and A2: in no S_j at any rho <= 1, so S_0."""
-    from utils.split import assign_inputs
+    from utils.method.split import assign_inputs
 
     A = [[-2.0, 1.0], [-1.5, 1.0], [-3.0, 0.0]]
     assert doc_sets(A, 0.5) == [[1], [0], [], []]
@@ -166,7 +166,7 @@ def _random_arvs(seed: int, k: int, n: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", [*CASES, "random3", "random4", "random5"])
 def test_index_sets_and_filters_of_every_rho_match_the_rule(name):
-    from utils.split import assign_inputs, split_filters, sweep
+    from utils.method.split import assign_inputs, split_filters, sweep
 
     if name in CASES:
         A = torch.tensor(CASES[name], dtype=torch.float64)
@@ -207,7 +207,7 @@ def test_index_sets_and_filters_of_every_rho_match_the_rule(name):
 
 def test_sweep_accepts_float64_weights_for_three_concepts():
     """float64 filters round in sum_j D_j - (k-1) Res (w + w + w - 2w): the sweep's own check allows that."""
-    from utils.split import sweep
+    from utils.method.split import sweep
 
     w = torch.tensor([1 + 2 ** -52, 0.7, 0.3], dtype=torch.float64)[:, None, None]
     A = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.5, 0.2, 0.1]], dtype=torch.float64)  # input 0 shared
@@ -299,8 +299,8 @@ def _expected(model, xs, channel, concepts):
 
 
 def _own_sweep(weight_c: torch.Tensor, sets_per_rho):
-    """A :class:`utils.split.Sweep` holding the index sets and filters computed here (not by utils.split)."""
-    from utils.split import Sweep
+    """A :class:`utils.method.split.Sweep` holding the index sets and filters computed here (not by utils.method.split)."""
+    from utils.method.split import Sweep
 
     k = len(sets_per_rho[0]) - 1
     assign, Ds, Rs = [], [], []
@@ -320,15 +320,15 @@ def _own_sweep(weight_c: torch.Tensor, sets_per_rho):
 
 
 def _score(model, root, sweeps, dtype):
-    """``utils.stage3.score_channels`` on the training images: batches of 2 (classes of 2 to 4 images,
+    """``utils.stages.splitting.score_channels`` on the training images: batches of 2 (classes of 2 to 4 images,
     so several batches and a short last one per class), no workers, CPU."""
     
-    from utils.data import list_images
-    from utils.stage3 import score_channels
+    from utils.data.images import list_images
+    from utils.stages.splitting import score_channels
 
     images = list_images(root, "train")
     assert images.classes == list(COUNTS)
-    from utils.image_pass import Runner
+    from utils.passes.image_pass import Runner
 
     runner = Runner(torch.device("cpu"), batch_size=2, num_workers=0, progress=False)
     out, _, _ = score_channels(runner, model, model[2], images, sweeps, ToTensorAs(dtype))
@@ -338,7 +338,7 @@ def _score(model, root, sweeps, dtype):
 def test_scores_of_every_rho_float64(tiny_images):
     """A float64 model: the production scores (one pass, two channels, k = 3 and k = 2) equal the
     hand-computed ones to 1e-9 relative; the best rho is the first maximal score."""
-    from utils.scoring import best_index
+    from utils.method.scoring import best_index
 
     root, arrays = tiny_images
     model = tiny_cnn(torch.float64)
@@ -346,7 +346,7 @@ def test_scores_of_every_rho_float64(tiny_images):
     exp3 = _expected(model, xs, CH3, CONCEPTS3)
     exp2 = _expected(model, xs, CH2, CONCEPTS2)
     assert len(set(exp3[2])) >= 3 and len(set(exp2[2])) >= 2  # the sweep really changes the score
-    # the sweep holds the sets and filters computed here; the sets themselves are compared with utils.split above
+    # the sweep holds the sets and filters computed here; the sets themselves are compared with utils.method.split above
     sweeps = [(CH3, CONCEPTS3, _own_sweep(model[2].weight[CH3], exp3[1])),
               (CH2, CONCEPTS2, _own_sweep(model[2].weight[CH2], exp2[1]))]
     got = _score(model, root, sweeps, torch.float64)
@@ -360,11 +360,11 @@ def test_scores_of_every_rho_float64(tiny_images):
 
 
 def test_scores_of_every_rho_float32_with_the_production_sweep(tiny_images):
-    """A float32 model (the usual case), with the sweep ``utils.split.sweep`` builds from hand-computed ARVs:
+    """A float32 model (the usual case), with the sweep ``utils.method.split.sweep`` builds from hand-computed ARVs:
     its sets are the rule's, and its scores equal the float64 hand computation to float32 precision
     (the production convolves in the model's dtype and sums pos(.) in float64)."""
-    from utils.scoring import best_index
-    from utils.split import sweep
+    from utils.method.scoring import best_index
+    from utils.method.split import sweep
 
     root, arrays = tiny_images
     model = tiny_cnn(torch.float32)
@@ -387,17 +387,17 @@ def test_scores_of_every_rho_float32_with_the_production_sweep(tiny_images):
 
 
 def test_best_rho_is_the_first_maximal_score():
-    from utils.scoring import best_index
+    from utils.method.scoring import best_index
 
     for values in ([1.0, 3.0, 3.0, 2.0], [5.0] * 20, [0.0, 0.5, 0.25, 0.5, 0.5]):
         assert best_index(torch.tensor(values, dtype=torch.float64)) == first_max(values)
 
 
 def test_split_layer_for_three_concepts_adds_up_and_keeps_the_logits(tiny_images):
-    """utils.surgery with the hand-made filters of a k = 3 split: filter c = D_1, then D_2, D_3, Res appended;
+    """utils.model.surgery with the hand-made filters of a k = 3 split: filter c = D_1, then D_2, D_3, Res appended;
     the merge has +1 for each D_j and -(k - 1) = -2 for Res in row c; the logits are unchanged."""
-    from utils.split import Split
-    from utils.surgery import split_network
+    from utils.method.split import Split
+    from utils.model.surgery import split_network
 
     _, arrays = tiny_images
     model = tiny_cnn(torch.float64)

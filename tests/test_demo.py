@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from utils.pipeline import DemoConfig, run_demo
-from utils.split import RHOS
+from utils.stages.demo import DemoConfig, run_demo
+from utils.method.split import RHOS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,10 +71,10 @@ def test_demo_vit_small(tmp_path):
     """``demo.py --model vit`` on a smaller setting: the digits ViT trained, split at its last MLP (class token)."""
     import torch
 
-    from utils.data import list_images, load_image
-    from utils.demo_models import digits_vit_spec
-    from utils.models import load_model
-    from utils.surgery import load_checkpoint
+    from utils.data.images import list_images, load_image
+    from utils.model.demo_models import digits_vit_spec
+    from utils.model.loading import load_model
+    from utils.model.surgery import load_checkpoint
 
     spec = digits_vit_spec()
     cfg = DemoConfig(model=spec, demo_root=str(tmp_path / "demo_data"), out_dir=str(tmp_path / "out"), epochs=3,
@@ -113,3 +113,11 @@ def test_demo_vit_flag(tmp_path):
     out = subprocess.run([sys.executable, "demo.py", "--model", "vit", "--data_dir", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.startswith("error: --model vit") and len(out.stderr.splitlines()) == 1
+
+
+def test_the_digits_vit_names_the_classes_as_the_digits_folders_do():
+    """utils/model/demo_models.py is loaded by path as an own model file, so it keeps its own copy of the names."""
+    from utils.data.digits import DIGIT_NAMES
+    from utils.model.demo_models import digits_vit
+
+    assert digits_vit()[1] == DIGIT_NAMES and len(DIGIT_NAMES) == 10

@@ -234,7 +234,7 @@ def test_every_torchrun_line_of_the_docs_parses():
         assert os.path.isfile(os.path.join(ROOT, f"{name}.py")), (where, argv)
         if "..." in a.training_script_args:
             continue
-        command = importlib.import_module(f"utils.commands.{name}")
+        command = importlib.import_module(f"utils.cli.{name}")
         try:
             with contextlib.redirect_stderr(err):
                 command.get_args_parser().parse_args(a.training_script_args)

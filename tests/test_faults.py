@@ -180,7 +180,7 @@ def _in_process(argv) -> tuple[int, str]:
 
 
 def test_full_disk_while_writing_chunks_is_one_line_and_resumable(tiny, tmp_path, monkeypatch):
-    from utils import chunks
+    from utils.store import chunks
 
     args, reference = tiny
     store = os.path.join(str(tmp_path / "s"), os.path.basename(reference))
@@ -206,7 +206,7 @@ def test_full_disk_while_writing_chunks_is_one_line_and_resumable(tiny, tmp_path
 
 
 def test_too_little_space_to_assemble_is_said_before_writing(tiny, tmp_path, monkeypatch):
-    from utils import chunks
+    from utils.store import chunks
 
     args, reference = tiny
     store = os.path.join(str(tmp_path / "s"), os.path.basename(reference))
@@ -223,7 +223,8 @@ def test_too_little_space_to_assemble_is_said_before_writing(tiny, tmp_path, mon
 def test_a_really_full_disk_during_assembly_no_sigbus_and_resumable(tiny, tmp_path, monkeypatch):
     """On a real small file system, filled up right before the assembly (whose space check is told a lie):
     the assembly itself meets ENOSPC while streaming relevance.npy (a memory map died with SIGBUS here)."""
-    from utils import chunks, stage1 as importances
+    from utils.store import chunks
+    from utils.stages import relevance as importances
 
     args, reference = tiny
     with small_fs(str(tmp_path / "fs"), "4m",
@@ -261,7 +262,9 @@ def test_an_injected_full_disk_during_assembly_is_one_line_and_resumable(tiny, t
     kept; the same command then finishes with the store of an uninterrupted run."""
     import builtins
 
-    from utils import chunks, stage1 as importances
+    from utils.store import chunks
+
+    from utils.stages import relevance as importances
 
     args, reference = tiny
     fs = str(tmp_path / "fs")
@@ -394,8 +397,8 @@ def test_read_only_folders_are_refused_before_any_pass(tiny, tmp_path):
 
 
 def test_a_16_bit_png_gives_the_relevance_of_its_8_bit_original(planted_model, tmp_path):
-    from utils.data import load_image, list_images
-    from utils.relevance import relevance_batch
+    from utils.data.images import load_image, list_images
+    from utils.model.hooks import relevance_batch
 
     root = tmp_path / "data" / "train"
     for cls, level in (("A_red", 180), ("B_blue", 60), ("C_gray", 120)):

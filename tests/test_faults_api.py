@@ -85,7 +85,7 @@ def test_the_stages_refuse_objects_of_the_wrong_type():
 
 
 def test_a_held_store_names_wait_true_not_a_flag(tmp_path):
-    from utils.lock import writer_lock
+    from utils.store.lock import writer_lock
 
     d = api.prepare(planted4(), tensors(3, 0), tensors(2, 1), classes=NAMES, store_dir=str(tmp_path))
     store = api.importances(d, "conv", **FAST)
@@ -152,7 +152,7 @@ def test_a_saved_result_is_self_contained_after_its_temporary_store_is_gone(tmp_
 
 
 def test_a_model_near_chance_is_said_at_the_top_of_every_output(tmp_path, capsys):
-    from utils.commands.disentangle_layer import print_layer
+    from utils.cli.disentangle_layer import print_layer
 
     train, val = tensors(6, 0), tensors(5, 1)
     wrong = TensorDataset(train.tensors[0], (train.tensors[1] + 1) % 4)  # every label another class: 0% accuracy
@@ -183,7 +183,7 @@ def test_evaluate_channel_takes_the_tau_the_pairs_were_found_with(tmp_path):
 
 
 def test_a_full_disk_while_writing_the_network_is_one_line_and_a_rerun_finishes(tmp_path, monkeypatch):
-    import utils.surgery as surgery
+    import utils.model.surgery as surgery
 
     train, val = tensors(6, 0), tensors(5, 1)
     real = surgery.save_torch
@@ -208,7 +208,7 @@ def test_a_full_disk_while_writing_the_network_is_one_line_and_a_rerun_finishes(
 def test_a_fault_after_the_work_keeps_the_temporary_store_and_says_where(monkeypatch):
     import shutil
 
-    import utils.result as result
+    import utils.stages.result as result
 
     def broken(path, model=None):
         raise RuntimeError("Error(s) in loading state_dict: Missing key(s) in state_dict: \"0.gain\"\nmore")

@@ -23,14 +23,14 @@ from torch.utils.data import TensorDataset
 
 import utils.api as dc
 from conftest import COLOURS
-from utils.data import Preprocess
+from utils.data.images import Preprocess
 from utils.errors import UserError
-from utils.models import loaded_model
-from utils.receptive import receptive_field
-from utils.relevance import resolve_positions
-from utils.split import sweep
-from utils.surgery import export_network, load_checkpoint, split_network
-from utils.units import Unit, prefix_tokens, unit_at
+from utils.model.loading import loaded_model
+from utils.model.receptive import receptive_field
+from utils.model.hooks import resolve_positions
+from utils.method.split import sweep
+from utils.model.surgery import export_network, load_checkpoint, split_network
+from utils.model.units import Unit, prefix_tokens, unit_at
 
 timm = pytest.importorskip("timm")
 from timm.layers import ScaledStdConv2d, StdConv2d  # noqa: E402

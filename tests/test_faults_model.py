@@ -17,10 +17,10 @@ from torch.utils.data import TensorDataset
 import utils.api as dc
 from conftest import write_image_folder
 from test_api import FAST, NAMES, planted4, tensors
-from utils import store as st
+from utils.store import layout as st
 from utils.errors import UserError
-from utils.stage1 import Stage1Config, compute_importances
-from utils.models import load_model
+from utils.stages.relevance import Stage1Config, compute_importances
+from utils.model.loading import load_model
 
 # ------------------------------------------------------------------ item 2: which model made a store
 
@@ -190,7 +190,7 @@ class Killed(Exception):
 def test_an_unfinished_store_of_an_earlier_version_is_finished_in_its_float16(tmp_path, monkeypatch):
     """A run of an earlier version (format 2: float16 relevance) killed after two chunks: this version finishes it
     in float16, with the rows of an uninterrupted run rounded to float16, and the store opens."""
-    from utils import chunks
+    from utils.store import chunks
 
     full = np.asarray(stage1_of(planted4(), tmp_path / "full", chunk_images=4).relevance)
     write_chunk = chunks.write_chunk
@@ -238,7 +238,7 @@ def test_large_logits_pass_the_logit_check_relative_to_their_size(tmp_path):
     """Stage 3 of a network with logits ~1e5: rounding alone moves them by more than 1e-3, which an absolute
     tolerance refused; the split is kept, and its logit difference (recomputed here) is within 1e-5 of the largest
     |logit|."""
-    from utils.surgery import disentangle_model
+    from utils.store.records import disentangle_model
 
     model = tiny_cnn(1e6)
     d = dc.prepare(model, tensors(6, 0), tensors(5, 1), classes=NAMES, store_dir=str(tmp_path))
@@ -254,8 +254,8 @@ def test_large_logits_pass_the_logit_check_relative_to_their_size(tmp_path):
 def test_the_layer_command_checks_logits_relative_to_their_size(tmp_path, monkeypatch):
     """The layer command's one network, logits ~1e5: kept (its difference > 1e-3, < 1e-5 of the largest |logit|
     of the validation images, computed here); the outputs after the check are stubbed out (speed)."""
-    from utils import layer as pipeline
-    from utils.layer import LayerConfig, disentangle_layer
+    from utils.stages import layer as pipeline
+    from utils.stages.layer import LayerConfig, disentangle_layer
 
     model = tiny_cnn(1e6)
     val = tensors(5, 1)
@@ -309,7 +309,7 @@ def test_a_nan_validation_image_is_refused_with_its_index(tmp_path):
 
 
 def test_best_index_refuses_scores_that_are_not_numbers():
-    from utils.scoring import best_index
+    from utils.method.scoring import best_index
 
     assert best_index(torch.tensor([0.5, 2.0, 2.0, 1.0])) == 1
     assert "NaN" in refusal(lambda: best_index(torch.tensor([0.5, float("nan"), 1.0])))

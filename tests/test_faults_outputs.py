@@ -246,7 +246,7 @@ def test_a_class_with_validation_images_only_is_left_out_in_every_command(plante
     assert json.load(open(tmp_path / "l.json"))["channels"]["0"]["concepts"] == [[0, 1], [3]]
     records = os.path.join(store, "models_disentangled")
     chosen = ["--model_dir", records, "--channel_of_interest", "0", "--concept", "0", "1", "--concept", "3"]
-    from utils import concepts as st
+    from utils.data import classes as st
 
     st._note_once.cache_clear()  # said once per process: these commands share this one
     r = run_script("get_results.py", *run, *chosen, "--purity", "4", "--out_dir", str(tmp_path / "s4"))
@@ -259,8 +259,8 @@ def test_a_class_with_validation_images_only_is_left_out_in_every_command(plante
     r = run_script("get_results.py", *run, *chosen, "--purity", "4", "--out_dir", str(tmp_path / "s4b"),
                    "--class_index", str(index), "--json", str(tmp_path / "s4b.json"))
     assert r.returncode == 2 and "another folder's" in r.stderr, r.stderr  # class 2 is C_green's
-    from utils.models import load_model
-    from utils.concepts import data_class_map
+    from utils.model.loading import load_model
+    from utils.data.classes import data_class_map
 
     index.write_text(json.dumps({"E_extra": 3}))
     lm = load_model(common[common.index("--model") + 1])

@@ -81,7 +81,7 @@ def test_a_32_px_model_runs_through_every_command_with_input_size_32(for32):
     layer = json.load(open(root / "layer.json"))
     assert sorted(layer["channels"]) == ["0", "1"] and layer["provenance"]["transform"]["crop"] == 32
     # the layer command's folder loads as a result from anywhere: the own file by its absolute path, the transform
-    from utils.result import load
+    from utils.stages.result import load
 
     res = load(os.path.dirname(layer["report"]))
     assert res.transform.crop == 32 and sorted(res.channels) == [0, 1]

@@ -13,9 +13,9 @@ import torchvision
 from torch import nn
 
 from conftest import planted_cli_setup, planted_rgb_source, run_script
-from utils.linkage import complete_linkage, cosine_matrix
-from utils.split import RHOS, Split, assign_inputs, split_filters, sweep
-from utils.surgery import load_checkpoint, split_network
+from utils.method.linkage import complete_linkage, cosine_matrix
+from utils.method.split import RHOS, Split, assign_inputs, split_filters, sweep
+from utils.model.surgery import load_checkpoint, split_network
 
 # A planted network whose channel 0 serves THREE concepts through different inputs: stem channels 0-2 see
 # red, 3-5 green, 6-8 blue, 9 is constant; conv channel 0 reads 0-8, channel 1 the constant, channel 2 red
@@ -129,10 +129,10 @@ def test_planted_channel_comes_out_as_three_concept_channels(planted3):
     assert list(ch["scores"]) == [f"{r:.2f}" for r in RHOS]
     assert ch["purity"]["concepts"] == [1.0, 1.0, 1.0]  # each concept channel's top-4 images are its own colour
     # each concept channel responds to its own concept: activation sums on the training images
-    from utils.data import list_images, make_loader
-    from utils.models import load_model
-    from utils.records import load_record, load_split
-    from utils.relevance import conv_with_filters, layer_input
+    from utils.data.images import list_images, make_loader
+    from utils.model.loading import load_model
+    from utils.store.records import load_record, load_split
+    from utils.model.hooks import conv_with_filters, layer_input
 
     lm = load_model(f"{root / 'planted3.py'}:build")
     split = load_split(load_record(ch["record"]))
@@ -163,10 +163,10 @@ def test_planted_channel_comes_out_as_three_concept_channels(planted3):
 
 def test_layer_command_equals_stage_3_for_two_single_class_concepts(planted_model, planted_data, tmp_path):
     """For a channel whose concepts are two single classes: the same index sets, scores, best rho and filters."""
-    from utils import stage3 as dis
-    from utils.stage1 import Stage1Config, compute_importances
-    from utils.layer import LayerConfig, disentangle_layer
-    from utils.records import load_record, load_split
+    from utils.stages import splitting as dis
+    from utils.stages.relevance import Stage1Config, compute_importances
+    from utils.stages.layer import LayerConfig, disentangle_layer
+    from utils.store.records import load_record, load_split
 
     store = str(tmp_path / "store")
     compute_importances(Stage1Config(planted_data, store, layer="conv", batch_size=3, num_workers=0, progress=False,

@@ -147,10 +147,10 @@ def test_every_pass_of_the_layer_command_feeds_images_through_the_models_transfo
     store is made with it too: a store made with another transform is refused, see test_input_size)."""
     import dataclasses
 
-    from utils import image_pass
-    from utils.stage1 import Stage1Config, compute_importances
-    from utils.layer import LayerConfig, disentangle_layer
-    from utils.models import load_model
+    from utils.passes import image_pass
+    from utils.stages.relevance import Stage1Config, compute_importances
+    from utils.stages.layer import LayerConfig, disentangle_layer
+    from utils.model.loading import load_model
 
     root, data, common = planted4
     lm = load_model(common[common.index("--model") + 1])
@@ -210,7 +210,7 @@ def test_auc_of_every_validation_image_in_layer_json(planted4, tmp_path):
 def test_flags_of_concept_units():
     import numpy as np
 
-    from utils.flags import concept_flags, topk_ties
+    from utils.method.failures import concept_flags, topk_ties
 
     scores = np.array([3.0, 2.0, 2.0, 1.0, 0.5])
     assert topk_ties(scores, [3.0, 2.0]) and not topk_ties(scores, [3.0, 2.0, 2.0]) and not topk_ties(scores, [3.0])

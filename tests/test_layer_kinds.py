@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
-from utils.models import default_layer, get_layer, load_model, plain_convs
-from utils.relevance import capture_layer, conv_with_filters
-from utils.split import Split
-from utils.surgery import split_network
+from utils.model.loading import default_layer, get_layer, load_model, plain_convs
+from utils.model.hooks import capture_layer, conv_with_filters
+from utils.method.split import Split
+from utils.model.surgery import split_network
 
 timm = pytest.importorskip("timm")
 from timm.layers import Conv2dSame, ScaledStdConv2d, StdConv2d  # noqa: E402

@@ -1,9 +1,9 @@
-"""Position-wise ``Linear`` layers as the layer of interest (``utils.units``): ViT, DeiT, Swin MLPs on tokens
+"""Position-wise ``Linear`` layers as the layer of interest (``utils.model.units``): ViT, DeiT, Swin MLPs on tokens
 ``(B, N, C)`` and ConvNeXt's channels-last 1x1 convolutions ``(B, H, W, C)``.
 
 Every number is compared with an independent computation: the relevance with back-propagation to the IMAGE in
 float64 (as ``test_stage1.relevance_via_image`` does it, per position here), the stage-1 store's ARVs with
-autograd of their definition on the layer's raw input (written here, not taken from ``utils.units``), the split
+autograd of their definition on the layer's raw input (written here, not taken from ``utils.model.units``), the split
 network's logits with the original's, the Linear's whole pipeline with a twin network whose layer is the
 equivalent 1x1 ``Conv2d``, and a planted token model whose one polysemantic neuron has a known answer. Random
 weights, no downloads; the models are built small (ViT-B/16 for 32 px images, DeiT 48 px, Swin and ConvNeXt 64 px).
@@ -22,17 +22,17 @@ from torch import nn
 
 from conftest import write_image_folder
 from test_stage1 import assert_relevance_close, backprop_seen
-from utils.arv import concept_arvs
-from utils.data import ImageDataset, Preprocess, list_images
-from utils.stage3 import Stage3Config, disentangle_channel
-from utils.stage1 import Stage1Config, compute_importances
-from utils.models import LoadedModel, default_layer, get_layer
-from utils.records import rho_key
-from utils.relevance import capture_layer, layer_input, relevance_batch, resolve_positions
-from utils.split import Split, sweep
-from utils.store import Store
-from utils.surgery import split_network
-from utils.units import Unit
+from utils.store.arvs import concept_arvs
+from utils.data.images import ImageDataset, Preprocess, list_images
+from utils.stages.splitting import Stage3Config, disentangle_channel
+from utils.stages.relevance import Stage1Config, compute_importances
+from utils.model.loading import LoadedModel, default_layer, get_layer
+from utils.store.records import rho_key
+from utils.model.hooks import capture_layer, layer_input, relevance_batch, resolve_positions
+from utils.method.split import Split, sweep
+from utils.store.layout import Store
+from utils.model.surgery import split_network
+from utils.model.units import Unit
 
 timm = pytest.importorskip("timm")
 

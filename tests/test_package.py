@@ -46,18 +46,18 @@ def _run_installed(target, tmp_path, *args):
 
 def test_install_gives_one_package_and_no_utils(installed, tmp_path):
     assert (installed / "disentangle_channels" / "__init__.py").is_file()
-    assert (installed / "disentangle_channels" / "commands" / "__init__.py").is_file()
+    assert (installed / "disentangle_channels" / "cli" / "__init__.py").is_file()
     assert not (installed / "utils").exists()
-    imports = "; ".join(f"import disentangle_channels.commands.{m}" for m in COMMANDS)
+    imports = "; ".join(f"import disentangle_channels.cli.{m}" for m in COMMANDS)
     r = _run_installed(installed, tmp_path, "-c", (
         f"import sys, disentangle_channels; {imports}; print(disentangle_channels.__version__); "
-        "print(disentangle_channels.commands.demo.demo_model('vit', None)); "
+        "print(disentangle_channels.cli.demo.demo_model('vit', None)); "
         "print(sorted(m for m in sys.modules if m == 'utils' or m.startswith('utils.')))"))
     assert r.returncode == 0, r.stderr
     version, vit, utils_modules = r.stdout.splitlines()
     assert version == importlib.import_module("utils").__version__ == "0.1.0"
     # --model vit of dc-demo is the installed file of the digits ViT
-    assert vit == f"{installed / 'disentangle_channels' / 'demo_models.py'}:digits_vit", vit
+    assert vit == f"{installed / 'disentangle_channels' / 'model' / 'demo_models.py'}:digits_vit", vit
     assert utils_modules == "[]"
 
 
@@ -72,7 +72,7 @@ def test_console_scripts_help(installed, tmp_path):
 def test_scripts_are_the_command_modules():
     """``import get_results`` (tests, benchmarks) gives the package's module, so monkeypatching it reaches main."""
     for module in COMMANDS:
-        assert importlib.import_module(module) is importlib.import_module(f"utils.commands.{module}"), module
+        assert importlib.import_module(module) is importlib.import_module(f"utils.cli.{module}"), module
 
 
 def test_scripts_help_from_the_clone():
@@ -102,3 +102,21 @@ def test_the_quickstart_notebook_runs_top_to_bottom_on_the_installed_package(ins
     shown = nb.cells[-1].outputs[0]["data"]["text/html"]
     assert shown.startswith("<iframe srcdoc=") and "data:image/png;base64," in shown
     assert (tmp_path / "quickstart_result" / "disentangled.pt").is_file()
+
+
+def test_the_old_path_of_the_demo_vit_still_builds(tmp_path):
+    """Stores and exported networks made before the package was rehoused name ``utils/demo_models.py``: that
+    path still builds the digits ViT (the same weights from the same seed); another missing file is still refused."""
+    import torch
+
+    from utils.errors import UserError
+    from utils.model.sources import build_own
+
+    repo = os.path.dirname(importlib.import_module("utils").__path__[0])
+    new = build_own(os.path.join(repo, "utils", "model", "demo_models.py") + ":digits_vit", "none", None, seed=3)
+    old = build_own(os.path.join(repo, "utils", "demo_models.py") + ":digits_vit", "none", None, seed=3)
+    assert new.weights_id == old.weights_id
+    for a, b in zip(new.model.state_dict().values(), old.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(UserError, match="no file"):
+        build_own(str(tmp_path / "models" / "demo_models.py") + ":digits_vit", "none", None)

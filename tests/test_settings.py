@@ -15,10 +15,10 @@ from torch import nn
 
 from conftest import write_image_folder
 from test_stage1 import check_model, direct_images, relevance_via_image
-from utils.concepts import class_map, imagenet_wnids
-from utils.device import model_on, resolve_device
+from utils.data.classes import class_map, imagenet_wnids
+from utils.passes.device import model_on, resolve_device
 from utils.errors import UserError
-from utils.models import get_layer, load_model, model_tag
+from utils.model.loading import get_layer, load_model, model_tag
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -128,8 +128,8 @@ def test_folder_count_unlike_the_outputs_is_one_line_and_writes_nothing(image_fo
 
 
 def test_stage3_lists_and_checks_only_its_concepts_classes(planted_model, image_folder, tmp_path):
-    from utils import stage3 as dis
-    from utils.stage1 import Stage1Config, compute_importances
+    from utils.stages import splitting as dis
+    from utils.stages.relevance import Stage1Config, compute_importances
 
     data = image_folder(n_train=4, n_val=1)
     compute_importances(Stage1Config(data, str(tmp_path / "s"), layer="conv", batch_size=4, num_workers=0,
@@ -150,8 +150,8 @@ def test_stage3_lists_and_checks_only_its_concepts_classes(planted_model, image_
 
 @pytest.mark.parametrize("arch", ["resnet50", "convnext_tiny", "efficientnet_b0"])
 def test_timm_relevance_and_split_equivalence(arch):
-    from utils.surgery import split_network
-    from utils.split import Split
+    from utils.model.surgery import split_network
+    from utils.method.split import Split
 
     lm = load_model(f"timm/{arch}", "none")
     assert lm.num_classes == 1000 and lm.tag == f"timm-{arch}" and lm.weights == "none"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.selectivity import concept_aucs, roc_auc
-from utils.split import assign_inputs, sweep
+from utils.method.selectivity import concept_aucs, roc_auc
+from utils.method.split import assign_inputs, sweep
 
 
 def assign_by_hand(A: list[list[float]], rho: float, positive: bool) -> list[int]:

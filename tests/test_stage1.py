@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from utils.data import ImageDataset, list_images
+from utils.data.images import ImageDataset, list_images
 from utils.errors import UserError
 from conftest import class_index_for
-from utils import chunks
-from utils.stage1 import Stage1Config, compute_importances
-from utils.models import LoadedModel, get_layer, load_model
-from utils.relevance import relevance_batch
+from utils.store import chunks
+from utils.stages.relevance import Stage1Config, compute_importances
+from utils.model.loading import LoadedModel, get_layer, load_model
+from utils.model.hooks import relevance_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "get_importances_for_classes.py")
@@ -33,7 +33,7 @@ SCRIPT = os.path.join(ROOT, "get_importances_for_classes.py")
 
 
 def channels_first(t: torch.Tensor, linear: bool, positions: str = "all") -> torch.Tensor:
-    """A layer output as B x C x positions (written here, not taken from utils.units): a conv map flattened; a
+    """A layer output as B x C x positions (written here, not taken from utils.model.units): a conv map flattened; a
     Linear's (B, C), channels-last (B, H, W, C) or tokens (B, N, C) with the channel axis moved to 1
     (``cls``: token 0 alone)."""
     if not linear:

@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 from conftest import arv_autograd, class_index_for, planted_loaded, taps_by_formula, write_image_folder, write_store
-from utils import arv as arvs
-from utils import selection as sel
+from utils.method import arv as arvs
+from utils.store import arvs as store_arvs
+from utils.method import candidates as sel
+from utils.stages import candidates as stage2
 from utils.errors import UserError
-from utils.stage1 import Stage1Config, compute_importances
-from utils.relevance import layer_input
-from utils.store import Store, open_store
+from utils.stages.relevance import Stage1Config, compute_importances
+from utils.model.hooks import layer_input
+from utils.store.layout import Store, open_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "get_cosine_similarities.py")
@@ -54,14 +56,14 @@ def test_closed_form_arv_equals_autograd_definition(name, tmp_path):
     x = torch.randn(4, 6, 9, 8, dtype=torch.float64).relu() + 0.1 * torch.randn(4, 6, 9, 8, dtype=torch.float64)
     taps = Store.open(write_store(str(tmp_path / "v2"), conv, taps_by_formula(conv, x).sum(0, keepdim=True), [4]))
     maps = Store.open(write_store(str(tmp_path / "v1"), conv, x.sum(0, keepdim=True).numpy(), [4], version=1))
-    rebuilt = arvs.store_conv(taps)
+    rebuilt = store_arvs.store_conv(taps)
     assert rebuilt.padding_mode == conv.padding_mode and rebuilt.stride == conv.stride
     # the production tap sums of a batch equal the definition
     torch.testing.assert_close(arvs.batch_tap_sums(x, arvs.tap_maps(conv, (9, 8))).view(4, 6, *conv.kernel_size),
                                taps_by_formula(conv, x), rtol=1e-12, atol=1e-12)
     for c in range(5):
         want = arv_autograd(conv, c, x)
-        got, old = arvs.concept_arvs(taps, c, [[0]])[0], arvs.concept_arvs(maps, c, [[0]])[0]
+        got, old = store_arvs.concept_arvs(taps, c, [[0]])[0], store_arvs.concept_arvs(maps, c, [[0]])[0]
         assert got.dtype == torch.float64 and got.shape == (6,)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9 * want.abs().max().item())
         torch.testing.assert_close(got, old, rtol=1e-12, atol=1e-12 * want.abs().max().item())
@@ -77,11 +79,11 @@ def test_candidate_arvs_match_autograd_per_class(tmp_path):
     for t, x in xs.items():
         sums[t] = taps_by_formula(conv, x).sum(0)
     store = Store.open(write_store(str(tmp_path / "s"), conv, sums.numpy(), [3, 0, 5]))
-    got = arvs.candidate_arvs(store, {1: [0, 2]})
+    got = store_arvs.candidate_arvs(store, {1: [0, 2]})
     for i, t in enumerate([0, 2]):
         torch.testing.assert_close(got[1][i], arv_autograd(conv, 1, xs[t]), rtol=1e-5, atol=1e-12)
     with pytest.raises(UserError, match="no training images"):
-        arvs.candidate_arvs(store, {1: [0, 1]})
+        store_arvs.candidate_arvs(store, {1: [0, 1]})
 
 
 # ---------------------------------------------------------------- steps 1-4 on hand-built relevance
@@ -126,7 +128,7 @@ def test_counts_relevance_and_candidates_with_known_answers():
         [1, 1, 0, 1],      # class 1: c0, c1, c3 (threshold 0.75)
     ])
     targets = np.array([0, 0, 0, 0, 1, 1])
-    counts = sel.count_important_all(R, targets, 3, 0.25)
+    counts = stage2.count_important_all(R, targets, 3, 0.25)
     assert counts.tolist() == [[3, 2, 1, 0], [1, 2, 0, 2], [0, 0, 0, 0]]
     n = torch.tensor([4, 2, 0])
     rel = sel.relevant_classes(counts, n, 0.75)
@@ -147,11 +149,11 @@ def test_counts_do_not_depend_on_order_or_chunking(tmp_path):
         want[t] += row >= 0.1 * np.clip(row, 0, None).sum()
     path = str(tmp_path / "relevance.npy")
     np.save(path, R)
-    assert sel.count_important_all(R, targets, 7, 0.1).numpy().tolist() == want.tolist()
+    assert stage2.count_important_all(R, targets, 7, 0.1).numpy().tolist() == want.tolist()
     for rows in (1, 7, 64, 1000):
-        assert sel.count_important_all(path, targets, 7, 0.1, rows=rows).numpy().tolist() == want.tolist()
+        assert stage2.count_important_all(path, targets, 7, 0.1, rows=rows).numpy().tolist() == want.tolist()
     perm = rng.permutation(301)
-    shuffled = sel.count_important_all(R[perm], targets[perm], 7, 0.1, rows=50)
+    shuffled = stage2.count_important_all(R[perm], targets[perm], 7, 0.1, rows=50)
     assert shuffled.numpy().tolist() == want.tolist()
 
 
@@ -204,7 +206,7 @@ def test_planted_channel0_is_polysemantic_channel1_is_not(planted_store, planted
     imp = R >= 0.03 * np.clip(R, 0, None).sum(1, keepdims=True)
     want = np.stack([imp[targets == t].sum(0) for t in range(3)])
     shutil.rmtree(planted_data)  # stage 2 reads no images
-    res = sel.find_pairs(store, tau=0.03, p=0.75, gamma_low=0.0, gamma_high=0.5)
+    res = stage2.find_pairs(store, tau=0.03, p=0.75, gamma_low=0.0, gamma_high=0.5)
     assert res.counts.numpy().tolist() == want.tolist()
     assert res.candidates[0] == [0, 1]  # channel 0: red and blue
     assert 1 in res.candidates and {0, 1} <= set(res.candidates[1])
@@ -212,18 +214,18 @@ def test_planted_channel0_is_polysemantic_channel1_is_not(planted_store, planted
     listed = {(d["channel"], d["class1"], d["class2"]): d["cosine_similarity"] for d in res.pairs}
     assert (0, 0, 1) in listed and abs(listed[(0, 0, 1)]) < 0.1
     assert not any(c == 1 for c, _, _ in listed)  # same inputs for every class: cos close to 1
-    everything = sel.find_pairs(store, tau=0.03, p=0.75, gamma_low=-1.0, gamma_high=1.5)
+    everything = stage2.find_pairs(store, tau=0.03, p=0.75, gamma_low=-1.0, gamma_high=1.5)
     cos1 = [d["cosine_similarity"] for d in everything.pairs if d["channel"] == 1]
     assert cos1 and min(cos1) > 0.99
     # stage 3 recomputes the ARVs it needs with concept_arvs: the same vectors, the same s
     for d in everything.pairs:
-        a1, a2 = arvs.concept_arvs(store, d["channel"], [[d["class1"]], [d["class2"]]])
+        a1, a2 = store_arvs.concept_arvs(store, d["channel"], [[d["class1"]], [d["class2"]]])
         s = float(a1 @ a2 / (a1.norm() * a2.norm()))
         assert s == pytest.approx(d["cosine_similarity"], abs=1e-12)
 
 
 def test_planted_concept_arv_equals_autograd_over_the_images(planted_store, planted_model, planted_data):
-    from utils.data import list_images, make_loader
+    from utils.data.images import list_images, make_loader
 
     images = list_images(planted_data, "train")
     x = torch.cat([layer_input(planted_model.model, planted_model.model.conv, b[0])
@@ -232,7 +234,7 @@ def test_planted_concept_arv_equals_autograd_over_the_images(planted_store, plan
     conv = planted_model.model.conv
     for channel, classes in ((0, [0]), (0, [1]), (1, [0, 1]), (3, [0, 1, 2])):
         want = arv_autograd(conv, channel, x[torch.isin(t, torch.tensor(classes))])
-        got = arvs.concept_arvs(planted_store, channel, [classes])[0]
+        got = store_arvs.concept_arvs(planted_store, channel, [classes])[0]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
 
 
@@ -262,7 +264,7 @@ def cli_store(tmp_path_factory):
 def planted_cli_store(tmp_path_factory):
     """Stage-1 stores of the planted network (layers ``conv`` and ``stem``) and, independently, the cosine
     similarity of channel 0's ARVs for red (class 0) and blue (class 1) by autograd over the images."""
-    from utils.data import list_images, make_loader
+    from utils.data.images import list_images, make_loader
 
     root = tmp_path_factory.mktemp("stage2_planted")
     data = write_image_folder(str(root / "data"), n_train=8, n_val=1)

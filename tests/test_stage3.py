@@ -14,18 +14,21 @@ import torchvision
 from torch import nn
 
 from conftest import arv_autograd, class_index_for, make_record
-from utils import stage3 as dis, surgery
-from utils.arv import concept_arvs
-from utils.concepts import check_concepts
-from utils.data import list_images, make_loader
+from utils.stages import splitting as dis
+from utils.model import surgery
+from utils.store.arvs import concept_arvs
+from utils.data.classes import check_concepts
+from utils.data.images import list_images, make_loader
 from utils.errors import UserError, run_cli
-from utils.stage1 import Stage1Config, compute_importances
-from utils.models import get_layer, load_model
-from utils.records import load_record, load_split, record_keys, save_record
-from utils.relevance import layer_input
-from utils.scoring import batch_ratio_sums, best_index, score_filters, scores_from_sums
-from utils.split import RHOS, Sweep, sweep
-from utils.surgery import disentangle_model, export_checkpoint, load_checkpoint, make_split_layer
+from utils.stages.relevance import Stage1Config, compute_importances
+from utils.model.loading import get_layer, load_model
+from utils.store.records import load_record, load_split, record_keys, save_record
+from utils.model.hooks import layer_input
+from utils.model.units import as_unit
+from utils.method.scoring import batch_ratio_sums, best_index, score_filters, scores_from_sums
+from utils.method.split import RHOS, Sweep, sweep
+from utils.model.surgery import load_checkpoint, make_split_layer
+from utils.store.records import disentangle_model, export_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -43,13 +46,13 @@ def sweep_scores(model, conv, channel, sw, batches):
     parts, counts = [], [0] * sw.k
     with torch.no_grad():
         for images, concept in batches:
-            parts.append(batch_ratio_sums(conv, layer_input(model, conv, images), bank, bias, sw.k, concept))
+            parts.append(batch_ratio_sums(as_unit(conv), layer_input(model, conv, images), bank, bias, sw.k, concept))
             counts = [n + int((concept == j + 1).sum()) for j, n in enumerate(counts)]
     return scores_from_sums(sw, parts, counts), counts
 
 
 def _swap(model: nn.Module, layer: str, splits) -> nn.Module:
-    from utils.models import set_module
+    from utils.model.loading import set_module
     net = copy.deepcopy(model)
     _, conv = get_layer(net, layer)
     conv = conv.module  # the Conv2d itself
@@ -157,7 +160,7 @@ def test_conv_with_bias_stride_and_reflect_padding():
 
 
 def test_several_splits_and_checkpoint_round_trip(tmp_path, resnet18):
-    from utils.models import LoadedModel
+    from utils.model.loading import LoadedModel
 
     model, x, ref = resnet18
     lm = LoadedModel(model, "resnet18", "none", 1000, None)
@@ -291,7 +294,7 @@ def test_planted_channel_splits_into_red_and_blue(planted_model, planted_data, p
 
 
 def test_concept_arv_of_several_classes_is_the_mean_over_their_images(planted_model, planted_data, planted_store):
-    from utils.store import Store
+    from utils.store.layout import Store
     store = Store.open(os.path.join(planted_store, "planted_channel_importances"))
     conv = planted_model.model.conv
     got = concept_arvs(store, 0, [[0, 2], [1]])[0]

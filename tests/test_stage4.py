@@ -21,16 +21,16 @@ from torch import nn
 
 import get_results
 from conftest import arv_autograd, class_index_for, make_record
-from utils.data import list_images, make_loader
+from utils.data.images import list_images, make_loader
 from utils.errors import UserError
-from utils.evaluation import Activations, Stage4Config, evaluate_batch, relative_attribution, run_stage4
-from utils.models import LoadedModel, get_layer
-from utils.plots import density_curves, density_plot, fit_kde, pgfplots_blocks, write_pgfplots
-from utils.records import load_split
-from utils.relevance import layer_input
-from utils.results import fraction_rows, read_rows_csv, summarize, write_rows_csv
-from utils.split import assign_inputs
-from utils.surgery import disentangle_model
+from utils.stages.evaluation import Activations, Stage4Config, evaluate_batch, relative_attribution, run_stage4
+from utils.model.loading import LoadedModel, get_layer
+from utils.report.plots import density_curves, density_plot, fit_kde, pgfplots_blocks, write_pgfplots
+from utils.store.records import load_split
+from utils.model.hooks import layer_input
+from utils.report.tables import fraction_rows, read_rows_csv, summarize, write_rows_csv
+from utils.method.split import assign_inputs
+from utils.store.records import disentangle_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -55,7 +55,7 @@ def class_arv(lm: LoadedModel, layer: str, channel: int, data_dir: str, t: int) 
 
 
 def read_pgfplots(path: str) -> dict[str, np.ndarray]:
-    """Parse the ``filecontents*`` blocks of a .tex file into {name: (G x 2) array}, independently of utils.plots."""
+    """Parse the ``filecontents*`` blocks of a .tex file into {name: (G x 2) array}, independently of utils.report.plots."""
     with open(path) as f:
         text = f.read()
     out = {}
@@ -214,9 +214,9 @@ def test_planted_channel_splits_into_its_two_concepts(planted_run):
 
 def test_end_to_end_through_stages_1_and_3(tmp_path, planted_model, planted_data):
     """Stage 1 store -> stage 3 record (utils.disentangle, as disentangle_channel.py) -> stage 4."""
-    from utils import stage3 as dis
-    from utils.stage1 import Stage1Config, compute_importances
-    from utils.records import save_record
+    from utils.stages import splitting as dis
+    from utils.stages.relevance import Stage1Config, compute_importances
+    from utils.store.records import save_record
 
     store = str(tmp_path / "store")
     compute_importances(Stage1Config(planted_data, store, model="planted", weights="planted-v1", layer="conv",
@@ -240,9 +240,9 @@ def test_end_to_end_through_stages_1_and_3(tmp_path, planted_model, planted_data
 def test_concepts_in_any_class_order_name_one_folder_and_are_found(tmp_path, planted_model, planted_data):
     """Stage 3 given concept 1 = classes 2, 0 (unsorted) names its folder c1-0-2; stage 4 finds it given either
     order, and also finds a folder an older version named c1-2-0."""
-    from utils import stage3 as dis
-    from utils.stage1 import Stage1Config, compute_importances
-    from utils.records import save_record
+    from utils.stages import splitting as dis
+    from utils.stages.relevance import Stage1Config, compute_importances
+    from utils.store.records import save_record
 
     store = str(tmp_path / "store")
     compute_importances(Stage1Config(planted_data, store, model="planted", weights="planted-v1", layer="conv",
@@ -408,7 +408,7 @@ def test_cli_help():
 
 
 def test_cli_seed_command_and_quantitative_reruns(tmp_path, image_folder):
-    from utils.models import load_model
+    from utils.model.loading import load_model
 
     data = image_folder(n_train=1, n_val=3, size=48)
     lm = load_model("resnet18", "none")
@@ -510,7 +510,7 @@ def test_val_folders_are_mapped_by_the_stores_class_index(planted_setup, tmp_pat
     out = get_results.main(_namespace(**base), loaded=lm)
     d1, d2, res = out["concept1"]["mean"]  # concept 1 is class 0: the blue folder, which D1 (red inputs) ignores
     assert out["concept1"]["rows"] == 4 and abs(d1) < 0.05 and abs(d2 - 1) < 0.05
-    from utils import concepts as st
+    from utils.data import classes as st
 
     st._note_once.cache_clear()
     with contextlib.redirect_stderr(io.StringIO()) as err:

@@ -1,4 +1,4 @@
-"""visualize_channel.py and utils.topk / featvis / teaser: top-k, crops, feature visualisation, purity, figure."""
+"""visualize_channel.py and utils.passes.topk / featvis / teaser: top-k, crops, feature visualisation, purity, figure."""
 from __future__ import annotations
 
 import json
@@ -13,17 +13,18 @@ from PIL import Image
 from torch import nn
 
 from conftest import arv_autograd, class_index_for, make_record
-from utils.data import list_images, make_loader
+from utils.data.images import list_images, make_loader
 from utils.errors import UserError
-from utils.featvis import FVConfig, activation, magnitude_spectrum, visualize
-from utils.models import get_layer, load_model
-from utils.receptive import receptive_field
-from utils.records import load_split
-from utils.relevance import layer_input
-from utils.split import Split, filter_bank
-from utils.teaser import Panel, teaser_figure
-from utils.image_pass import Runner
-from utils.topk import purity, stream_topk
+from utils.passes.featvis import FVConfig, activation, magnitude_spectrum, visualize
+from utils.model.loading import get_layer, load_model
+from utils.model.receptive import receptive_field
+from utils.store.records import load_split
+from utils.model.hooks import layer_input
+from utils.method.split import Split, filter_bank
+from utils.report.teaser import Panel, teaser_figure
+from utils.passes.image_pass import Runner
+from utils.method.selectivity import purity
+from utils.passes.topk import stream_topk
 
 
 def runner(batch_size: int) -> Runner:

@@ -2,16 +2,15 @@
 
 Installed (``pip install .``) it is ``disentangle_channels``; in a clone the scripts import it as ``utils``.
 """
+from .defaults import VERSION as __version__
 from .errors import UserError
 
-__version__ = "0.1.0"  # the one place of the version: pyproject.toml reads it
-
 # The Python API (utils.api), imported when first used: the commands' --help stays quick. No submodule may share
-# a name with these: importing it would set the package's attribute to the module (stage 1 and 3 live in stage1.py
-# and stage3.py for that reason).
+# a name with these: importing it would set the package's attribute to the module (so stage 1 and stage 3 live in
+# stages/relevance.py and stages/splitting.py).
 _API = ("disentangle", "load", "prepare", "importances", "polysemantic_pairs", "split_channel", "evaluate_channel",
         "Result", "Data")
-_MORE = {"Datasets": "datasets", "Preprocess": "preprocess", "ChannelSplit": "result"}
+_MORE = {"Datasets": "data.datasets", "Preprocess": "data.preprocess", "ChannelSplit": "stages.result"}
 __all__ = ["UserError", "__version__", *_API, *_MORE]
 
 

@@ -26,22 +26,22 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .data import Preprocess
-from .datasets import Datasets, is_datasets
+from .data.images import Preprocess
+from .data.datasets import Datasets, is_datasets
 from .defaults import DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
-from .device import resolve_device
+from .passes.device import resolve_device
 from .errors import UserError, api_errors
-from .evaluation import Stage4Config, run_stage4
-from .layer import LayerConfig, disentangle_layer
-from .models import LoadedModel, loaded_model, module_weights_id as _weights_id
-from .preprocess import InputSpec, as_preprocess
-from .provenance import running
-from .records import records_dir, store_record
-from .result import Result, load  # noqa: F401 - part of the API
-from .selection import find_pairs
-from .stage1 import Stage1Config, accuracy_lines, compute_importances
-from .stage3 import Stage3Config, disentangle_channel
-from .store import Store
+from .stages.evaluation import Stage4Config, run_stage4
+from .stages.layer import LayerConfig, disentangle_layer
+from .model.loading import LoadedModel, loaded_model, module_weights_id as _weights_id
+from .data.preprocess import InputSpec, as_preprocess
+from .store.provenance import running
+from .store.records import records_dir, store_record
+from .stages.result import Result, load  # noqa: F401 - part of the API
+from .stages.candidates import find_pairs
+from .stages.relevance import Stage1Config, accuracy_lines, compute_importances
+from .stages.splitting import Stage3Config, disentangle_channel
+from .store.layout import Store
 
 __all__ = ["Data", "prepare", "importances", "polysemantic_pairs", "split_channel", "evaluate_channel", "disentangle",
            "Result", "load"]
@@ -164,7 +164,7 @@ def importances(d: Data, layer: str | None = None, *, positions: str = "auto", p
                 batch_size: int = 64, device: str = "auto", num_workers: int = 0, progress: bool = True,
                 wait: bool = False):
     """Stage 1: the relevance of every unit of ``layer`` for every training image, into ``d.store_dir``;
-    returns the :class:`utils.store.Store` (``.relevance``, ``.accuracy``, ...). ``precision``: fp32, or bf16 or
+    returns the :class:`utils.store.layout.Store` (``.relevance``, ``.accuracy``, ...). ``precision``: fp32, or bf16 or
     fp16 autocast for the pass (as ``get_importances_for_classes.py --precision``). A store that is complete is
     read, not recomputed; one that another job is writing is refused, or waited for with ``wait=True``."""
     with running("disentangle_channels.importances"):
@@ -177,7 +177,7 @@ def importances(d: Data, layer: str | None = None, *, positions: str = "auto", p
 @api_errors
 def polysemantic_pairs(store, tau: float = DEFAULT_TAU, p: float = DEFAULT_P, gamma_high: float = DEFAULT_GAMMA):
     """Stage 2 on a store: candidates, their ARVs and the gamma-polysemantic pairs (``.pairs``: dicts of channel,
-    class1, class2, cosine_similarity; :class:`utils.selection.Stage2Result`).
+    class1, class2, cosine_similarity; :class:`utils.stages.candidates.Stage2Result`).
 
     The defaults are the paper's and :func:`disentangle`'s (tau 0.03, p 0.75, gamma_high 0.5), so the pairs are
     those the layer pipeline splits. ``get_cosine_similarities.py`` keeps the authors' script defaults (tau 0.05,
@@ -193,7 +193,7 @@ def polysemantic_pairs(store, tau: float = DEFAULT_TAU, p: float = DEFAULT_P, ga
 def split_channel(d: Data, channel: int, concepts, layer: str | None = None, *, split_rule: str = "paper",
                   batch_size: int = 64, device: str = "auto", num_workers: int = 0, progress: bool = True):
     """Stage 3: split ``channel`` between ``concepts`` (lists of class indices) after :func:`importances`;
-    writes its record into ``d.store_dir/models_disentangled`` and returns it (:class:`utils.records.Record`)."""
+    writes its record into ``d.store_dir/models_disentangled`` and returns it (:class:`utils.store.records.Record`)."""
     with running("disentangle_channels.split_channel"):
         cfg = Stage3Config(**_run_options(d, layer, batch_size, device, num_workers, progress), channel=channel,
                            concepts=[list(c) for c in concepts], split_rule=split_rule)

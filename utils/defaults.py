@@ -1,4 +1,6 @@
-"""The numbers every command shares, defined once."""
+"""The numbers every command shares, defined once (and the version: pyproject.toml reads it here)."""
+
+VERSION = "0.1.0"
 
 MAX_LOGIT_DIFF = 1e-3  # above this largest |logit difference| a disentangled network is reported as broken ...
 LOGIT_RTOL = 1e-5  # ... or above this share of the largest |logit|, when that is larger (float32 rounds at 6e-8)

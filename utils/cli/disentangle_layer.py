@@ -1,0 +1,129 @@
+"""A whole layer in one command: every polysemantic channel, its concepts found from the data, split into
+as many channels as it has concepts, all in ONE network, evaluated and shown on one page.
+
+Reads the stage-1 store (stage 2's rules and flags: a channel is a candidate when it is relevant to two or
+more classes), groups each candidate's relevant classes into concepts by complete linkage of their average
+relevance vectors (two classes stay in one concept when their cosine similarity is at least
+--cos_sim_high), and splits every channel with --min_concepts or more concepts (or only --channels) into
+one channel per concept plus a shared residual. Every channel's 20 rho values are scored in ONE pass over
+the union of the concepts' training images (run only up to the layer); the one network with every split is
+checked against the original's logits on validation images; every split is evaluated on its concepts'
+validation images (stage 4) and by the purity of its channels' top validation images (one top-k pass),
+against random other channels of the layer as a baseline.
+
+Writes STORE_DIR/layer_disentangled/<model>_<layer>_required<tau>_p<p>_cossim<gamma>[_positive]/: layer.json,
+disentangled.pt (the whole network and its input transform), results_quantitative/, plots/, pictures/ and
+report.html; and one record per channel in STORE_DIR/models_disentangled/ (so that get_results.py and
+visualize_channel.py work on each channel too). In Python the folder loads as a result:
+disentangle_channels.load(OUT_DIR) (the split network, per channel its concepts and scores, units(x)).
+
+  python disentangle_layer.py --data_dir /datasets/imagenet --store_dir /store_dir --model resnet50 \\
+      --proportion_attribution_required 0.03 --p 0.75 --cos_sim_high 0.5
+"""
+import argparse
+
+from .parsing import (add_image_pass_args, add_json_arg, add_selection_args, check_channels, input_options,
+                   make_parser, nonnegative_int, positive_int, write_json_output)
+from ..defaults import DEFAULT_GAMMA, DEFAULT_TAU
+from ..errors import run_cli
+from ..report.style import per_concept
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = make_parser(__doc__)
+    add_image_pass_args(p)
+    g = p.add_argument_group("which channels and concepts (stage 2's rules)")
+    add_selection_args(g, DEFAULT_TAU, DEFAULT_GAMMA, "gamma_high: classes whose ARVs are at least this similar "
+                       f"(complete linkage) form one concept (default: {DEFAULT_GAMMA})")
+    g.add_argument("--channels", type=int, nargs="+", default=None, metavar="C",
+                   help="split only these channels (each needs --min_concepts or more concepts)")
+    g.add_argument("--min_concepts", type=positive_int, default=2, help="split channels with at least this many "
+                   "concepts (default: 2)")
+    g.add_argument("--max_channels", type=positive_int, default=None, metavar="N",
+                   help="split at most N channels: those whose concepts are least alike first (default: all)")
+    g.add_argument("--split_rule", choices=("paper", "positive"), default="paper",
+                   help="paper: an input goes to the first concept j with rho * A_j > every other A_l (default); "
+                        "positive: only where A_j > 0, inputs that inhibit on average stay shared")
+    o = p.add_argument_group("evaluation and pictures")
+    o.add_argument("--check_images", type=positive_int, default=32, metavar="N",
+                   help="validation images on which the one network's logits are checked (default: 32)")
+    o.add_argument("--top_k", type=positive_int, default=12, help="top validation images per channel (default: 12)")
+    o.add_argument("--baseline_channels", type=nonnegative_int, default=None, metavar="N",
+                   help="random non-candidate channels for the purity baseline (default: as many as are split)")
+    o.add_argument("--fv_steps", type=nonnegative_int, default=0,
+                   help="feature-visualisation steps per channel in the pictures (default: 0, none; ~40 s per "
+                        "channel for ResNet-50 on a CPU at 128)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the baseline channels and visualisations (default: 0)")
+    o.add_argument("--out_dir", default=None,
+                   help="output folder (default: STORE_DIR/layer_disentangled/<model>_<layer>_required<tau>_p<p>_cossim<gamma>)")
+    add_json_arg(p)
+    return p
+
+
+def layer_config(args: argparse.Namespace, device: str = "auto", rank: int = 0, world: int = 1):
+    """The layer command's :class:`utils.stages.layer.LayerConfig` from its flags (also benchmarks/split_rules.py's)."""
+    from ..passes.featvis import FVConfig
+    from ..stages.layer import LayerConfig
+
+    return LayerConfig(data_dir=args.data_dir, store_dir=args.store_dir, model=args.model, weights=args.weights,
+                       layer=args.layer, batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+                       class_index=args.class_index, progress=not args.no_progress, rank=rank, world_size=world,
+                       tau=args.tau, p=args.p, gamma_high=args.cos_sim_high, channels=args.channels,
+                       min_concepts=args.min_concepts, max_channels=args.max_channels,
+                       check_images=args.check_images, top_k=args.top_k, baseline=args.baseline_channels,
+                       seed=args.seed, out_dir=args.out_dir, split_rule=args.split_rule,
+                       fv=FVConfig(steps=args.fv_steps, seed=args.seed) if args.fv_steps > 0 else None,
+                       **input_options(args))
+
+
+def main(args: argparse.Namespace) -> dict | None:
+    from ..passes.distributed import distributed_context
+    from ..stages.layer import disentangle_layer
+    from ..model.loading import get_layer, load_model
+    from ..data.preprocess import InputSpec
+
+    lm = load_model(args.model, args.weights, inputs=InputSpec.of(args))
+    check_channels(args.nr_channels_in_layer_of_interest, get_layer(lm.model, args.layer)[1].out_channels,
+                   f"layer {args.layer or 'last_conv'}")
+    with distributed_context(args.device, args.gpu) as (rank, world, device):
+        out = disentangle_layer(layer_config(args, device, rank, world), loaded=lm)
+    if rank != 0:  # rank 0 alone prints and writes
+        return None
+    print_layer(out, args.top_k)
+    write_json_output(args.json, {k: out[k] for k in ("warnings", "split_rule", "channels", "baseline_purity",
+                                                      "max_abs_logit_diff", "export", "seconds", "report",
+                                                      "provenance")})
+    return out
+
+
+def print_layer(out: dict, top_k: int) -> None:
+    """One line per split channel (k, best rho, purity before, after and its baseline, concepts), the baseline,
+    the logit check and the report's path."""
+    rows = sorted(out["channels"].items(), key=lambda kv: -kv[1]["purity_gain"])
+    for w in out.get("warnings", []):
+        print(f"WARNING: {w}")
+    print(f"{'channel':>7} {'k':>2} {'best rho':>8} {'purity before':>14} {'after':>14} {'baseline':>14} "
+          f"{'AUC before':>17} {'after':>17}  concepts")
+    for c, ch in rows:
+        before, after, base = (per_concept(ch["purity"][key]) for key in ("original", "concepts", "baseline"))
+        auc = [per_concept(ch["auc"][key], ".2f") for key in ("original", "concepts")]
+        names = " | ".join(", ".join(n) for n in ch["class_names"])
+        flags = "; ".join(f"D{j}: {', '.join(fl)}" for j, fl in enumerate(ch["flags"], 1) if fl)
+        print(f"{c:>7} {len(ch['concepts']):>2} {ch['best_rho']:>8.2f} {before:>14} {after:>14} {base:>14} "
+              f"{auc[0]:>17} {auc[1]:>17}  {names}" + (f"  [flagged: {flags}]" if flags else ""))
+    b = out["baseline_purity"]
+    if b["mean"] is not None:
+        print(f"purity of the concept channels: {b['concept_channels_mean']:.0%}; baseline: {len(b['channels'])} "
+              f"random channels that are no candidate, share of their top-{top_k} images in their own n most "
+              f"frequent classes (n = each concept's number of classes): {b['mean']:.0%}")
+    print(f"max |logit difference| of the one network: {out['max_abs_logit_diff']:.3g}; done in {out['seconds']:.1f} s")
+    print(f"report: {out['report']}")
+
+
+def cli() -> None:
+    """The command line (the script's and the console script's): flags from sys.argv."""
+    run_cli(lambda: main(get_args_parser().parse_args()))
+
+
+if __name__ == "__main__":
+    cli()

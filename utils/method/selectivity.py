@@ -1,0 +1,120 @@
+"""How selective a unit is for a concept, on every validation image: the ROC AUC of its activation for
+"an image of the concept" against every other image (all classes).
+
+The AUC is the probability that an image of the concept activates the unit more than an image outside it
+(ties count half): the Mann-Whitney U statistic over the ranks of all activations, divided by the number of
+(inside, outside) pairs. 1: the unit tells the concept apart perfectly; 0.5: no better than chance; below
+0.5: it prefers the other images. Top-k purity looks at the k strongest images only; the AUC at all of them.
+
+The top-k images a pass finds (:class:`TopK`, :func:`utils.passes.topk.stream_topk`) and their purity live here too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from .failures import concept_flags
+from .split import Split, sub_names
+
+
+@dataclass
+class TopK:
+    """Per sub-channel ``s``: the ``k`` largest activations, best first, over the images searched.
+
+    ``values`` S x k (float32), ``indices`` S x k (dataset index = row of the stage-1 store for train/),
+    ``positions`` S x k x 2 (row, column of the maximum of the output map over the grid, in H' x W'),
+    ``labels`` S x k; ``out_hw`` = (H', W') of the grid.
+    """
+
+    keys: list[tuple[int, str]]
+    values: torch.Tensor
+    indices: torch.Tensor
+    positions: torch.Tensor
+    labels: torch.Tensor
+    out_hw: tuple[int, int]
+    every: "EveryImage | None" = None  # with ``keep_all``: every image's activation of every sub-channel
+
+    def scores(self, channel: int, name: str) -> np.ndarray:
+        """Every image's activation of one sub-channel (n,), in dataset order (a search with ``keep_all``)."""
+        return self.every.values[:, self.keys.index((int(channel), name))]
+
+    def get(self, channel: int, name: str) -> dict:
+        """``values``, ``indices``, ``positions``, ``labels`` of one sub-channel (k each)."""
+        s = self.keys.index((int(channel), name))
+        return {"values": self.values[s], "indices": self.indices[s], "positions": self.positions[s],
+                "labels": self.labels[s]}
+
+
+@dataclass
+class EveryImage:
+    """Every searched image's ``index`` and ``labels`` (n, numpy) and ``values`` (n x S float64 activations)."""
+
+    index: np.ndarray
+    labels: np.ndarray
+    values: np.ndarray
+
+
+def purity(topk_labels, concepts: list[list[int]]) -> dict:
+    """Fractions of the top-k images (their labels) in each concept's classes and in other classes:
+    ``{"concept1": f1, ..., "conceptk": fk, "other": f, "k": number of images}``."""
+    labels = [int(t) for t in (topk_labels.tolist() if hasattr(topk_labels, "tolist") else topk_labels)]
+    n = len(labels)
+    counts = [sum(t in set(cs) for t in labels) for cs in concepts]
+    out = {f"concept{j}": (c / n if n else 0.0) for j, c in enumerate(counts, 1)}
+    return {**out, "other": (n - sum(counts)) / n if n else 0.0, "k": n}
+
+
+def roc_auc(scores: np.ndarray, inside: np.ndarray) -> float | None:
+    """AUC of ``scores`` (n,) for the images where ``inside`` (n, bool) holds; None without both kinds."""
+    scores, inside = np.asarray(scores, dtype=np.float64), np.asarray(inside, dtype=bool)
+    n_in, n_out = int(inside.sum()), int((~inside).sum())
+    if n_in == 0 or n_out == 0:
+        return None
+    ranks = rankdata(scores, method="average")  # ties share their mean rank: they count half
+    return float((ranks[inside].sum() - n_in * (n_in + 1) / 2) / (n_in * n_out))
+
+
+def concept_aucs(scores: np.ndarray, labels: np.ndarray, concepts: list[list[int]]) -> dict:
+    """AUC of one unit's activations ``scores`` (n,) on images with ``labels`` (n,) for each concept (its
+    classes against every other image): ``{"concept1": auc, ..., "images": n, "inside": [n_1, ...]}``."""
+    labels = np.asarray(labels)
+    inside = [np.isin(labels, cs) for cs in concepts]
+    out = {f"concept{j}": roc_auc(scores, m) for j, m in enumerate(inside, 1)}
+    return {**out, "images": int(len(labels)), "inside": [int(m.sum()) for m in inside]}
+
+
+def split_aucs(top: TopK, split: Split, concepts: list[list[int]]) -> dict[str, dict]:
+    """:func:`utils.method.selectivity.concept_aucs` of the original channel and every concept channel of ``split`` on
+    every image of the pass (a search with ``keep_all``)."""
+    return {name: concept_aucs(top.scores(split.channel, name), top.every.labels, concepts)
+            for name in ("original",) + sub_names(split.k)[:-1]}
+
+
+def split_purity(top: TopK, split: Split, concepts: list[list[int]]) -> dict[str, dict]:
+    """:func:`purity` of the original channel and every concept channel of ``split``."""
+    return {name: purity(top.get(split.channel, name)["labels"], concepts)
+            for name in ("original",) + sub_names(split.k)[:-1]}
+
+
+def split_selectivity(top: TopK, split: Split, concepts: list[list[int]], sources: dict,
+                      means: list[list[float] | None]) -> dict:
+    """``purity``, ``auc`` (of the original and every concept unit) and each concept unit's ``flags``
+    (:func:`utils.method.failures.concept_flags`; ``means``: stage 4's mean rows d_1/orig .. res/orig per concept)."""
+    p, a = split_purity(top, split, concepts), split_aucs(top, split, concepts)
+    js = range(1, split.k + 1)
+    flags = split_flags(top, split, sources, means, [p["original"][f"concept{j}"] for j in js],
+                        [p[f"D{j}"][f"concept{j}"] for j in js])
+    return {"purity": p, "auc": a, "flags": flags}
+
+
+def split_flags(top: TopK, split: Split, sources: dict, means: list[list[float] | None], before: list[float],
+                after: list[float]) -> list[list[str]]:
+    """:func:`utils.method.failures.concept_flags` of every concept unit of ``split``: the index ``sources`` of its rho,
+    stage 4's mean rows per concept (``means``), the top-k purity of the original (``before``) and of D_j
+    (``after``) per concept."""
+    return [concept_flags(j, sources, top.scores(split.channel, f"D{j}"), top.get(split.channel, f"D{j}")["values"],
+                          None if not means[j - 1] else means[j - 1][j - 1], before[j - 1], after[j - 1])
+            for j in range(1, split.k + 1)]

@@ -1,0 +1,193 @@
+"""The layer command's report: one HTML page for the layer (pictures linked from the same folder)."""
+from __future__ import annotations
+
+import html
+import os
+
+from ..files import write_text
+from ..defaults import MAX_LOGIT_DIFF
+from .style import concept_colour, sub_label
+from ..model.units import describe_positions
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222;
+ line-height:1.45;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em} h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.5em 0 1em} td,th{border:1px solid #ddd;padding:3px 9px;text-align:right;
+ font-variant-numeric:tabular-nums;vertical-align:top} th{background:#f4f4f4} td.l,th.l{text-align:left}
+tr.best td{background:#e8f4ea;font-weight:600} .muted{color:#666} .ok{color:#1a7f37} .bad{color:#b42318}
+.plots{display:flex;flex-wrap:wrap;gap:1em} .plots a{width:48%;min-width:320px} .plots img{width:100%;border:1px solid #eee}
+img.teaser{max-width:100%;border:1px solid #eee} .card{border:1px solid #e3e3e3;border-radius:6px;
+ padding:.2em 1.2em 1em;margin:1.5em 0} .up{color:#1a7f37} .down{color:#b42318} a{color:#1f5fbf}
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _table(header: list[str], rows: list[list], left: int = 0, classes: list[str] | None = None) -> str:
+    th = "".join(f'<th class="{"l" if i < left else ""}">{_e(h)}</th>' for i, h in enumerate(header))
+    body = "".join(f'<tr class="{(classes or [""] * len(rows))[r]}">'
+                   + "".join(f'<td class="{"l" if i < left else ""}">{v}</td>' for i, v in enumerate(row)) + "</tr>"
+                   for r, row in enumerate(rows))
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _img(path: str, base: str, cls: str = "") -> str:
+    if not path or not os.path.isfile(path):
+        return f'<p class="muted">(no picture {_e(os.path.basename(path or ""))})</p>'
+    rel = os.path.relpath(path, base)
+    return f'<a href="{_e(rel)}"><img class="{cls}" alt="{_e(os.path.basename(path))}" src="{_e(rel)}"></a>'
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{v:.0%}"
+
+
+def _concepts_text(concepts: list[list[int]], names) -> str:
+    return " | ".join(f'<b style="color:{concept_colour(j)}">{j}</b>: ' + _e(names.labels(cs))
+                      for j, cs in enumerate(concepts, 1))
+
+
+def _overview(ev, files: dict, names, summary: dict) -> str:
+    rows = []
+    for r in sorted(ev.channels, key=lambda r: -r.gain):
+        gain = " / ".join(f'<span class="{"up" if g >= 0.005 else "down" if g <= -0.005 else "muted"}">{g:+.0%}</span>'
+                          for g in (a - b for a, b in zip(r.after, r.before)))
+        flags = summary["channels"][str(r.channel)]["flags"]
+        rows.append([f'<a href="#c{r.channel}">{r.channel}</a>', len(r.concepts), _concepts_text(r.concepts, names),
+                     f"{files[r.channel].record.best_rho:.2f}", " / ".join(_pct(v) for v in r.before),
+                     " / ".join(_pct(v) for v in r.after), " / ".join(_pct(v) for v in r.baseline), gain,
+                     " / ".join(_auc(v) for v in r.auc_before), " / ".join(_auc(v) for v in r.auc_after),
+                     "<br>".join(f'<span class="down">D{j}: {_e(", ".join(fl))}</span>'
+                                 for j, fl in enumerate(flags, 1) if fl) or "–"])
+    return _table(["channel", "k", "concepts", "best rho", "before: original channel, share in concept j",
+                   "after: concept channel j, share in concept j", "baseline: random channels, share in their own "
+                   "n_j most frequent classes", "gain per concept (after - before)", "AUC before: original "
+                   "channel, concept j against every other val image", "AUC after: concept channel j",
+                   "flags"], rows, left=3)
+
+
+def _auc(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _sweep(rec) -> str:
+    rows, classes = [], []
+    for rho in rec.rhos:
+        key = f"{rho:.2f}"
+        src = rec.sources[key]
+        best = abs(rho - rec.best_rho) < 1e-9
+        rows.append([key] + [len(src[f"concept{j}"]) for j in range(1, rec.k + 1)] + [len(src["shared"]),
+                    f"{rec.scores[key]:.4g}" + (" ◀ best" if best else "")])
+        classes.append("best" if best else "")
+    return _table(["rho"] + [f"|S{j}|" for j in range(1, rec.k + 1)] + ["|S0|", "score"], rows, classes=classes)
+
+
+def _quantitative(f) -> str:
+    k = len(f.quantitative)
+    rows = []
+    for j, e in enumerate(f.quantitative, 1):
+        mean = e.get("mean") or [None] * (k + 1)
+        rows.append([f"concept {j}", e.get("rows", 0), e.get("images", 0)]
+                    + ["–" if m is None else f"{m:.3f}" for m in mean])
+    return _table(["images of", "rows (rel ≥ τ)", "images"] + [f"D{j} / orig" for j in range(1, k + 1)]
+                  + ["Res / orig"], rows, left=1)
+
+
+def _why(r, names, ch: dict) -> str:
+    """Why the channel was split (each relevant class's share of images where it is important, the least
+    similar concepts) and where each concept unit fires outside its concept."""
+    cand, parts = ch["why"]["candidate"], []
+    if cand:
+        shares = ", ".join(f"{_e(names.label(t))} {s:.0%}" for t, s in zip(cand["classes"], cand["shares"]))
+        group = {t: j for j, cs in enumerate(r.concepts) for t in cs}
+        cross = [v for a, t in enumerate(cand["classes"]) for b, u in enumerate(cand["classes"])
+                 if group.get(t) != group.get(u) for v in [cand["similarity"][a][b]]]
+        parts.append(f"<p><b>Why polysemantic:</b> important (relevance ≥ τ) on these shares of its relevant classes' "
+                     f"images: {shares}; the most alike classes of different concepts have ARV cosine "
+                     f"{max(cross) if cross else float('nan'):.2f}.</p>")
+    outside = "; ".join(f"D{j}: " + (", ".join(f"{_e(names.label(t))} ({m:.3g})" for t, m in o) or "–")
+                        for j, o in enumerate(ch["why"]["outside"], 1))
+    parts.append(f"<p><b>Outside its concept</b>, each concept channel fires most (mean activation) on: {outside}."
+                 + ("" if not any(ch["flags"]) else " <span class=\"down\">Flagged: " + _e("; ".join(
+                     f"D{j}: {', '.join(fl)}" for j, fl in enumerate(ch["flags"], 1) if fl)) + "</span>") + "</p>")
+    return "".join(parts)
+
+
+def _card(r, f, names, base: str, summary_ch: dict) -> str:
+    k, rec = len(r.concepts), f.record
+    purity = _table(["channel"] + [f"concept {j}" for j in range(1, k + 1)],
+                    [[_e(sub_label("original"))] + [_pct(v) for v in r.before]]
+                    + [[_e(sub_label(f"D{j}")), *(["–"] * (j - 1)), _pct(v), *(["–"] * (k - j))]
+                       for j, v in enumerate(r.after, 1)]
+                    + [["baseline (random channels, their own n_j top classes)"] + [_pct(v) for v in r.baseline]],
+                    left=1)
+    inside, n = r.auc_images
+    why = _why(r, names, summary_ch)
+    auc = _table(["channel"] + [f"concept {j} ({m} of {n} images)" for j, m in enumerate(inside, 1)],
+                 [[_e(sub_label("original"))] + [_auc(v) for v in r.auc_before]]
+                 + [[_e(sub_label(f"D{j}")), *(["–"] * (j - 1)), _auc(v), *(["–"] * (k - j))]
+                    for j, v in enumerate(r.auc_after, 1)], left=1)
+    return "\n".join([
+        f'<div class="card" id="c{r.channel}"><h3>Channel {r.channel}: {k} concepts</h3>',
+        f"<p>{_concepts_text(r.concepts, names)}</p>",
+        f"<p>best rho <b>{rec.best_rho:.2f}</b>; training images scored per concept: "
+        + ", ".join(str(v) for v in rec.train_images.values()) + f'; record <code>{_e(rec.dir)}</code></p>',
+        "<details><summary>rho sweep</summary>", _sweep(rec), "</details>",
+        "<h4>What the channels respond to (top validation images; frames: colour of the concept, gray other)</h4>",
+        _img(f.pictures.get("teaser", ""), base, "teaser"),
+        why, "<h4>Purity of the top images</h4>", purity,
+        "<h4>Selectivity on every validation image: ROC AUC of the activation for the concept's images against "
+        "all others (1: perfect, 0.5: chance)</h4>", auc,
+        "<h4>Activations on the concepts' validation images</h4>",
+        '<div class="plots">' + "".join(_img(p, base) for p in f.plots if p.endswith(".png")) + "</div>",
+        "<h4>Share of the original activation (mean over images with relative attribution ≥ τ)</h4>",
+        _quantitative(f), "</div>"])
+
+
+def write_layer_report(path: str, summary: dict, ev, files: dict, names, seconds: dict,
+                       notes: dict | None = None) -> None:
+    """Write the layer's report page (atomically) from the layer's evaluation ``ev`` and each channel's
+    ``files`` (:class:`utils.stages.layer_output.ChannelFiles`); pictures and plots are linked relative to ``path``."""
+    base = os.path.dirname(os.path.abspath(path))
+    diff = summary["max_abs_logit_diff"]
+    tol = summary.get("logit_tolerance", MAX_LOGIT_DIFF)  # layer.json before it: the absolute bound
+    b = summary["baseline_purity"]
+    ks = sorted({len(r.concepts) for r in ev.channels})
+    settings = [["model", _e(summary["model"])], ["weights", _e(summary["weights"])], ["layer", _e(summary["layer"])],
+                ["tau, p, gamma", f"{summary['tau']}, {summary['p']}, {summary['gamma_high']}"],
+                ["split rule", _e("the paper's (an input goes to the first concept j with rho A_j above every other A_l)"
+                                  if summary["split_rule"] == "paper" else "positive (as the paper's, but only inputs "
+                                  "with A_j > 0 can be exclusive to concept j; inputs that inhibit on average stay "
+                                  "shared)")],
+                ["split channels", f"{len(ev.channels)} (k = {', '.join(map(str, ks))})"],
+                ["one network, max |logit difference|", f'<b class="{"ok" if diff <= tol else "bad"}">'
+                 f'{diff:.2e}</b> on {summary["checked_images"]} validation images'],
+                ["purity of the concept channels (mean)", _pct(b["concept_channels_mean"])],
+                [f"purity baseline: {len(b['channels'])} random channels that are no candidate, the share of their "
+                 f"top {summary['top_k']} in their own n most frequent classes (n = the concept's classes)",
+                 ", ".join(f"n = {n}: {_pct(v)}" for n, v in b["by_classes"].items())
+                 + f"; mean over the concepts above {_pct(b['mean'])}"],
+                ["seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())],
+                ["the whole network", f'<code>{_e(summary["export"])}</code>']]
+    if summary.get("unit") == "Linear":
+        where = describe_positions(summary["positions"])
+        settings.insert(3, ["units", f"the Linear layer's output neurons (called channels below), applied at every "
+                                     f"position; the positions that count: {where} ({summary['positions']})"])
+    settings += [[_e(k), _e(v)] for k, v in (notes or {}).items()]
+    page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(summary['model'])} {_e(summary['layer'])}"
+            f"</title><style>{CSS}</style></head><body>",
+            f"<h1>Disentangled layer: {_e(summary['model'])} {_e(summary['layer'])}</h1>",
+            '<p class="muted">Every polysemantic channel of the layer, its concepts found from the data (complete '
+            "linkage of its classes' average relevance vectors), split into one channel per concept plus a shared "
+            "residual, all in one network that computes the same logits (Hesse et al., CVPRW 2025, extended to k "
+            "concepts). Purity: the share of a channel's top validation images in a concept's classes; its "
+            "baseline is the same share for random channels in the classes that suit them best.</p>",
+            *(f'<p class="bad"><b>warning:</b> {_e(w)}</p>' for w in summary.get("warnings", [])),
+            "<h2>Settings</h2>", _table(["", ""], settings, left=2),
+            "<h2>Split channels, by purity gain</h2>", _overview(ev, files, names, summary),
+            "<h2>Channels</h2>"] + [_card(r, files[r.channel], names, base, summary["channels"][str(r.channel)])
+                                    for r in sorted(ev.channels, key=lambda r: -r.gain)]
+    write_text(path, "\n".join(page + ["</body></html>"]))

@@ -1,0 +1,211 @@
+"""A whole layer in one command (``disentangle_layer.py``): every polysemantic channel's concepts found
+from the data, each channel split into as many channels as it has concepts, all splits in ONE network.
+
+    the store -> stage 2's candidates and ARVs -> concepts by complete linkage (``utils.method.linkage``)
+    -> per channel the rho sweep of its k concepts -> ONE truncated pass over the union of the concepts'
+       training images scores every channel and rho (``utils.stages.splitting.score_channels``)
+    -> ONE network with every split
+    -> ONE pass over the validation images (``utils.stages.layer_output.evaluate_layer``): stage 4's values of every
+       split on its concepts' images, the top-k images of every sub-channel and of random other channels
+       (purity and its baseline), and the one network's logits checked against the original's
+    -> records, layer.json, disentangled.pt, results_quantitative/, plots/, pictures/, report.html (rank 0)
+
+Under torchrun every pass is shared out (each rank a block of whole batches) and rank 0 alone writes; the
+outputs equal a single-process run's.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+from ..store import layout as st
+from ..store.arvs import concept_arvs
+from ..data.classes import check_channel, data_class_map
+from ..data.images import ImageList, list_images
+from ..defaults import DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
+from .layer_output import evaluate_layer, write_layer
+from .splitting import check_indices, check_split_rule, score_channels
+from ..errors import UserError
+from ..passes.featvis import FVConfig
+from ..files import check_writable
+from ..passes.image_pass import RunOptions, Runner
+from .candidates import channel_concepts
+from ..model.loading import LoadedModel, get_layer, load_model
+from ..data.preprocess import InputSpec
+from ..store.records import LAYER_COMMAND, make_record, records_dir, store_record
+from ..method.scoring import Scored, best_index
+from ..method.split import sweep
+from ..model.units import Unit, unit_at
+from ..store.layout import training_images
+from ..model.surgery import split_network
+
+
+@dataclass
+class LayerConfig(RunOptions):
+    data_dir: str
+    store_dir: str
+    tau: float = DEFAULT_TAU
+    p: float = DEFAULT_P
+    gamma_high: float = DEFAULT_GAMMA
+    channels: list[int] | None = None  # only these channels (each needs two or more concepts)
+    min_concepts: int = 2
+    max_channels: int | None = None  # at most this many: the most polysemantic first
+    check_images: int = 32
+    top_k: int = 12
+    baseline: int | None = None  # random non-candidate channels for the purity baseline (None: as many as split)
+    fv: FVConfig | None = None  # feature visualisations in the pictures (off by default: ~40 s per sub-channel)
+    seed: int = 0
+    out_dir: str | None = None  # default: STORE_DIR/layer_disentangled/<name>
+    notes: dict = field(default_factory=dict)  # more rows for the report's settings (the demo's model)
+    split_rule: str = "paper"  # or "positive" (utils.method.split)
+
+
+def layer_name(tag: str, layer: str, tau: float, p: float, gamma: float, rule: str = "paper") -> str:
+    """``<model>_<layer>_required<tau>_p<p>_cossim<gamma>[_positive]``: the folder of one layer's disentanglement."""
+    return f"{tag}_{layer}_required{float(tau)}_p{float(p)}_cossim{float(gamma)}" + ("" if rule == "paper" else f"_{rule}")
+
+
+def check_layer_config(cfg: LayerConfig, out_channels: int, layer: str) -> None:
+    """The layer command's numbers, in its own words; a UserError before anything is read."""
+    check_split_rule(cfg.split_rule)
+    if cfg.min_concepts < 2:
+        raise UserError(f"--min_concepts must be at least 2 (a channel with one concept has nothing to split), "
+                        f"not {cfg.min_concepts}")
+    if not 0 <= cfg.p <= 1:
+        raise UserError(f"--p must be between 0 and 1, not {cfg.p}")
+    if not 0 < cfg.gamma_high <= 1:
+        raise UserError(f"--cos_sim_high must be in (0, 1]: classes at least this alike form one concept, "
+                        f"not {cfg.gamma_high}")
+    cfg.check()
+    for name, v in (("--check_images", cfg.check_images), ("--top_k", cfg.top_k)):
+        if v < 1:
+            raise UserError(f"{name} must be at least 1, not {v}")
+    if cfg.baseline is not None and cfg.baseline < 0:
+        raise UserError(f"--baseline_channels must be 0 (none) or more, not {cfg.baseline}")
+    for c in cfg.channels or []:
+        check_channel(c, out_channels, layer)
+
+
+def select_channels(concepts: dict[int, list[list[int]]], arvs_cos: dict[int, float], cfg: LayerConfig) -> list[int]:
+    """The channels to split: two or more concepts (``min_concepts``), those of ``--channels`` if given, at
+    most ``max_channels`` of them (lowest similarity between their concepts first)."""
+    if cfg.channels is not None:
+        missing = [c for c in cfg.channels if len(concepts.get(c, [])) < cfg.min_concepts]
+        if missing:
+            have = len(concepts.get(missing[0], []))
+            raise UserError(f"channel {missing[0]} has {have} concept(s) at these settings (tau, p, gamma); "
+                            f"--channels needs {cfg.min_concepts} or more")
+    chosen = [c for c, g in concepts.items() if len(g) >= cfg.min_concepts
+              and (cfg.channels is None or c in cfg.channels)]
+    chosen.sort(key=lambda c: (arvs_cos.get(c, 1.0), c))
+    return sorted(chosen[:cfg.max_channels] if cfg.max_channels else chosen)
+
+
+def baseline_channels(candidates: list[int], out_channels: int, n: int, seed: int) -> list[int]:
+    """``n`` channels of the layer drawn at random (``seed``) among those that are no candidate, sorted."""
+    others = [c for c in range(out_channels) if c not in set(candidates)]
+    return sorted(random.Random(seed).sample(others, min(len(others), n)))
+
+
+def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=print) -> dict:
+    """Run the layer command end to end; returns the ``--json`` summary (see ``disentangle_layer.py``).
+
+    Under torchrun (``cfg.rank``, ``cfg.world_size``) every rank calls this; rank 0 alone logs, writes and
+    returns the summary, the other ranks return ``{"seconds": ...}`` once rank 0 has written.
+    """
+    t0 = time.perf_counter()
+    runner = Runner.of(cfg)
+    log = log if runner.lead else (lambda *a: None)
+    lm = loaded or load_model(cfg.model, cfg.weights, inputs=InputSpec.of(cfg))
+    layer, shape = get_layer(lm.model, cfg.layer)
+    check_layer_config(cfg, shape.out_channels, layer)
+    store, concepts, chosen, out, val, evidence = runner.together(lambda: _prepare(cfg, runner, lm, layer, log),
+                                                                  "the layer command")
+    model = runner.model(lm.model)
+    unit = unit_at(model, layer, store.positions)
+    scored, score_seconds = _score(cfg, runner, store, model, unit, {c: concepts[c] for c in chosen},
+                                   lm.preprocess, log)
+    seconds = {"score": time.perf_counter() - t0}
+    t1 = time.perf_counter()
+    net = split_network(model, {layer: [s.split() for s in scored]})
+    n_base = len(scored) if cfg.baseline is None else cfg.baseline
+    ev = evaluate_layer(runner, model, unit, scored, val, _check_images(val, scored, cfg.check_images), net,
+                        baseline_channels(list(concepts), unit.out_channels, n_base, cfg.seed), cfg.top_k,
+                        lm.preprocess)
+    seconds["validation pass"] = time.perf_counter() - t1
+    log(f"validation pass: {ev.images} images in {ev.seconds:.1f} s ({ev.images / max(ev.seconds, 1e-9):.1f} img/s); "
+        f"one network with {len(scored)} split channels: max |logit difference| {ev.logit_diff:.3g} on "
+        f"{ev.checked} validation images")
+
+    def write() -> dict:
+        records = {s.channel: store_record(cfg.store_dir, make_record(
+            lm, layer, store, cfg.data_dir, s, ev.logit_diff, ev.checked, LAYER_COMMAND, score_seconds,
+            cfg.split_rule, cfg.seed), s.sweep)[0] for s in scored}
+        return write_layer(cfg, lm, model, layer, store, ev, records, out, seconds, log, evidence)
+
+    summary = runner.together(lambda: write() if runner.lead else None, "the layer command")
+    return {**(summary or {}), "seconds": runner.slowest(time.perf_counter() - t0)}
+
+
+def _prepare(cfg: LayerConfig, runner: Runner, lm: LoadedModel, layer: str, log):
+    """Every rank, before any pass (a failure anywhere stops all): the store, every candidate's concepts, the
+    channels to split, the output folder (rank 0 checks it takes files) and the validation images."""
+    store = st.model_store(cfg.store_dir, lm, layer)
+    concepts, least, evidence = channel_concepts(store, cfg.tau, cfg.p, cfg.gamma_high,
+                                                 progress=cfg.progress and runner.lead)
+    chosen = select_channels(concepts, least, cfg)
+    if not chosen:
+        most = max((len(v) for v in concepts.values()), default=0)
+        raise UserError(f"no channel of {layer} has {cfg.min_concepts} or more concepts at tau {cfg.tau}, p {cfg.p}, "
+                        f"gamma {cfg.gamma_high} ({len(concepts)} candidate channels, the most concepts any has: "
+                        f"{most}): lower --p or raise --cos_sim_high")
+    out = cfg.out_dir or os.path.join(cfg.store_dir, "layer_disentangled",
+                                      layer_name(lm.tag, layer, cfg.tau, cfg.p, cfg.gamma_high, cfg.split_rule))
+    if runner.lead:
+        check_writable(out)
+        check_writable(records_dir(cfg.store_dir))
+    log(f"{len(concepts)} candidate channels in {lm.name} {layer}; splitting {len(chosen)} with "
+        f"{cfg.min_concepts}+ concepts: " + ", ".join(f"{c} (k={len(concepts[c])})" for c in chosen[:20])
+        + (" ..." if len(chosen) > 20 else ""))
+    return store, concepts, chosen, out, _val_images(cfg, lm, store, [concepts[c] for c in chosen], chosen), evidence
+
+
+def _score(cfg: LayerConfig, runner: Runner, store: st.Store, model, unit: Unit,
+           concepts: dict[int, list[list[int]]], preprocess, log) -> tuple[list[Scored], float]:
+    """Every channel's sweep, scored in one pass over the union of the concepts' training images."""
+    weight = unit.weight.detach().cpu()
+    sweeps = {c: sweep(weight[c], concept_arvs(store, c, cs), rule=cfg.split_rule) for c, cs in concepts.items()}
+    classes = sorted({t for cs in concepts.values() for c in cs for t in c})
+    images = training_images(store, cfg.data_dir, classes, cfg.class_index)
+    got, seconds, _ = score_channels(runner, model, unit, images, [(c, cs, sweeps[c]) for c, cs in concepts.items()],
+                                     preprocess, desc="scoring")
+    scored = [Scored(c, cs, sweeps[c], scores, counts, best_index(scores))
+              for (c, cs), (scores, counts) in zip(concepts.items(), got)]
+    log(f"scored {len(scored)} channels x 20 rhos on {len(images)} training images in {seconds:.1f} s "
+        f"({len(images) / max(seconds, 1e-9):.1f} img/s)")
+    return scored, seconds
+
+
+def _val_images(cfg: LayerConfig, lm: LoadedModel, store: st.Store, concepts: list[list[list[int]]],
+                channels: list[int]) -> ImageList:
+    """All validation images (the top-k search looks at every class), mapped by the store's class map; a
+    concept without validation images is a UserError naming it."""
+    val = list_images(cfg.data_dir, "val", classes=data_class_map(cfg.data_dir, "val", lm.num_classes,
+                                                                   cfg.class_index, store.path))
+    have = set(val.targets)
+    for c, cs in zip(channels, concepts):
+        for j, classes in enumerate(cs, 1):
+            if not have & set(classes):
+                raise UserError(f"concept {j} of channel {c} (classes {classes}) has no validation images in "
+                                f"{val.root}; add some, or leave the channel out (--channels)")
+    return val
+
+
+def _check_images(val: ImageList, scored: list[Scored], n: int) -> list[int]:
+    """Up to ``n`` validation images for the logit check, spread over every split channel's concepts."""
+    groups = [val.indices_of(cs) for s in scored for cs in s.concepts]
+    rng = random.Random(0)
+    rng.shuffle(groups)
+    return check_indices([g for g in groups if g], n)
