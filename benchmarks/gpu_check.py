@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_commands import check_commands  # noqa: E402
 from stage1 import bench_loader, bench_tensors, make_image_folder  # noqa: E402
 from utils.passes.device import model_on, resolve_device  # noqa: E402
-from utils.stages.relevance import PRECISIONS, Stage1Config, compute_importances  # noqa: E402
+from utils.stages.relevance import PRECISIONS, Stage1Config, compute_relevance  # noqa: E402
 from utils.model.loading import get_layer, load_model, model_tag  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def relevance_error(a: np.ndarray, b: np.ndarray) -> float:
 def stage1_store(data: str, store: str, model: str, device: str, precision: str = "fp32", batch: int = 8) -> str:
     cfg = Stage1Config(data_dir=data, store_dir=store, model=model, weights="none", batch_size=batch, device=device,
                        num_workers=0, progress=False, precision=precision)
-    return compute_importances(cfg)["store"]
+    return compute_relevance(cfg)["store"]
 
 
 def arrays(path: str) -> dict[str, np.ndarray]:

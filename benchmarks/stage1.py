@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.data.images import class_folders, list_images, make_loader  # noqa: E402
 from utils.method.arv import tap_maps  # noqa: E402
 from utils.data.classes import class_map, imagenet_wnids  # noqa: E402
-from utils.stages.relevance import PRECISIONS, Stage1Config, add_class_tap_sums, compute_importances  # noqa: E402
+from utils.stages.relevance import PRECISIONS, Stage1Config, add_class_tap_sums, compute_relevance  # noqa: E402
 from utils.model.loading import get_layer, load_model  # noqa: E402
 from utils.model.hooks import relevance_batch, resolve_positions  # noqa: E402
 from utils.model.units import Unit  # noqa: E402
@@ -186,7 +186,7 @@ def bench_tensors(args, model, conv, device, dtype) -> tuple[dict, dict, int, No
 
 
 def bench_loader(args, lm, model, device, dtype, keep: str | None = None) -> tuple[dict, dict, int, str | None]:
-    """Plain forward vs the whole stage 1 (compute_importances) over generated JPEGs, loader included.
+    """Plain forward vs the whole stage 1 (compute_relevance) over generated JPEGs, loader included.
     Images/s and peak MiB of each, the images, and the last store (kept, with the data, in ``keep``)."""
     tmp = keep or tempfile.mkdtemp(prefix="bench_stage1_")
     try:
@@ -208,7 +208,7 @@ def bench_loader(args, lm, model, device, dtype, keep: str | None = None) -> tup
                                weights=args.weights, layer=args.layer, batch_size=args.batch_size, device=args.device,
                                num_workers=args.num_workers, progress=False, precision=args.precision)
             with peak_memory(device) as m:
-                s = compute_importances(cfg, loaded=lm)
+                s = compute_relevance(cfg, loaded=lm)
             best["stage 1"] = max(best["stage 1"], s["images_per_second"])
             mem["stage 1"] = max(mem.get("stage 1", 0), m["MiB"])
             store = s["store"]

@@ -19,7 +19,7 @@ from conftest import write_image_folder
 from test_api import FAST, NAMES, planted4, tensors
 from utils.store import layout as st
 from utils.errors import UserError
-from utils.stages.relevance import Stage1Config, compute_importances
+from utils.stages.relevance import Stage1Config, compute_relevance
 from utils.model.loading import load_model
 
 # ------------------------------------------------------------------ item 2: which model made a store
@@ -71,7 +71,7 @@ def own(tmp_path):
     model = f"{tmp_path / 'net.py'}:build"
 
     def stage1():
-        return compute_importances(Stage1Config(data_dir=data, store_dir=store_dir, model=model, layer="2",
+        return compute_relevance(Stage1Config(data_dir=data, store_dir=store_dir, model=model, layer="2",
                                                 **{**FAST, "batch_size": 3}))
 
     first = stage1()
@@ -153,7 +153,7 @@ def scaled_planted4(factor: float) -> nn.Module:
 
 def stage1_of(model: nn.Module, store_dir, precision: str = "fp32", train=None, **kw):
     d = dc.prepare(model, train or tensors(6, 0), tensors(5, 1), classes=NAMES, store_dir=str(store_dir))
-    s = compute_importances(Stage1Config(model=d.loaded.name, weights=d.loaded.weights, layer="conv", data_dir=d.data,
+    s = compute_relevance(Stage1Config(model=d.loaded.name, weights=d.loaded.weights, layer="conv", data_dir=d.data,
                                          store_dir=d.store_dir, precision=precision, **FAST, **kw), loaded=d.loaded)
     return st.Store.open(s["store"])
 

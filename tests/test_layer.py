@@ -164,12 +164,12 @@ def test_planted_channel_comes_out_as_three_concept_channels(planted3):
 def test_layer_command_equals_stage_3_for_two_single_class_concepts(planted_model, planted_data, tmp_path):
     """For a channel whose concepts are two single classes: the same index sets, scores, best rho and filters."""
     from utils.stages import splitting as dis
-    from utils.stages.relevance import Stage1Config, compute_importances
+    from utils.stages.relevance import Stage1Config, compute_relevance
     from utils.stages.layer import LayerConfig, disentangle_layer
     from utils.store.records import load_record, load_split
 
     store = str(tmp_path / "store")
-    compute_importances(Stage1Config(planted_data, store, layer="conv", batch_size=3, num_workers=0, progress=False,
+    compute_relevance(Stage1Config(planted_data, store, layer="conv", batch_size=3, num_workers=0, progress=False,
                                      device="cpu"), loaded=planted_model)
     out = disentangle_layer(LayerConfig(planted_data, store, layer="conv", batch_size=3, num_workers=0, progress=False,
                                         device="cpu", top_k=4), loaded=planted_model, log=lambda *a: None)

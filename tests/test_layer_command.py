@@ -148,7 +148,7 @@ def test_every_pass_of_the_layer_command_feeds_images_through_the_models_transfo
     import dataclasses
 
     from utils.passes import image_pass
-    from utils.stages.relevance import Stage1Config, compute_importances
+    from utils.stages.relevance import Stage1Config, compute_relevance
     from utils.stages.layer import LayerConfig, disentangle_layer
     from utils.model.loading import load_model
 
@@ -156,7 +156,7 @@ def test_every_pass_of_the_layer_command_feeds_images_through_the_models_transfo
     lm = load_model(common[common.index("--model") + 1])
     lm = dataclasses.replace(lm, preprocess=dataclasses.replace(lm.preprocess, resize=20, crop=16))
     store = str(tmp_path / "store")
-    compute_importances(Stage1Config(data_dir=data, store_dir=store, model=lm.name, layer="conv", batch_size=4,
+    compute_relevance(Stage1Config(data_dir=data, store_dir=store, model=lm.name, layer="conv", batch_size=4,
                                      num_workers=0, progress=False, device="cpu"), loaded=lm)
     seen = []
     real = image_pass.Runner.image_pass

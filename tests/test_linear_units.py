@@ -25,7 +25,7 @@ from test_stage1 import assert_relevance_close, backprop_seen
 from utils.store.arvs import concept_arvs
 from utils.data.images import ImageDataset, Preprocess, list_images
 from utils.stages.splitting import Stage3Config, disentangle_channel
-from utils.stages.relevance import Stage1Config, compute_importances
+from utils.stages.relevance import Stage1Config, compute_relevance
 from utils.model.loading import LoadedModel, default_layer, get_layer
 from utils.store.records import rho_key
 from utils.model.hooks import capture_layer, layer_input, relevance_batch, resolve_positions
@@ -171,7 +171,7 @@ def direct_images(data_dir: str, lm: LoadedModel) -> tuple[torch.Tensor, torch.T
 
 
 def run_stage1(data: str, store_dir, lm: LoadedModel, layer: str, positions: str = "auto") -> Store:
-    s = compute_importances(Stage1Config(data_dir=data, store_dir=str(store_dir), model=lm.name, weights=lm.weights,
+    s = compute_relevance(Stage1Config(data_dir=data, store_dir=str(store_dir), model=lm.name, weights=lm.weights,
                                          layer=layer, positions=positions, batch_size=4, num_workers=0,
                                          device="cpu", progress=False), loaded=lm)
     return Store.open(s["store"])

@@ -129,10 +129,10 @@ def test_folder_count_unlike_the_outputs_is_one_line_and_writes_nothing(image_fo
 
 def test_stage3_lists_and_checks_only_its_concepts_classes(planted_model, image_folder, tmp_path):
     from utils.stages import splitting as dis
-    from utils.stages.relevance import Stage1Config, compute_importances
+    from utils.stages.relevance import Stage1Config, compute_relevance
 
     data = image_folder(n_train=4, n_val=1)
-    compute_importances(Stage1Config(data, str(tmp_path / "s"), layer="conv", batch_size=4, num_workers=0,
+    compute_relevance(Stage1Config(data, str(tmp_path / "s"), layer="conv", batch_size=4, num_workers=0,
                                      progress=False, device="cpu"), loaded=planted_model)
     cfg = dis.Stage3Config(data, str(tmp_path / "s"), 0, [[0], [1]], layer="conv", num_workers=0, progress=False,
                            device="cpu", check_images=2)

@@ -21,7 +21,7 @@ from utils.data.images import ImageDataset, list_images
 from utils.errors import UserError
 from conftest import class_index_for
 from utils.store import chunks
-from utils.stages.relevance import Stage1Config, compute_importances
+from utils.stages.relevance import Stage1Config, compute_relevance
 from utils.model.loading import LoadedModel, get_layer, load_model
 from utils.model.hooks import relevance_batch
 
@@ -152,7 +152,7 @@ def test_relevance_leaves_the_model_unchanged(planted_model):
 def run_stage1(data_dir, store_dir, lm, **kw):
     cfg = Stage1Config(data_dir=data_dir, store_dir=str(store_dir), batch_size=kw.pop("batch_size", 2),
                        num_workers=0, progress=False, device="cpu", **kw)
-    return compute_importances(cfg, loaded=lm)
+    return compute_relevance(cfg, loaded=lm)
 
 
 def load_store(path):

@@ -20,7 +20,7 @@ from utils.store import arvs as store_arvs
 from utils.method import candidates as sel
 from utils.stages import candidates as stage2
 from utils.errors import UserError
-from utils.stages.relevance import Stage1Config, compute_importances
+from utils.stages.relevance import Stage1Config, compute_relevance
 from utils.model.hooks import layer_input
 from utils.store.layout import Store, open_store
 
@@ -194,7 +194,7 @@ def test_parameters_that_make_no_sense_are_refused():
 def planted_store(tmp_path, planted_model, planted_data):
     cfg = Stage1Config(data_dir=planted_data, store_dir=str(tmp_path / "store"), model="planted",
                        weights="planted-v1", layer="conv", batch_size=5, num_workers=0, progress=False)
-    out = compute_importances(cfg, loaded=planted_model)
+    out = compute_relevance(cfg, loaded=planted_model)
     return Store.open(out["store"])
 
 
@@ -270,7 +270,7 @@ def planted_cli_store(tmp_path_factory):
     data = write_image_folder(str(root / "data"), n_train=8, n_val=1)
     lm = planted_loaded()
     for layer in ("conv", "stem"):
-        compute_importances(Stage1Config(data, str(root / "store"), model="planted", weights="planted-v1", layer=layer,
+        compute_relevance(Stage1Config(data, str(root / "store"), model="planted", weights="planted-v1", layer=layer,
                                          batch_size=8, num_workers=0, progress=False), loaded=lm)
     images = list_images(data, "train")
     x = torch.cat([layer_input(lm.model, lm.model.conv, b[0]) for b in make_loader(images, batch_size=8, num_workers=0)])

@@ -20,7 +20,7 @@ from utils.store.arvs import concept_arvs
 from utils.data.classes import check_concepts
 from utils.data.images import list_images, make_loader
 from utils.errors import UserError, run_cli
-from utils.stages.relevance import Stage1Config, compute_importances
+from utils.stages.relevance import Stage1Config, compute_relevance
 from utils.model.loading import get_layer, load_model
 from utils.store.records import load_record, load_split, record_keys, save_record
 from utils.model.hooks import layer_input
@@ -253,7 +253,7 @@ def test_concept_checks():
 def planted_store(tmp_path, planted_model, planted_data):
     cfg = Stage1Config(data_dir=planted_data, store_dir=str(tmp_path / "store"), layer="conv", num_workers=0,
                        progress=False, device="cpu")
-    compute_importances(cfg, loaded=planted_model)
+    compute_relevance(cfg, loaded=planted_model)
     return str(tmp_path / "store")
 
 

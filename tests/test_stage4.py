@@ -215,11 +215,11 @@ def test_planted_channel_splits_into_its_two_concepts(planted_run):
 def test_end_to_end_through_stages_1_and_3(tmp_path, planted_model, planted_data):
     """Stage 1 store -> stage 3 record (utils.disentangle, as disentangle_channel.py) -> stage 4."""
     from utils.stages import splitting as dis
-    from utils.stages.relevance import Stage1Config, compute_importances
+    from utils.stages.relevance import Stage1Config, compute_relevance
     from utils.store.records import save_record
 
     store = str(tmp_path / "store")
-    compute_importances(Stage1Config(planted_data, store, model="planted", weights="planted-v1", layer="conv",
+    compute_relevance(Stage1Config(planted_data, store, model="planted", weights="planted-v1", layer="conv",
                                      batch_size=8, device="cpu", num_workers=0, progress=False), loaded=planted_model)
     rec, sw = dis.disentangle_channel(dis.Stage3Config(planted_data, store, 0, [[0], [1]], model="planted",
                                                        weights="planted-v1", layer="conv", batch_size=8,
@@ -241,11 +241,11 @@ def test_concepts_in_any_class_order_name_one_folder_and_are_found(tmp_path, pla
     """Stage 3 given concept 1 = classes 2, 0 (unsorted) names its folder c1-0-2; stage 4 finds it given either
     order, and also finds a folder an older version named c1-2-0."""
     from utils.stages import splitting as dis
-    from utils.stages.relevance import Stage1Config, compute_importances
+    from utils.stages.relevance import Stage1Config, compute_relevance
     from utils.store.records import save_record
 
     store = str(tmp_path / "store")
-    compute_importances(Stage1Config(planted_data, store, model="planted", weights="planted-v1", layer="conv",
+    compute_relevance(Stage1Config(planted_data, store, model="planted", weights="planted-v1", layer="conv",
                                      batch_size=8, device="cpu", num_workers=0, progress=False), loaded=planted_model)
     rec, sw = dis.disentangle_channel(dis.Stage3Config(planted_data, store, 0, [[2, 0], [1]], model="planted",
                                                        weights="planted-v1", layer="conv", batch_size=8, device="cpu",

@@ -39,7 +39,7 @@ from .store.provenance import running
 from .store.records import records_dir, store_record
 from .stages.result import Result, load  # noqa: F401 - part of the API
 from .stages.candidates import find_pairs
-from .stages.relevance import Stage1Config, accuracy_lines, compute_importances
+from .stages.relevance import Stage1Config, accuracy_lines, compute_relevance
 from .stages.splitting import Stage3Config, disentangle_channel
 from .store.layout import Store
 
@@ -168,7 +168,7 @@ def importances(d: Data, layer: str | None = None, *, positions: str = "auto", p
     fp16 autocast for the pass (as ``get_importances_for_classes.py --precision``). A store that is complete is
     read, not recomputed; one that another job is writing is refused, or waited for with ``wait=True``."""
     with running("disentangle_channels.importances"):
-        s = compute_importances(Stage1Config(**_run_options(d, layer, batch_size, device, num_workers, progress),
+        s = compute_relevance(Stage1Config(**_run_options(d, layer, batch_size, device, num_workers, progress),
                                              positions=positions, precision=precision, wait=wait),
                                  loaded=d.loaded)
     return Store.open(s["store"])

@@ -41,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    from ..stages.relevance import Stage1Config, accuracy_lines, compute_importances
+    from ..stages.relevance import Stage1Config, accuracy_lines, compute_relevance
     from .parsing import check_channels
     from ..passes.distributed import distributed_context
 
@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> None:
                            precision=args.precision, chunk_images=args.chunk_images, rank=rank, world_size=world,
                            wait=args.wait, positions=args.positions, progress=not args.no_progress,
                            **input_options(args))
-        s = compute_importances(cfg, check=lambda c: check_channels(args.nr_channels_in_layer_of_interest, c,
+        s = compute_relevance(cfg, check=lambda c: check_channels(args.nr_channels_in_layer_of_interest, c,
                                                                     f"layer {args.layer or 'last_conv'}"))
     if rank != 0:
         return

@@ -21,7 +21,7 @@ from ..passes.featvis import FVConfig
 from ..files import check_writable, read_json, save_torch, write_json
 from .layer import LayerConfig, disentangle_layer
 from ..store.provenance import provenance
-from .relevance import Stage1Config, accuracy_lines, compute_importances
+from .relevance import Stage1Config, accuracy_lines, compute_relevance
 from ..model.sources import split_file_spec
 from ..model.loading import build_model, file_sha256, get_layer, load_model, model_tag
 from ..data.preprocess import InputSpec
@@ -163,7 +163,7 @@ def _setup(cfg: DemoConfig) -> Setup:
 def _stage1(cfg: DemoConfig, run: Setup, timings: dict) -> tuple[st.Store, int]:
     """Stage 1 (or the complete store of an earlier run); the store and its number of training images."""
     t0 = _stage("stage 1: relevance of every channel for every training image", cfg)
-    s1 = compute_importances(Stage1Config(data_dir=run.data_dir, store_dir=run.store_dir, model=run.model_name,
+    s1 = compute_relevance(Stage1Config(data_dir=run.data_dir, store_dir=run.store_dir, model=run.model_name,
                                           weights=run.weights, layer=run.layer,
                                           max_images_per_class=cfg.max_images_per_class, progress=cfg.progress,
                                           **run.common), loaded=run.lm)

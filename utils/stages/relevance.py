@@ -109,7 +109,7 @@ def prepare(cfg: Stage1Config, loaded: LoadedModel | None = None) -> Prepared:
     return Prepared(images, cmap, lm, layer, unit, path)
 
 
-def compute_importances(cfg: Stage1Config, check: Callable[[int], None] | None = None,
+def compute_relevance(cfg: Stage1Config, check: Callable[[int], None] | None = None,
                         loaded: LoadedModel | None = None) -> dict:
     """Run stage 1 (or continue it) and return a summary dict (store path, images, seconds, ...).
 
