@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 
 # The ten classes' names, as utils/data/digits.py names the demo's folders (a test checks they agree). Kept here
-# too, not imported from there: this
-# file is also loaded by path as an own model file (importlib), where it has no package for a relative import,
-# and the package's name differs between a clone (utils) and an installed copy (disentangle_channels).
+# too, not imported from there: this file is also loaded by path as an own model file (importlib), where it has
+# no package for a relative import, and the package's name differs between a clone (utils) and an installed copy
+# (disentangle_channels).
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGITS_CNN = "mobilenet_v3_small"  # the demo's default model
 DIGITS_CNN_TRAINING = {"epochs": 2, "lr": 2e-3, "batch_size": 32}
