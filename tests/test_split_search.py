@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.method.search import (auc_rows, holdout_mask, objective, pair_auc, search_assignment)
-from utils.method.selectivity import roc_auc
+from utils.method.search import holdout_mask, objective, search_assignment
+from utils.method.selectivity import auc_rows, pair_auc, roc_auc
 from utils.method.split import assign_inputs, split_filters
 
 

@@ -1,4 +1,5 @@
-"""Average relevance vectors (ARVs) in closed form (the paper's stage 2): the arithmetic (a store's ARVs: ``utils.store.arvs``).
+"""Average relevance vectors (ARVs) in closed form (the paper's stage 2): the arithmetic (a store's ARVs:
+``utils.store.arvs``).
 
 For a candidate channel ``c`` and the images of a class (or a concept's classes),
 

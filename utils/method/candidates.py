@@ -1,4 +1,5 @@
-"""Stage 2's arithmetic: candidate channels and gamma-polysemantic pairs (the stage on a store: ``utils.stages.candidates``).
+"""Stage 2's arithmetic: candidate channels and gamma-polysemantic pairs (the stage on a store:
+``utils.stages.candidates``).
 
 Shapes: ``N`` training images, ``C`` channels of the layer ``L``, ``K`` classes, ``C_in x H x W``
 the layer's input map, ``T = kh*kw`` kernel taps.

@@ -11,7 +11,8 @@ positions that count of what input ``k'`` adds to the unit (``W[c, k']`` applied
 
 ``labels[i]`` is j for an image of concept j and 0 for any other image. The objective is the mean over the
 concepts of the ROC AUC of ``s_j * act_j`` for concept j's images against every other image, ``s_j`` the
-concept's orientation (+1, or -1 for a concept that lowers the unit).
+concept's orientation (+1, or -1 for a concept that lowers the unit); the AUC is
+:func:`utils.method.selectivity.auc_rows`.
 
 The search starts from an assignment (the paper's sets), and each step makes the one move (one input into
 another set) that raises the objective on the *fitting* images most. It stops when no move raises it, after
@@ -26,27 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .selectivity import auc_rows
+
 EPS = 1e-12  # a move must raise the objective by more than this
-
-
-def auc_rows(scores: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-    """ROC AUC (M,) of every row of ``scores`` (M x N) for the columns where ``inside`` (N, bool) holds against
-    the others; ties count half. NaN without both kinds of columns."""
-    pos, neg = scores[:, inside], scores[:, ~inside]
-    if pos.shape[1] == 0 or neg.shape[1] == 0:
-        return torch.full((scores.shape[0],), float("nan"), dtype=torch.float64, device=scores.device)
-    neg = neg.sort(dim=1).values.contiguous()
-    pos = pos.contiguous()
-    below = torch.searchsorted(neg, pos, right=False)  # negatives strictly below each positive
-    upto = torch.searchsorted(neg, pos, right=True)  # ... and those equal to it
-    return (below + upto).sum(1).double() / (2.0 * pos.shape[1] * neg.shape[1])
-
-
-def pair_auc(scores: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> float:
-    """ROC AUC of ``scores`` (N,) for the images where ``first`` holds against those where ``second`` holds (a
-    concept's images against another concept's: the split's actual job); NaN without both."""
-    keep = first | second
-    return float(auc_rows(scores[keep][None], first[keep])[0])
 
 
 def concept_masks(assign: torch.Tensor, k: int) -> torch.Tensor:
@@ -105,15 +88,15 @@ def search_assignment(V: torch.Tensor, labels: torch.Tensor, start: torch.Tensor
     held = (holdout_mask(labels.cpu()) if held is None else held).to(dev)
     Vf, Vh, lf, lh = V[~held].double(), V[held].double(), labels[~held], labels[held]
     assign = start.to(dev).clone()
-    out = SearchResult(assign.clone(), fit=[objective(Vf, lf, assign, signs)], held=[objective(Vh, lh, assign, signs)])
+    out = SearchResult(assign.cpu().clone(), fit=[objective(Vf, lf, assign, signs)],
+                       held=[objective(Vh, lh, assign, signs)])
     if any(not bool((lab == j).any()) for lab in (lf, lh) for j in range(1, k + 1)) or bool((lf > 0).all()):
         return out  # a concept without images on either side (or nothing else): nothing to measure a move by
     inside = [lf == j for j in range(1, k + 1)]
-    targets = torch.arange(k + 1, device=dev)
     # d[u, t, j]: how concept unit j's activation changes (-1, 0, +1 times V[:, k']) when an input moves u -> t
-    keeps = ((targets[:, None] == 0) | (targets[:, None] == torch.arange(1, k + 1, device=dev))).double()  # (k+1) x k
+    keeps = concept_masks(torch.arange(k + 1, device=dev), k)  # (k+1) x k: whether set u's inputs are in D_j
     d = keeps[None, :, :] - keeps[:, None, :]
-    best_held, since = out.held[0], 0
+    since = 0
     for _ in range(budget):
         act = Vf @ concept_masks(assign, k)  # N_fit x k
         now = torch.stack([auc_rows((signs[j] * act[:, j])[None], inside[j])[0] for j in range(k)])  # k
@@ -133,14 +116,10 @@ def search_assignment(V: torch.Tensor, labels: torch.Tensor, start: torch.Tensor
         assign[i] = t
         out.fit.append(float(score[i, t]))
         out.held.append(objective(Vh, lh, assign, signs))
-        if out.held[-1] > best_held + EPS:
-            best_held, since, out.best = out.held[-1], 0, len(out.moves)
+        if out.held[-1] > out.held[out.best] + EPS:
+            since, out.best, out.assign = 0, len(out.moves), assign.cpu().clone()
         else:
             since += 1
             if since >= patience:
                 break
-    best = start.to(dev).clone()
-    for i, _, t in out.moves[: out.best]:
-        best[i] = t
-    out.assign = best.cpu()
     return out

@@ -2,11 +2,12 @@
 "an image of the concept" against every other image (all classes).
 
 The AUC is the probability that an image of the concept activates the unit more than an image outside it
-(ties count half): the Mann-Whitney U statistic over the ranks of all activations, divided by the number of
-(inside, outside) pairs. 1: the unit tells the concept apart perfectly; 0.5: no better than chance; below
+(ties count half): the Mann-Whitney U statistic, counted for many units at once by sorting the outside
+images' activations (:func:`auc_rows`), divided by the number of (inside, outside) pairs. 1: the unit tells the concept apart perfectly; 0.5: no better than chance; below
 0.5: it prefers the other images. Top-k purity looks at the k strongest images only; the AUC at all of them.
 
-The top-k images a pass finds (:class:`TopK`, :func:`utils.passes.topk.stream_topk`) and their purity live here too.
+The top-k images a pass finds (:class:`TopK`, :func:`utils.passes.topk.stream_topk`) and their purity live here
+too.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
 from .failures import concept_flags
 from .split import Split, sub_names
@@ -67,14 +67,32 @@ def purity(topk_labels, concepts: list[list[int]]) -> dict:
     return {**out, "other": (n - sum(counts)) / n if n else 0.0, "k": n}
 
 
+def auc_rows(scores: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """ROC AUC (M,) of every row of ``scores`` (M x N) for the columns where ``inside`` (N, bool) holds against
+    the others; ties count half. NaN without both kinds of columns."""
+    pos, neg = scores[:, inside], scores[:, ~inside]
+    if pos.shape[1] == 0 or neg.shape[1] == 0:
+        return torch.full((scores.shape[0],), float("nan"), dtype=torch.float64, device=scores.device)
+    neg = neg.sort(dim=1).values.contiguous()
+    pos = pos.contiguous()
+    below = torch.searchsorted(neg, pos, right=False)  # negatives strictly below each positive
+    upto = torch.searchsorted(neg, pos, right=True)  # ... and those equal to it
+    return (below + upto).sum(1).double() / (2.0 * pos.shape[1] * neg.shape[1])
+
+
+def pair_auc(scores: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> float:
+    """ROC AUC of ``scores`` (N,) for the images where ``first`` holds against those where ``second`` holds (a
+    concept's images against another concept's: the split's actual job); NaN without both."""
+    keep = first | second
+    return float(auc_rows(scores[keep][None], first[keep])[0])
+
+
 def roc_auc(scores: np.ndarray, inside: np.ndarray) -> float | None:
-    """AUC of ``scores`` (n,) for the images where ``inside`` (n, bool) holds; None without both kinds."""
-    scores, inside = np.asarray(scores, dtype=np.float64), np.asarray(inside, dtype=bool)
-    n_in, n_out = int(inside.sum()), int((~inside).sum())
-    if n_in == 0 or n_out == 0:
-        return None
-    ranks = rankdata(scores, method="average")  # ties share their mean rank: they count half
-    return float((ranks[inside].sum() - n_in * (n_in + 1) / 2) / (n_in * n_out))
+    """AUC of ``scores`` (n,) for the images where ``inside`` (n, bool) holds (:func:`auc_rows`); None without
+    both kinds."""
+    auc = float(auc_rows(torch.as_tensor(np.asarray(scores, dtype=np.float64))[None],
+                         torch.as_tensor(np.asarray(inside, dtype=bool)))[0])
+    return None if auc != auc else auc
 
 
 def concept_aucs(scores: np.ndarray, labels: np.ndarray, concepts: list[list[int]]) -> dict:
