@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""The paper's split rule against the positive rule, on the channels the layer command splits.
+"""Every split rule (paper, positive, search), each read raw and in its concepts' directions, on the channels the
+layer command splits.
 
-Runs the layer command (``disentangle_layer.py``, same flags, no feature visualisations) once per rule on the
-same store (read in place; nothing is written into ``--store_dir``): for every split channel each rule's best rho (by the paper's training score), the top-k purity
-and the ROC AUC of every concept channel for its concept on all validation images, and the one network's
-logit check. Prints a table per channel and the means over channels (of each channel's mean over its
-concepts) with 95% bootstrap intervals over channels, and the paired difference positive - paper.
+Runs the layer command (``disentangle_layer.py``, same flags, no feature visualisations) once per variant on the
+same store (read in place; nothing is written into ``--store_dir``): for every split channel the top-k purity, the
+ROC AUC (concept against every other validation image) and the pairwise AUC (concept against the other concepts'
+images) of every concept channel, the one network's logit check and the command's seconds. Prints a table per
+channel and, per variant, the means over channels (of each channel's mean over its concepts) with 95% bootstrap
+intervals over channels, the paired difference to the paper's rule read raw (the seed's), and which variant wins
+on purity outside every interval (or that none does).
 
     python get_importances_for_classes.py --data_dir demo_data/digits --model mobilenet_v3_small \\
         --weights demo_data/mobilenet_v3_small_digits_e2_s0.pt --store_dir /tmp/rules_store
@@ -13,9 +16,11 @@ concepts) with 95% bootstrap intervals over channels, and the paired difference 
         --weights demo_data/mobilenet_v3_small_digits_e2_s0.pt --store_dir /tmp/rules_store --tau 0.01 \\
         --json rules.json
 
-``--json PATH``: ``{"rules": {"paper": {"mean_purity", "mean_auc", "purity_interval", "auc_interval",
-"max_abs_logit_diff", "channels": {"<c>": {"concepts", "best_rho", "purity": [p1, ...], "auc": [a1, ...]}}},
-"positive": {...}}, "difference": {"purity": [mean, lo, hi], "auc": [mean, lo, hi]}}``.
+``--variants paper:none search:gradient ...`` runs only those. ``--json PATH``: ``{"variants": {"paper:none":
+{"mean_purity", "purity_interval", "mean_auc", "auc_interval", "mean_pair_auc", "pair_auc_interval",
+"max_abs_logit_diff", "seconds", "timings", "channels": {"<c>": {"concepts", "best_rho", "orientation", "purity":
+[p1, ...], "auc": [...], "pair_auc": [...]}}}, ...}, "difference": {"<variant>": {"purity": [mean, lo, hi], "auc":
+[...], "pair_auc": [...]}}, "winner": "<variant>" or null}``.
 """
 from __future__ import annotations
 
@@ -32,73 +37,96 @@ sys.path.insert(0, ROOT)
 
 import disentangle_layer  # noqa: E402
 
-RULES = ("paper", "positive")
+VARIANTS = tuple(f"{r}:{o}" for r in ("paper", "positive", "search") for o in ("none", "gradient"))
+BASE = "paper:none"  # the seed's rule, read as the seed reads it
+KEYS = ("purity", "auc", "pair_auc")
 
 
-def run_rule(args, rule: str, work: str, lm) -> dict:
-    """The layer command with ``rule`` into ``work/rule``: per channel concepts, best rho, purity, AUC."""
+def run_variant(args, variant: str, work: str, lm) -> dict:
+    """The layer command with ``variant`` (``rule:orientation``) into ``work/<variant>``: per channel concepts,
+    best rho, orientation, purity, AUC, pairwise AUC; the logit check and the seconds."""
     from utils.stages.layer import disentangle_layer as run_layer
 
-    args.split_rule, args.out_dir, args.fv_steps = rule, os.path.join(work, rule), 0
+    args.split_rule, args.orientation = variant.split(":")
+    args.out_dir, args.fv_steps = os.path.join(work, variant.replace(":", "_")), 0
     out = run_layer(disentangle_layer.layer_config(args, args.device), loaded=lm, log=lambda *a: None)
-    channels = {c: {"concepts": ch["concepts"], "best_rho": ch["best_rho"], "purity": ch["purity"]["concepts"],
-                    "auc": ch["auc"]["concepts"], "purity_original": ch["purity"]["original"],
+    timings = json.load(open(os.path.join(out["out_dir"], "layer.json")))["timings"]
+    channels = {c: {"concepts": ch["concepts"], "best_rho": ch["best_rho"], "orientation": ch["orientation"],
+                    "purity": ch["purity"]["concepts"], "auc": ch["auc"]["concepts"],
+                    "pair_auc": ch["pair_auc"]["concepts"], "purity_original": ch["purity"]["original"],
                     "auc_original": ch["auc"]["original"]} for c, ch in out["channels"].items()}
-    return {"channels": channels, "max_abs_logit_diff": out["max_abs_logit_diff"]}
+    return {"channels": channels, "max_abs_logit_diff": out["max_abs_logit_diff"], "seconds": out["seconds"],
+            "timings": timings}
 
 
-def per_channel(rule: dict, key: str) -> np.ndarray:
-    """Each channel's mean over its concepts of ``key`` (purity or auc), in channel order."""
-    return np.array([np.mean([v for v in ch[key] if v is not None]) for _, ch in sorted(rule["channels"].items(),
-                                                                                      key=lambda kv: int(kv[0]))])
+def per_channel(run: dict, key: str, channels: list[str]) -> np.ndarray:
+    """Each of ``channels``' mean over its concepts of ``key`` (purity, auc, pair_auc)."""
+    return np.array([np.mean([v for v in run["channels"][c][key] if v is not None] or [np.nan]) for c in channels])
 
 
 def bootstrap(values: np.ndarray, n: int, seed: int) -> list[float]:
     """``[mean, lo, hi]``: the mean and its 95% percentile interval over ``n`` resamples of the channels."""
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return [float("nan")] * 3
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), (n, len(values)))].mean(1)
     return [float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
-def summarise(rules: dict, n: int, seed: int) -> dict:
-    """Means with intervals per rule, and the paired difference (the same channels under both rules)."""
-    out = {"rules": rules, "difference": {}}
-    for key in ("purity", "auc"):
-        for rule in RULES:
-            m = bootstrap(per_channel(rules[rule], key), n, seed)
-            rules[rule][f"mean_{key}"], rules[rule][f"{key}_interval"] = m[0], m[1:]
-        common = sorted(set(rules["paper"]["channels"]) & set(rules["positive"]["channels"]), key=int)
-        diff = [np.mean(rules["positive"]["channels"][c][key]) - np.mean(rules["paper"]["channels"][c][key])
-                for c in common]
-        out["difference"][key] = bootstrap(np.array(diff), n, seed)
+def summarise(runs: dict, n: int, seed: int) -> dict:
+    """Means with intervals per variant; paired differences to BASE (the same channels); the winner on purity:
+    the variant whose paired purity difference to every other variant has an interval above 0 (None if none)."""
+    channels = sorted(set.intersection(*(set(r["channels"]) for r in runs.values())), key=int)
+    out = {"variants": runs, "channels": channels, "difference": {}, "winner": None}
+    for v, r in runs.items():
+        for key in KEYS:
+            m = bootstrap(per_channel(r, key, channels), n, seed)
+            r[f"mean_{key}"], r[f"{key}_interval"] = m[0], m[1:]
+        if v != BASE and BASE in runs:
+            out["difference"][v] = {key: bootstrap(per_channel(r, key, channels) - per_channel(runs[BASE], key, channels),
+                                                   n, seed) for key in KEYS}
+    for v in runs:
+        beats = [bootstrap(per_channel(runs[v], "purity", channels) - per_channel(runs[w], "purity", channels), n,
+                           seed)[1] > 0 for w in runs if w != v]
+        if beats and all(beats):
+            out["winner"] = v
     return out
 
 
+def _cells(ch: dict | None) -> str:
+    if ch is None:
+        return f"{'missing':>34}"
+    signs = "".join("-" if s < 0 else "+" for s in (ch["orientation"] or [])) or "·"
+    return (f"{signs:>4} {'/'.join(f'{v:.0%}' for v in ch['purity']):>10} "
+            f"{'/'.join('-' if v is None else f'{v:.2f}' for v in ch['auc']):>9} "
+            f"{'/'.join('-' if v is None else f'{v:.2f}' for v in ch['pair_auc']):>9}")
+
+
 def print_table(out: dict) -> None:
-    rules = out["rules"]
-    print(f"{'channel':>7} {'k':>2} | {'paper: rho':>10} {'purity':>12} {'AUC':>14} | {'positive: rho':>13} "
-          f"{'purity':>12} {'AUC':>14}")
-    for c in sorted(rules["paper"]["channels"], key=int):
-        cells = []
-        for rule in RULES:
-            ch = rules[rule]["channels"].get(c)
-            cells.append("missing" if ch is None else f"{ch['best_rho']:>10.2f} "
-                         f"{'/'.join(f'{v:.0%}' for v in ch['purity']):>12} "
-                         f"{'/'.join('-' if v is None else f'{v:.3f}' for v in ch['auc']):>14}")
-        print(f"{c:>7} {len(rules['paper']['channels'][c]['concepts']):>2} | {cells[0]} | {cells[1]:>41}")
-    for rule in RULES:
-        r = rules[rule]
-        print(f"{rule:>8}: mean purity {r['mean_purity']:.3f} [{r['purity_interval'][0]:.3f}, "
-              f"{r['purity_interval'][1]:.3f}], mean AUC {r['mean_auc']:.3f} [{r['auc_interval'][0]:.3f}, "
-              f"{r['auc_interval'][1]:.3f}], max |logit difference| {r['max_abs_logit_diff']:.2g}")
-    for key, (m, lo, hi) in out["difference"].items():
-        print(f"positive - paper, {key}: {m:+.3f} [{lo:+.3f}, {hi:+.3f}] (95% bootstrap interval over channels)")
+    runs = out["variants"]
+    print("per channel and variant: orientation, purity, AUC, pairwise AUC of its concept channels")
+    for c in out["channels"]:
+        print(f"channel {c} (k = {len(next(iter(runs.values()))['channels'][c]['concepts'])})")
+        for v, r in runs.items():
+            print(f"  {v:>17} {_cells(r['channels'].get(c))}")
+    print(f"\n{'variant':>17} {'purity':>22} {'AUC':>22} {'pairwise AUC':>22} {'max |diff|':>10} {'seconds':>8}")
+    for v, r in runs.items():
+        cells = [f"{r[f'mean_{k}']:.3f} [{r[f'{k}_interval'][0]:.3f}, {r[f'{k}_interval'][1]:.3f}]" for k in KEYS]
+        print(f"{v:>17} {cells[0]:>22} {cells[1]:>22} {cells[2]:>22} {r['max_abs_logit_diff']:>10.2g} "
+              f"{r['seconds']:>8.1f}")
+    for v, d in out["difference"].items():
+        print(f"{v} - {BASE}: " + ", ".join(f"{k} {m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for k, (m, lo, hi) in d.items()))
+    print(f"winner on purity (paired interval above 0 against every other variant): {out['winner'] or 'none'}"
+          f" ({len(out['channels'])} channels; 95% bootstrap intervals over channels)")
 
 
 def main() -> None:
     p = disentangle_layer.get_args_parser()
     p.description = __doc__
     p.add_argument("--bootstrap", type=int, default=2000, help="resamples of the channels (default: 2000)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="RULE:ORIENTATION",
+                   help=f"the variants to run (default: all six: {' '.join(VARIANTS)})")
     args = p.parse_args()
     from utils.model.loading import load_model
 
@@ -106,16 +134,16 @@ def main() -> None:
 
     lm = load_model(args.model, args.weights)
     work = tempfile.mkdtemp(prefix="split_rules_")
-    try:  # the store is read where it is; the records of both runs go to a folder of their own
+    try:  # the store is read where it is; the records of every run go to a folder of their own
         stores, args.store_dir = args.store_dir, os.path.join(work, "store")
         os.makedirs(args.store_dir)
         for entry in os.listdir(stores):
             if is_store(os.path.join(stores, entry)):
                 os.symlink(os.path.abspath(os.path.join(stores, entry)), os.path.join(args.store_dir, entry))
-        rules = {rule: run_rule(args, rule, work, lm) for rule in RULES}
+        runs = {v: run_variant(args, v, work, lm) for v in args.variants}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = summarise(rules, args.bootstrap, args.seed)
+    out = summarise(runs, args.bootstrap, args.seed)
     print_table(out)
     if args.json:
         with open(args.json, "w") as f:

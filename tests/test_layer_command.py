@@ -219,6 +219,9 @@ def test_flags_of_concept_units():
         "no exclusive input", "constant output", "own-concept share <= 0", "ties at the k-th activation"]
     assert concept_flags(2, src, scores, [3.0, 2.0, 2.0], 0.7, 0.5, 0.83) == []
     assert concept_flags(2, src, scores, [3.0, 2.0, 2.0], None, 0.9, 0.83) == ["purer original"]
+    # a concept unit whose top images are mostly of other classes is flagged even where the original was no purer
+    assert concept_flags(2, src, scores, [3.0, 2.0, 2.0], None, 0.0, 0.25) == ["top-k mostly outside its concept"]
+    assert concept_flags(2, src, scores, [3.0, 2.0, 2.0], None, 0.0, 0.5) == []
 
 
 def test_layer_json_flags_and_gain_per_concept(planted4, tmp_path):

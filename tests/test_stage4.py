@@ -540,3 +540,30 @@ def test_purity_in_results_json(planted_setup, tmp_path):
     assert pur["D1"]["concept1"] == 1.0 and pur["D2"]["concept2"] == 1.0
     pur8 = get_results.main(_namespace(**base, purity=8), loaded=lm)["purity"]
     assert pur8["original"]["concept1"] == 0.5 and pur8["original"]["concept2"] == 0.5
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_shares_with_a_bias_sum_to_one(k):
+    """Stage 4's rows d_j/orig count the shared part and the bias once per concept unit; the exclusive shares
+    plus the shared share count them once and sum to 1 on every image (a layer with a bias)."""
+    from utils.method.split import Split, split_filters
+    from utils.report.tables import share_rows, share_summary
+    from utils.stages.evaluation import sub_channel_sums
+
+    g = torch.Generator().manual_seed(k)
+    conv = nn.Conv2d(6, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.bias.copy_(torch.tensor([0.5, -2.0, 3.0, 1.0]))
+    assign = torch.randint(0, k + 1, (6,), generator=g)
+    D, Res = split_filters(conv.weight[2], assign, k)
+    x = torch.rand(5, 6, 7, 7, generator=g)
+    sub = sub_channel_sums(conv, x, Split(2, D, Res)).numpy()
+    orig = conv(x)[:, 2].double().sum((1, 2)).detach().numpy()
+    rows = sub / orig[:, None]
+    assert np.allclose(share_rows(rows).sum(1), 1.0, atol=1e-6)
+    assert not np.allclose(rows.sum(1), 1.0, atol=1e-3)  # the rows as the paper writes them do not
+    # the exclusive share of concept j is what D_j adds beyond the shared part, independently computed
+    only = sub_channel_sums(conv, x, Split(2, D - Res[None], torch.zeros_like(Res))).numpy()[:, :k] - conv.bias[2].item() * 49
+    assert np.allclose(share_rows(rows)[:, :k], only / orig[:, None], atol=1e-6)
+    s = share_summary(rows)
+    assert np.isclose(sum(s["exclusive"]) + s["shared"], 1.0) and len(s["exclusive_median"]) == k

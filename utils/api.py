@@ -226,7 +226,7 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
                 precision: str = "fp32",
                 tau: float = 0.03, p: float = 0.75, gamma_high: float = 0.5, min_concepts: int = 2,
                 max_channels: int | None = None, channels: list[int] | None = None, split_rule: str = "paper",
-                top_k: int = 12, check_images: int = 32, seed: int = 0, batch_size: int = 64,
+                orientation: str = "none", top_k: int = 12, check_images: int = 32, seed: int = 0, batch_size: int = 64,
                 device: str = "auto", num_workers: int = 0, progress: bool = True, wait: bool = False,
                 log=print) -> Result:
     """The layer pipeline in one call: stage 1 (into ``store_dir``, default a temporary folder), every
@@ -236,7 +236,8 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
     ``train``/``val``, ``name`` (the model's name in reports and folders; default: its class name), ``classes``,
     ``transform``, ``input_size``, ``resize``, ``mean``, ``std``: see :func:`prepare`. The rest are the layer command's settings (``disentangle_layer.py --help``): ``tau``,
     ``p``, ``gamma_high`` (its ``--cos_sim_high``), ``min_concepts``, ``max_channels``, ``channels``,
-    ``split_rule``, ``top_k``, ``check_images``, ``seed``; ``positions``, ``precision`` and ``wait`` are stage 1's
+    ``split_rule`` (``paper``, ``positive`` or ``search``), ``orientation`` (``none`` or ``gradient``), ``top_k``,
+    ``check_images``, ``seed``; ``positions``, ``precision`` and ``wait`` are stage 1's
     (see :func:`importances`). ``log``: where progress lines go (None: nowhere)."""
     if max_channels is not None:
         _count("max_channels", max_channels, 1)  # None: all of them
@@ -251,7 +252,8 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
             log(line)
         cfg = LayerConfig(**_run_options(d, store.meta["layer"], batch_size, device, num_workers, progress),
                           tau=tau, p=p, gamma_high=gamma_high, min_concepts=min_concepts, max_channels=max_channels,
-                          channels=channels, split_rule=split_rule, top_k=top_k, check_images=check_images,
+                          channels=channels, split_rule=split_rule, orientation=orientation, top_k=top_k,
+                          check_images=check_images,
                           seed=seed, out_dir=out_dir)
         summary = disentangle_layer(cfg, loaded=d.loaded, log=log or (lambda *a: None))
     try:

@@ -15,3 +15,9 @@ def logit_tolerance(scale: float) -> float:
     size: MAX_LOGIT_DIFF, or LOGIT_RTOL relative where that is more (logits above 100), since float32 sums
     round relative to their size (a split network of logits ~1e4 differs by ~1e-2 from rounding alone)."""
     return max(MAX_LOGIT_DIFF, LOGIT_RTOL * float(scale))
+
+SEARCH_IMAGES = 500  # the searched split rule reads up to this many training images per concept ...
+SEARCH_OTHERS = 2  # ... and this many times as many images of other classes (its "everything else")
+SEARCH_OTHER_CLASSES = 20  # classes outside every concept that may lend those images, drawn with the seed
+SEARCH_BUDGET = 200  # at most this many moves per unit ...
+SEARCH_PATIENCE = 10  # ... stopping once the held-out images' objective has not risen for this many

@@ -4,8 +4,9 @@ Without arguments: builds a small real-image dataset (scikit-learn's bundled han
 upscaled, split into train/ and val/), trains a small torchvision CNN on it (CPU, seeded, cached),
 then runs stage 1 and the layer command (disentangle_layer.py) through the same functions as the
 scripts: finds each polysemantic channel's concepts from the data, splits the most polysemantic
-channels in one network, evaluates them, draws what each channel responds to, and writes
-OUT_DIR/report.html. With --model vit the same on a small vision transformer instead of the CNN
+channels in one network (by the searched split rule, each concept read in the direction that raises its
+logit: --split_rule search --orientation gradient, which separate the concepts best on both demos),
+evaluates them, draws what each channel responds to, and writes OUT_DIR/report.html. With --model vit the same on a small vision transformer instead of the CNN
 (utils/model/demo_models.py:digits_vit, trained on the digits and cached the same way), split at its last
 MLP's output neurons as its class token reads them.
 
@@ -52,6 +53,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--p", type=float, default=DEFAULT_P, help=f"share of a class's images (default: {DEFAULT_P})")
     p.add_argument("--cos_sim_high", type=float, default=DEFAULT_GAMMA,
                    help=f"classes at least this alike form one concept (default: {DEFAULT_GAMMA})")
+    p.add_argument("--split_rule", choices=("paper", "positive", "search"), default="search",
+                   help="the layer command's split rule (default: search, which separates the concepts best on both "
+                        "demos; paper: the paper's)")
+    p.add_argument("--orientation", choices=("none", "gradient"), default="gradient",
+                   help="gradient: read each concept in the direction that raises its logit (default); none: as the "
+                        "paper, every concept by +activation")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help=f"training epochs of the digits model (default: the model's: "
                         f"{DIGITS_CNN_TRAINING['epochs']} for {DEMO_MODEL}, {DIGITS_VIT_TRAINING['epochs']} for {VIT})")
@@ -100,13 +107,16 @@ def print_summary(out_dir: str, report: str, top_k: int, seconds: float) -> None
     print(f"\n{'channel':>7} {'k':>2} {'best rho':>8} {'purity before':>14} {'after':>14}  concepts")
     for c, ch in rows:
         before, after = (per_concept(ch["purity"][key]) for key in ("original", "concepts"))
-        names = " | ".join(", ".join(n) for n in ch["class_names"])
+        signs = ch.get("orientation") or [1] * len(ch["class_names"])
+        names = " | ".join(", ".join(n) + (" (-)" if s < 0 else "") for n, s in zip(ch["class_names"], signs))
         print(f"{c:>7} {len(ch['concepts']):>2} {ch['best_rho']:>8.2f} {before:>14} {after:>14}  {names}")
     means = [_mean([v for ch in layer["channels"].values() for v in ch["purity"][key]])
              for key in ("original", "concepts")]
     if None not in means:
         print(f"mean purity over the concepts (share of the top-{top_k} validation images in the concept's classes): "
               f"original channels {means[0]:.0%}, concept channels {means[1]:.0%}")
+    if any(s < 0 for ch in layer["channels"].values() for s in ch.get("orientation") or []):
+        print("(-): a concept served by its unit going down, read as -activation (--orientation gradient)")
     print(f"max |logit difference| of the one network: {layer['max_abs_logit_diff']:.3g}; done in {seconds:.0f} s")
 
 

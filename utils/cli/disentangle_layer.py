@@ -24,7 +24,7 @@ import argparse
 
 from .parsing import (add_image_pass_args, add_json_arg, add_selection_args, check_channels, input_options,
                    make_parser, nonnegative_int, positive_int, write_json_output)
-from ..defaults import DEFAULT_GAMMA, DEFAULT_TAU
+from ..defaults import DEFAULT_GAMMA, DEFAULT_TAU, SEARCH_IMAGES, SEARCH_OTHERS
 from ..errors import run_cli
 from ..report.style import per_concept
 
@@ -41,9 +41,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "concepts (default: 2)")
     g.add_argument("--max_channels", type=positive_int, default=None, metavar="N",
                    help="split at most N channels: those whose concepts are least alike first (default: all)")
-    g.add_argument("--split_rule", choices=("paper", "positive"), default="paper",
+    g.add_argument("--split_rule", choices=("paper", "positive", "search"), default="paper",
                    help="paper: an input goes to the first concept j with rho * A_j > every other A_l (default); "
-                        "positive: only where A_j > 0, inputs that inhibit on average stay shared")
+                        "positive: only where A_j > 0, inputs that inhibit on average stay shared; search: from the "
+                        "paper's sets, move single inputs while the concept units tell their concepts apart better "
+                        "on training images (stopped by held-out ones)")
+    g.add_argument("--orientation", choices=("none", "gradient"), default="none",
+                   help="gradient: read each concept's unit in the direction that raises the concept's logit (the sign "
+                        "of the mean gradient over its training images; a concept served by the unit going down is "
+                        "read as -activation), in the split rule, top-k, purity, AUC and pictures; none: every "
+                        "concept +1 (default)")
+    g.add_argument("--search_images", type=positive_int, default=SEARCH_IMAGES, metavar="N",
+                   help=f"--split_rule search: training images per concept it reads (and {SEARCH_OTHERS} x N of other "
+                        f"classes; a quarter of each held out to stop it) (default: {SEARCH_IMAGES})")
     o = p.add_argument_group("evaluation and pictures")
     o.add_argument("--check_images", type=positive_int, default=32, metavar="N",
                    help="validation images on which the one network's logits are checked (default: 32)")
@@ -72,6 +82,7 @@ def layer_config(args: argparse.Namespace, device: str = "auto", rank: int = 0, 
                        min_concepts=args.min_concepts, max_channels=args.max_channels,
                        check_images=args.check_images, top_k=args.top_k, baseline=args.baseline_channels,
                        seed=args.seed, out_dir=args.out_dir, split_rule=args.split_rule,
+                       orientation=args.orientation, search_images=args.search_images,
                        fv=FVConfig(steps=args.fv_steps, seed=args.seed) if args.fv_steps > 0 else None,
                        **input_options(args))
 
@@ -90,7 +101,8 @@ def main(args: argparse.Namespace) -> dict | None:
     if rank != 0:  # rank 0 alone prints and writes
         return None
     print_layer(out, args.top_k)
-    write_json_output(args.json, {k: out[k] for k in ("warnings", "split_rule", "channels", "baseline_purity",
+    write_json_output(args.json, {k: out[k] for k in ("warnings", "split_rule", "orientation", "channels",
+                                                      "baseline_purity",
                                                       "max_abs_logit_diff", "export", "seconds", "report",
                                                       "provenance")})
     return out
@@ -107,15 +119,18 @@ def print_layer(out: dict, top_k: int) -> None:
     for c, ch in rows:
         before, after, base = (per_concept(ch["purity"][key]) for key in ("original", "concepts", "baseline"))
         auc = [per_concept(ch["auc"][key], ".2f") for key in ("original", "concepts")]
-        names = " | ".join(", ".join(n) for n in ch["class_names"])
+        signs = ch.get("orientation") or [1] * len(ch["class_names"])
+        names = " | ".join(", ".join(n) + (" (-)" if s < 0 else "") for n, s in zip(ch["class_names"], signs))
         flags = "; ".join(f"D{j}: {', '.join(fl)}" for j, fl in enumerate(ch["flags"], 1) if fl)
         print(f"{c:>7} {len(ch['concepts']):>2} {ch['best_rho']:>8.2f} {before:>14} {after:>14} {base:>14} "
               f"{auc[0]:>17} {auc[1]:>17}  {names}" + (f"  [flagged: {flags}]" if flags else ""))
     b = out["baseline_purity"]
     if b["mean"] is not None:
         print(f"purity of the concept channels: {b['concept_channels_mean']:.0%}; baseline: {len(b['channels'])} "
-              f"random channels that are no candidate, share of their top-{top_k} images in their own n most "
-              f"frequent classes (n = each concept's number of classes): {b['mean']:.0%}")
+              f"random channels that are no candidate, share of their top-{top_k} images in the n classes each is "
+              f"most relevant to on the training images (n = each concept's number of classes): {b['mean']:.0%}")
+    if any(s < 0 for ch in out["channels"].values() for s in ch.get("orientation") or []):
+        print("(-): a concept served by its unit going down, read as -activation (--orientation gradient)")
     print(f"max |logit difference| of the one network: {out['max_abs_logit_diff']:.3g}; done in {out['seconds']:.1f} s")
     print(f"report: {out['report']}")
 

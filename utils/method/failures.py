@@ -6,7 +6,9 @@ A concept unit D_j is flagged when
   its scale), so its "top" images are ties in dataset order and its purity means nothing;
 - ``own-concept share <= 0``: on concept j's images (relative attribution >= tau) its mean share of the
   original activation is at or below zero;
-- ``purer original``: its top-k purity for concept j is below the original channel's.
+- ``purer original``: its top-k purity for concept j is below the original channel's;
+- ``top-k mostly outside its concept``: fewer than half of its top-k images are of concept j (the split did
+  not give the concept a unit of its own, whatever the original's purity was).
 Ties in a top-k are said apart: ``ties at the k-th activation`` when images outside the top-k activate
 the unit exactly as much as its k-th image.
 """
@@ -40,6 +42,8 @@ def concept_flags(j: int, sources: dict, scores: np.ndarray, top_values, share: 
         flags.append("own-concept share <= 0")
     if after < before:
         flags.append("purer original")
+    if after < 0.5:
+        flags.append("top-k mostly outside its concept")
     if topk_ties(scores, top_values):
         flags.append("ties at the k-th activation")
     return flags

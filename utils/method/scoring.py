@@ -20,10 +20,24 @@ from .split import Sweep
 EPS = 1e-5  # the score's denominator offset
 
 
-def score_filters(sw: Sweep) -> torch.Tensor:
-    """The distinct splits' concept filters as one bank ((k*U) x C_in x kh x kw): all D_1, then all D_2, ..."""
+def score_filters(sw: Sweep, signs=None) -> torch.Tensor:
+    """The distinct splits' concept filters as one bank ((k*U) x C_in x kh x kw): all D_1, then all D_2, ...;
+    ``signs`` (k, default all +1): concept j's filters times s_j, so that its positive mass is that of the unit
+    read in its concept's direction."""
     first, _ = sw.distinct()
-    return sw.D[first].transpose(0, 1).reshape(-1, *sw.D.shape[2:])
+    D = sw.D[first].transpose(0, 1)  # k x U x ...
+    if signs is not None:
+        D = D * torch.tensor([float(s) for s in signs], dtype=D.dtype).view(-1, *[1] * (D.dim() - 1))
+    return D.reshape(-1, *sw.D.shape[2:])
+
+
+def score_bias(bias: torch.Tensor | None, sw: Sweep, signs=None) -> torch.Tensor | None:
+    """Unit ``c``'s bias (a scalar tensor, or None) for every row of :func:`score_filters`, times the row's sign."""
+    if bias is None:
+        return None
+    U = len(sw.distinct()[0])
+    s = torch.tensor([float(v) for v in (signs or [1] * sw.k)], dtype=bias.dtype, device=bias.device)
+    return (bias * s).repeat_interleave(U)
 
 
 def positive_mass(y: torch.Tensor) -> torch.Tensor:
@@ -81,7 +95,8 @@ def best_index(scores: torch.Tensor) -> int:
 @dataclass(frozen=True)
 class Scored:
     """One channel's scored sweep: its ``concepts``, ``sweep``, ``scores`` (R,), images scored per concept
-    (``counts``) and the index of its best rho (``best``, the first maximal score)."""
+    (``counts``) and the index of its best rho (``best``, the first maximal score); with orientation, each
+    concept's ``signs``; for a searched split, ``search`` (the sweep's best row holds the searched sets)."""
 
     channel: int
     concepts: list[list[int]]
@@ -89,10 +104,17 @@ class Scored:
     scores: torch.Tensor
     counts: list[int]
     best: int
+    signs: list[int] | None = None  # the concepts' orientations (None: not measured, read as +1)
+    search: dict | None = None  # a searched split: how the search went (utils.stages.layer)
 
     @property
     def best_rho(self) -> float:
         return round(float(self.sweep.rhos[self.best]), 2)
+
+    @property
+    def orientation(self) -> list[int]:
+        """Each concept's orientation (+1 where none was measured)."""
+        return list(self.signs) if self.signs else [1] * len(self.concepts)
 
     def split(self):
         """The :class:`utils.method.split.Split` of the best rho."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .failures import concept_flags
-from .split import Split, sub_names
+from .split import Split, reading, sub_names
 
 
 @dataclass
@@ -102,6 +102,27 @@ def concept_aucs(scores: np.ndarray, labels: np.ndarray, concepts: list[list[int
     inside = [np.isin(labels, cs) for cs in concepts]
     out = {f"concept{j}": roc_auc(scores, m) for j, m in enumerate(inside, 1)}
     return {**out, "images": int(len(labels)), "inside": [int(m.sum()) for m in inside]}
+
+
+def oriented_selectivity(top: TopK, split: Split, concepts: list[list[int]], signs) -> dict:
+    """Per concept j of ``split``, read in its direction ``signs[j]`` (a search of an ``oriented_bank`` with
+    ``keep_all``): the top-k purity of the original unit (``before``) and of concept unit j (``after``); their AUC
+    for concept j's images against every other image (``auc_before``, ``auc_after``) and against the other
+    concepts' images only (``pair_before``, ``pair_after``: the mean over the other concepts of
+    :func:`pair_auc`; None for a concept unit without such images); ``inside`` (images per concept) and
+    ``images``."""
+    labels = top.every.labels
+    inside = [torch.as_tensor(np.isin(labels, cs)) for cs in concepts]
+    out: dict = {key: [] for key in ("before", "after", "auc_before", "auc_after", "pair_before", "pair_after")}
+    for j in range(1, split.k + 1):
+        for when, name in (("before", reading(signs, j)), ("after", f"D{j}")):
+            scores = torch.as_tensor(top.scores(split.channel, name))
+            out[when].append(purity(top.get(split.channel, name)["labels"], concepts)[f"concept{j}"])
+            out[f"auc_{when}"].append(roc_auc(scores.numpy(), inside[j - 1].numpy()))
+            pairs = [pair_auc(scores, inside[j - 1], inside[l]) for l in range(split.k) if l != j - 1]
+            pairs = [v for v in pairs if v == v]
+            out[f"pair_{when}"].append(float(np.mean(pairs)) if pairs else None)
+    return {**out, "inside": [int(m.sum()) for m in inside], "images": int(len(labels))}
 
 
 def split_aucs(top: TopK, split: Split, concepts: list[list[int]]) -> dict[str, dict]:

@@ -71,6 +71,13 @@ class Split:
         """The sub-channels' filters stacked ((k + 1) x C_in x kh x kw): D_1 .. D_k, Res."""
         return torch.cat([self.D, self.Res[None]])
 
+    def oriented(self, signs) -> "Split":
+        """The split read in its concepts' directions: concept filter j times ``signs[j]`` (+1 or -1), for pictures
+        and feature visualisations that look for what raises ``s_j * D_j`` (not a network: the identity needs
+        the unoriented filters)."""
+        s = torch.tensor([float(v) for v in signs], dtype=self.D.dtype).view(-1, *[1] * (self.D.dim() - 1))
+        return Split(self.channel, self.D * s, self.Res)
+
 
 @dataclass
 class Sweep:
@@ -96,6 +103,15 @@ class Sweep:
         out["shared"] = (a == 0).nonzero().flatten().tolist()
         return out
 
+    def replace(self, i: int, assign: torch.Tensor, weight_c: torch.Tensor) -> "Sweep":
+        """This sweep with the i-th rho's index sets (and filters) replaced by ``assign`` (C_in, 0..k): how a
+        searched split takes the place of the sets it started from (the identity is checked)."""
+        D, Res = split_filters(weight_c, assign.to(self.assign), self.k)
+        check_identity(weight_c, D[None], Res[None])
+        out = Sweep(self.rhos, self.assign.clone(), self.D.clone(), self.Res.clone())
+        out.assign[i], out.D[i], out.Res[i] = assign.to(self.assign), D.to(self.D), Res.to(self.Res)
+        return out
+
     def distinct(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Rhos with the same index sets share filters (and scores): ``first`` (U,) = one rho index per
         distinct split, in sweep order; ``inverse`` (R,) = which distinct split each rho has."""
@@ -107,20 +123,30 @@ class Sweep:
         return torch.tensor(starts), torch.tensor(inverse)
 
 
-def sweep(weight_c: torch.Tensor, A: torch.Tensor, rhos: Iterable[float] = RHOS, rule: str = "paper") -> Sweep:
-    """Index sets and filters for every rho, from filter ``W[c]`` (C_in x kh x kw) and ARVs ``A`` (k x C_in),
-    by the split ``rule`` (``paper`` or ``positive``)."""
-    rhos = [float(r) for r in rhos]
-    k = A.shape[0]
-    assign = torch.stack([assign_inputs(A, r, rule) for r in rhos])
-    parts = [split_filters(weight_c, a, k) for a in assign]
-    D, Res = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+def check_identity(weight_c: torch.Tensor, D: torch.Tensor, Res: torch.Tensor) -> None:
+    """``sum_j D_j - (k - 1) Res = W[c]`` for every row of ``D`` (R x k x ...) and ``Res`` (R x ...): exact in
+    float64 for float32 filters; float64 filters round in the sum (k of them, a few ulps)."""
+    k = D.shape[1]
     w = weight_c.detach().double()
     total = D.double().sum(1) - (k - 1) * Res.double()
-    # exact in float64 for float32 filters; float64 filters round in the sum: k of them, a few ulps
     tol = 0.0 if weight_c.dtype != torch.float64 else 4 * k * torch.finfo(torch.float64).eps * float(w.abs().max())
     if total.numel() and not float((total - w.expand_as(Res)).abs().max()) <= tol:
         raise AssertionError("the concept filters do not add up to the original")  # cannot happen: a partition
+
+
+def sweep(weight_c: torch.Tensor, A: torch.Tensor, rhos: Iterable[float] = RHOS, rule: str = "paper",
+          signs: Iterable[int] | None = None) -> Sweep:
+    """Index sets and filters for every rho, from filter ``W[c]`` (C_in x kh x kw) and ARVs ``A`` (k x C_in),
+    by the split ``rule`` (``paper`` or ``positive``); ``signs``: the concepts' orientations (k values of +1 or
+    -1, default all +1): the rule compares the oriented ARVs ``s_j * A_j``."""
+    rhos = [float(r) for r in rhos]
+    k = A.shape[0]
+    if signs is not None:
+        A = A.double() * torch.tensor([float(s) for s in signs], dtype=torch.float64)[:, None]
+    assign = torch.stack([assign_inputs(A, r, rule) for r in rhos])
+    parts = [split_filters(weight_c, a, k) for a in assign]
+    D, Res = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    check_identity(weight_c, D, Res)
     return Sweep(torch.tensor(rhos, dtype=torch.float64), assign, D, Res)
 
 
@@ -163,6 +189,25 @@ def filter_bank(conv, splits: list[Split], names: tuple[str, ...] | None = None)
             if conv.bias is not None:
                 bs.append(conv.bias[s.channel].detach())
     return FilterBank(keys, torch.stack(ws), torch.stack(bs) if bs else None)
+
+
+def oriented_bank(conv, split: Split, signs) -> FilterBank:
+    """The sub-channels that read ``split`` in its concepts' directions: ``original``; ``-original`` (the original
+    times -1) when a concept's sign is -1; ``D1 .. Dk`` times their signs, bias included."""
+    signs = [int(v) for v in signs]
+    keys = [(int(split.channel), "original")] + ([(int(split.channel), "-original")] if min(signs) < 0 else [])
+    keys += [(int(split.channel), f"D{j}") for j in range(1, split.k + 1)]
+    sign = torch.tensor([1.0] + ([-1.0] if min(signs) < 0 else []) + [float(v) for v in signs])
+    w = torch.cat([conv.weight[split.channel].detach()[None].expand(len(keys) - split.k, *split.D.shape[1:]),
+                   split.D.to(conv.weight)])
+    w = w * sign.to(w).view(-1, *[1] * (w.dim() - 1))
+    b = None if conv.bias is None else conv.bias[split.channel].detach() * sign.to(conv.bias)
+    return FilterBank(keys, w, b)
+
+
+def reading(signs, j: int) -> str:
+    """The key under which :func:`oriented_bank` reads the original unit for concept ``j`` (from 1)."""
+    return "-original" if signs and int(signs[j - 1]) < 0 else "original"
 
 
 def channel_bank(conv, channels: list[int]) -> FilterBank:

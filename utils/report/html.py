@@ -45,9 +45,11 @@ def _pct(v) -> str:
     return "–" if v is None else f"{v:.0%}"
 
 
-def _concepts_text(concepts: list[list[int]], names) -> str:
+def _concepts_text(concepts: list[list[int]], names, signs=None) -> str:
+    signs = signs or [1] * len(concepts)
     return " | ".join(f'<b style="color:{concept_colour(j)}">{j}</b>: ' + _e(names.labels(cs))
-                      for j, cs in enumerate(concepts, 1))
+                      + (' <span class="down" title="served by the unit going down: read as -activation">(−)</span>'
+                         if s < 0 else "") for j, (cs, s) in enumerate(zip(concepts, signs), 1))
 
 
 def _overview(ev, files: dict, names, summary: dict) -> str:
@@ -56,17 +58,49 @@ def _overview(ev, files: dict, names, summary: dict) -> str:
         gain = " / ".join(f'<span class="{"up" if g >= 0.005 else "down" if g <= -0.005 else "muted"}">{g:+.0%}</span>'
                           for g in (a - b for a, b in zip(r.after, r.before)))
         flags = summary["channels"][str(r.channel)]["flags"]
-        rows.append([f'<a href="#c{r.channel}">{r.channel}</a>', len(r.concepts), _concepts_text(r.concepts, names),
+        rows.append([f'<a href="#c{r.channel}">{r.channel}</a>', len(r.concepts),
+                     _concepts_text(r.concepts, names, r.scored.signs),
                      f"{files[r.channel].record.best_rho:.2f}", " / ".join(_pct(v) for v in r.before),
                      " / ".join(_pct(v) for v in r.after), " / ".join(_pct(v) for v in r.baseline), gain,
                      " / ".join(_auc(v) for v in r.auc_before), " / ".join(_auc(v) for v in r.auc_after),
+                     " / ".join(_auc(v) for v in r.pair_after),
                      "<br>".join(f'<span class="down">D{j}: {_e(", ".join(fl))}</span>'
-                                 for j, fl in enumerate(flags, 1) if fl) or "–"])
+                                 for j, fl in enumerate(flags, 1) if fl) or '<span class="ok">none</span>'])
     return _table(["channel", "k", "concepts", "best rho", "before: original channel, share in concept j",
-                   "after: concept channel j, share in concept j", "baseline: random channels, share in their own "
-                   "n_j most frequent classes", "gain per concept (after - before)", "AUC before: original "
-                   "channel, concept j against every other val image", "AUC after: concept channel j",
+                   "after: concept channel j, share in concept j", "baseline: random channels, share in the n_j "
+                   "classes each is most relevant to (training images)", "gain per concept (after - before)",
+                   "AUC before: original channel, concept j against every other val image",
+                   "AUC after: concept channel j", "pairwise AUC after: concept j against the other concepts",
                    "flags"], rows, left=3)
+
+
+RULES = {"paper": "the paper's (an input goes to the first concept j with rho A_j above every other A_l)",
+         "positive": "positive (as the paper's, but only inputs with A_j > 0 can be exclusive to concept j; inputs "
+                     "that inhibit on average stay shared)",
+         "search": "searched (from the paper's sets, single inputs moved between the shared and the exclusive sets "
+                   "while the concept channels' mean AUC on training images rose; held-out training images stopped "
+                   "it; every split stays exact)"}
+ORIENTATION = {"none": "none: every concept read as +activation",
+               "gradient": "gradient: each concept read in the direction that raises its logit (the sign of the mean "
+                           "gradient of the class logit at the unit over the concept's training images)"}
+
+
+def _search_text(search: dict | None) -> str:
+    if not search:
+        return ""
+    fit, held = search["fit_objective"], search["held_objective"]
+    return (f"<p>Searched sets: {search['moves']} moves kept of {search['moves_tried']} tried, from the paper's sets "
+            f"at this rho; the concept channels' mean AUC on the fitting training images {fit[0]:.3f} → {fit[1]:.3f}, "
+            f"on the held-out ones {held[0]:.3f} → {held[1]:.3f} ({search['images']['fit']} and "
+            f"{search['images']['held']} images).</p>")
+
+
+def _orientation_text(signs) -> str:
+    if not signs or min(signs) > 0:
+        return ""
+    down = ", ".join(str(j) for j, s in enumerate(signs, 1) if s < 0)
+    return (f"<p>Concept {down} lowers the unit's output (its logit falls as the unit rises): its concept channel and "
+            "the original are read as −activation for it.</p>")
 
 
 def _auc(v) -> str:
@@ -87,13 +121,24 @@ def _sweep(rec) -> str:
 
 def _quantitative(f) -> str:
     k = len(f.quantitative)
-    rows = []
+    rows, shares = [], []
     for j, e in enumerate(f.quantitative, 1):
         mean = e.get("mean") or [None] * (k + 1)
         rows.append([f"concept {j}", e.get("rows", 0), e.get("images", 0)]
                     + ["–" if m is None else f"{m:.3f}" for m in mean])
-    return _table(["images of", "rows (rel ≥ τ)", "images"] + [f"D{j} / orig" for j in range(1, k + 1)]
-                  + ["Res / orig"], rows, left=1)
+        sh = e.get("shares") or {}
+        cells = [(a, b) for a, b in zip(sh.get("exclusive", []) + [sh.get("shared")],
+                                        sh.get("exclusive_median", []) + [sh.get("shared_median")])]
+        shares.append([f"concept {j}", e.get("rows", 0)]
+                      + ["–" if a is None else f"{a:.3f} <span class='muted'>({b:.3f})</span>" for a, b in cells])
+    paper = _table(["images of", "rows (rel ≥ τ)", "images"] + [f"D{j} / orig" for j in range(1, k + 1)]
+                   + ["Res / orig"], rows, left=1)
+    return paper + ("<p>The same images as shares that sum to 1: what each concept channel adds beyond the shared "
+                    "part, (D<sub>j</sub> − Res) / orig, and the shared part with the bias once, Res / orig; mean "
+                    "<span class='muted'>(median)</span>. The columns above count the shared part and the bias in "
+                    "every D<sub>j</sub>, as the paper's stage 4 does.</p>"
+                    + _table(["images of", "rows"] + [f"exclusive {j}" for j in range(1, k + 1)] + ["shared"], shares,
+                             left=1) if any(e.get("shares") for e in f.quantitative) else "")
 
 
 def _why(r, names, ch: dict) -> str:
@@ -130,17 +175,23 @@ def _card(r, f, names, base: str, summary_ch: dict) -> str:
                  [[_e(sub_label("original"))] + [_auc(v) for v in r.auc_before]]
                  + [[_e(sub_label(f"D{j}")), *(["–"] * (j - 1)), _auc(v), *(["–"] * (k - j))]
                     for j, v in enumerate(r.auc_after, 1)], left=1)
+    pairs = _table(["channel"] + [f"concept {j} against the other concepts" for j in range(1, k + 1)],
+                   [[_e(sub_label("original"))] + [_auc(v) for v in r.pair_before]]
+                   + [[_e(sub_label(f"D{j}")), *(["–"] * (j - 1)), _auc(v), *(["–"] * (k - j))]
+                      for j, v in enumerate(r.pair_after, 1)], left=1)
     return "\n".join([
         f'<div class="card" id="c{r.channel}"><h3>Channel {r.channel}: {k} concepts</h3>',
-        f"<p>{_concepts_text(r.concepts, names)}</p>",
-        f"<p>best rho <b>{rec.best_rho:.2f}</b>; training images scored per concept: "
+        f"<p>{_concepts_text(r.concepts, names, r.scored.signs)}</p>",
+        f"<p>best rho <b>{rec.best_rho:.2f}</b>; training images {'read' if rec.search else 'scored'} per concept: "
         + ", ".join(str(v) for v in rec.train_images.values()) + f'; record <code>{_e(rec.dir)}</code></p>',
+        _search_text(rec.search), _orientation_text(r.scored.signs),
         "<details><summary>rho sweep</summary>", _sweep(rec), "</details>",
         "<h4>What the channels respond to (top validation images; frames: colour of the concept, gray other)</h4>",
         _img(f.pictures.get("teaser", ""), base, "teaser"),
         why, "<h4>Purity of the top images</h4>", purity,
         "<h4>Selectivity on every validation image: ROC AUC of the activation for the concept's images against "
         "all others (1: perfect, 0.5: chance)</h4>", auc,
+        "<h4>Pairwise: the concept's images against the other concepts' images only (the split's own job)</h4>", pairs,
         "<h4>Activations on the concepts' validation images</h4>",
         '<div class="plots">' + "".join(_img(p, base) for p in f.plots if p.endswith(".png")) + "</div>",
         "<h4>Share of the original activation (mean over images with relative attribution ≥ τ)</h4>",
@@ -158,16 +209,15 @@ def write_layer_report(path: str, summary: dict, ev, files: dict, names, seconds
     ks = sorted({len(r.concepts) for r in ev.channels})
     settings = [["model", _e(summary["model"])], ["weights", _e(summary["weights"])], ["layer", _e(summary["layer"])],
                 ["tau, p, gamma", f"{summary['tau']}, {summary['p']}, {summary['gamma_high']}"],
-                ["split rule", _e("the paper's (an input goes to the first concept j with rho A_j above every other A_l)"
-                                  if summary["split_rule"] == "paper" else "positive (as the paper's, but only inputs "
-                                  "with A_j > 0 can be exclusive to concept j; inputs that inhibit on average stay "
-                                  "shared)")],
+                ["split rule", _e(RULES.get(summary["split_rule"], summary["split_rule"]))],
+                ["orientation", _e(ORIENTATION.get(summary.get("orientation", "none"), ""))],
                 ["split channels", f"{len(ev.channels)} (k = {', '.join(map(str, ks))})"],
                 ["one network, max |logit difference|", f'<b class="{"ok" if diff <= tol else "bad"}">'
                  f'{diff:.2e}</b> on {summary["checked_images"]} validation images'],
                 ["purity of the concept channels (mean)", _pct(b["concept_channels_mean"])],
                 [f"purity baseline: {len(b['channels'])} random channels that are no candidate, the share of their "
-                 f"top {summary['top_k']} in their own n most frequent classes (n = the concept's classes)",
+                 f"top {summary['top_k']} in the n classes each is most relevant to on the training images, chosen "
+                 f"before any validation image is seen, as a concept's classes are (n = the concept's classes)",
                  ", ".join(f"n = {n}: {_pct(v)}" for n, v in b["by_classes"].items())
                  + f"; mean over the concepts above {_pct(b['mean'])}"],
                 ["seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())],
@@ -184,7 +234,9 @@ def write_layer_report(path: str, summary: dict, ev, files: dict, names, seconds
             "linkage of its classes' average relevance vectors), split into one channel per concept plus a shared "
             "residual, all in one network that computes the same logits (Hesse et al., CVPRW 2025, extended to k "
             "concepts). Purity: the share of a channel's top validation images in a concept's classes; its "
-            "baseline is the same share for random channels in the classes that suit them best.</p>",
+            "baseline is the same share for random channels in the classes they are most relevant to on the "
+            "training images. A concept marked (−) is served by its unit going down: every reading of it (top "
+            "images, purity, AUC, pictures) is of −activation.</p>",
             *(f'<p class="bad"><b>warning:</b> {_e(w)}</p>' for w in summary.get("warnings", [])),
             "<h2>Settings</h2>", _table(["", ""], settings, left=2),
             "<h2>Split channels, by purity gain</h2>", _overview(ev, files, names, summary),

@@ -39,7 +39,7 @@ def fmt(v: float) -> str:
 
 def json_floats(values: list[float]) -> list[float | None]:
     """NaN -> None, so that --json writes standard JSON."""
-    return [None if math.isnan(v) else v for v in values]
+    return [None if v is None or math.isnan(v) else float(v) for v in values]
 
 
 # ------------------------------------------------------------------ the rows CSV of one concept
@@ -108,6 +108,25 @@ def fraction_rows(acts, tau: float = DEFAULT_TAU) -> np.ndarray:
     return (acts.sub[keep] / acts.orig[keep][:, None]).reshape(-1, acts.sub.shape[1])
 
 
+def share_rows(rows: np.ndarray) -> np.ndarray:
+    """Shares of the original activation that sum to 1 (m x (k+1)), from :func:`fraction_rows`: each concept unit's
+    exclusive part ``(d_j - res) / orig`` and the shared part ``res / orig`` once (the bias is in ``res``, so in
+    the shared part once: ``sum_j (d_j - res) + res = sum_j d_j - (k - 1) res = orig``). The rows of
+    ``fraction_rows`` count the shared part and the bias in every d_j, so they never sum to 1."""
+    rows = np.asarray(rows, dtype=np.float64)
+    return np.concatenate([rows[:, :-1] - rows[:, -1:], rows[:, -1:]], 1) if len(rows) else rows
+
+
+def share_summary(rows: np.ndarray) -> dict:
+    """Means and medians of :func:`share_rows`: ``{"exclusive": [k], "shared", "exclusive_median": [k],
+    "shared_median"}`` (None without rows)."""
+    sh = share_rows(rows)
+    width = rows.shape[1] if np.ndim(rows) == 2 else 1
+    mean = json_floats(list(sh.mean(0)) if len(sh) else [None] * width)
+    med = json_floats(list(np.median(sh, 0)) if len(sh) else [None] * width)
+    return {"exclusive": mean[:-1], "shared": mean[-1], "exclusive_median": med[:-1], "shared_median": med[-1]}
+
+
 @dataclass(frozen=True)
 class ResultFiles:
     """One evaluation's result files: ``out_dir/results_quantitative/<stem>_concept<j>.csv`` and
@@ -134,7 +153,9 @@ class ResultFiles:
             path = os.path.join(folder, f"{name}_concept{j}.csv")
             write_rows_csv(path, rows, k)
             means = column_means(rows, k + 1)
-            out.append({"rows": int(len(rows)), "mean": json_floats(means), "csv": path})
+            out.append({"rows": int(len(rows)), "mean": json_floats(means), "median": json_floats(
+                list(np.median(rows, 0)) if len(rows) else [None] * (k + 1)), "shares": share_summary(rows),
+                "csv": path})
             parts = [f"d{i}/orig" for i in range(1, k + 1)] + ["res/orig"]
             log(f"concept {j}: {len(rows)} of {len(a)} images with relative attribution >= {self.tau}; mean "
                 + ", ".join(f"{c} {fmt(v)}" for c, v in zip(parts, means)))

@@ -146,11 +146,12 @@ def write_pairs(path: str, pairs: list[dict]) -> None:
 
 
 def channel_concepts(store: st.Store, tau: float, p: float, gamma_high: float, progress: bool = False
-                     ) -> tuple[dict[int, list[list[int]]], dict[int, float], dict[int, dict]]:
+                     ) -> tuple[dict[int, list[list[int]]], dict[int, float], dict[int, dict], torch.Tensor]:
     """Every candidate channel's concepts (stage 2's rules and counts): c -> groups of classes; per channel the
-    lowest similarity between classes of different concepts (1.0 with one concept); and why it is a candidate
+    lowest similarity between classes of different concepts (1.0 with one concept); why it is a candidate
     (``evidence``): its relevant ``classes``, each one's ``shares`` of images where the channel is important
-    (relevance >= tau) and the cosine ``similarity`` of their ARVs (m x m)."""
+    (relevance >= tau) and the cosine ``similarity`` of their ARVs (m x m); and those shares for every class and
+    channel (K x C, float64: how relevant each channel is to each class on the training images)."""
     found = find_pairs(store, tau, p, 0.0, gamma_high, progress=progress)
     concepts, least, evidence = {}, {}, {}
     n = store.class_counts
@@ -163,4 +164,5 @@ def channel_concepts(store: st.Store, tau: float, p: float, gamma_high: float, p
         cross = [float(s[a, b]) for a, t in enumerate(classes) for b, u in enumerate(classes)
                  if group[t] != group[u] and not math.isnan(float(s[a, b]))]
         least[c] = min(cross) if cross else 1.0
-    return concepts, least, evidence
+    shares = found.counts.double() / torch.as_tensor(n, dtype=torch.float64).clamp_min(1)[:, None]
+    return concepts, least, evidence, shares

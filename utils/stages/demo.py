@@ -39,6 +39,8 @@ class DemoConfig:
     tau: float | None = None  # default: 0.01 for the digits demo, 0.03 (the paper's) for real data
     p: float = DEFAULT_P
     cos_sim_high: float = DEFAULT_GAMMA
+    split_rule: str = "search"  # the layer command's rule and orientation (the demo's: those that separate best)
+    orientation: str = "gradient"
     epochs: int | None = None  # training epochs of the digits model; None: the model's (2 for the CNN)
     max_images_per_class: int | None = None
     pictures_k: int = 12
@@ -132,7 +134,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = disentangle_layer(LayerConfig(
         data_dir=run.data_dir, store_dir=run.store_dir, model=run.model_name, weights=run.weights, layer=run.layer,
         progress=cfg.progress, tau=run.tau, p=cfg.p, gamma_high=cfg.cos_sim_high, max_channels=cfg.max_channels,
-        top_k=cfg.pictures_k, seed=cfg.seed, out_dir=cfg.out_dir, notes=notes,
+        top_k=cfg.pictures_k, seed=cfg.seed, out_dir=cfg.out_dir, notes=notes, split_rule=cfg.split_rule,
+        orientation=cfg.orientation,
         fv=FVConfig(steps=cfg.fv_steps, seed=cfg.seed) if cfg.fv_steps > 0 else None, **run.common), loaded=run.lm)
     if cfg.rank != 0:  # under torchrun rank 0 alone writes and reports
         return {"rank": cfg.rank}

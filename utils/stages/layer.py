@@ -20,13 +20,16 @@ import random
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from ..store import layout as st
 from ..store.arvs import concept_arvs
 from ..data.classes import check_channel, data_class_map
 from ..data.images import ImageList, list_images
-from ..defaults import DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
+from ..defaults import (DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU, SEARCH_BUDGET, SEARCH_IMAGES, SEARCH_OTHER_CLASSES,
+                        SEARCH_OTHERS, SEARCH_PATIENCE)
 from .layer_output import evaluate_layer, write_layer
-from .splitting import check_indices, check_split_rule, score_channels
+from .splitting import check_indices, score_channels
 from ..errors import UserError
 from ..passes.featvis import FVConfig
 from ..files import check_writable
@@ -34,9 +37,11 @@ from ..passes.image_pass import RunOptions, Runner
 from .candidates import channel_concepts
 from ..model.loading import LoadedModel, get_layer, load_model
 from ..data.preprocess import InputSpec
-from ..store.records import LAYER_COMMAND, make_record, records_dir, store_record
+from ..store.records import LAYER_COMMAND, make_record, records_dir, store_record, variant_suffix
 from ..method.scoring import Scored, best_index
-from ..method.split import sweep
+from ..method.search import holdout_mask, objective, search_assignment
+from ..method.split import SPLIT_RULES, Sweep, sweep
+from ..passes.contributions import Contributions, UnitRequest, contribution_pass, pick_rows
 from ..model.units import Unit, unit_at
 from ..store.layout import training_images
 from ..model.surgery import split_network
@@ -59,17 +64,31 @@ class LayerConfig(RunOptions):
     seed: int = 0
     out_dir: str | None = None  # default: STORE_DIR/layer_disentangled/<name>
     notes: dict = field(default_factory=dict)  # more rows for the report's settings (the demo's model)
-    split_rule: str = "paper"  # or "positive" (utils.method.split)
+    split_rule: str = "paper"  # or "positive" (utils.method.split), or "search" (utils.method.search)
+    orientation: str = "none"  # or "gradient": read each concept's unit in the direction that raises its logit
+    search_images: int = SEARCH_IMAGES  # the searched rule's training images per concept
 
 
-def layer_name(tag: str, layer: str, tau: float, p: float, gamma: float, rule: str = "paper") -> str:
-    """``<model>_<layer>_required<tau>_p<p>_cossim<gamma>[_positive]``: the folder of one layer's disentanglement."""
-    return f"{tag}_{layer}_required{float(tau)}_p{float(p)}_cossim{float(gamma)}" + ("" if rule == "paper" else f"_{rule}")
+LAYER_RULES = (*SPLIT_RULES, "search")  # the layer command's split rules
+ORIENTATIONS = ("none", "gradient")
+
+
+def layer_name(tag: str, layer: str, tau: float, p: float, gamma: float, rule: str = "paper",
+               oriented: bool = False) -> str:
+    """``<model>_<layer>_required<tau>_p<p>_cossim<gamma>[_<rule>][_oriented]``: the folder of one layer's
+    disentanglement (the rule unless the paper's)."""
+    return f"{tag}_{layer}_required{float(tau)}_p{float(p)}_cossim{float(gamma)}" + variant_suffix(rule, oriented)
 
 
 def check_layer_config(cfg: LayerConfig, out_channels: int, layer: str) -> None:
     """The layer command's numbers, in its own words; a UserError before anything is read."""
-    check_split_rule(cfg.split_rule)
+    if cfg.split_rule not in LAYER_RULES:
+        raise UserError(f"--split_rule must be one of {', '.join(LAYER_RULES)}, not {cfg.split_rule!r}")
+    if cfg.orientation not in ORIENTATIONS:
+        raise UserError(f"--orientation must be one of {', '.join(ORIENTATIONS)}, not {cfg.orientation!r}")
+    if cfg.search_images < 2:
+        raise UserError(f"--search_images must be at least 2 (some fit the split, some stop the search), "
+                        f"not {cfg.search_images}")
     if cfg.min_concepts < 2:
         raise UserError(f"--min_concepts must be at least 2 (a channel with one concept has nothing to split), "
                         f"not {cfg.min_concepts}")
@@ -121,19 +140,20 @@ def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=p
     lm = loaded or load_model(cfg.model, cfg.weights, inputs=InputSpec.of(cfg))
     layer, shape = get_layer(lm.model, cfg.layer)
     check_layer_config(cfg, shape.out_channels, layer)
-    store, concepts, chosen, out, val, evidence = runner.together(lambda: _prepare(cfg, runner, lm, layer, log),
-                                                                  "the layer command")
+    store, concepts, chosen, out, val, evidence, shares = runner.together(
+        lambda: _prepare(cfg, runner, lm, layer, log), "the layer command")
     model = runner.model(lm.model)
     unit = unit_at(model, layer, store.positions)
+    parts: dict[str, float] = {}
     scored, score_seconds = _score(cfg, runner, store, model, unit, {c: concepts[c] for c in chosen},
-                                   lm.preprocess, log)
-    seconds = {"score": time.perf_counter() - t0}
+                                   lm.preprocess, log, parts)
+    seconds = {"score": time.perf_counter() - t0, **parts}
     t1 = time.perf_counter()
     net = split_network(model, {layer: [s.split() for s in scored]})
     n_base = len(scored) if cfg.baseline is None else cfg.baseline
     ev = evaluate_layer(runner, model, unit, scored, val, _check_images(val, scored, cfg.check_images), net,
                         baseline_channels(list(concepts), unit.out_channels, n_base, cfg.seed), cfg.top_k,
-                        lm.preprocess)
+                        shares, lm.preprocess)
     seconds["validation pass"] = time.perf_counter() - t1
     log(f"validation pass: {ev.images} images in {ev.seconds:.1f} s ({ev.images / max(ev.seconds, 1e-9):.1f} img/s); "
         f"one network with {len(scored)} split channels: max |logit difference| {ev.logit_diff:.3g} on "
@@ -153,7 +173,7 @@ def _prepare(cfg: LayerConfig, runner: Runner, lm: LoadedModel, layer: str, log)
     """Every rank, before any pass (a failure anywhere stops all): the store, every candidate's concepts, the
     channels to split, the output folder (rank 0 checks it takes files) and the validation images."""
     store = st.model_store(cfg.store_dir, lm, layer)
-    concepts, least, evidence = channel_concepts(store, cfg.tau, cfg.p, cfg.gamma_high,
+    concepts, least, evidence, shares = channel_concepts(store, cfg.tau, cfg.p, cfg.gamma_high,
                                                  progress=cfg.progress and runner.lead)
     chosen = select_channels(concepts, least, cfg)
     if not chosen:
@@ -162,30 +182,98 @@ def _prepare(cfg: LayerConfig, runner: Runner, lm: LoadedModel, layer: str, log)
                         f"gamma {cfg.gamma_high} ({len(concepts)} candidate channels, the most concepts any has: "
                         f"{most}): lower --p or raise --cos_sim_high")
     out = cfg.out_dir or os.path.join(cfg.store_dir, "layer_disentangled",
-                                      layer_name(lm.tag, layer, cfg.tau, cfg.p, cfg.gamma_high, cfg.split_rule))
+                                      layer_name(lm.tag, layer, cfg.tau, cfg.p, cfg.gamma_high, cfg.split_rule,
+                                                 cfg.orientation != "none"))
     if runner.lead:
         check_writable(out)
         check_writable(records_dir(cfg.store_dir))
     log(f"{len(concepts)} candidate channels in {lm.name} {layer}; splitting {len(chosen)} with "
         f"{cfg.min_concepts}+ concepts: " + ", ".join(f"{c} (k={len(concepts[c])})" for c in chosen[:20])
         + (" ..." if len(chosen) > 20 else ""))
-    return store, concepts, chosen, out, _val_images(cfg, lm, store, [concepts[c] for c in chosen], chosen), evidence
+    return (store, concepts, chosen, out, _val_images(cfg, lm, store, [concepts[c] for c in chosen], chosen), evidence,
+            shares)
 
 
 def _score(cfg: LayerConfig, runner: Runner, store: st.Store, model, unit: Unit,
-           concepts: dict[int, list[list[int]]], preprocess, log) -> tuple[list[Scored], float]:
-    """Every channel's sweep, scored in one pass over the union of the concepts' training images."""
+           concepts: dict[int, list[list[int]]], preprocess, log, parts: dict) -> tuple[list[Scored], float]:
+    """Every channel's split: by the paper's or the positive rule, its sweep scored in one pass over the union of
+    the concepts' training images; by the searched rule, from the contributions pass (:func:`_contributions`).
+    With ``--orientation gradient`` the concepts' orientations come first, from that pass. ``parts``: the seconds
+    of each pass and of the search are added to it."""
     weight = unit.weight.detach().cpu()
-    sweeps = {c: sweep(weight[c], concept_arvs(store, c, cs), rule=cfg.split_rule) for c, cs in concepts.items()}
+    searched = cfg.split_rule == "search"
+    found, seconds = {}, 0.0
+    if searched or cfg.orientation == "gradient":
+        found, seconds = _contributions(cfg, runner, store, model, unit, concepts, preprocess, searched, log)
+        parts["contributions pass"] = seconds
+    signs = {c: found[c].signs() if cfg.orientation == "gradient" else None for c in concepts}
+    sweeps = {c: sweep(weight[c], concept_arvs(store, c, cs), rule="paper" if searched else cfg.split_rule,
+                       signs=signs[c]) for c, cs in concepts.items()}
+    if searched:
+        t0 = time.perf_counter()
+        scored = [_search(cfg, c, cs, sweeps[c], found[c], signs[c], weight[c]) for c, cs in concepts.items()]
+        moves = [s.search["moves"] for s in scored]
+        parts["search"] = time.perf_counter() - t0
+        log(f"searched the index sets of {len(scored)} channels in {time.perf_counter() - t0:.1f} s "
+            f"({sum(moves)} moves kept in all, at most {max(moves)} per channel)")
+        return scored, seconds
     classes = sorted({t for cs in concepts.values() for c in cs for t in c})
     images = training_images(store, cfg.data_dir, classes, cfg.class_index)
-    got, seconds, _ = score_channels(runner, model, unit, images, [(c, cs, sweeps[c]) for c, cs in concepts.items()],
-                                     preprocess, desc="scoring")
-    scored = [Scored(c, cs, sweeps[c], scores, counts, best_index(scores))
+    got, scoring, _ = score_channels(runner, model, unit, images, [(c, cs, sweeps[c]) for c, cs in concepts.items()],
+                                     preprocess, desc="scoring", signs=[signs[c] for c in concepts])
+    scored = [Scored(c, cs, sweeps[c], scores, counts, best_index(scores), signs[c])
               for (c, cs), (scores, counts) in zip(concepts.items(), got)]
-    log(f"scored {len(scored)} channels x 20 rhos on {len(images)} training images in {seconds:.1f} s "
-        f"({len(images) / max(seconds, 1e-9):.1f} img/s)")
-    return scored, seconds
+    parts["scoring pass"] = scoring
+    log(f"scored {len(scored)} channels x 20 rhos on {len(images)} training images in {scoring:.1f} s "
+        f"({len(images) / max(scoring, 1e-9):.1f} img/s)")
+    return scored, seconds + scoring
+
+
+def _contributions(cfg: LayerConfig, runner: Runner, store: st.Store, model, unit: Unit,
+                   concepts: dict[int, list[list[int]]], preprocess, searched: bool, log):
+    """The contributions pass (:func:`utils.passes.contributions.contribution_pass`): with orientation every
+    concept image's gradient; for the searched rule each channel's input contributions on up to
+    ``search_images`` images per concept and SEARCH_OTHERS times as many others (other channels' concepts
+    and up to SEARCH_OTHER_CLASSES classes outside every concept)."""
+    mine = sorted({t for cs in concepts.values() for c in cs for t in c})
+    have = [t for t in store.class_index.values() if store.class_counts[t] > 0 and t not in set(mine)]
+    extra = sorted(random.Random(cfg.seed).sample(have, min(len(have), SEARCH_OTHER_CLASSES))) if searched else []
+    images = training_images(store, cfg.data_dir, mine + extra, cfg.class_index)
+    requests = [UnitRequest(c, cs, pick_rows(images, cs, cfg.search_images, SEARCH_OTHERS * cfg.search_images,
+                                             cfg.seed) if searched else {}) for c, cs in concepts.items()]
+    got, seconds = contribution_pass(runner, model, unit, images, requests, preprocess,
+                                     cfg.orientation == "gradient", desc="contributions")
+    n = len({i for r in requests for i in r.rows} | (set(images.indices_of(mine)) if cfg.orientation == "gradient"
+                                                     else set()))
+    log(f"contributions pass: {n} training images in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} img/s)"
+        + ("; orientations: " + ", ".join(f"{c} {_signs_text(f.signs())}" for c, f in zip(concepts, got))
+           if cfg.orientation == "gradient" else ""))
+    return dict(zip(concepts, got)), seconds
+
+
+def _signs_text(signs: list[int]) -> str:
+    return "(" + " ".join("+" if s > 0 else "-" for s in signs) + ")"
+
+
+def _search(cfg: LayerConfig, channel: int, concepts: list[list[int]], sw: Sweep, found: Contributions,
+            signs: list[int] | None, weight_c) -> Scored:
+    """One channel's searched split: the start is the paper's sets (on the oriented ARVs) at the rho whose sets
+    give the best objective on the fitting images (each rho's "score"), the search goes on from there
+    (:func:`utils.method.search.search_assignment`), and the sweep's row at that rho takes the searched sets."""
+    s = torch.tensor(signs or [1] * len(concepts), dtype=torch.float64)
+    held = holdout_mask(found.labels, seed=cfg.seed)
+    first, inverse = sw.distinct()
+    fit_V, fit_labels = found.V[~held], found.labels[~held]
+    objs = torch.tensor([objective(fit_V, fit_labels, sw.assign[int(i)], s) for i in first],
+                        dtype=torch.float64)[inverse]
+    objs = torch.nan_to_num(objs, nan=0.0)  # a concept without fitting images: every rho alike, the first wins
+    best = best_index(objs)
+    res = search_assignment(found.V, found.labels, sw.assign[best], s, held, SEARCH_BUDGET, SEARCH_PATIENCE)
+    search = {"start": sw.sources(best), "moves": res.best, "moves_tried": len(res.moves),
+              "fit_objective": [res.fit[0], res.fit[res.best]], "held_objective": [res.held[0], res.held[res.best]],
+              "images": {"fit": int((~held).sum()), "held": int(held.sum())}}
+    counts = [int((found.labels == j).sum()) for j in range(1, len(concepts) + 1)]
+    return Scored(channel, concepts, sw.replace(best, res.assign, weight_c), objs, counts, best, signs, search)
 
 
 def _val_images(cfg: LayerConfig, lm: LoadedModel, store: st.Store, concepts: list[list[list[int]]],

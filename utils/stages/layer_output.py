@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..data.classes import ClassNames
@@ -18,7 +19,7 @@ from .evaluation import Activations, TopKRequest, evaluate_splits
 from ..report.html import write_layer_report
 from .visualize import Job, PicturesConfig, draw
 from ..model.receptive import receptive_field
-from ..method.selectivity import split_aucs, split_flags, split_purity
+from ..method.selectivity import oriented_selectivity, split_flags
 from ..defaults import MAX_LOGIT_DIFF, NEAR_CHANCE, logit_tolerance
 from ..errors import UserError
 from ..files import read_json, write_json
@@ -26,7 +27,7 @@ from ..store.provenance import provenance
 from ..store.records import Record
 from ..report.tables import ResultFiles
 from ..method.scoring import Scored
-from ..method.split import FilterBank, channel_bank, filter_bank, sub_names
+from ..method.split import FilterBank, channel_bank, oriented_bank, sub_names
 from ..model.units import Unit, unit_at
 from ..model.surgery import check_logit_diff, export_network
 from ..method.selectivity import TopK
@@ -41,16 +42,19 @@ def top_classes_share(labels, n: int) -> float:
 
 @dataclass(frozen=True)
 class Baseline:
-    """Random channels that are no candidate: ``labels[b]`` = the classes of channel ``channels[b]``'s top-k.
-    A concept of n classes is compared with :meth:`share` (n): the mean share of these channels' top-k images
-    in their own n most frequent classes, the same quantity as a concept channel's purity, in classes
-    chosen in the random channel's favour."""
+    """Random channels that are no candidate: ``labels[b]`` = the classes of channel ``channels[b]``'s top-k
+    validation images, ``ranked[b]`` = the classes channel b is most relevant to on the *training* images (the
+    share of each class's images on which it is important, stage 2's counts), most first. A concept of n classes
+    is compared with :meth:`share` (n): the mean share of these channels' top-k images in their n most relevant
+    classes, the same quantity as a concept channel's purity, in classes chosen before any validation image is
+    seen (as a concept's are)."""
 
     channels: list[int]
     labels: list[list[int]]
+    ranked: list[list[int]]
 
     def share(self, n: int) -> float | None:
-        shares = [top_classes_share(lab, n) for lab in self.labels]
+        shares = [sum(t in set(r[:n]) for t in lab) / len(lab) for lab, r in zip(self.labels, self.ranked) if lab]
         return float(np.mean(shares)) if shares else None
 
 
@@ -60,7 +64,9 @@ class ChannelResult:
     purity ``before`` (share of the original channel's top-k in concept j's classes), ``after`` (the same for
     concept channel j) and ``baseline`` (:meth:`Baseline.share` of concept j's number of classes); and the
     selectivity on every validation image: ``auc_before`` (the original channel's ROC AUC for concept j against
-    every other image), ``auc_after`` (concept channel j's), ``auc_images`` (images inside each concept, all)."""
+    every other image), ``auc_after`` (concept channel j's), ``auc_images`` (images inside each concept, all);
+    ``pair_before`` / ``pair_after``: the same for concept j's images against the other concepts' images only
+    (the mean over the other concepts). Every reading of concept j is in its direction (``scored.orientation``)."""
 
     scored: Scored
     acts: Activations
@@ -70,6 +76,8 @@ class ChannelResult:
     auc_before: list[float | None]
     auc_after: list[float | None]
     auc_images: tuple[list[int], int]
+    pair_before: list[float | None]
+    pair_after: list[float | None]
 
     @property
     def channel(self) -> int:
@@ -103,27 +111,28 @@ class LayerEvaluation:
 
 
 def evaluate_layer(runner, model: nn.Module, unit: Unit, scored: list[Scored], val: ImageList, check: list[int],
-                   net: nn.Module, baseline: list[int], k: int, preprocess=None) -> LayerEvaluation:
+                   net: nn.Module, baseline: list[int], k: int, shares, preprocess=None) -> LayerEvaluation:
     """ONE pass over every validation image: stage 4's values of every split, the top-``k`` images of the
-    original channel, every concept channel and the ``baseline`` channels, and the logits of the one
-    network ``net`` against ``model``'s on the ``check`` images (above MAX_LOGIT_DIFF a UserError).
-    ``unit``: the layer of interest in ``model``."""
+    original channel, every concept channel (each read in its concept's direction) and the ``baseline``
+    channels, and the logits of the one network ``net`` against ``model``'s on the ``check`` images (above
+    MAX_LOGIT_DIFF a UserError). ``unit``: the layer of interest in ``model``; ``shares``: K x C, how relevant
+    each channel is to each class on the training images (the baseline's classes,
+    :func:`utils.stages.candidates.channel_concepts`)."""
     splits = [s.split() for s in scored]
-    bank = FilterBank.join([filter_bank(unit, splits)] + ([channel_bank(unit, baseline)] if baseline else []))
+    bank = FilterBank.join([oriented_bank(unit, s.split(), s.orientation) for s in scored]
+                           + ([channel_bank(unit, baseline)] if baseline else []))
     vp = evaluate_splits(runner, model, unit, splits, [s.concepts for s in scored], val,
                          preprocess, TopKRequest(bank, k, keep_all=True), (net, set(check)))
     check_logit_diff(vp.logit_diff, f"on {len(check)} validation images (the one network with every split)",
                      vp.logit_scale)
-    base = Baseline(baseline, [[int(t) for t in vp.top.get(c, "original")["labels"]] for c in baseline])
+    ranked = [[int(t) for t in torch.as_tensor(shares)[:, c].argsort(descending=True, stable=True)] for c in baseline]
+    base = Baseline(baseline, [[int(t) for t in vp.top.get(c, "original")["labels"]] for c in baseline], ranked)
     results = []
     for s in scored:
-        p, a = split_purity(vp.top, s.split(), s.concepts), split_aucs(vp.top, s.split(), s.concepts)
-        js = range(1, len(s.concepts) + 1)
-        results.append(ChannelResult(s, vp.acts[s.channel], [p["original"][f"concept{j}"] for j in js],
-                                     [p[f"D{j}"][f"concept{j}"] for j in js],
-                                     [base.share(len(cs)) for cs in s.concepts],
-                                     [a["original"][f"concept{j}"] for j in js], [a[f"D{j}"][f"concept{j}"] for j in js],
-                                     (a["original"]["inside"], a["original"]["images"])))
+        o = oriented_selectivity(vp.top, s.split(), s.concepts, s.orientation)
+        results.append(ChannelResult(s, vp.acts[s.channel], o["before"], o["after"],
+                                     [base.share(len(cs)) for cs in s.concepts], o["auc_before"], o["auc_after"],
+                                     (o["inside"], o["images"]), o["pair_before"], o["pair_after"]))
     return LayerEvaluation(results, vp.top, base, vp.logit_diff, len(check), val, vp.images, vp.seconds,
                            logit_tolerance(vp.logit_scale))
 
@@ -230,7 +239,7 @@ def _pictures(cfg, lm, model, layer: str, ev: LayerEvaluation, records: dict[int
                             batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                             device=str(model.get_submodule(layer).weight.device),
                             progress=cfg.progress, formats=("png",), crop_files=False)
-        split = r.scored.split()
+        split = r.scored.split().oriented(r.scored.orientation)  # its pictures look in each concept's direction
         job = Job(lm, model, layer, rec, split, r.concepts, ev.val, names, rec.best_rho,
                   ["original", *sub_names(split.k)[:-1]], rf)
         p = draw(pc, job, ev.top)
@@ -250,6 +259,8 @@ def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelF
             "purity": {"original": r.before, "concepts": r.after, "baseline": r.baseline}, "purity_gain": r.gain,
             "auc": {"original": r.auc_before, "concepts": r.auc_after, "images_in_concept": r.auc_images[0],
                     "images": r.auc_images[1]},
+            "pair_auc": {"original": r.pair_before, "concepts": r.pair_after},
+            "orientation": r.scored.signs, "search": rec.search,
             "purity_gain_per_concept": [a - b for a, b in zip(r.after, r.before)], "flags": _flags(ev.top, r, f),
             "why": {"candidate": evidence.get(r.channel), "outside": _outside(ev.top, r)},
             "record": rec.dir, "quantitative": {f"concept{j}": {k: v for k, v in q.items() if k != "csv"}
@@ -260,7 +271,8 @@ def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelF
     positions = next(iter(files.values())).record.positions  # None: a Conv2d layer (its summary is as before)
     kind = {} if positions is None else {"unit": "Linear", "positions": positions}
     return {"model": lm.name, "weights": lm.weights, "layer": layer, **kind, "tau": cfg.tau, "p": cfg.p,
-            "gamma_high": cfg.gamma_high, "split_rule": cfg.split_rule, "top_k": cfg.top_k, "channels": channels,
+            "gamma_high": cfg.gamma_high, "split_rule": cfg.split_rule, "orientation": cfg.orientation,
+            "top_k": cfg.top_k, "channels": channels,
             "baseline_purity": {"channels": base.channels, "by_classes": {str(n): base.share(n) for n in sizes},
                                 "mean": _mean([v for r in ev.channels for v in r.baseline]),
                                 "concept_channels_mean": _mean([v for r in ev.channels for v in r.after])},

@@ -28,8 +28,11 @@ class ChannelSplit:
     """One split unit: its ``concepts`` (class indices) and their ``class_names``; ``best_rho``; ``inputs[j]``:
     the layer's input channels that concept j's filter keeps at the best rho, ``shared``: those the residual
     keeps; ``scores``: every rho's score; ``purity`` and ``auc``: ``{"original": [...], "concepts": [...]}`` per
-    concept (purity's ``baseline`` too); ``flags``: per concept unit what to be wary of; ``columns``: the split
-    layer's ``expanded`` outputs that are its concept units D_1 .. D_k."""
+    concept (purity's ``baseline`` too), ``pair_auc`` the same for each concept against the other concepts' images;
+    ``flags``: per concept unit what to be wary of; ``columns``: the split layer's ``expanded`` outputs that are its
+    concept units D_1 .. D_k; ``orientation``: per concept +1, or -1 where the concept is served by the unit going
+    down (every reading of it above is of -activation); ``search``: how a searched split's sets were found (None
+    for the other rules)."""
 
     channel: int
     concepts: list[list[int]]
@@ -42,6 +45,9 @@ class ChannelSplit:
     auc: dict
     flags: list[list[str]]
     columns: list[int]
+    pair_auc: dict | None = None
+    orientation: list[int] | None = None
+    search: dict | None = None
 
     @property
     def k(self) -> int:
@@ -53,7 +59,8 @@ class ChannelSplit:
         k = len(ch["concepts"])
         return cls(channel, ch["concepts"], ch["class_names"], ch["best_rho"],
                    [at[f"concept{j}"] for j in range(1, k + 1)], at["shared"],
-                   {float(r): v for r, v in ch["scores"].items()}, ch["purity"], ch["auc"], ch["flags"], columns)
+                   {float(r): v for r, v in ch["scores"].items()}, ch["purity"], ch["auc"], ch["flags"], columns,
+                   ch.get("pair_auc"), ch.get("orientation") or [1] * k, ch.get("search"))
 
 
 class Result:

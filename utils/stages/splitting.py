@@ -25,7 +25,7 @@ from ..model.loading import LoadedModel, get_layer, load_model
 from ..data.preprocess import InputSpec
 from ..store.records import CHANNEL_COMMAND, Record, make_record
 from ..model.hooks import layer_input
-from ..method.scoring import Scored, batch_ratio_sums, best_index, score_filters, scores_from_sums
+from ..method.scoring import Scored, batch_ratio_sums, best_index, score_bias, score_filters, scores_from_sums
 from ..method.split import SPLIT_RULES, Sweep, sweep
 from ..store.layout import training_images
 from ..model.surgery import check_logit_diff, logit_diff_scale, split_network
@@ -104,13 +104,15 @@ def _store_and_images(cfg: Stage3Config, lm: LoadedModel, layer: str,
 
 def score_channels(runner: Runner, model: nn.Module, unit: Unit | nn.Module, images: ImageList,
                    channels: list[tuple[int, list, Sweep]], preprocess, keep: set[int] = frozenset(),
-                   desc: str = "stage 3") -> tuple[list[tuple[torch.Tensor, list[int]]], float, dict]:
+                   desc: str = "stage 3", signs: list[list[int]] | None = None
+                   ) -> tuple[list[tuple[torch.Tensor, list[int]]], float, dict]:
     """Score every rho of every channel ``(c, concepts, sweep)`` in ONE truncated pass over the union of the
     concepts' training images (class-aligned batches; under torchrun each rank a block of whole batches).
 
     Each batch's layer input serves every channel with a concept of its class. Returns per channel
     ``(scores (R,), images per concept)``, the seconds of the slowest rank, and the images of ``keep``
-    this rank saw (index -> image, on the host).
+    this rank saw (index -> image, on the host). ``signs``: per channel its concepts' orientations (the score
+    then reads concept filter j times s_j, :func:`utils.method.scoring.score_filters`).
     """
     unit = as_unit(unit)
     classes = {t for _, concepts, _ in channels for cs in concepts for t in cs}
@@ -122,15 +124,17 @@ def score_channels(runner: Runner, model: nn.Module, unit: Unit | nn.Module, ima
             for t in cs:
                 users.setdefault(t, []).append((ci, j))
     dev = dict(device=unit.weight.device, dtype=unit.weight.dtype)  # every filter goes to the device once
-    banks = [score_filters(sw).to(**dev) for _, _, sw in channels]
-    biases = [None if unit.bias is None else unit.bias.detach()[c].expand(len(b)) for (c, _, _), b in zip(channels, banks)]
+    signs = signs or [None] * len(channels)
+    banks = [score_filters(sw, s).to(**dev) for (_, _, sw), s in zip(channels, signs)]
+    biases = [score_bias(None if unit.bias is None else unit.bias.detach()[c], sw, s)
+              for (c, _, sw), s in zip(channels, signs)]
 
     def step(batches):
         parts, counts, kept = [[] for _ in channels], [[0] * sw.k for _, _, sw in channels], {}
         for b in batches:
             kept.update({i: b.x[j].cpu() for j, i in enumerate(b.index.tolist()) if i in keep})
             xl = unit.counted(layer_input(model, unit, b.x))
-            for ci, j in users[int(b.targets[0])]:
+            for ci, j in users.get(int(b.targets[0]), []):
                 concept = torch.full((len(b),), j, dtype=torch.int64, device=xl.device)
                 parts[ci].append(batch_ratio_sums(unit, xl, banks[ci], biases[ci], channels[ci][2].k, concept))
                 counts[ci][j - 1] += len(b)

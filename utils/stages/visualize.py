@@ -93,6 +93,8 @@ def prepare(cfg: PicturesConfig, runner: Runner, loaded: LoadedModel | None = No
     images = list_images(cfg.data_dir, cfg.split, classes=cmap)
     check_concepts(concepts, cmap.index.values(), images.root)
     split = load_split(rec, cfg.rho)
+    if rec.orientation:  # a record made with --orientation gradient: each concept unit is read in its direction
+        split = split.oriented(rec.orientation)
     rho = float(rec.best_rho) if cfg.rho is None else round(float(cfg.rho), 2)
     subs = ["original", *sub_names(split.k)[:-1]] + (["Res"] if cfg.residual else [])
     names = ClassNames(lm.categories, list(cmap.index), list(cmap.index.values()))

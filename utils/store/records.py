@@ -29,11 +29,20 @@ from ..model.surgery import export_network, split_network
 from ..model.units import Unit, unit_at
 
 RECORD_VERSION = 1
-OPTIONAL = ("positions", "split_rule")  # written only when set, so that a Conv2d split by the paper's rule reads as before
+# written only when set, so that a Conv2d split by the paper's rule, unoriented, reads as before
+OPTIONAL = ("positions", "split_rule", "orientation", "search")
 CHANNEL_COMMAND = "disentangle_channel.py"
 LAYER_COMMAND = "disentangle_layer.py"
 LAYER_SUFFIX = "_layer"  # a layer command's record never replaces disentangle_channel.py's of the same concepts
 RULE_SUFFIX = "_positive"  # nor does a split by the positive rule replace the paper's
+# nor a split of another rule or read in its concepts' directions: every variant's folder suffix, the paper's first
+VARIANT_SUFFIXES = ("", RULE_SUFFIX, "_oriented", "_positive_oriented", "_search", "_search_oriented")
+
+
+def variant_suffix(split_rule: str | None, oriented: bool) -> str:
+    """A record's (and a layer folder's) suffix: ``_<rule>`` unless the paper's, then ``_oriented`` when its
+    concepts' orientations were measured."""
+    return ("" if split_rule in (None, "paper") else f"_{split_rule}") + ("_oriented" if oriented else "")
 
 
 @dataclass
@@ -64,7 +73,9 @@ class Record:
     filters: str = "filters.pt"
     command: str | None = None  # what made it: disentangle_channel.py or disentangle_layer.py (None: older records)
     positions: str | None = None  # a Linear layer's positions that count (all, cls); None: a Conv2d (all)
-    split_rule: str | None = None  # "positive"; None: the paper's rule (records of the paper's rule are as before)
+    split_rule: str | None = None  # "positive", "search"; None: the paper's rule (records of the paper's rule are as before)
+    orientation: list[int] | None = None  # per concept +1 or -1 (measured); None: not measured, every concept +1
+    search: dict | None = None  # a searched split: its start sets, moves and objectives (the best rho holds its sets)
     provenance: dict | None = None  # utils.store.provenance: command, seed, versions, commit, transform (None: older records)
     format_version: int = RECORD_VERSION
     dir: str | None = field(default=None, compare=False)  # the folder it was read from (not stored)
@@ -77,7 +88,7 @@ class Record:
         """Folder name under ``models_disentangled/``."""
         name = record_name(layer_head(model_tag(self.model), self.layer, self.default_layer), self.channel,
                            self.concepts)
-        name += RULE_SUFFIX if self.split_rule == "positive" else ""
+        name += variant_suffix(self.split_rule, self.orientation is not None)
         return name + LAYER_SUFFIX if self.command == LAYER_COMMAND else name
 
     def to_json(self) -> dict:
@@ -132,6 +143,7 @@ def make_record(lm, layer: str, store, data_dir: str, scored, diff: float, check
         equivalence_images=checked, train_images={f"concept{j}": n for j, n in enumerate(scored.counts, 1)},
         seconds=seconds, images_per_second=sum(scored.counts) / max(seconds, 1e-9), command=command,
         positions=unit.positions if unit.linear else None, split_rule=None if split_rule == "paper" else split_rule,
+        orientation=None if scored.signs is None else [int(v) for v in scored.signs], search=scored.search,
         provenance=provenance(seed, lm.preprocess))
 
 
@@ -189,8 +201,8 @@ def find_record(model_dir: str, head: str, channel: int, concepts: list[list[int
     wanted = record_name(head, channel, concepts)
     prefix = f"{head}_channel{channel}_"
     entries = sorted(os.listdir(model_dir))
-    # disentangle_channel.py's record first, then the layer command's; the paper's rule before the positive one
-    for suffix in ("", LAYER_SUFFIX, RULE_SUFFIX, RULE_SUFFIX + LAYER_SUFFIX):
+    # the paper's rule first (disentangle_channel.py's record, then the layer command's), then the other variants
+    for suffix in [v + s for v in VARIANT_SUFFIXES for s in ("", LAYER_SUFFIX)]:
         for entry in entries:
             tail = entry[len(prefix):]
             if not entry.startswith(prefix) or not tail.endswith(suffix):

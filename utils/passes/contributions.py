@@ -1,0 +1,145 @@
+"""One pass for reading units in their concepts' direction and for the searched split rule.
+
+For every unit ``c`` asked about, over the pass's images:
+
+- its **orientation evidence**: per concept j, the sum over concept j's images of the gradient of the image's
+  class logit with respect to the unit's output, summed over the positions that count. Its sign is the
+  concept's orientation ``s_j``: +1 where the concept's logit rises with the unit, -1 where it falls (the
+  concept is served by the unit going *down*). Needs the whole forward pass and a backward pass from the
+  logits to the layer (nothing before the layer is differentiated); without it the pass stops at the layer.
+- its **input contributions** on the images it keeps: ``V[i, k']``, what input ``k'`` adds to the unit's
+  activation on image ``i`` summed over the positions that count (``sum_k' V[i, k']`` is the activation
+  without the bias). From the tap sums of the layer input (:func:`utils.method.arv.batch_tap_sums`) and the
+  unit's filter: ``V[i, k'] = sum_t W[c, k', t] * T_i[k', t]``.
+
+Under torchrun each rank reads a block of whole batches; the rows come back in dataset order and the sums are
+added in rank order, on every rank.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..data.images import ImageList, Preprocess, class_batches
+from ..method.arv import batch_tap_sums, tap_maps
+from ..model.hooks import capture_layer, layer_input
+from ..model.units import Unit, as_unit
+from .image_pass import Runner
+
+
+@dataclass(frozen=True)
+class UnitRequest:
+    """What the pass collects for unit ``channel``: its ``concepts`` (class lists, for the orientation sums) and
+    ``rows``: dataset index -> label (j for concept j, 0 for any other image) of the images whose input
+    contributions it keeps (empty: none)."""
+
+    channel: int
+    concepts: list[list[int]]
+    rows: dict[int, int]
+
+
+@dataclass
+class Contributions:
+    """What the pass found for one unit: ``grad`` (k, float64) the per-concept sums of the class logit's
+    gradient at the unit (zeros when the pass did not differentiate), ``counts`` (k) the images summed;
+    ``V`` (n x C_in, float64), ``labels`` and ``index`` (n) of its kept images, in dataset order."""
+
+    grad: torch.Tensor
+    counts: list[int]
+    V: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+    def signs(self) -> list[int]:
+        """Each concept's orientation: -1 where the summed gradient is below zero, else +1."""
+        return [-1 if float(g) < 0 else 1 for g in self.grad]
+
+
+def pick_rows(images: ImageList, concepts: list[list[int]], per_concept: int, others: int, seed: int = 0,
+              pool: list[int] | None = None) -> dict[int, int]:
+    """The images whose contributions the search reads for one unit: up to ``per_concept`` images of each concept
+    and up to ``others`` of the rest (among ``pool``, default every image), drawn with ``seed``; index -> label."""
+    rng = random.Random(seed)
+    out: dict[int, int] = {}
+    mine = set()
+    for j, cs in enumerate(concepts, 1):
+        idx = images.indices_of(cs)
+        mine |= set(idx)
+        out.update({i: j for i in sorted(rng.sample(idx, min(per_concept, len(idx))))})
+    rest = [i for i in (range(len(images)) if pool is None else pool) if i not in mine]
+    out.update({i: 0 for i in sorted(rng.sample(rest, min(others, len(rest))))})
+    return out
+
+
+def contribution_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, images: ImageList,
+                      requests: list[UnitRequest], preprocess: Preprocess | None, orient: bool,
+                      desc: str = "contributions") -> tuple[list[Contributions], float]:
+    """One pass over every image of ``images`` that a request needs (its concepts' images when ``orient``, its
+    kept rows), class-aligned batches: per request its :class:`Contributions`; and the slowest rank's seconds.
+    ``model`` and ``unit`` are on ``runner``'s device; ``orient``: also the gradient sums (a whole forward
+    pass and a backward pass to the layer, else the pass stops at the layer)."""
+    unit = as_unit(unit)
+    need = {i for r in requests for i in r.rows}
+    if orient:
+        need |= {i for r in requests for i in images.indices_of([t for cs in r.concepts for t in cs])}
+    order = sorted(need, key=lambda i: (images.targets[i], i))
+    concept_of = [{t: j for j, cs in enumerate(r.concepts) for t in cs} for r in requests]
+    weights = [unit.weight.detach()[r.channel].flatten(1).double() for r in requests]  # C_in x T each
+
+    def step(batches):
+        grads = [torch.zeros(len(r.concepts), dtype=torch.float64, device=unit.weight.device) for r in requests]
+        counts = [[0] * len(r.concepts) for r in requests]
+        rows: list[list[torch.Tensor]] = [[] for _ in requests]
+        maps = None
+        for b in batches:
+            if orient:
+                g, x = output_gradient(model, unit, b.x, b.labels)
+            else:
+                g, x = None, layer_input(model, unit, b.x)
+            xl = unit.counted(x)
+            if maps is None:
+                maps = tap_maps(unit.geometry(), tuple(xl.shape[-2:])).to(xl.device)
+            taps = None
+            for ri, r in enumerate(requests):
+                if g is not None:
+                    j = concept_of[ri].get(int(b.targets[0]))
+                    if j is not None:
+                        grads[ri][j] += g[:, r.channel].double().sum()
+                        counts[ri][j] += len(b)
+                keep = [p for p, i in enumerate(b.index.tolist()) if i in r.rows]
+                if not keep:
+                    continue
+                taps = batch_tap_sums(xl, maps) if taps is None else taps
+                sel = torch.tensor(keep, device=xl.device)
+                V = torch.einsum("bkt,kt->bk", taps[sel], weights[ri].to(taps.device))
+                idx = b.index[keep]
+                lab = torch.tensor([r.rows[int(i)] for i in idx], dtype=torch.float64)
+                rows[ri].append(torch.cat([idx[:, None].double(), lab[:, None], V.cpu()], 1))
+        return grads, counts, rows
+
+    ran = runner.image_pass(images, class_batches(images, order, runner.batch_size), preprocess, desc).run(step, desc)
+    grads, counts, rows = ran.value
+    out = []
+    for r, g, n, rw in zip(requests, grads, counts, rows):
+        mine = torch.cat(rw) if rw else torch.zeros(0, 2 + unit.in_channels, dtype=torch.float64)
+        every = runner.gather_rows(mine)
+        every = every[every[:, 0].argsort(stable=True)]
+        sums = runner.gather_rows(torch.cat([g.cpu(), torch.tensor(n, dtype=torch.float64)])[None]).sum(0)
+        k = len(r.concepts)
+        out.append(Contributions(sums[:k], [int(v) for v in sums[k:]], every[:, 2:], every[:, 1].long(),
+                                 every[:, 0].long()))
+    return out, ran.seconds
+
+
+def output_gradient(model: nn.Module, unit: Unit, images: torch.Tensor, labels: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of each image's label logit with respect to every unit's output, summed over the positions
+    that count (B x C, float32), and the layer input as the layer sees it; the backward pass reaches the layer
+    only."""
+    with torch.enable_grad(), capture_layer(unit, grad=True) as cap:
+        logits = model(images)
+        (g,) = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), cap.a)
+    return unit.counted(g).float().sum(dim=(2, 3)), cap.x
