@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.defaults import SEARCH_BUDGET, SEARCH_OTHERS, SEARCH_PATIENCE  # noqa: E402
+from utils.defaults import SEARCH_BUDGET, SEARCH_OTHERS, SEARCH_PATIENCE, SEARCH_SCREEN  # noqa: E402
 from utils.method.search import search_assignment  # noqa: E402
 
 
@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--concepts", type=int, default=2)
     p.add_argument("--images", type=int, default=500, help="training images per concept (default: 500)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--screen", type=int, default=SEARCH_SCREEN,
+                   help=f"inputs scored first per concept and direction, 0 for all (default: {SEARCH_SCREEN})")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     g = torch.Generator().manual_seed(args.seed)
@@ -42,18 +44,19 @@ def main() -> None:
         V = torch.randn(len(labels), args.inputs, generator=g, dtype=torch.float64).abs() * 0.1
         for j in range(1, k + 1):
             cols = torch.randperm(args.inputs, generator=g)[: args.inputs // 10]
-            V[(labels == j).nonzero()[:, None], cols] += torch.rand(n, len(cols), generator=g, dtype=torch.float64)
+            V[(labels == j).nonzero()[:, 0][:, None], cols] += torch.rand(n, len(cols), generator=g, dtype=torch.float64)
         start = torch.randint(0, k + 1, (args.inputs,), generator=g)
         V = V.to(args.device)
         t0 = time.perf_counter()
-        res = search_assignment(V, labels.to(args.device), start, budget=SEARCH_BUDGET, patience=SEARCH_PATIENCE)
+        res = search_assignment(V, labels.to(args.device), start, budget=SEARCH_BUDGET, patience=SEARCH_PATIENCE,
+                                screen=args.screen or None)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t0)
         moves.append(len(res.moves))
     mb = len(labels) * args.inputs * 8 / 2 ** 20
     print(f"{args.units} units x {args.inputs} inputs, k = {k}, {len(labels)} images each ({n} per concept), "
-          f"{args.device}: {sum(seconds):.2f} s in all, {sum(seconds) / len(seconds):.3f} s per unit "
+          f"{args.device}, screen {args.screen or 'none'}: {sum(seconds):.2f} s in all, {sum(seconds) / len(seconds):.3f} s per unit "
           f"(max {max(seconds):.3f}); moves tried per unit: mean {sum(moves) / len(moves):.0f}, max {max(moves)}; "
           f"contributions kept: {mb:.1f} MB per unit, {mb * args.units:.0f} MB in all")
 

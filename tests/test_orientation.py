@@ -15,7 +15,6 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import run_script, write_image_folder
 from utils.data.images import ImageDataset, list_images
@@ -26,7 +25,6 @@ from utils.passes.topk import TopKSearch
 from utils.model.hooks import layer_input
 
 SOURCE = '''import torch
-from torch import nn
 
 
 class Downward(nn.Module):
@@ -145,6 +143,9 @@ def test_layer_command_reads_the_downward_concept_in_its_direction(downward, tmp
     assert ch["flags"] == [[], []], ch["flags"]
     assert js["max_abs_logit_diff"] <= 1e-5
     assert "blue thing (-)" in r.stdout  # the table marks the downward concept
+    for ref, cs, strip in zip(ch["by_relevance"], ch["concepts"], ch["pictures"]["relevance"]):  # references
+        assert len(ref["indices"]) == 4 and set(ref["labels"]) <= set(cs) and os.path.isfile(strip)
+        assert ref["relevance"] == sorted(ref["relevance"], reverse=True) and ref["relevance"][0] > 0
     rec = json.load(open(os.path.join(ch["record"], "record.json")))
     assert rec["orientation"] == [1, -1] and ch["record"].endswith("_oriented_layer")
     if rule == "paper":  # read upward, the paper's rule leaves blue no input of its own

@@ -114,3 +114,32 @@ def test_without_images_of_a_concept_it_keeps_the_start():
     res = search_assignment(V, labels, start, signs=torch.ones(2))
     assert torch.equal(res.assign, start) and not res.moves
     assert np.isnan(res.fit[0]) or res.fit[0] >= 0
+
+
+@pytest.mark.parametrize("screen", [None, 3])
+def test_a_search_that_stops_for_want_of_gain_leaves_no_single_move_that_raises_its_objective(screen):
+    """Screened or not, the search only stops for want of gain when no move of one input raises the fitting
+    objective (checked by brute force over every input and target)."""
+    g = torch.Generator().manual_seed(5)
+    k, C_in = 2, 12
+    V = torch.randn(240, C_in, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, k + 1, (240,), generator=g)
+    V[labels == 1, :4] += 0.8
+    V[labels == 2, 4:8] += 0.8
+    held = torch.zeros(240, dtype=torch.bool)
+    held[::4] = True
+    res = search_assignment(V, labels, torch.zeros(C_in, dtype=torch.int64), held=held, budget=500, patience=500,
+                            screen=screen)
+    assert len(res.moves) < 500 and res.moves
+    last = start = torch.zeros(C_in, dtype=torch.int64)
+    for i, u, t in res.moves:
+        last = last.clone()
+        last[i] = t
+    best = objective(V[~held], labels[~held], last, torch.ones(k))
+    for i in range(C_in):
+        for t in range(k + 1):
+            if t != int(last[i]):
+                moved = last.clone()
+                moved[i] = t
+                assert objective(V[~held], labels[~held], moved, torch.ones(k)) <= best + 1e-12
+    assert best > objective(V[~held], labels[~held], start, torch.ones(k))

@@ -151,6 +151,25 @@ def test_attribution_and_activations_match_independent_computations(tmp_path):
     d1, d2, res = got["sub"].T
     torch.testing.assert_close(d1 + d2 - res, got["orig"], rtol=1e-4, atol=1e-4)
 
+    # each sub-channel's relevance for the image's own logit, by autograd through the DISENTANGLED network:
+    # sum over positions of its output times the gradient of the label logit with respect to that output
+    kept = {}
+
+    def keep_e(m, i, o):
+        o.retain_grad()
+        kept["e"] = o
+
+    h = net.conv.expanded.register_forward_hook(keep_e)
+    with torch.enable_grad():
+        net(images.clone().requires_grad_(True))[torch.arange(4), labels].sum().backward()
+    h.remove()
+    e = kept["e"]
+    R = (e * e.grad).sum((2, 3)).double()
+    torch.testing.assert_close(got["subrel"], R[:, [channel, C, C + 1]], rtol=1e-4, atol=1e-5)
+    # ... and they add up to the original unit's relevance in the original network
+    torch.testing.assert_close(got["subrel"].sum(1), (a * a.grad).sum((2, 3))[:, channel].detach().double(),
+                               rtol=1e-4, atol=1e-5)
+
 
 def test_relative_attribution_of_an_image_without_positive_attribution_is_zero():
     P = torch.tensor([[1.0, 3.0, 0.0], [0.0, 0.0, 0.0], [2.0, 0.0, 2.0]])

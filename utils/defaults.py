@@ -21,3 +21,4 @@ SEARCH_OTHERS = 2  # ... and this many times as many images of other classes (it
 SEARCH_OTHER_CLASSES = 20  # classes outside every concept that may lend those images, drawn with the seed
 SEARCH_BUDGET = 200  # at most this many moves per unit ...
 SEARCH_PATIENCE = 10  # ... stopping once the held-out images' objective has not risen for this many
+SEARCH_SCREEN = 64  # each step first scores this many inputs per concept and direction (all when none of them helps)

@@ -19,7 +19,12 @@ another set) that raises the objective on the *fitting* images most. It stops wh
 ``budget`` moves, or when the *held-out* images' objective has not risen for ``patience`` moves, and returns the
 assignment with the best held-out objective it met, the start included: on the held-out images it never ends
 below where it began. Every candidate move of a step is scored at once: per concept, the AUCs of
-``act_j + V[:, k']`` and ``act_j - V[:, k']`` for every input ``k'`` (2k batched sorts of C_in x N).
+``act_j + V[:, k']`` and ``act_j - V[:, k']`` for the inputs ``k'`` that can be added to or removed from D_j (2k
+batched sorts of at most C_in x N). With ``screen = M``, a step first scores only the M inputs per concept and
+direction whose contributions separate the concept best on average (``s_j`` times the difference of their mean
+over the concept's images and over the others, in units of their spread): a sort of M rows instead of C_in. Only
+when no screened move raises the objective are all moves scored, so the search stops exactly where the
+unscreened one would have nothing left to gain.
 """
 from __future__ import annotations
 
@@ -71,12 +76,14 @@ class SearchResult:
 
 
 def search_assignment(V: torch.Tensor, labels: torch.Tensor, start: torch.Tensor, signs: torch.Tensor | None = None,
-                      held: torch.Tensor | None = None, budget: int = 200, patience: int = 10) -> SearchResult:
+                      held: torch.Tensor | None = None, budget: int = 200, patience: int = 10,
+                      screen: int | None = None) -> SearchResult:
     """Search the index sets of one unit from ``start`` (module docstring).
 
     ``V``: N x C_in input contributions; ``labels``: N (0 other, j concept j); ``start``: C_in (0..k); ``signs``:
     k orientations (default +1); ``held``: N bool, the images of the stopping rule (default
-    :func:`holdout_mask`). Runs on ``V``'s device.
+    :func:`holdout_mask`); ``screen``: score at most this many inputs per concept and direction first (None: all).
+    Runs on ``V``'s device.
     """
     k = int(labels.max()) if len(labels) else 0
     k = max(k, int(start.max()) if len(start) else 0, len(signs) if signs is not None else 0)
@@ -93,21 +100,20 @@ def search_assignment(V: torch.Tensor, labels: torch.Tensor, start: torch.Tensor
     if any(not bool((lab == j).any()) for lab in (lf, lh) for j in range(1, k + 1)) or bool((lf > 0).all()):
         return out  # a concept without images on either side (or nothing else): nothing to measure a move by
     inside = [lf == j for j in range(1, k + 1)]
+    # how well each input separates each concept on average (the screen's order): k x C_in
+    spread = Vf.std(0) + torch.finfo(torch.float64).tiny
+    separation = torch.stack([signs[j] * (Vf[inside[j]].mean(0) - Vf[~inside[j]].mean(0)) / spread for j in range(k)])
     # d[u, t, j]: how concept unit j's activation changes (-1, 0, +1 times V[:, k']) when an input moves u -> t
     keeps = concept_masks(torch.arange(k + 1, device=dev), k)  # (k+1) x k: whether set u's inputs are in D_j
     d = keeps[None, :, :] - keeps[:, None, :]
     since = 0
     for _ in range(budget):
-        act = Vf @ concept_masks(assign, k)  # N_fit x k
+        kept = concept_masks(assign, k)  # C_in x k
+        act = Vf @ kept  # N_fit x k
         now = torch.stack([auc_rows((signs[j] * act[:, j])[None], inside[j])[0] for j in range(k)])  # k
-        # per concept, the AUC after adding (+1) or removing (-1) each input: k x 2 x C_in
-        table = torch.stack([torch.stack([auc_rows(signs[j] * (act[:, j][None] + s * Vf.T), inside[j])
-                                          for s in (1.0, -1.0)]) for j in range(k)])
-        du = d[assign]  # C_in x (k+1) x k: the change of each concept unit for every (input, target)
-        after = torch.where(du > 0, table[:, 0].T[:, None, :], torch.where(du < 0, table[:, 1].T[:, None, :],
-                                                                            now[None, None, :]))
-        score = after.mean(-1)  # C_in x (k+1)
-        score[torch.arange(len(assign), device=dev), assign] = float("-inf")  # staying is no move
+        score = _move_scores(Vf, act, kept, now, inside, signs, separation, d[assign], screen)
+        if screen is not None and not float(score.max()) > out.fit[-1] + EPS:
+            score = _move_scores(Vf, act, kept, now, inside, signs, separation, d[assign], None)
         flat = int(score.argmax())
         i, t = divmod(flat, k + 1)
         if not float(score[i, t]) > out.fit[-1] + EPS:
@@ -123,3 +129,26 @@ def search_assignment(V: torch.Tensor, labels: torch.Tensor, start: torch.Tensor
             if since >= patience:
                 break
     return out
+
+
+def _move_scores(Vf: torch.Tensor, act: torch.Tensor, kept: torch.Tensor, now: torch.Tensor, inside: list,
+                 signs: torch.Tensor, separation: torch.Tensor, du: torch.Tensor, screen: int | None) -> torch.Tensor:
+    """The objective after every move (C_in x (k+1); -inf for staying and for the moves not scored). ``du``
+    (C_in x (k+1) x k): how each concept unit changes for each (input, target). Per concept j and direction
+    (add an input D_j lacks, remove one it keeps), the AUC of ``act_j +- V[:, k']`` for those inputs, or, with
+    ``screen``, for the ``screen`` of them that ``separation`` ranks first in that direction."""
+    C_in, k = kept.shape
+    table = torch.full((k, 2, C_in), float("-inf"), dtype=torch.float64, device=Vf.device)
+    for j in range(k):
+        for col, s in ((0, 1.0), (1, -1.0)):
+            able = (kept[:, j] == 0) if s > 0 else (kept[:, j] == 1)
+            rows = able.nonzero().flatten()
+            if screen is not None and len(rows) > screen:
+                rows = rows[(s * separation[j, rows]).topk(screen).indices]
+            if len(rows):
+                table[j, col, rows] = auc_rows(signs[j] * (act[:, j][None] + s * Vf[:, rows].T), inside[j])
+    after = torch.where(du > 0, table[:, 0].T[:, None, :], torch.where(du < 0, table[:, 1].T[:, None, :],
+                                                                        now[None, None, :]))
+    score = after.mean(-1)  # C_in x (k+1); a move with an unscored change is -inf
+    stay = du.abs().sum(-1) == 0
+    return score.masked_fill(stay, float("-inf"))

@@ -121,6 +121,22 @@ def relevance_logits(model: nn.Module, layer: Unit | nn.Module, images: torch.Te
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`relevance_batch` that returns the logits (B x K, detached) instead of the predictions; ``scale``:
     the backward pass's loss scaling (:class:`LossScale`, for float16 autocast), else none."""
+    logits, a, g, x = layer_gradient(model, layer, images, labels, scale)
+    return unit_relevance(a, g, positive), logits, a, x
+
+
+def unit_relevance(a: torch.Tensor, g: torch.Tensor, positive: bool = False) -> torch.Tensor:
+    """``sum_hw a * g`` per image and unit (B x C, float32) from outputs and gradients at the positions that count
+    (B x C x H' x W'), or with ``positive`` ``sum_hw max(a * g, 0)``."""
+    ag = a.float() * g.float()
+    return (ag.clamp_min(0) if positive else ag).sum(dim=(2, 3))
+
+
+def layer_gradient(model: nn.Module, layer: Unit | nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                   scale: LossScale | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward pass and a backward pass from the label logits to the layer (nothing before it is
+    differentiated): the logits (B x K, detached), the layer's output ``a`` and the gradient ``g = d z_label / d a``
+    at the positions that count (B x C x H' x W' each), and the layer input ``x`` as the layer sees it."""
     unit = as_unit(layer)
     with torch.enable_grad(), capture_layer(unit, grad=True) as cap:
         logits = model(images)
@@ -129,10 +145,7 @@ def relevance_logits(model: nn.Module, layer: Unit | nn.Module, images: torch.Te
             g = scale.grad(objective, cap.a)
         else:
             (g,) = torch.autograd.grad(objective, cap.a)
-    a = unit.counted(cap.a.detach())
-    ag = a.float() * unit.counted(g).float()
-    R = (ag.clamp_min(0) if positive else ag).sum(dim=(2, 3))
-    return R, logits.detach(), a, cap.x
+    return logits.detach(), unit.counted(cap.a.detach()), unit.counted(g), cap.x
 
 
 def conv_with_filters(layer: Unit | nn.Module, x: torch.Tensor, weight: torch.Tensor,

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..data.images import ImageList, Preprocess, class_batches
 from ..method.arv import batch_tap_sums, tap_maps
-from ..model.hooks import capture_layer, layer_input
+from ..model.hooks import layer_gradient, layer_input
 from ..model.units import Unit, as_unit
 from .image_pass import Runner
 
@@ -96,7 +96,8 @@ def contribution_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, 
         maps = None
         for b in batches:
             if orient:
-                g, x = output_gradient(model, unit, b.x, b.labels)
+                _, _, g, x = layer_gradient(model, unit, b.x, b.labels)
+                g = g.float().sum(dim=(2, 3))  # B x C: the gradient summed over the positions that count
             else:
                 g, x = None, layer_input(model, unit, b.x)
             xl = unit.counted(x)
@@ -132,14 +133,3 @@ def contribution_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, 
         out.append(Contributions(sums[:k], [int(v) for v in sums[k:]], every[:, 2:], every[:, 1].long(),
                                  every[:, 0].long()))
     return out, ran.seconds
-
-
-def output_gradient(model: nn.Module, unit: Unit, images: torch.Tensor, labels: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradient of each image's label logit with respect to every unit's output, summed over the positions
-    that count (B x C, float32), and the layer input as the layer sees it; the backward pass reaches the layer
-    only."""
-    with torch.enable_grad(), capture_layer(unit, grad=True) as cap:
-        logits = model(images)
-        (g,) = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), cap.a)
-    return unit.counted(g).float().sum(dim=(2, 3)), cap.x

@@ -17,7 +17,7 @@ table{border-collapse:collapse;margin:.5em 0 1em} td,th{border:1px solid #ddd;pa
  font-variant-numeric:tabular-nums;vertical-align:top} th{background:#f4f4f4} td.l,th.l{text-align:left}
 tr.best td{background:#e8f4ea;font-weight:600} .muted{color:#666} .ok{color:#1a7f37} .bad{color:#b42318}
 .plots{display:flex;flex-wrap:wrap;gap:1em} .plots a{width:48%;min-width:320px} .plots img{width:100%;border:1px solid #eee}
-img.teaser{max-width:100%;border:1px solid #eee} .card{border:1px solid #e3e3e3;border-radius:6px;
+img.teaser{max-width:100%;border:1px solid #eee} img.strip{max-width:100%;height:72px;border:1px solid #eee} .card{border:1px solid #e3e3e3;border-radius:6px;
  padding:.2em 1.2em 1em;margin:1.5em 0} .up{color:#1a7f37} .down{color:#b42318} a{color:#1f5fbf}
 """
 
@@ -103,6 +103,19 @@ def _orientation_text(signs) -> str:
             "the original are read as −activation for it.</p>")
 
 
+def _references(strips: list[str], r, names, base: str) -> str:
+    """Each concept's reference images by relevance (a strip per concept)."""
+    if not strips:
+        return ""
+    rows = []
+    for j, (path, ref) in enumerate(zip(strips, r.by_relevance), 1):
+        classes = ", ".join(sorted({names.label(t) for t in ref["labels"]})) or "none"
+        rows.append(f'<p><b style="color:{concept_colour(j)}">D{j}</b> ({_e(classes)}): {_img(path, base, "strip")}</p>')
+    return ("<h4>Reference images by relevance: the concept's validation images where its concept channel "
+            "contributes most to the image's own class logit (its output times the logit's gradient there)</h4>"
+            + "".join(rows))
+
+
 def _auc(v) -> str:
     return "–" if v is None else f"{v:.3f}"
 
@@ -167,7 +180,7 @@ def _card(r, f, names, base: str, summary_ch: dict) -> str:
                     [[_e(sub_label("original"))] + [_pct(v) for v in r.before]]
                     + [[_e(sub_label(f"D{j}")), *(["–"] * (j - 1)), _pct(v), *(["–"] * (k - j))]
                        for j, v in enumerate(r.after, 1)]
-                    + [["baseline (random channels, their own n_j top classes)"] + [_pct(v) for v in r.baseline]],
+                    + [["baseline (random channels, the n_j classes each is most relevant to)"] + [_pct(v) for v in r.baseline]],
                     left=1)
     inside, n = r.auc_images
     why = _why(r, names, summary_ch)
@@ -187,7 +200,7 @@ def _card(r, f, names, base: str, summary_ch: dict) -> str:
         _search_text(rec.search), _orientation_text(r.scored.signs),
         "<details><summary>rho sweep</summary>", _sweep(rec), "</details>",
         "<h4>What the channels respond to (top validation images; frames: colour of the concept, gray other)</h4>",
-        _img(f.pictures.get("teaser", ""), base, "teaser"),
+        _img(f.pictures.get("teaser", ""), base, "teaser"), _references(f.pictures.get("relevance") or [], r, names, base),
         why, "<h4>Purity of the top images</h4>", purity,
         "<h4>Selectivity on every validation image: ROC AUC of the activation for the concept's images against "
         "all others (1: perfect, 0.5: chance)</h4>", auc,

@@ -144,3 +144,16 @@ def save_image(img: torch.Tensor, path: str) -> None:
     arr = (to_hwc(img) * 255 + 0.5).astype(np.uint8)
     with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
+
+
+def save_strip(images: list[torch.Tensor], path: str, gap: int = 4) -> None:
+    """Write ``images`` (3 x H x W each, in [0, 1], one size) side by side with a white ``gap`` as one PNG (a
+    blank square without images)."""
+    if not images:
+        save_image(torch.ones(3, 8, 8), path)
+        return
+    h = images[0].shape[1]
+    parts = []
+    for i, img in enumerate(images):
+        parts += ([torch.ones(3, h, gap)] if i else []) + [img.float().clamp(0, 1)]
+    save_image(torch.cat(parts, 2), path)

@@ -30,7 +30,7 @@ from ..model.loading import LoadedModel, get_layer, load_model
 from ..data.preprocess import InputSpec
 from ..store.provenance import provenance
 from ..store.records import Record, check_record, find_record, load_split, record_head
-from ..model.hooks import layer_input, relevance_batch
+from ..model.hooks import layer_gradient, layer_input, unit_relevance
 from ..report.tables import ResultFiles
 from ..method.split import FilterBank, Split, filter_bank, sub_names
 from ..model.surgery import logit_diff_scale, nan_max
@@ -47,48 +47,62 @@ def relative_attribution(P: torch.Tensor, channel: int) -> torch.Tensor:
     return torch.where(total > 0, P[:, channel] / total.clamp_min(torch.finfo(P.dtype).tiny), torch.zeros_like(total))
 
 
-def sub_channel_sums(unit: Unit | nn.Module, x: torch.Tensor, split: Split) -> torch.Tensor:
-    """``d_1 .. d_k, res`` per image (B x (k+1), float64): sums of the sub-units' outputs over the positions that
-    count, on the layer input ``x`` (``Unit.counted``), with the layer's geometry and unit ``c``'s bias on
-    every sub-unit."""
+def sub_channel_maps(unit: Unit | nn.Module, x: torch.Tensor, split: Split) -> torch.Tensor:
+    """The outputs of ``D_1 .. D_k, Res`` (B x (k+1) x H' x W') at the positions that count, on the layer input
+    ``x`` (``Unit.counted``), with the layer's geometry and unit ``c``'s bias on every sub-unit."""
     unit = as_unit(unit)
-    bank = filter_bank(unit, [split], sub_names(split.k))
-    return bank.maps(unit, x.to(unit.weight.dtype)).double().sum(dim=(2, 3))
+    return filter_bank(unit, [split], sub_names(split.k)).maps(unit, x.to(unit.weight.dtype))
 
 
-def split_values(P: torch.Tensor, a: torch.Tensor, x: torch.Tensor, unit: Unit | nn.Module, split: Split) -> dict:
+def sub_channel_sums(unit: Unit | nn.Module, x: torch.Tensor, split: Split) -> torch.Tensor:
+    """``d_1 .. d_k, res`` per image (B x (k+1), float64): :func:`sub_channel_maps` summed over the positions."""
+    return sub_channel_maps(unit, x, split).double().sum(dim=(2, 3))
+
+
+def split_values(P: torch.Tensor, a: torch.Tensor, x: torch.Tensor, unit: Unit | nn.Module, split: Split,
+                 g: torch.Tensor | None = None) -> dict:
     """Stage 4's values of one split from a batch's clamped attributions ``P`` (B x C), layer output ``a`` at the
     positions that count (B x C x H' x W') and input ``x`` as the layer sees it: ``rel``, ``orig`` (B each)
-    and ``sub`` (B x (k+1)), float64 on the CPU."""
+    and ``sub`` (B x (k+1)), float64 on the CPU; with the gradient ``g`` of the label logit at the layer's output
+    (as ``a``), also ``subrel`` (B x (k+1)): each sub-unit's relevance for the image's own logit in the split
+    network, ``sum_hw D_j(x) * g[c]`` and ``-(k - 1) sum_hw Res(x) * g[c]`` (the merge adds the D_j and takes
+    k - 1 Res away, so d z / d D_j = g[c] and d z / d Res = -(k - 1) g[c]); they sum to the unit's relevance."""
     unit = as_unit(unit)
     c = split.channel
+    maps = sub_channel_maps(unit, unit.counted(x), split)
     out = {"rel": relative_attribution(P, c), "orig": a[:, c].double().sum(dim=(1, 2)),
-           "sub": sub_channel_sums(unit, unit.counted(x), split)}
+           "sub": maps.double().sum(dim=(2, 3))}
+    if g is not None:
+        merge = torch.tensor([1.0] * split.k + [1.0 - split.k], device=maps.device)
+        out["subrel"] = (maps.float() * g[:, c:c + 1].float()).sum(dim=(2, 3)).double() * merge.double()
     return {k: v.detach().cpu() for k, v in out.items()}
 
 
 def evaluate_batch(model: nn.Module, unit: Unit | nn.Module, split: Split, images: torch.Tensor,
                    labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One batch of stage 4 for one split: ``rel``, ``orig`` (B each) and ``sub`` (B x (k+1))."""
-    P, _, a, x = relevance_batch(model, unit, images, labels, positive=True)
-    return split_values(P, a, x, unit, split)
+    """One batch of stage 4 for one split: ``rel``, ``orig`` (B each), ``sub`` and ``subrel`` (B x (k+1))."""
+    _, a, g, x = layer_gradient(model, unit, images, labels)
+    return split_values(unit_relevance(a, g, positive=True), a, x, unit, split, g)
 
 
 @dataclass
 class Activations:
-    """Per image of the pass (numpy): dataset ``index``, ``labels``, ``rel``, ``orig`` (n each) and ``sub``
-    (n x (k+1): d_1 .. d_k, res)."""
+    """Per image of the pass (numpy): dataset ``index``, ``labels``, ``rel``, ``orig`` (n each), ``sub``
+    (n x (k+1): d_1 .. d_k, res) and ``subrel`` (n x (k+1): each sub-unit's relevance for the image's own logit;
+    None where not computed)."""
 
     index: np.ndarray
     labels: np.ndarray
     rel: np.ndarray
     orig: np.ndarray
     sub: np.ndarray
+    subrel: np.ndarray | None = None
 
     def of_classes(self, classes: list[int]) -> "Activations":
         """The images whose label is one of ``classes``."""
         mask = np.isin(self.labels, classes)
-        return Activations(self.index[mask], self.labels[mask], self.rel[mask], self.orig[mask], self.sub[mask])
+        return Activations(self.index[mask], self.labels[mask], self.rel[mask], self.orig[mask], self.sub[mask],
+                           None if self.subrel is None else self.subrel[mask])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -139,8 +153,8 @@ def evaluate_splits(runner: Runner, model: nn.Module, conv: Unit | nn.Module, sp
     ip = runner.image_pass(images, class_batches(images, indices, runner.batch_size), preprocess, "validation")
     top = TopKSearch(search.bank, search.k, conv, search.keep_all) if search else None
 
-    def step(batches) -> tuple[list[torch.Tensor], float]:  # per split, rows: index, label, rel, orig, d_1.., res
-        rows = [[torch.zeros(0, 4 + s.k + 1, dtype=torch.float64)] for s in splits]
+    def step(batches) -> tuple[list[torch.Tensor], float]:  # per split: index, label, rel, orig, d_1.., res, r_1.., r_res
+        rows = [[torch.zeros(0, 4 + 2 * (s.k + 1), dtype=torch.float64)] for s in splits]
         diff = (0.0, 0.0)  # the largest |logit difference| and |original logit|
         finite, seen = [], []  # per image: whether it is finite (on the device: one look at the end)
         for b in batches:
@@ -148,11 +162,12 @@ def evaluate_splits(runner: Runner, model: nn.Module, conv: Unit | nn.Module, sp
             seen.append(b.index)
             mine = users.get(int(b.targets[0]), [])
             if mine:
-                P, _, a, x = relevance_batch(model, conv, b.x, b.labels, positive=True)
+                _, a, g, x = layer_gradient(model, conv, b.x, b.labels)
+                P = unit_relevance(a, g, positive=True)
                 for si in mine:
-                    v = split_values(P, a, x, conv, splits[si])
+                    v = split_values(P, a, x, conv, splits[si], g)
                     head = torch.stack([b.index.double(), b.targets.double(), v["rel"], v["orig"]], 1)
-                    rows[si].append(torch.cat([head, v["sub"]], 1))
+                    rows[si].append(torch.cat([head, v["sub"], v["subrel"]], 1))
             if top is not None:
                 top.add(x if mine else layer_input(model, conv, b.x), b.index, b.targets)
             if check is not None:
@@ -169,7 +184,8 @@ def evaluate_splits(runner: Runner, model: nn.Module, conv: Unit | nn.Module, sp
     acts = {}
     for s, r in zip(splits, rows):
         r = ip.gather_rows(r).numpy()  # rank order = dataset order
-        acts[s.channel] = Activations(r[:, 0].astype(np.int64), r[:, 1].astype(np.int64), r[:, 2], r[:, 3], r[:, 4:])
+        acts[s.channel] = Activations(r[:, 0].astype(np.int64), r[:, 1].astype(np.int64), r[:, 2], r[:, 3],
+                                      r[:, 4:5 + s.k], r[:, 5 + s.k:])
     scale = reduce_over_ranks(diff[1], runner.world, runner.device) if check is not None else 0.0
     diff = reduce_over_ranks(diff[0], runner.world, runner.device) if check is not None else None
     return ValPass(acts, top.result(runner) if top is not None else None, diff, ran.images, ran.seconds, scale)

@@ -27,7 +27,7 @@ from ..store.arvs import concept_arvs
 from ..data.classes import check_channel, data_class_map
 from ..data.images import ImageList, list_images
 from ..defaults import (DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU, SEARCH_BUDGET, SEARCH_IMAGES, SEARCH_OTHER_CLASSES,
-                        SEARCH_OTHERS, SEARCH_PATIENCE)
+                        SEARCH_OTHERS, SEARCH_PATIENCE, SEARCH_SCREEN)
 from .layer_output import evaluate_layer, write_layer
 from .splitting import check_indices, score_channels
 from ..errors import UserError
@@ -268,7 +268,8 @@ def _search(cfg: LayerConfig, channel: int, concepts: list[list[int]], sw: Sweep
                         dtype=torch.float64)[inverse]
     objs = torch.nan_to_num(objs, nan=0.0)  # a concept without fitting images: every rho alike, the first wins
     best = best_index(objs)
-    res = search_assignment(found.V, found.labels, sw.assign[best], s, held, SEARCH_BUDGET, SEARCH_PATIENCE)
+    res = search_assignment(found.V, found.labels, sw.assign[best], s, held, SEARCH_BUDGET, SEARCH_PATIENCE,
+                            SEARCH_SCREEN)
     search = {"start": sw.sources(best), "moves": res.best, "moves_tried": len(res.moves),
               "fit_objective": [res.fit[0], res.fit[res.best]], "held_objective": [res.held[0], res.held[res.best]],
               "images": {"fit": int((~held).sum()), "held": int(held.sum())}}

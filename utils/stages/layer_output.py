@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ..data.classes import ClassNames
-from ..data.images import ImageList
+from ..data.images import ImageList, load_image
 from .evaluation import Activations, TopKRequest, evaluate_splits
 from ..report.html import write_layer_report
+from ..report.teaser import save_strip
 from .visualize import Job, PicturesConfig, draw
 from ..model.receptive import receptive_field
 from ..method.selectivity import oriented_selectivity, split_flags
@@ -66,7 +67,8 @@ class ChannelResult:
     selectivity on every validation image: ``auc_before`` (the original channel's ROC AUC for concept j against
     every other image), ``auc_after`` (concept channel j's), ``auc_images`` (images inside each concept, all);
     ``pair_before`` / ``pair_after``: the same for concept j's images against the other concepts' images only
-    (the mean over the other concepts). Every reading of concept j is in its direction (``scored.orientation``)."""
+    (the mean over the other concepts). Every reading of concept j is in its direction (``scored.orientation``).
+    ``by_relevance``: per concept j its reference images by relevance (:func:`relevance_top`)."""
 
     scored: Scored
     acts: Activations
@@ -78,6 +80,7 @@ class ChannelResult:
     auc_images: tuple[list[int], int]
     pair_before: list[float | None]
     pair_after: list[float | None]
+    by_relevance: list[dict]
 
     @property
     def channel(self) -> int:
@@ -132,9 +135,20 @@ def evaluate_layer(runner, model: nn.Module, unit: Unit, scored: list[Scored], v
         o = oriented_selectivity(vp.top, s.split(), s.concepts, s.orientation)
         results.append(ChannelResult(s, vp.acts[s.channel], o["before"], o["after"],
                                      [base.share(len(cs)) for cs in s.concepts], o["auc_before"], o["auc_after"],
-                                     (o["inside"], o["images"]), o["pair_before"], o["pair_after"]))
+                                     (o["inside"], o["images"]), o["pair_before"], o["pair_after"],
+                                     [relevance_top(vp.acts[s.channel], cs, j, k) for j, cs in enumerate(s.concepts, 1)]))
     return LayerEvaluation(results, vp.top, base, vp.logit_diff, len(check), val, vp.images, vp.seconds,
                            logit_tolerance(vp.logit_scale))
+
+
+def relevance_top(acts: Activations, concept: list[int], j: int, k: int) -> dict:
+    """Concept j's reference images by relevance: among the validation images of its classes, the ``k`` where
+    concept unit D_j contributes most to the image's own class logit (``Activations.subrel``, most first; ties
+    in dataset order): ``{"indices", "labels", "relevance"}``."""
+    a = acts.of_classes(concept)
+    order = np.argsort(-a.subrel[:, j - 1], kind="stable")[:k] if a.subrel is not None else np.zeros(0, int)
+    return {"indices": [int(i) for i in a.index[order]], "labels": [int(t) for t in a.labels[order]],
+            "relevance": [float(v) for v in a.subrel[order, j - 1]] if len(order) else []}
 
 
 @dataclass(frozen=True)
@@ -243,7 +257,13 @@ def _pictures(cfg, lm, model, layer: str, ev: LayerEvaluation, records: dict[int
         job = Job(lm, model, layer, rec, split, r.concepts, ev.val, names, rec.best_rho,
                   ["original", *sub_names(split.k)[:-1]], rf)
         p = draw(pc, job, ev.top)
-        done[r.channel] = {"out_dir": p["out_dir"], "teaser": os.path.join(p["out_dir"], "teaser.png")}
+        display = lm.preprocess.display()
+        strips = []
+        for j, ref in enumerate(r.by_relevance, 1):  # the reference images by relevance, one strip per concept
+            strips.append(os.path.join(p["out_dir"], f"relevance_D{j}.png"))
+            save_strip([load_image(ev.val, i, display) for i in ref["indices"]], strips[-1])
+        done[r.channel] = {"out_dir": p["out_dir"], "teaser": os.path.join(p["out_dir"], "teaser.png"),
+                           "relevance": strips}
     return done
 
 
@@ -260,6 +280,7 @@ def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelF
             "auc": {"original": r.auc_before, "concepts": r.auc_after, "images_in_concept": r.auc_images[0],
                     "images": r.auc_images[1]},
             "pair_auc": {"original": r.pair_before, "concepts": r.pair_after},
+            "by_relevance": [{**ref, "paths": [ev.val.paths[i] for i in ref["indices"]]} for ref in r.by_relevance],
             "orientation": r.scored.signs, "search": rec.search,
             "purity_gain_per_concept": [a - b for a, b in zip(r.after, r.before)], "flags": _flags(ev.top, r, f),
             "why": {"candidate": evidence.get(r.channel), "outside": _outside(ev.top, r)},

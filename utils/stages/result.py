@@ -32,7 +32,8 @@ class ChannelSplit:
     ``flags``: per concept unit what to be wary of; ``columns``: the split layer's ``expanded`` outputs that are its
     concept units D_1 .. D_k; ``orientation``: per concept +1, or -1 where the concept is served by the unit going
     down (every reading of it above is of -activation); ``search``: how a searched split's sets were found (None
-    for the other rules)."""
+    for the other rules); ``by_relevance``: per concept its reference images by relevance (``indices``, ``labels``,
+    ``relevance``, ``paths``: the validation images where the concept unit contributes most to their own logit)."""
 
     channel: int
     concepts: list[list[int]]
@@ -48,6 +49,7 @@ class ChannelSplit:
     pair_auc: dict | None = None
     orientation: list[int] | None = None
     search: dict | None = None
+    by_relevance: list[dict] | None = None
 
     @property
     def k(self) -> int:
@@ -60,7 +62,7 @@ class ChannelSplit:
         return cls(channel, ch["concepts"], ch["class_names"], ch["best_rho"],
                    [at[f"concept{j}"] for j in range(1, k + 1)], at["shared"],
                    {float(r): v for r, v in ch["scores"].items()}, ch["purity"], ch["auc"], ch["flags"], columns,
-                   ch.get("pair_auc"), ch.get("orientation") or [1] * k, ch.get("search"))
+                   ch.get("pair_auc"), ch.get("orientation") or [1] * k, ch.get("search"), ch.get("by_relevance"))
 
 
 class Result:
