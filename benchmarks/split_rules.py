@@ -20,7 +20,8 @@ on purity outside every interval (or that none does).
 {"mean_purity", "purity_interval", "mean_auc", "auc_interval", "mean_pair_auc", "pair_auc_interval",
 "max_abs_logit_diff", "seconds", "timings", "channels": {"<c>": {"concepts", "best_rho", "orientation", "purity":
 [p1, ...], "auc": [...], "pair_auc": [...]}}}, ...}, "difference": {"<variant>": {"purity": [mean, lo, hi], "auc":
-[...], "pair_auc": [...]}}, "winner": "<variant>" or null}``.
+[...], "pair_auc": [...]}}, "winner": "<variant>[ = <variant> ...]" or null}`` (variants with the same purity on
+every channel count as one).
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def bootstrap(values: np.ndarray, n: int, seed: int) -> list[float]:
 
 def summarise(runs: dict, n: int, seed: int) -> dict:
     """Means with intervals per variant; paired differences to BASE (the same channels); the winner on purity:
-    the variant whose paired purity difference to every other variant has an interval above 0 (None if none)."""
+    the variant whose paired purity difference to every other variant has an interval above 0 (None if none);
+    variants with the same purity on every channel count as one ("search:none = search:gradient")."""
     channels = sorted(set.intersection(*(set(r["channels"]) for r in runs.values())), key=int)
     out = {"variants": runs, "channels": channels, "difference": {}, "winner": None}
     for v, r in runs.items():
@@ -86,11 +88,12 @@ def summarise(runs: dict, n: int, seed: int) -> dict:
         if v != BASE and BASE in runs:
             out["difference"][v] = {key: bootstrap(per_channel(r, key, channels) - per_channel(runs[BASE], key, channels),
                                                    n, seed) for key in KEYS}
-    for v in runs:
-        beats = [bootstrap(per_channel(runs[v], "purity", channels) - per_channel(runs[w], "purity", channels), n,
-                           seed)[1] > 0 for w in runs if w != v]
+    purity = {v: per_channel(r, "purity", channels) for v, r in runs.items()}
+    for v in runs:  # variants with the same purity on every channel are one (their readings agree there)
+        same = [w for w in runs if np.array_equal(purity[w], purity[v], equal_nan=True)]
+        beats = [bootstrap(purity[v] - purity[w], n, seed)[1] > 0 for w in runs if w not in same]
         if beats and all(beats):
-            out["winner"] = v
+            out["winner"] = " = ".join(same)
     return out
 
 

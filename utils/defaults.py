@@ -17,7 +17,7 @@ def logit_tolerance(scale: float) -> float:
     return max(MAX_LOGIT_DIFF, LOGIT_RTOL * float(scale))
 
 SEARCH_IMAGES = 500  # the searched split rule reads up to this many training images per concept ...
-SEARCH_OTHERS = 2  # ... and this many times as many images of other classes (its "everything else")
+SEARCH_OTHERS = 2  # ... and this many times as many images of other classes as it took (its "everything else")
 SEARCH_OTHER_CLASSES = 20  # classes outside every concept that may lend those images, drawn with the seed
 SEARCH_BUDGET = 200  # at most this many moves per unit ...
 SEARCH_PATIENCE = 10  # ... stopping once the held-out images' objective has not risen for this many

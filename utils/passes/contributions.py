@@ -58,10 +58,11 @@ class Contributions:
         return [-1 if float(g) < 0 else 1 for g in self.grad]
 
 
-def pick_rows(images: ImageList, concepts: list[list[int]], per_concept: int, others: int, seed: int = 0,
+def pick_rows(images: ImageList, concepts: list[list[int]], per_concept: int, others: float, seed: int = 0,
               pool: list[int] | None = None) -> dict[int, int]:
     """The images whose contributions the search reads for one unit: up to ``per_concept`` images of each concept
-    and up to ``others`` of the rest (among ``pool``, default every image), drawn with ``seed``; index -> label."""
+    and ``others`` times as many of the rest as it took of the concepts (among ``pool``, default every image),
+    drawn with ``seed``; index -> label."""
     rng = random.Random(seed)
     out: dict[int, int] = {}
     mine = set()
@@ -70,7 +71,7 @@ def pick_rows(images: ImageList, concepts: list[list[int]], per_concept: int, ot
         mine |= set(idx)
         out.update({i: j for i in sorted(rng.sample(idx, min(per_concept, len(idx))))})
     rest = [i for i in (range(len(images)) if pool is None else pool) if i not in mine]
-    out.update({i: 0 for i in sorted(rng.sample(rest, min(others, len(rest))))})
+    out.update({i: 0 for i in sorted(rng.sample(rest, min(round(others * len(out)), len(rest))))})
     return out
 
 

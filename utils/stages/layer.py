@@ -239,7 +239,7 @@ def _contributions(cfg: LayerConfig, runner: Runner, store: st.Store, model, uni
     have = [t for t in store.class_index.values() if store.class_counts[t] > 0 and t not in set(mine)]
     extra = sorted(random.Random(cfg.seed).sample(have, min(len(have), SEARCH_OTHER_CLASSES))) if searched else []
     images = training_images(store, cfg.data_dir, mine + extra, cfg.class_index)
-    requests = [UnitRequest(c, cs, pick_rows(images, cs, cfg.search_images, SEARCH_OTHERS * cfg.search_images,
+    requests = [UnitRequest(c, cs, pick_rows(images, cs, cfg.search_images, SEARCH_OTHERS,
                                              cfg.seed) if searched else {}) for c, cs in concepts.items()]
     got, seconds = contribution_pass(runner, model, unit, images, requests, preprocess,
                                      cfg.orientation == "gradient", desc="contributions")
