@@ -25,6 +25,7 @@ from utils.passes.topk import TopKSearch
 from utils.model.hooks import layer_input
 
 SOURCE = '''import torch
+from torch import nn
 
 
 class Downward(nn.Module):
