@@ -172,7 +172,8 @@ def test_layer_command_equals_stage_3_for_two_single_class_concepts(planted_mode
     compute_relevance(Stage1Config(planted_data, store, layer="conv", batch_size=3, num_workers=0, progress=False,
                                      device="cpu"), loaded=planted_model)
     out = disentangle_layer(LayerConfig(planted_data, store, layer="conv", batch_size=3, num_workers=0, progress=False,
-                                        device="cpu", top_k=4), loaded=planted_model, log=lambda *a: None)
+                                        device="cpu", top_k=4, split_rule="paper", orientation="none"),
+                            loaded=planted_model, log=lambda *a: None)
     ch = out["channels"]["0"]
     assert ch["concepts"] == [[0], [1]]
     rec, sw = dis.disentangle_channel(dis.Stage3Config(planted_data, store, 0, [[0], [1]], layer="conv", batch_size=3,

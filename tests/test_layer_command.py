@@ -92,7 +92,8 @@ def test_layer_records_never_replace_a_stage_3_record(planted4, tmp_path):
     folder = os.path.join(store, "models_disentangled")
     (stage3,) = os.listdir(folder)
     before = open(os.path.join(folder, stage3, "record.json")).read()
-    r = run_script("disentangle_layer.py", *common, "--store_dir", store, "--top_k", "4")
+    r = run_script("disentangle_layer.py", *common, "--store_dir", store, "--top_k", "4", "--split_rule", "paper",
+                   "--orientation", "none")
     assert r.returncode == 0, r.stderr
     assert open(os.path.join(folder, stage3, "record.json")).read() == before
     assert json.loads(before)["command"] == "disentangle_channel.py"
@@ -170,12 +171,18 @@ def test_every_pass_of_the_layer_command_feeds_images_through_the_models_transfo
                                   batch_size=4, num_workers=0, progress=False, device="cpu", top_k=4,
                                   out_dir=str(tmp_path / "out")), loaded=lm, log=lambda *a: None)
     passes = [d for d, _ in seen]
-    assert "scoring" in passes and "validation" in passes
-    assert all(t is lm.preprocess for d, t in seen if d in ("scoring", "validation")), seen
+    assert "contributions" in passes and "validation" in passes  # the default: the searched rule
+    assert all(t is lm.preprocess for d, t in seen if d in ("contributions", "validation")), seen
+    seen.clear()
+    disentangle_layer(LayerConfig(data, store, model=common[common.index("--model") + 1], layer="conv",
+                                  batch_size=4, num_workers=0, progress=False, device="cpu", top_k=4,
+                                  split_rule="paper", out_dir=str(tmp_path / "out2")), loaded=lm, log=lambda *a: None)
+    assert "scoring" in [d for d, _ in seen]
+    assert all(t is lm.preprocess for d, t in seen if d in ("contributions", "scoring", "validation")), seen
 
 
 def test_positive_rule_names_its_records_and_report_and_keeps_the_logits(planted4, tmp_path):
-    r, js = _layer(planted4, tmp_path, "--split_rule", "positive", "--baseline_channels", "0")
+    r, js = _layer(planted4, tmp_path, "--split_rule", "positive", "--orientation", "none", "--baseline_channels", "0")
     assert r.returncode == 0, r.stderr
     assert js["split_rule"] == "positive" and js["max_abs_logit_diff"] <= 1e-5
     for c, ch in js["channels"].items():
@@ -185,7 +192,8 @@ def test_positive_rule_names_its_records_and_report_and_keeps_the_logits(planted
         assert sorted(sum(best.values(), [])) == list(range(10))  # a partition of the inputs
     page = open(tmp_path / "out" / "report.html").read()
     assert "only inputs with A_j &gt; 0 can be exclusive to concept j" in page
-    r2, paper = _layer(planted4, tmp_path / "paper", "--baseline_channels", "0")
+    r2, paper = _layer(planted4, tmp_path / "paper", "--baseline_channels", "0", "--split_rule", "paper",
+                       "--orientation", "none")
     assert r2.returncode == 0 and paper["split_rule"] == "paper"
     for c, ch in paper["channels"].items():  # the paper's records keep their names and keys
         rec = json.load(open(os.path.join(ch["record"], "record.json")))

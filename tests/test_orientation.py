@@ -134,7 +134,7 @@ def _layer(downward, tmp_path, *extra):
 
 @pytest.mark.parametrize("rule", ["paper", "search"])
 def test_layer_command_reads_the_downward_concept_in_its_direction(downward, tmp_path, rule):
-    _, raw = _layer(downward, tmp_path / "raw", "--split_rule", rule)
+    _, raw = _layer(downward, tmp_path / "raw", "--split_rule", rule, "--orientation", "none")
     r, js = _layer(downward, tmp_path / "oriented", "--split_rule", rule, "--orientation", "gradient")
     raw0, ch = raw["channels"]["0"], js["channels"]["0"]
     assert raw0["concepts"] == ch["concepts"] == [[0], [2]]

@@ -225,8 +225,8 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
                 store_dir: str | None = None, out_dir: str | None = None, positions: str = "auto",
                 precision: str = "fp32",
                 tau: float = 0.03, p: float = 0.75, gamma_high: float = 0.5, min_concepts: int = 2,
-                max_channels: int | None = None, channels: list[int] | None = None, split_rule: str = "paper",
-                orientation: str = "none", top_k: int = 12, check_images: int = 32, seed: int = 0, batch_size: int = 64,
+                max_channels: int | None = None, channels: list[int] | None = None, split_rule: str = "search",
+                orientation: str = "gradient", top_k: int = 12, check_images: int = 32, seed: int = 0, batch_size: int = 64,
                 device: str = "auto", num_workers: int = 0, progress: bool = True, wait: bool = False,
                 log=print) -> Result:
     """The layer pipeline in one call: stage 1 (into ``store_dir``, default a temporary folder), every
@@ -236,7 +236,7 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
     ``train``/``val``, ``name`` (the model's name in reports and folders; default: its class name), ``classes``,
     ``transform``, ``input_size``, ``resize``, ``mean``, ``std``: see :func:`prepare`. The rest are the layer command's settings (``disentangle_layer.py --help``): ``tau``,
     ``p``, ``gamma_high`` (its ``--cos_sim_high``), ``min_concepts``, ``max_channels``, ``channels``,
-    ``split_rule`` (``paper``, ``positive`` or ``search``), ``orientation`` (``none`` or ``gradient``), ``top_k``,
+    ``split_rule`` (``search``, ``paper`` or ``positive``), ``orientation`` (``gradient`` or ``none``), ``top_k``,
     ``check_images``, ``seed``; ``positions``, ``precision`` and ``wait`` are stage 1's
     (see :func:`importances`). ``log``: where progress lines go (None: nowhere)."""
     if max_channels is not None:

@@ -5,13 +5,16 @@ Reads the stage-1 store (stage 2's rules and flags: a channel is a candidate whe
 more classes), groups each candidate's relevant classes into concepts by complete linkage of their average
 relevance vectors (two classes stay in one concept when their cosine similarity is at least
 --cos_sim_high), and splits every channel with --min_concepts or more concepts (or only --channels) into
-one channel per concept plus a shared residual. Every channel's 20 rho values are scored in ONE pass over
-the union of the concepts' training images (run only up to the layer); the one network with every split is
-checked against the original's logits on validation images; every split is evaluated on its concepts'
-validation images (stage 4) and by the purity of its channels' top validation images (one top-k pass),
-against random other channels of the layer as a baseline.
+one channel per concept plus a shared residual. By default (--split_rule search --orientation gradient) one
+pass over the concepts' training images finds each concept's direction (a concept served by the unit going
+down is read as -activation) and each unit's input contributions, and the index sets are searched, from the
+paper's, for concept channels that tell their concepts apart; with --split_rule paper --orientation none it is
+the paper's rule, every channel's 20 rho values scored in ONE pass (run only up to the layer). The one network
+with every split is checked against the original's logits on validation images; every split is evaluated on
+its concepts' validation images (stage 4), by the purity, AUC and pairwise AUC of its channels on all
+validation images (one pass), against random other channels of the layer as a baseline.
 
-Writes STORE_DIR/layer_disentangled/<model>_<layer>_required<tau>_p<p>_cossim<gamma>[_positive]/: layer.json,
+Writes STORE_DIR/layer_disentangled/<model>_<layer>_required<tau>_p<p>_cossim<gamma>[_<rule>][_oriented]/: layer.json,
 disentangled.pt (the whole network and its input transform), results_quantitative/, plots/, pictures/ and
 report.html; and one record per channel in STORE_DIR/models_disentangled/ (so that get_results.py and
 visualize_channel.py work on each channel too). In Python the folder loads as a result:
@@ -41,16 +44,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "concepts (default: 2)")
     g.add_argument("--max_channels", type=positive_int, default=None, metavar="N",
                    help="split at most N channels: those whose concepts are least alike first (default: all)")
-    g.add_argument("--split_rule", choices=("paper", "positive", "search"), default="paper",
-                   help="paper: an input goes to the first concept j with rho * A_j > every other A_l (default); "
-                        "positive: only where A_j > 0, inputs that inhibit on average stay shared; search: from the "
-                        "paper's sets, move single inputs while the concept units tell their concepts apart better "
-                        "on training images (stopped by held-out ones)")
-    g.add_argument("--orientation", choices=("none", "gradient"), default="none",
-                   help="gradient: read each concept's unit in the direction that raises the concept's logit (the sign "
-                        "of the mean gradient over its training images; a concept served by the unit going down is "
-                        "read as -activation), in the split rule, top-k, purity, AUC and pictures; none: every "
-                        "concept +1 (default)")
+    g.add_argument("--split_rule", choices=("search", "paper", "positive"), default="search",
+                   help="search (default): from the paper's sets, move single inputs while the concept units tell their "
+                        "concepts apart better on training images (stopped by held-out ones); paper: an input goes "
+                        "to the first concept j with rho * A_j > every other A_l; positive: only where A_j > 0")
+    g.add_argument("--orientation", choices=("gradient", "none"), default="gradient",
+                   help="gradient (default): read each concept's unit in the direction that raises the concept's "
+                        "logit (the sign of the mean gradient over its training images; a concept served by the unit "
+                        "going down is read as -activation), in the split rule, top-k, purity, AUC and pictures; "
+                        "none: every concept +1, as the paper")
     g.add_argument("--search_images", type=positive_int, default=SEARCH_IMAGES, metavar="N",
                    help=f"--split_rule search: training images per concept it reads (and {SEARCH_OTHERS} x N of other "
                         f"classes; a quarter of each held out to stop it) (default: {SEARCH_IMAGES})")
@@ -65,7 +67,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "channel for ResNet-50 on a CPU at 128)")
     o.add_argument("--seed", type=int, default=0, help="seed of the baseline channels and visualisations (default: 0)")
     o.add_argument("--out_dir", default=None,
-                   help="output folder (default: STORE_DIR/layer_disentangled/<model>_<layer>_required<tau>_p<p>_cossim<gamma>)")
+                   help="output folder (default: STORE_DIR/layer_disentangled/<model>_<layer>_required<tau>_p<p>_cossim<gamma>"
+                        "[_<rule>][_oriented], the rule unless the paper's: _search_oriented by default)")
     add_json_arg(p)
     return p
 

@@ -64,8 +64,9 @@ class LayerConfig(RunOptions):
     seed: int = 0
     out_dir: str | None = None  # default: STORE_DIR/layer_disentangled/<name>
     notes: dict = field(default_factory=dict)  # more rows for the report's settings (the demo's model)
-    split_rule: str = "paper"  # or "positive" (utils.method.split), or "search" (utils.method.search)
-    orientation: str = "none"  # or "gradient": read each concept's unit in the direction that raises its logit
+    # the rule and orientation that separate concepts best (benchmarks/split_rules.py); "paper" and "none": the paper's
+    split_rule: str = "search"  # or "paper", "positive" (utils.method.split); "search": utils.method.search
+    orientation: str = "gradient"  # read each concept's unit in the direction that raises its logit; or "none"
     search_images: int = SEARCH_IMAGES  # the searched rule's training images per concept
 
 
