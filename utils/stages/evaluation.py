@@ -312,7 +312,7 @@ def run_stage4(cfg: Stage4Config, loaded: LoadedModel | None = None, log=print,
                         ev.split.channel, ev.split.k, ev.rho, cfg.rho, cfg.tau)
     if cfg.quantitative:
         for j, q in enumerate(files.write_quantitative(per_concept, log), 1):
-            out[f"concept{j}"].update(rows=q["rows"], mean=q["mean"])
+            out[f"concept{j}"].update(rows=q["rows"], mean=q["mean"], median=q["median"], shares=q["shares"])
             out["csv"].append(q["csv"])
     if val.top is not None:
         means = [out[f"concept{j}"].get("mean") for j in range(1, ev.split.k + 1)]

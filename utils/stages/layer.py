@@ -212,7 +212,8 @@ def _score(cfg: LayerConfig, runner: Runner, store: st.Store, model, unit: Unit,
                        signs=signs[c]) for c, cs in concepts.items()}
     if searched:
         t0 = time.perf_counter()
-        scored = [_search(cfg, c, cs, sweeps[c], found[c], signs[c], weight[c]) for c, cs in concepts.items()]
+        scored = [_search(cfg, c, cs, sweeps[c], found[c], signs[c], weight[c], runner.device)
+                  for c, cs in concepts.items()]
         moves = [s.search["moves"] for s in scored]
         parts["search"] = time.perf_counter() - t0
         log(f"searched the index sets of {len(scored)} channels in {time.perf_counter() - t0:.1f} s "
@@ -257,19 +258,21 @@ def _signs_text(signs: list[int]) -> str:
 
 
 def _search(cfg: LayerConfig, channel: int, concepts: list[list[int]], sw: Sweep, found: Contributions,
-            signs: list[int] | None, weight_c) -> Scored:
-    """One channel's searched split: the start is the paper's sets (on the oriented ARVs) at the rho whose sets
-    give the best objective on the fitting images (each rho's "score"), the search goes on from there
-    (:func:`utils.method.search.search_assignment`), and the sweep's row at that rho takes the searched sets."""
+            signs: list[int] | None, weight_c, device) -> Scored:
+    """One channel's searched split, on ``device`` (the passes'): the start is the paper's sets (on the oriented
+    ARVs) at the rho whose sets give the best objective on the fitting images (each rho's "score"), the search goes
+    on from there (:func:`utils.method.search.search_assignment`), and the sweep's row at that rho takes the
+    searched sets."""
     s = torch.tensor(signs or [1] * len(concepts), dtype=torch.float64)
     held = holdout_mask(found.labels, seed=cfg.seed)
     first, inverse = sw.distinct()
-    fit_V, fit_labels = found.V[~held], found.labels[~held]
-    objs = torch.tensor([objective(fit_V, fit_labels, sw.assign[int(i)], s) for i in first],
+    V, labels = found.V.to(device), found.labels.to(device)
+    fit_V, fit_labels = V[~held.to(device)], labels[~held.to(device)]
+    objs = torch.tensor([objective(fit_V, fit_labels, sw.assign[int(i)].to(device), s) for i in first],
                         dtype=torch.float64)[inverse]
     objs = torch.nan_to_num(objs, nan=0.0)  # a concept without fitting images: every rho alike, the first wins
     best = best_index(objs)
-    res = search_assignment(found.V, found.labels, sw.assign[best], s, held, SEARCH_BUDGET, SEARCH_PATIENCE,
+    res = search_assignment(V, labels, sw.assign[best], s, held, SEARCH_BUDGET, SEARCH_PATIENCE,
                             SEARCH_SCREEN)
     search = {"start": sw.sources(best), "moves": res.best, "moves_tried": len(res.moves),
               "fit_objective": [res.fit[0], res.fit[res.best]], "held_objective": [res.held[0], res.held[res.best]],
