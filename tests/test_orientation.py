@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_script, write_image_folder
+from conftest import planted_cli_setup, run_script
 from utils.data.images import ImageDataset, list_images
 from utils.method.split import Split, oriented_bank
 from utils.passes.contributions import UnitRequest, contribution_pass, pick_rows
@@ -59,14 +59,8 @@ COLOURS = {"A_red": (220, 30, 30), "B_green": (30, 220, 30), "C_blue": (30, 30, 
 
 @pytest.fixture(scope="module")
 def downward(tmp_path_factory):
-    root = tmp_path_factory.mktemp("downward")
-    (root / "downward.py").write_text(SOURCE)
-    data = write_image_folder(str(root / "data"), n_train=6, n_val=5, colors=COLOURS, size=16)
-    common = ["--data_dir", data, "--model", f"{root / 'downward.py'}:build", "--num_workers", "0", "--device", "cpu",
-              "--batch_size", "4", "--no_progress"]
-    r = run_script("get_importances_for_classes.py", *common, "--store_dir", str(root / "store"))
-    assert r.returncode == 0, r.stderr
-    return root, data, common
+    """The model file, its data and its stage-1 store (made by the CLI)."""
+    return planted_cli_setup(tmp_path_factory.mktemp("downward"), "downward", SOURCE, COLOURS, 5)
 
 
 def _build(root):
