@@ -57,7 +57,8 @@ GRAPH = {n: imports(n, p, set(modules())) for n, p in modules().items()}
 # below it. "" holds the floor modules that everything may use; "api" the package's top (api.py, __init__.py).
 ROOMS = ["", "method", "data", "model", "store", "passes", "report", "stages", "api", "cli"]
 FLOOR = {"errors", "defaults", "files"}
-METHOD_MAY_IMPORT = {"__future__", "math", "dataclasses", "typing", "torch", "numpy", "scipy"}
+# warnings: to silence a library's warning that the arithmetic handles itself (an empty k-means cluster)
+METHOD_MAY_IMPORT = {"__future__", "math", "dataclasses", "typing", "warnings", "torch", "numpy", "scipy"}
 
 
 def room(name: str) -> str:

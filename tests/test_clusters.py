@@ -69,3 +69,45 @@ def test_the_clustering_reads_directions_not_sizes():
     assert cluster_concepts(big, k0=4, min_images=5).k == 1
     r = unit_rows(big)
     assert abs(float((r ** 2).sum(1).max()) - 1) < 1e-12
+
+
+def test_images_that_reach_the_unit_by_no_input_belong_to_no_concept():
+    V, truth = contributions([([0, 1, 2], 40)])
+    V = torch.cat([V, torch.zeros(30, V.shape[1], dtype=V.dtype)])  # 30 images on which nothing reaches it
+    c = cluster_concepts(V, k0=4, min_images=5)
+    assert c.k == 1 and c.members == [list(range(40))]
+
+
+def test_a_planted_layers_candidates_come_from_the_images_alone(tmp_path):
+    """The planted four-colour network (conftest): channel 0 reads the red and the blue inputs, channel 1 the red
+    and the green, channel 2 a constant, channel 3 green alone. From the images alone, channels 0 and 1 come out
+    as candidates whose two concepts are, by the labels read afterwards, {red, orange} and blue, and {red, orange}
+    and green; channels 2 and 3 are no candidates."""
+    import importlib.util
+
+    from conftest import COLOURS, PLANTED4, write_image_folder
+    from utils.data.images import list_images
+    from utils.passes.image_pass import Runner
+    from utils.stages.clusters import agreement, label_free_concepts
+
+    (tmp_path / "planted4.py").write_text(PLANTED4)
+    spec = importlib.util.spec_from_file_location("planted4_free", tmp_path / "planted4.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.build()[0].eval()
+    data = write_image_folder(str(tmp_path / "data"), n_train=6, n_val=2, colors=COLOURS, size=16)
+    images = list_images(data, "train")
+    runner = Runner(device=torch.device("cpu"), batch_size=4, num_workers=0, progress=False)
+    found = label_free_concepts(runner, model, model.conv, images, top_n=24, k0=4, min_images=3, gamma=0.5)
+    assert sorted(found.candidates) == [0, 1]
+    red, orange, green, blue = 0, 1, 2, 3
+    groups = {c: sorted(sorted({images.targets[i] for i in rows}) for rows in found.units[c].concept_images())
+              for c in (0, 1)}
+    assert groups == {0: [[red, orange], [blue]], 1: [[red, orange], [green]]}
+    for c in (0, 1):
+        agree = agreement(found.units[c], images.targets)
+        assert [a["images"] for a in agree] == [len(m) for m in found.units[c].clusters.members]
+    assert found.units[3].clusters.k == 1  # green (and orange's green part); images it does not fire on are out
+    assert set(images.indices_of([green])) <= set(found.units[3].index)
+    assert not set(images.indices_of([red, blue])) & set(found.units[3].index)
+    assert set(found.seconds) == {"top-images pass", "contributions pass", "clustering"}

@@ -17,6 +17,7 @@ as the labelled path ranks them by their least similar classes). A concept's mea
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,12 +58,23 @@ def unit_rows(V: torch.Tensor) -> np.ndarray:
 def cluster_concepts(V: torch.Tensor, k0: int = 4, min_images: int = 10, gamma: float = 0.5,
                      seed: int = 0) -> Clusters:
     """The label-free concepts of one unit (module docstring) from the contribution vectors ``V`` (N x C_in) of its
-    top-N images."""
+    top-N images; an image whose contributions are all zero reaches the unit by no input and belongs to no
+    concept."""
+    nonzero = (V != 0).any(1)
+    if not bool(nonzero.all()):
+        keep = nonzero.nonzero().flatten()
+        c = cluster_concepts(V[keep], k0, min_images, gamma, seed)
+        return Clusters([keep[m].tolist() for m in c.members], c.arvs, c.closest)
     n = len(V)
     if n < 2 * min_images or k0 < 2:
         return Clusters([list(range(n))] if n else [], V.double().mean(0, keepdim=True) if n else V.double(), 1.0)
-    k = min(k0, n // min_images)
-    _, assign = kmeans2(unit_rows(V), k, minit="++", seed=seed)
+    rows = unit_rows(V)
+    k = min(k0, n // min_images, len(np.unique(rows.round(12), axis=0)))  # no more clusters than directions
+    if k < 2:
+        return Clusters([list(range(n))], V.double().mean(0, keepdim=True), 1.0)
+    with warnings.catch_warnings():  # an empty cluster is dropped below, as every cluster under min_images is
+        warnings.filterwarnings("ignore", "One of the clusters is empty")
+        _, assign = kmeans2(rows, k, minit="++", seed=seed)
     groups = [np.flatnonzero(assign == g).tolist() for g in range(k)]
     groups = [g for g in groups if len(g) >= min_images]
     if len(groups) < 2:

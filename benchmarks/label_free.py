@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Label-free candidates over a whole layer (utils.stages.clusters), beside the labelled path's, on the same data.
+
+Runs the label-free search on the training images of ``--data_dir`` (labels are not read by it): every unit's
+top ``--top_n`` images, their contribution vectors, clustered. Prints the seconds of each pass and of the
+clustering, the peak memory, the number of candidates, and, since the digits have labels, how well each
+candidate's concepts match classes (the share of each concept's images in its most frequent class; units whose
+concepts are each at least ``--match`` of one class, a different class for each). With ``--store_dir`` (a stage-1
+store of the same model and layer) it also times the labelled path's candidates (stage 2's rules and the
+linkage: ``utils.stages.candidates.channel_concepts``) and says how many label-free candidates are labelled ones.
+
+    python benchmarks/label_free.py --data_dir demo_data/digits --model mobilenet_v3_small \\
+        --weights demo_data/mobilenet_v3_small_digits_e2_s0.pt --layer features.12.0 \\
+        --store_dir demo_output/store --tau 0.01
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--layer", default=None)
+    p.add_argument("--store_dir", default=None)
+    p.add_argument("--tau", type=float, default=0.03)
+    p.add_argument("--p", type=float, default=0.75)
+    p.add_argument("--gamma", type=float, default=0.5)
+    p.add_argument("--top_n", type=int, default=100)
+    p.add_argument("--k0", type=int, default=4)
+    p.add_argument("--min_images", type=int, default=10)
+    p.add_argument("--match", type=float, default=0.75)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    from utils.data.images import list_images
+    from utils.model.loading import get_layer, load_model
+    from utils.model.units import unit_at
+    from utils.passes.image_pass import Runner
+    from utils.stages.clusters import agreement, label_free_concepts
+
+    lm = load_model(args.model, args.weights)
+    layer, _ = get_layer(lm.model, args.layer)
+    images = list_images(args.data_dir, "train")
+    runner = Runner(torch.device(args.device), args.batch_size, args.num_workers, progress=False)
+    model = runner.model(lm.model)
+    unit = unit_at(model, layer, "all")
+    t0 = time.perf_counter()
+    found = label_free_concepts(runner, model, unit, images, lm.preprocess, args.top_n, args.k0, args.min_images,
+                                args.gamma)
+    total = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    print(f"label-free: {unit.out_channels} units of {lm.name} {layer} on {len(images)} training images in "
+          f"{total:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in found.seconds.items())
+          + f"); peak RSS {peak:.2f} GB; {len(found.candidates)} candidates")
+    matched = []
+    for c in found.candidates:
+        agree = agreement(found.units[c], images.targets)
+        labels = [a["label"] for a in agree]
+        ok = all(a["share"] >= args.match for a in agree) and len(set(labels)) == len(labels)
+        matched += [c] if ok else []
+        print(f"  unit {c}: " + " | ".join(f"{a['images']} images, {a['share']:.0%} class {a['label']}" for a in agree)
+              + ("  <- each concept one class" if ok else ""))
+    print(f"{len(matched)} of {len(found.candidates)} candidates have concepts that are each >= {args.match:.0%} "
+          f"of one class, a different class each: {matched}")
+    if args.store_dir:
+        from utils.stages.candidates import channel_concepts
+        from utils.store import layout as st
+
+        t0 = time.perf_counter()
+        concepts, _, _, _ = channel_concepts(st.model_store(args.store_dir, lm, layer), args.tau, args.p, args.gamma)
+        labelled = sorted(c for c, g in concepts.items() if len(g) >= 2)
+        print(f"labelled path (stage 2 on the store, tau {args.tau}, p {args.p}): {len(labelled)} candidates with "
+              f"2+ concepts in {time.perf_counter() - t0:.1f} s (after stage 1's pass); both: "
+              f"{sorted(set(labelled) & set(found.candidates))}")
+
+
+if __name__ == "__main__":
+    main()
