@@ -93,7 +93,7 @@ def contribution_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, 
     def step(batches):
         grads = [torch.zeros(len(r.concepts), dtype=torch.float64, device=unit.weight.device) for r in requests]
         counts = [[0] * len(r.concepts) for r in requests]
-        rows: list[list[torch.Tensor]] = [[] for _ in requests]
+        rows: list[list[tuple]] = [[] for _ in requests]  # per batch: index and label (host), V (on the device)
         maps = None
         for b in batches:
             if orient:
@@ -118,15 +118,14 @@ def contribution_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, 
                 sel = torch.tensor(keep, device=xl.device)
                 V = torch.einsum("bkt,kt->bk", taps[sel], weights[ri].to(taps.device))
                 idx = b.index[keep]
-                lab = torch.tensor([r.rows[int(i)] for i in idx], dtype=torch.float64)
-                rows[ri].append(torch.cat([idx[:, None].double(), lab[:, None], V.cpu()], 1))
-        return grads, counts, rows
+                rows[ri].append((idx, torch.tensor([r.rows[int(i)] for i in idx], dtype=torch.float64), V))
+        # one copy to the host per unit at the end, not one per batch
+        return grads, counts, [_host_rows(rw, unit.in_channels) for rw in rows]
 
     ran = runner.image_pass(images, class_batches(images, order, runner.batch_size), preprocess, desc).run(step, desc)
     grads, counts, rows = ran.value
     out = []
-    for r, g, n, rw in zip(requests, grads, counts, rows):
-        mine = torch.cat(rw) if rw else torch.zeros(0, 2 + unit.in_channels, dtype=torch.float64)
+    for r, g, n, mine in zip(requests, grads, counts, rows):
         every = runner.gather_rows(mine)
         every = every[every[:, 0].argsort(stable=True)]
         sums = runner.gather_rows(torch.cat([g.cpu(), torch.tensor(n, dtype=torch.float64)])[None]).sum(0)
@@ -134,3 +133,12 @@ def contribution_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, 
         out.append(Contributions(sums[:k], [int(v) for v in sums[k:]], every[:, 2:], every[:, 1].long(),
                                  every[:, 0].long()))
     return out, ran.seconds
+
+
+def _host_rows(parts: list[tuple], width: int) -> torch.Tensor:
+    """One unit's kept rows (n x (2 + C_in), float64 on the host): dataset index, label, V."""
+    if not parts:
+        return torch.zeros(0, 2 + width, dtype=torch.float64)
+    V = torch.cat([v for _, _, v in parts]).double().cpu()
+    return torch.cat([torch.cat([i for i, _, _ in parts]).double()[:, None],
+                      torch.cat([lab for _, lab, _ in parts])[:, None], V], 1)
