@@ -34,13 +34,6 @@ from ..model.surgery import check_logit_diff, export_network
 from ..method.selectivity import TopK
 
 
-def top_classes_share(labels, n: int) -> float:
-    """The share of ``labels`` (top-k images) in their own ``n`` most frequent classes."""
-    labels = [int(t) for t in labels]
-    counts = sorted((labels.count(t) for t in set(labels)), reverse=True)
-    return sum(counts[:n]) / len(labels) if labels else 0.0
-
-
 @dataclass(frozen=True)
 class Baseline:
     """Random channels that are no candidate: ``labels[b]`` = the classes of channel ``channels[b]``'s top-k
