@@ -1,6 +1,9 @@
 """Concepts without labels: a unit's strongest images clustered by how they reach it (utils.method.clusters)."""
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from utils.method.clusters import cluster_concepts, unit_rows
@@ -111,3 +114,41 @@ def test_a_planted_layers_candidates_come_from_the_images_alone(tmp_path):
     assert set(images.indices_of([green])) <= set(found.units[3].index)
     assert not set(images.indices_of([red, blue])) & set(found.units[3].index)
     assert set(found.seconds) == {"top-images pass", "contributions pass", "clustering"}
+
+
+def test_a_flat_folder_of_images_without_labels_gives_the_same_concepts(tmp_path):
+    """The planted four-colour images with their class folders taken away (every image directly in train/):
+    the label-free search reads no label, so it finds the same candidates and concepts, image for image."""
+    import importlib.util
+    import shutil
+
+    from conftest import COLOURS, PLANTED4, write_image_folder
+    from utils.data.images import list_any_images, list_images
+    from utils.errors import UserError
+    from utils.passes.image_pass import Runner
+    from utils.stages.clusters import label_free_concepts
+
+    (tmp_path / "planted4.py").write_text(PLANTED4)
+    spec = importlib.util.spec_from_file_location("planted4_flat", tmp_path / "planted4.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.build()[0].eval()
+    data = write_image_folder(str(tmp_path / "data"), n_train=6, n_val=2, colors=COLOURS, size=16)
+    labelled = list_images(data, "train")
+    flat = tmp_path / "flat" / "train"
+    flat.mkdir(parents=True)
+    for p in labelled.paths:  # class-prefixed names keep the same sorted order as the labelled listing
+        shutil.copy(p, flat / (os.path.basename(os.path.dirname(p)) + "_" + os.path.basename(p)))
+    images = list_any_images(str(tmp_path / "flat"), "train")
+    assert len(images) == len(labelled) and set(images.targets) == {0} and images.classes == ["."]
+    assert list_any_images(data, "train").targets == labelled.targets  # class folders: labels kept
+    runner = Runner(device=torch.device("cpu"), batch_size=4, num_workers=0, progress=False)
+    kw = dict(top_n=24, k0=4, min_images=3, gamma=0.5)
+    a = label_free_concepts(runner, model, model.conv, labelled, **kw)
+    b = label_free_concepts(runner, model, model.conv, images, **kw)
+    assert a.candidates == b.candidates == sorted(a.candidates, key=lambda c: (a.units[c].clusters.closest, c))
+    for c in a.candidates:  # labels never change which units or concepts are found
+        assert a.units[c].concept_images() == b.units[c].concept_images()
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(UserError, match="holds no images"):
+        list_any_images(str(tmp_path / "empty"), "train")

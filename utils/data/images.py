@@ -141,6 +141,23 @@ def list_images(data_dir: str, split: str, max_images_per_class: int | None = No
     return out
 
 
+def list_any_images(data_dir: str, split: str, max_images: int | None = None) -> ImageList:
+    """``data_dir/split`` with or without class folders, for what reads no label (concepts from clusters): with
+    class folders as :func:`list_images` (the labels kept, to evaluate with); without, every image in it
+    (recursively, sorted) under one label, 0, of a class named ``.``. A missing or imageless folder is a
+    UserError."""
+    root = os.path.join(data_dir, split)
+    if not os.path.isdir(root):
+        raise UserError(f"no folder {root} (expected a folder of images, with or without class folders)")
+    try:
+        find_classes(root)
+    except FileNotFoundError:  # no class folders: a flat folder of images
+        files = _class_files(root, max_images)
+        return ImageList(os.path.abspath(root), ["."], [p for p, _ in files], [0] * len(files), {".": 0}, ["."],
+                         [st for _, st in files])
+    return list_images(data_dir, split, max_images)
+
+
 def _list_dataset(data: Datasets, split: str, max_images: int | None, only) -> ImageList:
     """The items of ``data``'s ``split`` grouped by label (in dataset order within a label)."""
     labels, folders = data.labels(split), data.folders(split)
