@@ -40,6 +40,9 @@ def main() -> None:
     p.add_argument("--k0", type=int, default=4)
     p.add_argument("--min_images", type=int, default=10)
     p.add_argument("--match", type=float, default=0.75)
+    p.add_argument("--split", type=int, default=4, metavar="N",
+                   help="split the N most separated candidates by their clusters and read their concept units' "
+                        "top-12 validation images (default: 4)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -74,6 +77,8 @@ def main() -> None:
               + ("  <- each concept one class" if ok else ""))
     print(f"{len(matched)} of {len(found.candidates)} candidates have concepts that are each >= {args.match:.0%} "
           f"of one class, a different class each: {matched}")
+    if args.split:
+        split_candidates(args, runner, model, unit, lm, found, layer)
     if args.store_dir:
         from utils.stages.candidates import channel_concepts
         from utils.store import layout as st
@@ -84,6 +89,48 @@ def main() -> None:
         print(f"labelled path (stage 2 on the store, tau {args.tau}, p {args.p}): {len(labelled)} candidates with "
               f"2+ concepts in {time.perf_counter() - t0:.1f} s (after stage 1's pass); both: "
               f"{sorted(set(labelled) & set(found.candidates))}")
+
+
+def split_candidates(args, runner, model, unit, lm, found, layer) -> None:
+    """Split the ``--split`` most separated candidates (their clusters as concepts, the searched rule), check the
+    one network's outputs against the original's, and give each concept unit's top-12 validation images' most
+    frequent class and its share (the labels read only here)."""
+    from utils.data.images import list_images
+    from utils.method.split import filter_bank
+    from utils.model.surgery import split_network
+    from utils.passes.topk import stream_topk
+    from utils.stages.clusters import split_unit
+
+    chosen = found.candidates[: args.split]
+    t0 = time.perf_counter()
+    splits = [split_unit(found.units[c], unit.weight[c])[0] for c in chosen]
+    seconds = time.perf_counter() - t0
+    val = list_images(args.data_dir, "val")
+    top = stream_topk(runner, model, unit, filter_bank(unit, splits), val, 12, lm.preprocess)
+    net = split_network(model, {layer: splits})
+    x = torch.stack([_image(val, i, lm.preprocess) for i in range(min(32, len(val)))]).to(runner.device)
+    with torch.no_grad():
+        diff = float((net(x) - model(x)).abs().max())
+    good = 0
+    for s in splits:
+        cells, classes = [], []
+        for j in range(1, s.k + 1):
+            labels = top.get(s.channel, f"D{j}")["labels"].tolist()
+            best = max(set(labels), key=labels.count)
+            classes.append((best, labels.count(best) / len(labels)))
+            cells.append(f"D{j}: {classes[-1][1]:.0%} class {best}")
+        ok = all(share >= args.match for _, share in classes) and len({c for c, _ in classes}) == len(classes)
+        good += ok
+        print(f"  split unit {s.channel}: " + " | ".join(cells) + ("  <- each concept unit one class" if ok else ""))
+    print(f"split {len(splits)} candidates in {seconds:.1f} s; {good} of them have concept units whose top-12 "
+          f"validation images are each >= {args.match:.0%} of one class, a different class each; max |output "
+          f"difference| of the one network {diff:.2g} on {len(x)} validation images")
+
+
+def _image(images, i, transform):
+    from utils.data.images import load_image
+
+    return load_image(images, i, transform)
 
 
 if __name__ == "__main__":

@@ -152,3 +152,42 @@ def test_a_flat_folder_of_images_without_labels_gives_the_same_concepts(tmp_path
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(UserError, match="holds no images"):
         list_any_images(str(tmp_path / "empty"), "train")
+
+
+def test_a_headless_networks_label_free_splits_are_exact_and_separate_their_clusters(tmp_path):
+    """The planted network without its head (its output: the pooled features): each label-free candidate split by
+    its clusters (the searched rule on cluster membership) gives one network whose outputs equal the original's,
+    and each concept unit fires more on its own cluster's images than on the other's."""
+    import importlib.util
+
+    from conftest import COLOURS, PLANTED4, write_image_folder
+    from utils.data.images import ImageDataset, list_any_images
+    from utils.model.hooks import layer_input
+    from utils.model.surgery import split_network
+    from utils.passes.image_pass import Runner
+    from utils.stages.clusters import label_free_concepts, split_unit
+
+    (tmp_path / "planted4.py").write_text(PLANTED4)
+    spec = importlib.util.spec_from_file_location("planted4_headless", tmp_path / "planted4.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.build()[0].eval()
+    model.fc = torch.nn.Identity()  # headless: a feature vector per image, no class
+    data = write_image_folder(str(tmp_path / "data"), n_train=6, n_val=2, colors=COLOURS, size=16)
+    images = list_any_images(data, "train")
+    runner = Runner(device=torch.device("cpu"), batch_size=4, num_workers=0, progress=False)
+    found = label_free_concepts(runner, model, model.conv, images, top_n=24, k0=4, min_images=3, gamma=0.5)
+    assert sorted(found.candidates) == [0, 1]
+    splits = [split_unit(found.units[c], model.conv.weight[c])[0] for c in found.candidates]
+    net = split_network(model, {"conv": splits})
+    x = torch.stack([ImageDataset(images)[i][0] for i in range(len(images))])
+    with torch.no_grad():
+        assert float((net(x) - model(x)).abs().max()) <= 1e-5
+        xl = layer_input(model, model.conv, x)
+        for s in splits:
+            u = found.units[s.channel]
+            acts = torch.nn.functional.conv2d(xl, s.D).sum((2, 3))  # B x k: each concept unit, summed
+            for j, rows in enumerate(u.concept_images()):
+                mine = acts[rows, j].mean()
+                others = torch.cat([acts[r, j] for l, r in enumerate(u.concept_images()) if l != j]).mean()
+                assert mine > others, (s.channel, j)

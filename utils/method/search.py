@@ -97,8 +97,8 @@ def search_assignment(V: torch.Tensor, labels: torch.Tensor, start: torch.Tensor
     assign = start.to(dev).clone()
     out = SearchResult(assign.cpu().clone(), fit=[objective(Vf, lf, assign, signs)],
                        held=[objective(Vh, lh, assign, signs)])
-    if any(not bool((lab == j).any()) for lab in (lf, lh) for j in range(1, k + 1)) or bool((lf > 0).all()):
-        return out  # a concept without images on either side (or nothing else): nothing to measure a move by
+    if any(not bool((lab == j).any()) for lab in (lf, lh) for j in range(1, k + 1)):
+        return out  # a concept without images on either side: nothing to measure a move by
     inside = [lf == j for j in range(1, k + 1)]
     # how well each input separates each concept on average (the screen's order): k x C_in
     spread = Vf.std(0) + torch.finfo(torch.float64).tiny

@@ -15,11 +15,15 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..data.images import ImageList, Preprocess
+from ..defaults import SEARCH_BUDGET, SEARCH_PATIENCE, SEARCH_SCREEN
 from ..method.clusters import Clusters, cluster_concepts
-from ..method.split import channel_bank
+from ..method.scoring import best_index
+from ..method.search import SearchResult, holdout_mask, objective, search_assignment
+from ..method.split import Split, channel_bank, split_filters, sweep
 from ..model.units import Unit, as_unit
 from ..passes.contributions import UnitRequest, contribution_pass
 from ..passes.image_pass import Runner
@@ -29,12 +33,14 @@ from ..passes.topk import stream_topk
 @dataclass(frozen=True)
 class UnitConcepts:
     """One unit's label-free concepts: ``clusters`` over its top images ``index`` (dataset positions, strongest
-    first; ``clusters.members`` are positions in this list) and those images' ``activation``."""
+    first; ``clusters.members`` are positions in this list), those images' ``activation`` and contribution
+    vectors ``V`` (n x C_in, float64)."""
 
     channel: int
     index: list[int]
     activation: list[float]
     clusters: Clusters
+    V: torch.Tensor
 
     def concept_images(self) -> list[list[int]]:
         """Each concept's images as dataset positions."""
@@ -75,11 +81,29 @@ def label_free_concepts(runner: Runner, model: nn.Module, unit: Unit | nn.Module
         index, act = tops[c]
         row_of = {int(i): r for r, i in enumerate(f.index.tolist())}  # the pass returns rows in dataset order
         V = f.V[[row_of[i] for i in index]] if index else f.V
-        units[c] = UnitConcepts(c, index, act, cluster_concepts(V, k0, min_images, gamma, seed))
+        units[c] = UnitConcepts(c, index, act, cluster_concepts(V, k0, min_images, gamma, seed), V)
     seconds["clustering"] = time.perf_counter() - t0
     candidates = sorted((c for c, u in units.items() if u.clusters.k >= 2),
                         key=lambda c: (units[c].clusters.closest, c))
     return LabelFree(units, candidates, seconds)
+
+
+def split_unit(u: UnitConcepts, weight_c: torch.Tensor, seed: int = 0) -> tuple[Split, SearchResult]:
+    """The exact split of a label-free candidate: the paper's sets on its concepts' ARVs (the clusters' mean
+    contributions) at the rho whose sets separate the clusters best on fitting images, then the searched rule
+    with cluster membership where the labelled path has classes (each concept against the other concepts and the
+    top images of no concept; a quarter of each held out to stop it). ``weight_c``: the unit's filter."""
+    labels = u.clusters.labels(len(u.index))
+    sw = sweep(weight_c.detach().cpu(), u.clusters.arvs)
+    held = holdout_mask(labels, seed=seed)
+    first, inverse = sw.distinct()
+    ones = torch.ones(u.clusters.k, dtype=torch.float64)
+    objs = torch.nan_to_num(torch.tensor([objective(u.V[~held], labels[~held], sw.assign[int(i)], ones)
+                                          for i in first], dtype=torch.float64)[inverse], nan=0.0)
+    best = best_index(objs)
+    res = search_assignment(u.V, labels, sw.assign[best], ones, held, SEARCH_BUDGET, SEARCH_PATIENCE, SEARCH_SCREEN)
+    D, Res = split_filters(weight_c.detach().cpu(), res.assign, u.clusters.k)
+    return Split(u.channel, D, Res), res
 
 
 def agreement(concepts: UnitConcepts, labels) -> list[dict]:
