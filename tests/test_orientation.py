@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -143,6 +144,17 @@ def test_layer_command_reads_the_downward_concept_in_its_direction(downward, tmp
         assert ref["relevance"] == sorted(ref["relevance"], reverse=True) and ref["relevance"][0] > 0
     rec = json.load(open(os.path.join(ch["record"], "record.json")))
     assert rec["orientation"] == [1, -1] and ch["record"].endswith("_oriented_layer")
+    # stage 4 on the oriented record reads its concept units in their directions too (the record asks for it)
+    root, _, common = downward
+    only = tmp_path / "only" / os.path.basename(ch["record"])  # a folder with the oriented record alone
+    shutil.copytree(ch["record"], only)
+    r4 = run_script("get_results.py", *common, "--model_dir", str(only.parent), "--channel_of_interest",
+                    "0", "--classes_for_concept1", "0", "--classes_for_concept2", "2", "--purity", "4",
+                    "--out_dir", str(tmp_path / "s4"), "--json", str(tmp_path / "s4.json"))
+    assert r4.returncode == 0, r4.stderr
+    s4 = json.load(open(tmp_path / "s4.json"))
+    assert s4["record"] == str(only)
+    assert s4["purity"]["D2"]["concept2"] == 1.0 and s4["auc"]["D2"]["concept2"] == 1.0
     if rule == "paper":  # read upward, the paper's rule leaves blue no input of its own
         assert raw0["sources"][f"{raw0['best_rho']:.2f}"]["concept2"] == []
         assert raw0["purity"]["concepts"][1] < 1.0 and raw0["flags"][1], raw0

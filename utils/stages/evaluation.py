@@ -32,7 +32,7 @@ from ..store.provenance import provenance
 from ..store.records import Record, check_record, find_record, load_split, record_head
 from ..model.hooks import layer_gradient, layer_input, unit_relevance
 from ..report.tables import ResultFiles
-from ..method.split import FilterBank, Split, filter_bank, sub_names
+from ..method.split import FilterBank, Split, filter_bank, oriented_bank, sub_names
 from ..model.surgery import logit_diff_scale, nan_max
 from ..method.selectivity import TopK
 from ..passes.topk import TopKSearch
@@ -296,7 +296,9 @@ def run_stage4(cfg: Stage4Config, loaded: LoadedModel | None = None, log=print,
             + "; ".join(f"concept {j}: {', '.join(lab)}" for j, lab in enumerate(labels, 1)))
     model = runner.model(ev.lm.model)
     conv = unit_at(model, ev.layer, ev.record.positions)
-    search = TopKRequest(filter_bank(conv, [ev.split]), cfg.purity_k, keep_all=True) if cfg.purity_k > 0 else None
+    # a record made with --orientation gradient: its concept units are read in their concepts' directions
+    bank = oriented_bank(conv, ev.split, ev.record.orientation) if ev.record.orientation else filter_bank(conv, [ev.split])
+    search = TopKRequest(bank, cfg.purity_k, keep_all=True) if cfg.purity_k > 0 else None
     val = evaluate_splits(runner, model, conv, [ev.split], [ev.concepts], ev.images, ev.lm.preprocess, search)
     acts = val.acts[ev.split.channel]
     if not runner.lead:
