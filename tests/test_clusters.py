@@ -236,3 +236,22 @@ def test_headless_backbones_split_from_clusters_keep_their_outputs(tmp_path, kin
         out = model(x)
         assert out.shape == (len(images), 192 if kind == "timm_vit" else 512)  # features, no class
         assert float((net(x) - out).abs().max()) <= 1e-4
+
+
+def test_held_out_images_go_to_their_concept_and_a_clean_split_tells_the_clusters_apart():
+    from utils.method.clusters import cluster_aucs, nearest_concept
+
+    V, truth = contributions([([0, 1, 2], 40), ([8, 9], 30)], seed=1)
+    c = cluster_concepts(V, k0=4, min_images=5, gamma=0.5)
+    held, held_truth = contributions([([0, 1, 2], 10), ([8, 9], 10)], seed=2)  # new images of the same groups
+    held = torch.cat([held, torch.zeros(3, held.shape[1], dtype=held.dtype)])  # and three that reach it by nothing
+    got = nearest_concept(held, c.arvs)
+    concept_of_group = {int(truth[m[0]]): j for j, m in enumerate(c.members, 1)}
+    assert got[:-3].tolist() == [concept_of_group[int(t)] for t in held_truth] and got[-3:].tolist() == [0, 0, 0]
+    # the split that gives each concept the inputs its group uses: each concept unit tells its cluster apart
+    assign = torch.zeros(16, dtype=torch.int64)
+    for group, inputs in ((0, [0, 1, 2]), (1, [8, 9])):
+        assign[inputs] = concept_of_group[group]
+    assert cluster_aucs(held, got, assign, 2) == [1.0, 1.0]
+    everything = cluster_aucs(held, got, torch.zeros(16, dtype=torch.int64), 2)  # all shared: the original unit
+    assert max(everything) < 1.0

@@ -25,6 +25,8 @@ import torch
 from scipy.cluster.vq import kmeans2
 
 from .linkage import complete_linkage, cosine_matrix
+from .search import concept_masks
+from .selectivity import auc_rows
 
 
 @dataclass(frozen=True)
@@ -87,3 +89,21 @@ def cluster_concepts(V: torch.Tensor, k0: int = 4, min_images: int = 10, gamma: 
     s = cosine_matrix(arvs)
     off = [float(s[a, b]) for a in range(len(members)) for b in range(len(members)) if a != b]
     return Clusters(members, arvs, max(off) if off else 1.0)
+
+
+def nearest_concept(V: torch.Tensor, arvs: torch.Tensor) -> torch.Tensor:
+    """Held-out images assigned to concepts without labels (n, int64): each image's contribution vector (a row of
+    ``V``, n x C_in) goes to the concept (1..k) whose mean contribution (``arvs``, k x C_in) it is most alike
+    (cosine); 0 for an image that reaches the unit by no input."""
+    rows = torch.from_numpy(unit_rows(V))
+    means = torch.from_numpy(unit_rows(arvs))
+    out = (rows @ means.T).argmax(1) + 1
+    return torch.where((V != 0).any(1), out, torch.zeros_like(out))
+
+
+def cluster_aucs(V: torch.Tensor, concept: torch.Tensor, assign: torch.Tensor, k: int) -> list[float]:
+    """Per concept j, the ROC AUC of concept unit j's activation (without the bias: the inputs it keeps, ``assign``
+    in {0, j}, summed from ``V``) for the images of concept j (``concept == j``) against every other image; NaN
+    where either side is empty. With labels, the same as the labelled path's AUC with clusters for classes."""
+    act = V.double() @ concept_masks(assign, k)  # n x k
+    return [float(auc_rows(act[:, j][None], concept == j + 1)[0]) for j in range(k)]
