@@ -7,7 +7,7 @@ same store (read in place; nothing is written into ``--store_dir``): for every s
 ROC AUC (concept against every other validation image) and the pairwise AUC (concept against the other concepts'
 images) of every concept channel, the one network's logit check and the command's seconds. Prints a table per
 channel and, per variant, the means over channels (of each channel's mean over its concepts) with 95% bootstrap
-intervals over channels, the paired difference to the paper's rule read raw (the seed's), and which variant wins
+intervals over channels, the paired difference to the paper's rule read raw (as the authors' code reads it), and which variant wins
 on purity outside every interval (or that none does).
 
     python get_importances_for_classes.py --data_dir demo_data/digits --model mobilenet_v3_small \\
@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 import disentangle_layer  # noqa: E402
 
 VARIANTS = tuple(f"{r}:{o}" for r in ("paper", "positive", "search") for o in ("none", "gradient"))
-BASE = "paper:none"  # the seed's rule, read as the seed reads it
+BASE = "paper:none"  # the paper's rule, read as the authors' code reads it
 KEYS = ("purity", "auc", "pair_auc")
 
 

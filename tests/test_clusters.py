@@ -81,24 +81,27 @@ def test_images_that_reach_the_unit_by_no_input_belong_to_no_concept():
     assert c.k == 1 and c.members == [list(range(40))]
 
 
+def planted4(tmp_path):
+    """The planted four-colour network (conftest: channel 0 reads red and blue, 1 red and green, 2 a constant,
+    3 green), built from its file by the project's own loader, and its images (6 per colour)."""
+    from conftest import COLOURS, PLANTED4, write_image_folder
+    from utils.model.loading import load_model
+
+    (tmp_path / "planted4.py").write_text(PLANTED4)
+    return (load_model(f"{tmp_path / 'planted4.py'}:build").model,
+            write_image_folder(str(tmp_path / "data"), n_train=6, n_val=2, colors=COLOURS, size=16))
+
+
 def test_a_planted_layers_candidates_come_from_the_images_alone(tmp_path):
     """The planted four-colour network (conftest): channel 0 reads the red and the blue inputs, channel 1 the red
     and the green, channel 2 a constant, channel 3 green alone. From the images alone, channels 0 and 1 come out
     as candidates whose two concepts are, by the labels read afterwards, {red, orange} and blue, and {red, orange}
     and green; channels 2 and 3 are no candidates."""
-    import importlib.util
-
-    from conftest import COLOURS, PLANTED4, write_image_folder
     from utils.data.images import list_images
     from utils.passes.image_pass import Runner
     from utils.stages.clusters import agreement, label_free_concepts
 
-    (tmp_path / "planted4.py").write_text(PLANTED4)
-    spec = importlib.util.spec_from_file_location("planted4_free", tmp_path / "planted4.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    model = mod.build()[0].eval()
-    data = write_image_folder(str(tmp_path / "data"), n_train=6, n_val=2, colors=COLOURS, size=16)
+    model, data = planted4(tmp_path)
     images = list_images(data, "train")
     runner = Runner(device=torch.device("cpu"), batch_size=4, num_workers=0, progress=False)
     found = label_free_concepts(runner, model, model.conv, images, top_n=24, k0=4, min_images=3, gamma=0.5)
@@ -119,21 +122,14 @@ def test_a_planted_layers_candidates_come_from_the_images_alone(tmp_path):
 def test_a_flat_folder_of_images_without_labels_gives_the_same_concepts(tmp_path):
     """The planted four-colour images with their class folders taken away (every image directly in train/):
     the label-free search reads no label, so it finds the same candidates and concepts, image for image."""
-    import importlib.util
     import shutil
 
-    from conftest import COLOURS, PLANTED4, write_image_folder
     from utils.data.images import list_any_images, list_images
     from utils.errors import UserError
     from utils.passes.image_pass import Runner
     from utils.stages.clusters import label_free_concepts
 
-    (tmp_path / "planted4.py").write_text(PLANTED4)
-    spec = importlib.util.spec_from_file_location("planted4_flat", tmp_path / "planted4.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    model = mod.build()[0].eval()
-    data = write_image_folder(str(tmp_path / "data"), n_train=6, n_val=2, colors=COLOURS, size=16)
+    model, data = planted4(tmp_path)
     labelled = list_images(data, "train")
     flat = tmp_path / "flat" / "train"
     flat.mkdir(parents=True)
@@ -158,22 +154,14 @@ def test_a_headless_networks_label_free_splits_are_exact_and_separate_their_clus
     """The planted network without its head (its output: the pooled features): each label-free candidate split by
     its clusters (the searched rule on cluster membership) gives one network whose outputs equal the original's,
     and each concept unit fires more on its own cluster's images than on the other's."""
-    import importlib.util
-
-    from conftest import COLOURS, PLANTED4, write_image_folder
     from utils.data.images import ImageDataset, list_any_images
     from utils.model.hooks import layer_input
     from utils.model.surgery import split_network
     from utils.passes.image_pass import Runner
     from utils.stages.clusters import label_free_concepts, split_unit
 
-    (tmp_path / "planted4.py").write_text(PLANTED4)
-    spec = importlib.util.spec_from_file_location("planted4_headless", tmp_path / "planted4.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    model = mod.build()[0].eval()
+    model, data = planted4(tmp_path)
     model.fc = torch.nn.Identity()  # headless: a feature vector per image, no class
-    data = write_image_folder(str(tmp_path / "data"), n_train=6, n_val=2, colors=COLOURS, size=16)
     images = list_any_images(data, "train")
     runner = Runner(device=torch.device("cpu"), batch_size=4, num_workers=0, progress=False)
     found = label_free_concepts(runner, model, model.conv, images, top_n=24, k0=4, min_images=3, gamma=0.5)

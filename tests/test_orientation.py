@@ -9,7 +9,6 @@ blue's direction, the blue inputs are blue's, and its concept unit's top images 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from utils.passes.contributions import UnitRequest, contribution_pass, pick_rows
 from utils.passes.image_pass import Runner
 from utils.passes.topk import TopKSearch
 from utils.model.hooks import layer_input
+from utils.model.loading import load_model
 
 SOURCE = '''import torch
 from torch import nn
@@ -65,10 +65,7 @@ def downward(tmp_path_factory):
 
 
 def _build(root):
-    spec = importlib.util.spec_from_file_location("downward_model", root / "downward.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.build()[0].eval()
+    return load_model(f"{root / 'downward.py'}:build").model
 
 
 def test_the_pass_finds_the_downward_concept_and_its_contributions_add_up(downward):
