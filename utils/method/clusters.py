@@ -25,8 +25,7 @@ import torch
 from scipy.cluster.vq import kmeans2
 
 from .linkage import complete_linkage, cosine_matrix
-from .search import concept_masks
-from .selectivity import auc_rows
+from .search import unit_aucs
 
 
 @dataclass(frozen=True)
@@ -102,8 +101,7 @@ def nearest_concept(V: torch.Tensor, arvs: torch.Tensor) -> torch.Tensor:
 
 
 def cluster_aucs(V: torch.Tensor, concept: torch.Tensor, assign: torch.Tensor, k: int) -> list[float]:
-    """Per concept j, the ROC AUC of concept unit j's activation (without the bias: the inputs it keeps, ``assign``
-    in {0, j}, summed from ``V``) for the images of concept j (``concept == j``) against every other image; NaN
-    where either side is empty. With labels, the same as the labelled path's AUC with clusters for classes."""
-    act = V.double() @ concept_masks(assign, k)  # n x k
-    return [float(auc_rows(act[:, j][None], concept == j + 1)[0]) for j in range(k)]
+    """Per concept j, the ROC AUC of concept unit j's activation for the images of concept j (``concept == j``)
+    against every other image (:func:`utils.method.search.unit_aucs`, read upward: without labels there is no
+    direction); NaN where either side is empty."""
+    return unit_aucs(V, concept, assign, torch.ones(k, dtype=torch.float64)).tolist()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from .split import Sweep
+from .split import Sweep, oriented
 
 EPS = 1e-5  # the score's denominator offset
 
@@ -26,18 +26,14 @@ def score_filters(sw: Sweep, signs=None) -> torch.Tensor:
     read in its concept's direction."""
     first, _ = sw.distinct()
     D = sw.D[first].transpose(0, 1)  # k x U x ...
-    if signs is not None:
-        D = D * torch.tensor([float(s) for s in signs], dtype=D.dtype).view(-1, *[1] * (D.dim() - 1))
-    return D.reshape(-1, *sw.D.shape[2:])
+    return (D if signs is None else oriented(D, signs)).reshape(-1, *sw.D.shape[2:])
 
 
 def score_bias(bias: torch.Tensor | None, sw: Sweep, signs=None) -> torch.Tensor | None:
     """Unit ``c``'s bias (a scalar tensor, or None) for every row of :func:`score_filters`, times the row's sign."""
     if bias is None:
         return None
-    U = len(sw.distinct()[0])
-    s = torch.tensor([float(v) for v in (signs or [1] * sw.k)], dtype=bias.dtype, device=bias.device)
-    return (bias * s).repeat_interleave(U)
+    return oriented(bias.expand(sw.k), signs or [1] * sw.k).repeat_interleave(len(sw.distinct()[0]))
 
 
 def positive_mass(y: torch.Tensor) -> torch.Tensor:

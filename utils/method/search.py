@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .scoring import best_index
 from .selectivity import auc_rows
+from .split import Sweep
 
 EPS = 1e-12  # a move must raise the objective by more than this
 
@@ -43,11 +45,18 @@ def concept_masks(assign: torch.Tensor, k: int) -> torch.Tensor:
     return ((assign[:, None] == 0) | (assign[:, None] == j)).double()
 
 
+def unit_aucs(V: torch.Tensor, labels: torch.Tensor, assign: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Per concept j (k, float64), the ROC AUC of concept unit j's activation read in its direction (``signs``;
+    without the bias: the inputs it keeps, ``assign`` in {0, j}, summed from ``V``) for concept j's images
+    (``labels == j``) against every other image; NaN where either side is empty."""
+    k = len(signs)
+    act = V.double() @ concept_masks(assign.to(V.device), k) * signs.to(V.device, torch.float64)  # N x k
+    return torch.stack([auc_rows(act[:, j][None], labels == j + 1)[0] for j in range(k)])
+
+
 def objective(V: torch.Tensor, labels: torch.Tensor, assign: torch.Tensor, signs: torch.Tensor) -> float:
     """The mean over the concepts of the oriented concept unit's AUC (concept j's images against all others)."""
-    k = len(signs)
-    act = V.double() @ concept_masks(assign, k) * signs.to(V.device, torch.float64)  # N x k
-    return float(torch.stack([auc_rows(act[:, j][None], labels == j + 1)[0] for j in range(k)]).mean())
+    return float(unit_aucs(V, labels, assign, signs).mean())
 
 
 def holdout_mask(labels: torch.Tensor, share: float = 0.25, seed: int = 0) -> torch.Tensor:
@@ -152,3 +161,18 @@ def _move_scores(Vf: torch.Tensor, act: torch.Tensor, kept: torch.Tensor, now: t
     score = after.mean(-1)  # C_in x (k+1); a move with an unscored change is -inf
     stay = du.abs().sum(-1) == 0
     return score.masked_fill(stay, float("-inf"))
+
+
+def search_from_sweep(sw: Sweep, V: torch.Tensor, labels: torch.Tensor, signs: torch.Tensor, held: torch.Tensor,
+                      budget: int = 200, patience: int = 10, screen: int | None = None
+                      ) -> tuple[torch.Tensor, int, SearchResult]:
+    """The searched rule from a sweep (on ``V``'s device): each rho's objective on the fitting images (``objs``,
+    R; a concept without fitting images makes every rho alike: 0), the first best rho's index, and the search
+    from its sets (:func:`search_assignment`)."""
+    first, inverse = sw.distinct()
+    fit = ~held.to(V.device)
+    objs = torch.tensor([objective(V[fit], labels[fit], sw.assign[int(i)], signs) for i in first],
+                        dtype=torch.float64)[inverse]
+    objs = torch.nan_to_num(objs, nan=0.0)
+    best = best_index(objs)
+    return objs, best, search_assignment(V, labels, sw.assign[best], signs, held, budget, patience, screen)

@@ -25,6 +25,12 @@ RHOS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.0
 SPLIT_RULES = ("paper", "positive")
 
 
+def oriented(t: torch.Tensor, signs) -> torch.Tensor:
+    """``t`` (k x ...) with row j times ``signs[j]`` (+1 or -1): filters, ARVs or biases read in their concepts'
+    directions."""
+    return t * torch.tensor([float(v) for v in signs], dtype=t.dtype, device=t.device).view(-1, *[1] * (t.dim() - 1))
+
+
 def sub_names(k: int) -> tuple[str, ...]:
     """Names of a split's sub-channels, in the order of :meth:`Split.weight`: D1 .. Dk, Res."""
     return tuple(f"D{j}" for j in range(1, k + 1)) + ("Res",)
@@ -75,8 +81,7 @@ class Split:
         """The split read in its concepts' directions: concept filter j times ``signs[j]`` (+1 or -1), for pictures
         and feature visualisations that look for what raises ``s_j * D_j`` (not a network: the identity needs
         the unoriented filters)."""
-        s = torch.tensor([float(v) for v in signs], dtype=self.D.dtype).view(-1, *[1] * (self.D.dim() - 1))
-        return Split(self.channel, self.D * s, self.Res)
+        return Split(self.channel, oriented(self.D, signs), self.Res)
 
 
 @dataclass
@@ -142,7 +147,7 @@ def sweep(weight_c: torch.Tensor, A: torch.Tensor, rhos: Iterable[float] = RHOS,
     rhos = [float(r) for r in rhos]
     k = A.shape[0]
     if signs is not None:
-        A = A.double() * torch.tensor([float(s) for s in signs], dtype=torch.float64)[:, None]
+        A = oriented(A.double(), signs)
     assign = torch.stack([assign_inputs(A, r, rule) for r in rhos])
     parts = [split_filters(weight_c, a, k) for a in assign]
     D, Res = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
@@ -197,11 +202,10 @@ def oriented_bank(conv, split: Split, signs) -> FilterBank:
     signs = [int(v) for v in signs]
     keys = [(int(split.channel), "original")] + ([(int(split.channel), "-original")] if min(signs) < 0 else [])
     keys += [(int(split.channel), f"D{j}") for j in range(1, split.k + 1)]
-    sign = torch.tensor([1.0] + ([-1.0] if min(signs) < 0 else []) + [float(v) for v in signs])
-    w = torch.cat([conv.weight[split.channel].detach()[None].expand(len(keys) - split.k, *split.D.shape[1:]),
-                   split.D.to(conv.weight)])
-    w = w * sign.to(w).view(-1, *[1] * (w.dim() - 1))
-    b = None if conv.bias is None else conv.bias[split.channel].detach() * sign.to(conv.bias)
+    sign = [1] + ([-1] if min(signs) < 0 else []) + signs
+    w = oriented(torch.cat([conv.weight[split.channel].detach()[None].expand(len(keys) - split.k, *split.D.shape[1:]),
+                            split.D.to(conv.weight)]), sign)
+    b = None if conv.bias is None else oriented(conv.bias[split.channel].detach().expand(len(keys)), sign)
     return FilterBank(keys, w, b)
 
 

@@ -104,14 +104,14 @@ def contribution_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, 
             xl = unit.counted(x)
             if maps is None:
                 maps = tap_maps(unit.geometry(), tuple(xl.shape[-2:])).to(xl.device)
-            taps = None
+            taps, index = None, b.index.tolist()
             for ri, r in enumerate(requests):
                 if g is not None:
                     j = concept_of[ri].get(int(b.targets[0]))
                     if j is not None:
                         grads[ri][j] += g[:, r.channel].double().sum()
                         counts[ri][j] += len(b)
-                keep = [p for p, i in enumerate(b.index.tolist()) if i in r.rows]
+                keep = [p for p, i in enumerate(index) if i in r.rows]
                 if not keep:
                     continue
                 taps = batch_tap_sums(xl, maps) if taps is None else taps

@@ -21,8 +21,7 @@ from torch import nn
 from ..data.images import ImageList, Preprocess
 from ..defaults import SEARCH_BUDGET, SEARCH_PATIENCE, SEARCH_SCREEN
 from ..method.clusters import Clusters, cluster_concepts
-from ..method.scoring import best_index
-from ..method.search import SearchResult, holdout_mask, objective, search_assignment
+from ..method.search import SearchResult, holdout_mask, search_from_sweep
 from ..method.split import Split, channel_bank, split_filters, sweep
 from ..model.units import Unit, as_unit
 from ..passes.contributions import UnitRequest, contribution_pass
@@ -95,13 +94,8 @@ def split_unit(u: UnitConcepts, weight_c: torch.Tensor, seed: int = 0) -> tuple[
     top images of no concept; a quarter of each held out to stop it). ``weight_c``: the unit's filter."""
     labels = u.clusters.labels(len(u.index))
     sw = sweep(weight_c.detach().cpu(), u.clusters.arvs)
-    held = holdout_mask(labels, seed=seed)
-    first, inverse = sw.distinct()
-    ones = torch.ones(u.clusters.k, dtype=torch.float64)
-    objs = torch.nan_to_num(torch.tensor([objective(u.V[~held], labels[~held], sw.assign[int(i)], ones)
-                                          for i in first], dtype=torch.float64)[inverse], nan=0.0)
-    best = best_index(objs)
-    res = search_assignment(u.V, labels, sw.assign[best], ones, held, SEARCH_BUDGET, SEARCH_PATIENCE, SEARCH_SCREEN)
+    _, _, res = search_from_sweep(sw, u.V, labels, torch.ones(u.clusters.k, dtype=torch.float64),
+                                  holdout_mask(labels, seed=seed), SEARCH_BUDGET, SEARCH_PATIENCE, SEARCH_SCREEN)
     D, Res = split_filters(weight_c.detach().cpu(), res.assign, u.clusters.k)
     return Split(u.channel, D, Res), res
 

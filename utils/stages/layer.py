@@ -39,7 +39,7 @@ from ..model.loading import LoadedModel, get_layer, load_model
 from ..data.preprocess import InputSpec
 from ..store.records import LAYER_COMMAND, make_record, records_dir, store_record, variant_suffix
 from ..method.scoring import Scored, best_index
-from ..method.search import holdout_mask, objective, search_assignment
+from ..method.search import holdout_mask, search_from_sweep
 from ..method.split import SPLIT_RULES, Sweep, sweep
 from ..passes.contributions import Contributions, UnitRequest, contribution_pass, pick_rows
 from ..model.units import Unit, unit_at
@@ -261,19 +261,12 @@ def _search(cfg: LayerConfig, channel: int, concepts: list[list[int]], sw: Sweep
             signs: list[int] | None, weight_c, device) -> Scored:
     """One channel's searched split, on ``device`` (the passes'): the start is the paper's sets (on the oriented
     ARVs) at the rho whose sets give the best objective on the fitting images (each rho's "score"), the search goes
-    on from there (:func:`utils.method.search.search_assignment`), and the sweep's row at that rho takes the
+    on from there (:func:`utils.method.search.search_from_sweep`), and the sweep's row at that rho takes the
     searched sets."""
     s = torch.tensor(signs or [1] * len(concepts), dtype=torch.float64)
     held = holdout_mask(found.labels, seed=cfg.seed)
-    first, inverse = sw.distinct()
-    V, labels = found.V.to(device), found.labels.to(device)
-    fit_V, fit_labels = V[~held.to(device)], labels[~held.to(device)]
-    objs = torch.tensor([objective(fit_V, fit_labels, sw.assign[int(i)].to(device), s) for i in first],
-                        dtype=torch.float64)[inverse]
-    objs = torch.nan_to_num(objs, nan=0.0)  # a concept without fitting images: every rho alike, the first wins
-    best = best_index(objs)
-    res = search_assignment(V, labels, sw.assign[best], s, held, SEARCH_BUDGET, SEARCH_PATIENCE,
-                            SEARCH_SCREEN)
+    objs, best, res = search_from_sweep(sw, found.V.to(device), found.labels.to(device), s, held, SEARCH_BUDGET,
+                                        SEARCH_PATIENCE, SEARCH_SCREEN)
     search = {"start": sw.sources(best), "moves": res.best, "moves_tried": len(res.moves),
               "fit_objective": [res.fit[0], res.fit[res.best]], "held_objective": [res.held[0], res.held[res.best]],
               "images": {"fit": int((~held).sum()), "held": int(held.sum())}}

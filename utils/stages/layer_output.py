@@ -48,7 +48,7 @@ class Baseline:
     ranked: list[list[int]]
 
     def share(self, n: int) -> float | None:
-        shares = [sum(t in set(r[:n]) for t in lab) / len(lab) for lab, r in zip(self.labels, self.ranked) if lab]
+        shares = [float(np.isin(lab, r[:n]).mean()) for lab, r in zip(self.labels, self.ranked) if lab]
         return float(np.mean(shares)) if shares else None
 
 
