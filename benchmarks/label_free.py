@@ -9,6 +9,15 @@ concepts are each at least ``--match`` of one class, a different class for each)
 store of the same model and layer) it also times the labelled path's candidates (stage 2's rules and the
 linkage: ``utils.stages.candidates.channel_concepts``) and says how many label-free candidates are labelled ones.
 
+With ``--labelled`` it runs the labelled path alone instead, in its own process so that its peak memory is its
+own: stage 1 into a new store (in ``--store_dir``, default a temporary folder) and stage 2's candidates, timed.
+Run it beside a plain run on the same data and layer to compare the two paths:
+
+    python benchmarks/label_free.py --data_dir demo_data/digits --model resnet50 --weights none \
+        --layer layer4.2.conv3 --split 0
+    python benchmarks/label_free.py --data_dir demo_data/digits --model resnet50 --weights none \
+        --layer layer4.2.conv3 --labelled
+
     python benchmarks/label_free.py --data_dir demo_data/digits --model mobilenet_v3_small \\
         --weights demo_data/mobilenet_v3_small_digits_e2_s0.pt --layer features.12.0 \\
         --store_dir demo_output/store --tau 0.01
@@ -43,6 +52,10 @@ def main() -> None:
     p.add_argument("--split", type=int, default=4, metavar="N",
                    help="split the N most separated candidates by their clusters and read their concept units' "
                         "top-12 validation images (default: 4)")
+    p.add_argument("--labelled", action="store_true",
+                   help="time the labelled path alone: stage 1 into a new store, then stage 2's candidates")
+    p.add_argument("--class_index", default=None, metavar="FILE",
+                   help="--labelled: JSON {folder: logit index} where the folders are not one per output")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -55,6 +68,9 @@ def main() -> None:
 
     lm = load_model(args.model, args.weights)
     layer, _ = get_layer(lm.model, args.layer)
+    if args.labelled:
+        labelled_path(args, lm, layer)
+        return
     images = list_images(args.data_dir, "train")
     runner = Runner(torch.device(args.device), args.batch_size, args.num_workers, progress=False)
     model = runner.model(lm.model)
@@ -91,6 +107,35 @@ def main() -> None:
               f"{sorted(set(labelled) & set(found.candidates))}")
 
 
+def labelled_path(args, lm, layer: str) -> None:
+    """Stage 1 into a new store and stage 2's candidates (with the linkage into concepts), timed; peak memory."""
+    import tempfile
+
+    from utils.stages.candidates import channel_concepts
+    from utils.stages.relevance import Stage1Config, compute_relevance
+    from utils.store import layout as st
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store_dir = args.store_dir or tmp
+        t0 = time.perf_counter()
+        s1 = compute_relevance(Stage1Config(data_dir=args.data_dir, store_dir=store_dir, model=args.model,
+                                            weights=args.weights, layer=layer, batch_size=args.batch_size,
+                                            num_workers=args.num_workers, device=args.device, progress=False,
+                                            class_index=args.class_index),
+                               loaded=lm)
+        stage1 = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        concepts, _, _, _ = channel_concepts(st.model_store(store_dir, lm, layer), args.tau, args.p, args.gamma)
+        stage2 = time.perf_counter() - t0
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(s1["store"]) for f in fs)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    many = sorted(c for c, g in concepts.items() if len(g) >= 2)
+    print(f"labelled path: {lm.name} {layer} on {s1['images']} training images: stage 1 {stage1:.1f} s "
+          f"({'reused' if s1.get('already_complete') else 'computed'}; store {size / 2 ** 20:.1f} MB), stage 2 "
+          f"{stage2:.1f} s (tau {args.tau}, p {args.p}); peak RSS {peak:.2f} GB; {len(concepts)} candidates, "
+          f"{len(many)} with 2+ concepts")
+
+
 def split_candidates(args, runner, model, unit, lm, found, layer) -> None:
     """Split the ``--split`` most separated candidates (their clusters as concepts, the searched rule), check the
     one network's outputs against the original's, and give each concept unit's top-12 validation images' most
@@ -103,7 +148,7 @@ def split_candidates(args, runner, model, unit, lm, found, layer) -> None:
 
     chosen = found.candidates[: args.split]
     t0 = time.perf_counter()
-    splits = [split_unit(found.units[c], unit.weight[c])[0] for c in chosen]
+    splits = [split_unit(found.units[c], unit.weight[c]).split() for c in chosen]
     seconds = time.perf_counter() - t0
     val = list_images(args.data_dir, "val")
     top = stream_topk(runner, model, unit, filter_bank(unit, splits), val, 12, lm.preprocess)

@@ -166,7 +166,7 @@ def test_a_headless_networks_label_free_splits_are_exact_and_separate_their_clus
     runner = Runner(device=torch.device("cpu"), batch_size=4, num_workers=0, progress=False)
     found = label_free_concepts(runner, model, model.conv, images, top_n=24, k0=4, min_images=3, gamma=0.5)
     assert sorted(found.candidates) == [0, 1]
-    splits = [split_unit(found.units[c], model.conv.weight[c])[0] for c in found.candidates]
+    splits = [split_unit(found.units[c], model.conv.weight[c]).split() for c in found.candidates]
     net = split_network(model, {"conv": splits})
     x = torch.stack([ImageDataset(images)[i][0] for i in range(len(images))])
     with torch.no_grad():
@@ -217,7 +217,7 @@ def test_headless_backbones_split_from_clusters_keep_their_outputs(tmp_path, kin
                                 channels=list(range(32)))
     assert found.candidates, "random weights still give units that images of different colours reach differently"
     c = found.candidates[0]
-    split, _ = split_unit(found.units[c], unit.weight[c])
+    split = split_unit(found.units[c], unit.weight[c]).split()
     net = split_network(model, {layer: [split]})
     x = torch.stack([ImageDataset(images, pre)[i][0] for i in range(len(images))])
     with torch.no_grad():

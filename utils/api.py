@@ -28,11 +28,12 @@ from torch import nn
 
 from .data.images import Preprocess
 from .data.datasets import Datasets, is_datasets
-from .defaults import DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
+from .defaults import CLUSTER_K0, CLUSTER_MIN_IMAGES, CLUSTER_TOP_N, DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
 from .passes.device import resolve_device
 from .errors import UserError, api_errors
 from .stages.evaluation import Stage4Config, run_stage4
 from .stages.layer import LayerConfig, disentangle_layer
+from .stages.layer_clusters import ClustersConfig, disentangle_clusters
 from .model.loading import LoadedModel, loaded_model, module_weights_id as _weights_id
 from .data.preprocess import InputSpec, as_preprocess
 from .store.provenance import running
@@ -97,7 +98,7 @@ def _transform(train, transform, input_size, resize, mean, std) -> Preprocess:
 @api_errors
 def prepare(model: nn.Module, train=None, val=None, *, name: str | None = None, classes=None, transform=None,
             input_size: int | None = None, resize: int | None = None, mean=None, std=None,
-            store_dir: str | None = None) -> Data:
+            store_dir: str | None = None, labels_optional: bool = False) -> Data:
     """Make ``model`` ready (a copy: eval mode, frozen, probed with one image of the input size) and wrap the
     images. ``train``/``val``: Datasets or DataLoaders of ``(image, label)`` (a label is the logit index), or
     ``train`` an ImageFolder root holding ``train/`` and ``val/``. ``name``: the model's name in reports and folder
@@ -105,7 +106,8 @@ def prepare(model: nn.Module, train=None, val=None, *, name: str | None = None, 
     ``transform``: a :class:`Preprocess` or a dict of its fields; else ``input_size``/``resize``/``mean``/``std``
     (as the commands' flags). PIL images go through it; tensor images are fed as they are (their normalisation
     is ``mean``/``std``, used to show them). ``store_dir``: where stage 1's store goes (default: a temporary
-    folder that lives as long as the returned object)."""
+    folder that lives as long as the returned object). ``labels_optional``: items may be images alone and labels
+    need not be the model's logit indices (for concepts from clusters, which read no label)."""
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be an nn.Module, not a {type(model).__name__}")
     if isinstance(train, (str, os.PathLike)):
@@ -113,7 +115,7 @@ def prepare(model: nn.Module, train=None, val=None, *, name: str | None = None, 
             raise UserError("give either an ImageFolder root (train/ and val/ inside) or train and val datasets")
         data = os.fspath(train)
     else:
-        data = Datasets(train, val, classes, name=type(_first(train, val)).__name__)
+        data = Datasets(train, val, classes, name=type(_first(train, val)).__name__, labels_optional=labels_optional)
     pre = _transform(data, transform, input_size, resize, mean, std)
     if is_datasets(data):
         data.mean, data.std = pre.mean, pre.std
@@ -121,7 +123,7 @@ def prepare(model: nn.Module, train=None, val=None, *, name: str | None = None, 
     label = name or type(model).__name__
     names = data.names() if is_datasets(data) else None
     lm = loaded_model(net, label, _weights_id(net), names, pre)
-    if is_datasets(data):  # before any pass: a label is a logit index (labels are read without images where kept)
+    if is_datasets(data) and not labels_optional:  # before any pass: a label is a logit index (read without images where kept)
         for split in ("train", "val"):
             top = max(data.labels(split), default=-1) if data.splits[split] is not None else -1
             if top >= lm.num_classes:
@@ -226,7 +228,9 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
                 precision: str = "fp32",
                 tau: float = 0.03, p: float = 0.75, gamma_high: float = 0.5, min_concepts: int = 2,
                 max_channels: int | None = None, channels: list[int] | None = None, split_rule: str = "search",
-                orientation: str = "gradient", top_k: int = 12, check_images: int = 32, seed: int = 0, batch_size: int = 64,
+                orientation: str = "gradient", concepts: str = "classes", top_n: int = CLUSTER_TOP_N,
+                clusters: int = CLUSTER_K0, min_images: int = CLUSTER_MIN_IMAGES, top_k: int = 12,
+                check_images: int = 32, seed: int = 0, batch_size: int = 64,
                 device: str = "auto", num_workers: int = 0, progress: bool = True, wait: bool = False,
                 log=print) -> Result:
     """The layer pipeline in one call: stage 1 (into ``store_dir``, default a temporary folder), every
@@ -238,11 +242,30 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
     ``p``, ``gamma_high`` (its ``--cos_sim_high``), ``min_concepts``, ``max_channels``, ``channels``,
     ``split_rule`` (``search``, ``paper`` or ``positive``), ``orientation`` (``gradient`` or ``none``), ``top_k``,
     ``check_images``, ``seed``; ``positions``, ``precision`` and ``wait`` are stage 1's
-    (see :func:`importances`). ``log``: where progress lines go (None: nowhere)."""
+    (see :func:`importances`). ``log``: where progress lines go (None: nowhere).
+
+    ``concepts="clusters"``: no label and no class head needed (``disentangle_layer.py --concepts clusters``): no
+    store; each unit's ``top_n`` strongest training images clustered (k-means with ``clusters`` groups, those under
+    ``min_images`` dropped, those at least ``gamma_high`` alike merged), every unit with two or more concepts split
+    between them (``channels``/``max_channels`` choose among them) and evaluated on ``val`` (or a held-out fifth
+    of ``train``). ``train`` may be a folder of images with or without class folders, or a Dataset whose items
+    are images alone; ``model`` may be headless (its output a feature vector or map). Labels, where given, only
+    say which class each concept unit's top images mostly hold. ``tau``, ``p``, ``split_rule``, ``orientation``,
+    ``positions`` (unless a Linear's), ``precision`` and ``wait`` are the labelled path's."""
+    if concepts not in ("classes", "clusters"):
+        raise UserError(f"concepts must be 'classes' or 'clusters', not {concepts!r}")
     if max_channels is not None:
         _count("max_channels", max_channels, 1)  # None: all of them
     if log is not None and not callable(log):
         raise UserError(f"log must be a function such as print, or None, not {type(log).__name__}")
+    if concepts == "clusters":
+        return _disentangle_clusters(model, train, val, layer, name=name, classes=classes, transform=transform,
+                                     input_size=input_size, resize=resize, mean=mean, std=std, store_dir=store_dir,
+                                     out_dir=out_dir, positions=positions, gamma_high=gamma_high,
+                                     max_channels=max_channels, channels=channels, top_n=top_n, clusters=clusters,
+                                     min_images=min_images, top_k=top_k, check_images=check_images, seed=seed,
+                                     batch_size=batch_size, device=device, num_workers=num_workers, progress=progress,
+                                     log=log)
     with running("disentangle_channels.disentangle"):
         d = prepare(model, train, val, name=name, classes=classes, transform=transform, input_size=input_size,
                     resize=resize, mean=mean, std=std, store_dir=store_dir)
@@ -256,8 +279,31 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
                           check_images=check_images,
                           seed=seed, out_dir=out_dir)
         summary = disentangle_layer(cfg, loaded=d.loaded, log=log or (lambda *a: None))
+    return _result(summary, model, d, store.accuracy)
+
+
+def _disentangle_clusters(model, train, val, layer, *, name, classes, transform, input_size, resize, mean, std,
+                          store_dir, out_dir, positions, gamma_high, max_channels, channels, top_n, clusters,
+                          min_images, top_k, check_images, seed, batch_size, device, num_workers, progress,
+                          log) -> Result:
+    """:func:`disentangle` with concepts from clusters (no store)."""
+    with running("disentangle_channels.disentangle"):
+        d = prepare(model, train, val, name=name, classes=classes, transform=transform, input_size=input_size,
+                    resize=resize, mean=mean, std=std, store_dir=store_dir, labels_optional=True)
+        for what, v, least in (("top_n", top_n, 2), ("clusters", clusters, 2), ("min_images", min_images, 1)):
+            _count(what, v, least)
+        cfg = ClustersConfig(**_run_options(d, layer, batch_size, device, num_workers, progress), top_n=top_n,
+                             clusters=clusters, min_images=min_images, gamma_high=gamma_high, channels=channels,
+                             max_channels=max_channels, check_images=check_images, top_k=top_k, positions=positions,
+                             seed=seed, out_dir=out_dir)
+        summary = disentangle_clusters(cfg, loaded=d.loaded, log=log or (lambda *a: None))
+    return _result(summary, model, d, None)
+
+
+def _result(summary: dict, model: nn.Module, d: Data, accuracy: float | None) -> Result:
+    """The :class:`Result` of a finished run; the outputs are kept whatever happens here."""
     try:
-        return Result.from_summary(summary, model, d.transform, keep=d.keep, accuracy=store.accuracy)
+        return Result.from_summary(summary, model, d.transform, keep=d.keep, accuracy=accuracy)
     except (UserError, RuntimeError, KeyError, OSError) as e:  # the work is done: never delete it with the fault
         kept = d.keep.keep() if d.keep is not None else d.store_dir
         raise UserError(f"the split network could not be loaded back ({str(e).splitlines()[0]}); every output is "

@@ -8,7 +8,9 @@ channels in one network (by the searched split rule, each concept read in the di
 logit: --split_rule search --orientation gradient, which separate the concepts best on both demos),
 evaluates them, draws what each channel responds to, and writes OUT_DIR/report.html. With --model vit the same on a small vision transformer instead of the CNN
 (utils/model/demo_models.py:digits_vit, trained on the digits and cached the same way), split at its last
-MLP's output neurons as its class token reads them.
+MLP's output neurons as its class token reads them. With --concepts clusters the same model with its head removed
+is split without labels (disentangle_layer.py --concepts clusters): no stage 1, each unit's concepts found by
+clustering its top training images.
 
 The real setting is the same command with data and a model:
     python demo.py --data_dir /datasets/imagenet --model resnet50 --max_channels 3
@@ -59,6 +61,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--orientation", choices=("none", "gradient"), default="gradient",
                    help="gradient: read each concept in the direction that raises its logit (default); none: as the "
                         "paper, every concept by +activation")
+    p.add_argument("--concepts", choices=("classes", "clusters"), default="classes",
+                   help="classes (default): stage 1 and the layer command; clusters: without labels, as "
+                        "disentangle_layer.py --concepts clusters, on the model with its head removed (its output: "
+                        "the features): each unit's concepts from clusters of its top training images, the labels "
+                        "read only to say which class each concept unit's top images mostly hold")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help=f"training epochs of the digits model (default: the model's: "
                         f"{DIGITS_CNN_TRAINING['epochs']} for {DEMO_MODEL}, {DIGITS_VIT_TRAINING['epochs']} for {VIT})")
@@ -91,8 +98,15 @@ def main(args: argparse.Namespace) -> dict | None:
         out = run_demo(DemoConfig(**flags, device=device, progress=not args.no_progress, rank=rank, world_size=world))
     if rank != 0:  # under torchrun rank 0 alone prints and writes
         return None
-    print_summary(args.out_dir, out["report"], args.pictures_k, time.perf_counter() - start)
-    print(f"report: {out['report']}")
+    if args.concepts == "clusters":
+        from ..files import read_json
+        from .disentangle_layer import print_clusters
+
+        print_clusters({**read_json(os.path.join(args.out_dir, "layer.json")), "report": out["report"],
+                        "seconds": time.perf_counter() - start})
+    else:
+        print_summary(args.out_dir, out["report"], args.pictures_k, time.perf_counter() - start)
+        print(f"report: {out['report']}")
     write_json_output(args.json, out, seed=args.seed)
     return out
 

@@ -27,7 +27,8 @@ import argparse
 
 from .parsing import (add_image_pass_args, add_json_arg, add_selection_args, check_channels, input_options,
                    make_parser, nonnegative_int, positive_int, write_json_output)
-from ..defaults import DEFAULT_GAMMA, DEFAULT_TAU, SEARCH_IMAGES, SEARCH_OTHERS
+from ..defaults import (CLUSTER_K0, CLUSTER_MIN_IMAGES, CLUSTER_TOP_N, DEFAULT_GAMMA, DEFAULT_TAU, SEARCH_IMAGES,
+                        SEARCH_OTHERS)
 from ..errors import run_cli
 from ..report.style import per_concept
 
@@ -56,6 +57,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--search_images", type=positive_int, default=SEARCH_IMAGES, metavar="N",
                    help=f"--split_rule search: training images per concept it reads (and {SEARCH_OTHERS} x N of other "
                         f"classes; a quarter of each held out to stop it) (default: {SEARCH_IMAGES})")
+    c = p.add_argument_group("concepts from clusters (--concepts clusters: no labels, no store, any backbone)")
+    c.add_argument("--concepts", choices=("classes", "clusters"), default="classes",
+                   help="classes (default): from the stage-1 store, as above; clusters: from the images alone, for a "
+                        "model with or without a class head: each unit's top --top_n training images clustered by how "
+                        "they reach it (which inputs carry its activation), a unit with two or more clusters split "
+                        "between them by the searched rule. DATA_DIR holds train/ (and val/), or is itself a folder "
+                        "of images; class folders are optional and only say, afterwards, which class each unit's top "
+                        "images mostly hold")
+    c.add_argument("--top_n", type=positive_int, default=CLUSTER_TOP_N, metavar="N",
+                   help=f"each unit's strongest training images that are clustered (default: {CLUSTER_TOP_N})")
+    c.add_argument("--clusters", type=positive_int, default=CLUSTER_K0, metavar="K",
+                   help=f"k-means' k per unit, before small clusters go and alike ones merge at --cos_sim_high "
+                        f"(default: {CLUSTER_K0})")
+    c.add_argument("--min_images", type=positive_int, default=CLUSTER_MIN_IMAGES, metavar="M",
+                   help=f"a concept holds at least M of the unit's top images (default: {CLUSTER_MIN_IMAGES})")
+    c.add_argument("--positions", choices=("auto", "all", "cls"), default="auto",
+                   help="a Linear layer's positions that count (as get_importances_for_classes.py's; default: auto)")
     o = p.add_argument_group("evaluation and pictures")
     o.add_argument("--check_images", type=positive_int, default=32, metavar="N",
                    help="validation images on which the one network's logits are checked (default: 32)")
@@ -90,9 +108,25 @@ def layer_config(args: argparse.Namespace, device: str = "auto", rank: int = 0, 
                        **input_options(args))
 
 
+def clusters_config(args: argparse.Namespace, device: str = "auto", rank: int = 0, world: int = 1):
+    """The label-free layer command's :class:`utils.stages.layer_clusters.ClustersConfig` from its flags."""
+    from ..passes.featvis import FVConfig
+    from ..stages.layer_clusters import ClustersConfig
+
+    return ClustersConfig(data_dir=args.data_dir, store_dir=args.store_dir, model=args.model, weights=args.weights,
+                          layer=args.layer, batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+                          progress=not args.no_progress, rank=rank, world_size=world, top_n=args.top_n,
+                          clusters=args.clusters, min_images=args.min_images, gamma_high=args.cos_sim_high,
+                          channels=args.channels, max_channels=args.max_channels, check_images=args.check_images,
+                          top_k=args.top_k, positions=args.positions, seed=args.seed, out_dir=args.out_dir,
+                          fv=FVConfig(steps=args.fv_steps, seed=args.seed) if args.fv_steps > 0 else None,
+                          **input_options(args))
+
+
 def main(args: argparse.Namespace) -> dict | None:
     from ..passes.distributed import distributed_context
     from ..stages.layer import disentangle_layer
+    from ..stages.layer_clusters import disentangle_clusters
     from ..model.loading import get_layer, load_model
     from ..data.preprocess import InputSpec
 
@@ -100,9 +134,18 @@ def main(args: argparse.Namespace) -> dict | None:
     check_channels(args.nr_channels_in_layer_of_interest, get_layer(lm.model, args.layer)[1].out_channels,
                    f"layer {args.layer or 'last_conv'}")
     with distributed_context(args.device, args.gpu) as (rank, world, device):
-        out = disentangle_layer(layer_config(args, device, rank, world), loaded=lm)
+        if args.concepts == "clusters":
+            out = disentangle_clusters(clusters_config(args, device, rank, world), loaded=lm)
+        else:
+            out = disentangle_layer(layer_config(args, device, rank, world), loaded=lm)
     if rank != 0:  # rank 0 alone prints and writes
         return None
+    if args.concepts == "clusters":
+        print_clusters(out)
+        write_json_output(args.json, {k: out[k] for k in ("concepts_from", "channels", "candidates",
+                                                          "max_abs_logit_diff", "export", "seconds", "report",
+                                                          "provenance")})
+        return out
     print_layer(out, args.top_k)
     write_json_output(args.json, {k: out[k] for k in ("warnings", "split_rule", "orientation", "channels",
                                                       "baseline_purity",
@@ -135,6 +178,26 @@ def print_layer(out: dict, top_k: int) -> None:
     if any(s < 0 for ch in out["channels"].values() for s in ch.get("orientation") or []):
         print("(-): a concept served by its unit going down, read as -activation (--orientation gradient)")
     print(f"max |logit difference| of the one network: {out['max_abs_logit_diff']:.3g}; done in {out['seconds']:.1f} s")
+    print(f"report: {out['report']}")
+
+
+def print_clusters(out: dict) -> None:
+    """One line per unit split by its clusters (k, the clusters' cosine, AUC and purity before and after, and where
+    the images have labels the class each concept unit's top images mostly hold), the output check and the report."""
+    print(f"{'unit':>6} {'k':>2} {'cosine':>6} {'AUC before':>17} {'after':>17} {'purity before':>14} {'after':>14}"
+          + ("  concept units' top images mostly" if out["labelled"] else ""))
+    for c, ch in out["channels"].items():
+        auc = [per_concept(ch["auc"][key], ".2f") for key in ("original", "concepts")]
+        pur = [per_concept(ch["purity"][key]) for key in ("original", "concepts")]
+        lab = ch.get("labels")
+        mostly = " | ".join(f"{lab[f'D{j}']['name']} {lab[f'D{j}']['share']:.0%}"
+                            for j in range(1, len(ch["concepts"]) + 1)) if lab else ""
+        print(f"{c:>6} {len(ch['concepts']):>2} {ch['closest']:>6.2f} {auc[0]:>17} {auc[1]:>17} {pur[0]:>14} "
+              f"{pur[1]:>14}  {mostly}".rstrip())
+    print(f"concepts from clusters of each unit's top {out['top_n']} training images: {out['candidates']} of "
+          f"{out['units']} units have 2+, {len(out['channels'])} split; AUC and purity are for each concept's "
+          f"held-out images ({out['held_out']})" + ("; labels read only for the last column" if out["labelled"] else ""))
+    print(f"max |output difference| of the one network: {out['max_abs_logit_diff']:.3g}; done in {out['seconds']:.1f} s")
     print(f"report: {out['report']}")
 
 

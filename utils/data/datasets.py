@@ -64,10 +64,13 @@ class Datasets:
     items must be ``(image, label)`` with a PIL image or a float ``3 x H x W`` CPU tensor (one size for all
     tensors, train and val alike) and a label that is one whole number, and must read the same each time (a
     random transform, augmentation, is refused: stage 1, the later stages and a rerun that resumes a store must
-    see the same images). Tensors with values far outside a normalised image's (0..255) are noted once."""
+    see the same images). Tensors with values far outside a normalised image's (0..255) are noted once. With
+    ``labels_optional`` (what reads no label: concepts from clusters) an item may also be an image alone, read as
+    label 0."""
 
     def __init__(self, train=None, val=None, classes: Sequence[str] | None = None, name: str = "datasets",
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, labels_optional: bool = False):
+        self.labels_optional = labels_optional  # an item may be an image alone (label 0): concepts from clusters
         self.splits = {"train": _dataset(train, "train"), "val": _dataset(val, "val")}
         self.name, self.mean, self.std = name, tuple(mean), tuple(std)
         self._classes = list(classes) if classes is not None else None
@@ -145,6 +148,8 @@ class Datasets:
         """Every item's label as ``dataset[i][1]`` gives it, read without decoding images where the dataset keeps
         them (``targets`` through its ``target_transform``, a TensorDataset's second tensor, a Subset of those)
         and those agree with the sampled items' labels; else from each item once."""
+        if split not in self._labels and self.labels_optional and _bare(self.dataset(split)[0]):
+            self._labels[split] = [0] * len(self.dataset(split))  # images alone: one label, none read
         if split not in self._labels:
             d = self.dataset(split)
             raw = _known_labels(d)
@@ -197,6 +202,8 @@ class Datasets:
         except Exception as e:  # noqa: BLE001 - the user's dataset: say which item, and why
             first = str(e).splitlines()[0] if str(e) else ""
             raise UserError(f"{self._where(split, i)} cannot be read ({type(e).__name__}: {first})") from e
+        if self.labels_optional and _bare(out):
+            out = (out[0] if isinstance(out, (tuple, list)) else out, 0)
         if not isinstance(out, (tuple, list)) or len(out) < 2:
             raise UserError(f"{self._where(split, i)} is {_a(type(out).__name__)}; a dataset must yield (image, label)")
         image = out[0]
@@ -238,6 +245,13 @@ class Datasets:
                 h.update(_content(self.item(split, int(i))[0]))
             self._hashes[split] = h.hexdigest()
         return self._hashes[split]
+
+
+def _bare(item) -> bool:
+    """Whether a dataset's item is an image without a label (the image itself, or a 1-tuple of it)."""
+    if isinstance(item, (tuple, list)) and len(item) == 1:
+        item = item[0]
+    return isinstance(item, (torch.Tensor, Image.Image))
 
 
 def _sampled(n: int) -> list[int]:

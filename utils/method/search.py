@@ -83,6 +83,14 @@ class SearchResult:
     held: list[float] = field(default_factory=list)
     best: int = 0
 
+    def summary(self, start: dict, held: torch.Tensor) -> dict:
+        """How the search went, as records and layer.json keep it: the ``start`` sets (a sweep row's sources), the
+        moves kept and tried, the objective at the start and at the kept moves on the fitting and the ``held``-out
+        images, and how many of each there were."""
+        return {"start": start, "moves": self.best, "moves_tried": len(self.moves),
+                "fit_objective": [self.fit[0], self.fit[self.best]], "held_objective": [self.held[0], self.held[self.best]],
+                "images": {"fit": int((~held).sum()), "held": int(held.sum())}}
+
 
 def search_assignment(V: torch.Tensor, labels: torch.Tensor, start: torch.Tensor, signs: torch.Tensor | None = None,
                       held: torch.Tensor | None = None, budget: int = 200, patience: int = 10,

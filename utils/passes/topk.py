@@ -92,10 +92,12 @@ class TopKSearch:
 
 
 def stream_topk(runner, model: nn.Module, conv: Unit | nn.Module, bank: FilterBank, images: ImageList, k: int,
-                preprocess: Preprocess | None = None, indices: list[int] | None = None, desc: str = "top-k") -> TopK:
+                preprocess: Preprocess | None = None, indices: list[int] | None = None, desc: str = "top-k",
+                keep_all: bool = False) -> TopK:
     """One pass over ``images`` (or ``indices`` of them) run up to ``conv``: the top-``k`` images of every
-    sub-channel of ``bank``. ``model`` and ``conv`` are on ``runner``'s device."""
-    search = TopKSearch(bank, k, conv)
+    sub-channel of ``bank`` (``keep_all``: and every image's activation of each). ``model`` and ``conv`` are on
+    ``runner``'s device."""
+    search = TopKSearch(bank, k, conv, keep_all)
     batches = plain_batches(range(len(images)) if indices is None else indices, runner.batch_size)
 
     def step(batches):

@@ -256,3 +256,92 @@ def write_layer_report(path: str, summary: dict, ev, files: dict, names, seconds
             "<h2>Channels</h2>"] + [_card(r, files[r.channel], names, base, summary["channels"][str(r.channel)])
                                     for r in sorted(ev.channels, key=lambda r: -r.gain)]
     write_text(path, "\n".join(page + ["</body></html>"]))
+
+
+def _cluster_card(c: str, ch: dict, base: str, summary: dict) -> str:
+    """One unit split by its clusters: per concept what the cluster is (its strongest training images), what its
+    concept unit responds to on held-out images, the AUC and purity of both units for the concept."""
+    k, pic, lab = len(ch["concepts"]), ch["pictures"], ch.get("labels")
+    rows = [f'<p><b>Original</b>, top {summary["top_k"]} held-out images'
+            + (f' <span class="muted">(mostly {_e(lab["original"]["name"])}, {lab["original"]["share"]:.0%})</span>'
+               if lab else "") + f": {_img(pic['original'], base, 'strip')}</p>"]
+    for j in range(1, k + 1):
+        colour = concept_colour(j)
+        mostly = lab[f"D{j}"] if lab else None
+        rows.append(f'<p><b style="color:{colour}">Cluster {j}</b>: {len(ch["concepts"][j - 1])} of the unit\'s top '
+                    f'training images, strongest first: {_img(pic["clusters"][j - 1], base, "strip")}</p>')
+        rows.append(f'<p><b style="color:{colour}">Disentangled {j}</b>, top held-out images'
+                    + (f' <span class="muted">(mostly {_e(mostly["name"])}, {mostly["share"]:.0%})</span>'
+                       if mostly else "") + f': {_img(pic["units"][j - 1], base, "strip")}'
+                    + (f' feature visualisation: {_img(pic["fv"][j - 1], base, "strip")}' if pic.get("fv") else "")
+                    + "</p>")
+    auc, pur = ch["auc"], ch["purity"]
+    table = _table(["unit"] + [f"concept {j} ({m} of {auc['images']} held-out images)"
+                               for j, m in enumerate(auc["images_in_concept"], 1)],
+                   [["Original, AUC"] + [_auc(v) for v in auc["original"]],
+                    ["Disentangled j, AUC"] + [_auc(v) for v in auc["concepts"]],
+                    ["Original, purity"] + [_pct(v) for v in pur["original"]],
+                    ["Disentangled j, purity"] + [_pct(v) for v in pur["concepts"]]], left=1)
+    flags = "; ".join(f"D{j}: {', '.join(fl)}" for j, fl in enumerate(ch["flags"], 1) if fl)
+    return "\n".join([f'<div class="card" id="c{c}"><h3>Unit {c}: {k} concepts</h3>',
+                      f"<p>Its clusters' mean contributions are at most {ch['closest']:.2f} alike (cosine); best rho "
+                      f"{ch['best_rho']:.2f}.</p>", _search_text(ch.get("search")), *rows,
+                      "<h4>The held-out images of each concept: AUC of the unit's activation for them against every "
+                      "other held-out image, and the share of the unit's top images that are theirs (purity)</h4>",
+                      table, f'<p class="down">Flagged: {_e(flags)}</p>' if flags else "", "</div>"])
+
+
+def write_clusters_report(path: str, summary: dict, seconds: dict, notes: dict | None = None) -> None:
+    """Write the report of a layer split by concepts from clusters (``summary``: its layer.json) atomically."""
+    base = os.path.dirname(os.path.abspath(path))
+    diff, tol = summary["max_abs_logit_diff"], summary["logit_tolerance"]
+    chans = summary["channels"]
+    settings = [["model", _e(summary["model"])], ["weights", _e(summary["weights"])], ["layer", _e(summary["layer"])],
+                ["concepts", f"from clusters of each unit's top {summary['top_n']} training images by activation "
+                             f"(k-means, k ≤ {summary['clusters']}; clusters under {summary['min_images']} images "
+                             f"dropped; clusters at least {summary['gamma_high']} alike merged)"],
+                ["units", f"{summary['units']} read, {summary['candidates']} with two or more concepts, "
+                          f"{len(chans)} split"],
+                ["images", f"{summary['training_images']} to find concepts in; {summary['validation_images']} held "
+                           f"out to evaluate on ({_e(summary['held_out'])})"],
+                ["labels", "read only to say which class each top-k mostly holds" if summary["labelled"]
+                 else "none (a flat folder)"],
+                ["one network, max |output difference|", f'<b class="{"ok" if diff <= tol else "bad"}">{diff:.2e}</b> '
+                 f'on {summary["checked_images"]} held-out images'],
+                ["mean AUC for the concept: original → concept units",
+                 f"{_auc(_mean_of(chans, 'auc', 'original'))} → {_auc(_mean_of(chans, 'auc', 'concepts'))}"],
+                ["mean purity: original → concept units", f"{_pct(_mean_of(chans, 'purity', 'original'))} → {_pct(_mean_of(chans, 'purity', 'concepts'))}"],
+                ["seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())],
+                ["the whole network", f'<code>{_e(summary["export"])}</code>']]
+    if summary.get("unit") == "Linear":
+        settings.insert(3, ["units", f"the Linear layer's output neurons; the positions that count: "
+                                     f"{describe_positions(summary['positions'])} ({summary['positions']})"])
+    settings += [[_e(k), _e(v)] for k, v in (notes or {}).items()]
+    rows = [[f'<a href="#c{c}">{c}</a>', len(ch["concepts"]), f"{ch['closest']:.2f}",
+             " / ".join(_auc(v) for v in ch["auc"]["original"]), " / ".join(_auc(v) for v in ch["auc"]["concepts"]),
+             " / ".join(_pct(v) for v in ch["purity"]["original"]), " / ".join(_pct(v) for v in ch["purity"]["concepts"]),
+             _e(" | ".join(f"{m['name']} {m['share']:.0%}" for m in
+                           [ch["labels"][f"D{j}"] for j in range(1, len(ch["concepts"]) + 1)]) if ch.get("labels") else "–")]
+            for c, ch in chans.items()]
+    overview = _table(["unit", "k", "clusters' cosine", "AUC: original", "AUC: concept units", "purity: original",
+                       "purity: concept units", "concept units' top images mostly (labels)"], rows, left=1)
+    page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(summary['model'])} {_e(summary['layer'])}"
+            f"</title><style>{CSS}</style></head><body>",
+            f"<h1>Disentangled layer, concepts from clusters: {_e(summary['model'])} {_e(summary['layer'])}</h1>",
+            '<p class="muted">No label was used to find or split these units. For each unit, its strongest training '
+            "images are grouped by how they reach it (which of the layer's inputs carry its activation on them): "
+            "images that reach it through different inputs are different concepts. Each unit with two or more "
+            "concepts is split into one unit per concept plus a shared residual, all in one network that computes "
+            "the same outputs. A held-out image belongs to a concept when it is among the images the unit or one of its "
+            "concept units fires on most (the same share of the held-out images as the clustered images are of the "
+            "training images) and its contributions are most alike that concept's mean; every other held-out image "
+            "belongs to none.</p>",
+            "<h2>Settings</h2>", _table(["", ""], settings, left=2),
+            "<h2>Split units</h2>", overview, "<h2>Units</h2>"] + [_cluster_card(c, ch, base, summary)
+                                                                  for c, ch in chans.items()]
+    write_text(path, "\n".join(page + ["</body></html>"]))
+
+
+def _mean_of(chans: dict, key: str, which: str) -> float | None:
+    values = [v for ch in chans.values() for v in ch[key][which] if v is not None]
+    return sum(values) / len(values) if values else None

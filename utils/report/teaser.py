@@ -157,3 +157,31 @@ def save_strip(images: list[torch.Tensor], path: str, gap: int = 4) -> None:
     for i, img in enumerate(images):
         parts += ([torch.ones(3, h, gap)] if i else []) + [img.float().clamp(0, 1)]
     save_image(torch.cat(parts, 2), path)
+
+
+def strips_figure(rows: list[tuple[str, str, list[torch.Tensor]]], path: str, title: str = "",
+                  cell_inches: float = 0.7, dpi: int = 100) -> None:
+    """One figure of labelled rows of images (``(label, colour, images)`` each; images 3 x H x W in [0, 1]), a
+    row's label above its images, saved to ``path``: a split unit's clusters and concept units at a glance."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = max((len(imgs) for _, _, imgs in rows), default=1) or 1
+    head = 0.35 if title else 0.0
+    fig = Figure(figsize=(n * cell_inches, len(rows) * (cell_inches + 0.3) + head), dpi=dpi)
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(len(rows), n, left=0.01, right=0.99, bottom=0.01,
+                            top=1 - head / (len(rows) * (cell_inches + 0.3) + head), hspace=0.45, wspace=0.05)
+    for r, (label, colour, imgs) in enumerate(rows):
+        for i in range(n):
+            ax = fig.add_subplot(grid[r, i])
+            _frame(ax, colour, 1.5)
+            if i < len(imgs):
+                ax.imshow(to_hwc(imgs[i]))
+            else:
+                ax.set_visible(False)
+            if i == 0:
+                ax.set_title(literal(label), loc="left", fontsize=8, color=colour, pad=3)
+    if title:
+        fig.suptitle(literal(title), fontsize=10, weight="bold", y=0.995)
+    save_figure(path, fig, dpi=dpi)

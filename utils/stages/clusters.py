@@ -21,8 +21,9 @@ from torch import nn
 from ..data.images import ImageList, Preprocess
 from ..defaults import SEARCH_BUDGET, SEARCH_PATIENCE, SEARCH_SCREEN
 from ..method.clusters import Clusters, cluster_concepts
-from ..method.search import SearchResult, holdout_mask, search_from_sweep
-from ..method.split import Split, channel_bank, split_filters, sweep
+from ..method.scoring import Scored
+from ..method.search import holdout_mask, search_from_sweep
+from ..method.split import channel_bank, sweep
 from ..model.units import Unit, as_unit
 from ..passes.contributions import UnitRequest, contribution_pass
 from ..passes.image_pass import Runner
@@ -87,17 +88,21 @@ def label_free_concepts(runner: Runner, model: nn.Module, unit: Unit | nn.Module
     return LabelFree(units, candidates, seconds)
 
 
-def split_unit(u: UnitConcepts, weight_c: torch.Tensor, seed: int = 0) -> tuple[Split, SearchResult]:
+def split_unit(u: UnitConcepts, weight_c: torch.Tensor, seed: int = 0) -> Scored:
     """The exact split of a label-free candidate: the paper's sets on its concepts' ARVs (the clusters' mean
     contributions) at the rho whose sets separate the clusters best on fitting images, then the searched rule
     with cluster membership where the labelled path has classes (each concept against the other concepts and the
-    top images of no concept; a quarter of each held out to stop it). ``weight_c``: the unit's filter."""
+    top images of no concept; a quarter of each held out to stop it). ``weight_c``: the unit's filter. Described
+    as the labelled path describes a split (:class:`utils.method.scoring.Scored`): its concepts are the clusters'
+    images (dataset positions), the sweep's best row holds the searched sets."""
     labels = u.clusters.labels(len(u.index))
-    sw = sweep(weight_c.detach().cpu(), u.clusters.arvs)
-    _, _, res = search_from_sweep(sw, u.V, labels, torch.ones(u.clusters.k, dtype=torch.float64),
-                                  holdout_mask(labels, seed=seed), SEARCH_BUDGET, SEARCH_PATIENCE, SEARCH_SCREEN)
-    D, Res = split_filters(weight_c.detach().cpu(), res.assign, u.clusters.k)
-    return Split(u.channel, D, Res), res
+    weight_c = weight_c.detach().cpu()
+    sw = sweep(weight_c, u.clusters.arvs)
+    held = holdout_mask(labels, seed=seed)
+    objs, best, res = search_from_sweep(sw, u.V, labels, torch.ones(u.clusters.k, dtype=torch.float64), held,
+                                        SEARCH_BUDGET, SEARCH_PATIENCE, SEARCH_SCREEN)
+    return Scored(u.channel, u.concept_images(), sw.replace(best, res.assign, weight_c), objs,
+                  [len(m) for m in u.clusters.members], best, [1] * u.clusters.k, res.summary(sw.sources(best), held))
 
 
 def agreement(concepts: UnitConcepts, labels) -> list[dict]:

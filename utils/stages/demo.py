@@ -3,6 +3,7 @@ then the layer command (concepts found from the data, every polysemantic channel
 evaluated, pictured), whose report is the demo's."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from ..errors import UserError
 from ..passes.featvis import FVConfig
 from ..files import check_writable, read_json, save_torch, write_json
 from .layer import LayerConfig, disentangle_layer
+from .layer_clusters import ClustersConfig, disentangle_clusters
 from ..store.provenance import provenance
 from .relevance import Stage1Config, accuracy_lines, compute_relevance
 from ..model.sources import split_file_spec
@@ -41,6 +43,7 @@ class DemoConfig:
     cos_sim_high: float = DEFAULT_GAMMA
     split_rule: str = "search"  # the layer command's rule and orientation (the demo's: those that separate best)
     orientation: str = "gradient"
+    concepts: str = "classes"  # or "clusters": concepts from the images alone, the model's head removed
     epochs: int | None = None  # training epochs of the digits model; None: the model's (2 for the CNN)
     max_images_per_class: int | None = None
     pictures_k: int = 12
@@ -124,6 +127,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     t0 = _stage("data and model", cfg)
     run = _setup(cfg)
     timings = {"data and model": time.perf_counter() - t0}
+    if cfg.concepts == "clusters":
+        return _demo_clusters(cfg, run)
     store, images = _stage1(cfg, run, timings)
     t0 = _stage("the layer: concepts from the data, every polysemantic channel split in one network, evaluated", cfg)
     notes = {"training images": images, "stage 1 (seconds)": f"{timings['stage 1']:.1f}"}
@@ -142,6 +147,43 @@ def run_demo(cfg: DemoConfig) -> dict:
     return {"report": os.path.abspath(out["report"]), "store": store.path,
             "disentangled": [{"channel": int(c), "concepts": ch["concepts"], "best_rho": ch["best_rho"],
                               "record": ch["record"]} for c, ch in out["channels"].items()]}
+
+
+def _demo_clusters(cfg: DemoConfig, run: Setup) -> dict:
+    """The label-free demo: the model without its head (its output: the features), no store, every unit's
+    concepts from clusters of its top training images; the labels are read only to say which class each concept
+    unit's top images mostly hold."""
+    _stage("the layer without labels: concepts from clusters of each unit's top images, the model's head removed, "
+           "every unit with two or more split in one network", cfg)
+    lm = dataclasses.replace(run.lm, model=headless(run.lm.model))
+    notes = {"the model's head": "removed: the network's output is its features (what is checked to stay the same)"}
+    if run.training:
+        notes["demo model"] = (f"{model_tag(run.model_name)} trained {run.training['epochs']} epochs on the digits' "
+                               f"labels, then its head removed")
+    out = disentangle_clusters(ClustersConfig(
+        data_dir=run.data_dir, store_dir=run.store_dir, model=run.model_name, weights=run.weights, layer=run.layer,
+        progress=cfg.progress, max_channels=cfg.max_channels, top_k=cfg.pictures_k, seed=cfg.seed,
+        out_dir=cfg.out_dir, notes=notes, fv=FVConfig(steps=cfg.fv_steps, seed=cfg.seed) if cfg.fv_steps > 0 else None,
+        **run.common), loaded=lm)
+    if cfg.rank != 0:
+        return {"rank": cfg.rank}
+    return {"report": os.path.abspath(out["report"]), "concepts_from": "clusters",
+            "disentangled": [{"channel": int(c), "concept_images": ch["concept_images"], "best_rho": ch["best_rho"]}
+                             for c, ch in out["channels"].items()]}
+
+
+def headless(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its class head replaced by the identity (the same module, changed in place): a timm model's
+    ``reset_classifier(0)``, else its ``classifier``, ``fc`` or ``head``; its output is then its features."""
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(0)
+        return model
+    for name in ("classifier", "fc", "head"):
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            setattr(model, name, torch.nn.Identity())
+            return model
+    raise UserError(f"{type(model).__name__} has no classifier, fc or head to remove; give --concepts classes, or "
+                    "a model without a head")
 
 
 def _setup(cfg: DemoConfig) -> Setup:

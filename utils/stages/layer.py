@@ -267,11 +267,9 @@ def _search(cfg: LayerConfig, channel: int, concepts: list[list[int]], sw: Sweep
     held = holdout_mask(found.labels, seed=cfg.seed)
     objs, best, res = search_from_sweep(sw, found.V.to(device), found.labels.to(device), s, held, SEARCH_BUDGET,
                                         SEARCH_PATIENCE, SEARCH_SCREEN)
-    search = {"start": sw.sources(best), "moves": res.best, "moves_tried": len(res.moves),
-              "fit_objective": [res.fit[0], res.fit[res.best]], "held_objective": [res.held[0], res.held[res.best]],
-              "images": {"fit": int((~held).sum()), "held": int(held.sum())}}
     counts = [int((found.labels == j).sum()) for j in range(1, len(concepts) + 1)]
-    return Scored(channel, concepts, sw.replace(best, res.assign, weight_c), objs, counts, best, signs, search)
+    return Scored(channel, concepts, sw.replace(best, res.assign, weight_c), objs, counts, best, signs,
+                  res.summary(sw.sources(best), held))
 
 
 def _val_images(cfg: LayerConfig, lm: LoadedModel, store: st.Store, concepts: list[list[list[int]]],
