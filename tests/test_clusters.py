@@ -181,51 +181,6 @@ def test_a_headless_networks_label_free_splits_are_exact_and_separate_their_clus
                 assert mine > others, (s.channel, j)
 
 
-@pytest.mark.parametrize("kind", ["timm_vit", "torchvision_resnet"])
-def test_headless_backbones_split_from_clusters_keep_their_outputs(tmp_path, kind):
-    """A timm ViT with ``num_classes=0`` (its output: the class token's features) and a torchvision ResNet-18
-    with ``fc = Identity()`` (the pooled features), random weights, images of six colours: label-free candidates
-    at a late layer, one split by its clusters, and the one network's outputs equal the original's within 1e-4."""
-    import numpy as np
-    import timm
-    import torchvision
-
-    from conftest import write_image_folder
-    from utils.data.images import ImageDataset, list_any_images
-    from utils.data.preprocess import Preprocess
-    from utils.model.surgery import split_network
-    from utils.model.units import unit_at
-    from utils.passes.image_pass import Runner
-    from utils.stages.clusters import label_free_concepts, split_unit
-
-    torch.manual_seed(0)
-    if kind == "timm_vit":
-        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
-                                  patch_size=8).eval()
-        layer, gamma = "blocks.11.mlp.fc2", 0.5
-    else:
-        model = torchvision.models.resnet18(weights=None).eval()
-        model.fc = torch.nn.Identity()
-        layer, gamma = "layer4.1.conv2", 0.98  # ReLU features of one-colour images are all alike: a high bar
-    colours = {f"c{i}": tuple(int(v) for v in np.random.RandomState(i).randint(0, 255, 3)) for i in range(6)}
-    images = list_any_images(write_image_folder(str(tmp_path / "data"), n_train=8, n_val=2, colors=colours, size=32),
-                             "train")
-    pre = Preprocess(resize=32, crop=32)
-    runner = Runner(device=torch.device("cpu"), batch_size=8, num_workers=0, progress=False)
-    unit = unit_at(model, layer, "all")
-    found = label_free_concepts(runner, model, unit, images, pre, top_n=24, k0=4, min_images=3, gamma=gamma,
-                                channels=list(range(32)))
-    assert found.candidates, "random weights still give units that images of different colours reach differently"
-    c = found.candidates[0]
-    split = split_unit(found.units[c], unit.weight[c]).split()
-    net = split_network(model, {layer: [split]})
-    x = torch.stack([ImageDataset(images, pre)[i][0] for i in range(len(images))])
-    with torch.no_grad():
-        out = model(x)
-        assert out.shape == (len(images), 192 if kind == "timm_vit" else 512)  # features, no class
-        assert float((net(x) - out).abs().max()) <= 1e-4
-
-
 def test_held_out_images_go_to_their_concept_and_a_clean_split_tells_the_clusters_apart():
     from utils.method.clusters import cluster_aucs, nearest_concept
 

@@ -59,6 +59,8 @@ def test_the_layer_command_splits_a_layer_from_its_images_alone(planted):
         # the labels say which class each concept unit's top held-out images mostly hold: never the other concept's
         names = {ch["labels"][f"D{j}"]["name"] for j in (1, 2)}
         assert other in names and names & {"A_red", "B_orange"}
+        alone = [j for j in (1, 2) if ch["labels"][f"D{j}"]["name"] == other][0] - 1  # the one-colour concept
+        assert ch["labels"]["auc"]["concepts"][alone] == 1.0 > ch["labels"]["auc"]["original"][alone]
         for j in range(2):
             assert ch["auc"]["concepts"][j] > ch["auc"]["original"][j]
             assert ch["auc"]["concepts"][j] == pytest.approx(1.0) and ch["purity"]["concepts"][j] == 1.0
@@ -161,3 +163,44 @@ def test_the_api_splits_a_headless_model_from_a_dataset_of_images_alone(planted,
     assert sorted(saved.channels) == [0, 1]
     with pytest.raises(dc.UserError, match="concepts must be"):
         dc.disentangle(model, Alone(), concepts="labels")
+
+
+@pytest.mark.parametrize("kind", ["timm_vit", "torchvision_resnet"])
+def test_headless_backbones_run_end_to_end_without_labels(tmp_path, kind):
+    """``dc.disentangle(..., concepts="clusters")`` on a timm ViT with ``num_classes=0`` and a torchvision ResNet-18
+    with ``fc = Identity()`` (random weights; a folder of images of six colours, no class folders): the whole run,
+    from the images to the saved result, and the split network's features equal the original's within 1e-4 (on
+    the held-out images, checked by the run, and here on every image)."""
+    import numpy as np
+    import timm
+    import torchvision
+
+    import disentangle_channels as dc
+    from utils.data.images import ImageDataset, list_any_images
+    from utils.data.preprocess import Preprocess
+
+    torch.manual_seed(0)
+    if kind == "timm_vit":
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
+                                  patch_size=8).eval()
+        layer, gamma = "blocks.11.mlp.fc2", 0.5
+    else:
+        model = torchvision.models.resnet18(weights=None).eval()
+        model.fc = torch.nn.Identity()
+        layer, gamma = "layer4.1.conv2", 0.98  # ReLU features of one-colour images are all alike: a high bar
+    colours = {f"c{i}": tuple(int(v) for v in np.random.RandomState(i).randint(0, 255, 3)) for i in range(6)}
+    data = flatten(write_image_folder(str(tmp_path / "data"), n_train=8, n_val=2, colors=colours, size=32),
+                   str(tmp_path / "flat"))
+    res = dc.disentangle(model, data, layer=layer, concepts="clusters", top_n=24, min_images=3, gamma_high=gamma,
+                         max_channels=2, input_size=32, resize=32, progress=False, log=None,
+                         store_dir=str(tmp_path / "out"))
+    assert 1 <= len(res.channels) <= 2 and not res.summary["labelled"]
+    assert res.summary["max_abs_logit_diff"] <= 1e-4
+    images = list_any_images(data, "val")
+    x = torch.stack([ImageDataset(images, Preprocess(resize=32, crop=32))[i][0] for i in range(len(images))])
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (len(x), 192 if kind == "timm_vit" else 512)  # features, no class
+        assert float((res.network(x) - out).abs().max()) <= 1e-4
+    for c, s in res.channels.items():
+        assert s.k >= 2 and len(res.summary["channels"][str(c)]["concept_images"]) == s.k

@@ -207,7 +207,7 @@ def test_relevance_and_arvs_match_backprop_and_autograd(case, colour_data, tmp_p
     ref = ag[:, 0] if expected == "cls" else ag.sum(1)
     if expected == "cls":  # the other tokens do not reach the logits: their products are 0
         assert ag[:, 0].abs().max() > 0 and not ag[:, 1:].any()
-    assert_relevance_close(torch.from_numpy(np.asarray(store.relevance, np.float32)), ref, rtol=3e-3)
+    assert_relevance_close(torch.from_numpy(np.array(store.relevance, np.float32)), ref, rtol=3e-3)
     assert np.array_equal(store.predictions, ref_pred.numpy())
     assert np.array_equal(store.targets, labels.numpy())
     R, pred, a, x = relevance_batch(lm.model, Unit(module, expected), images, labels)

@@ -22,6 +22,15 @@ disentangle_channels.load(OUT_DIR) (the split network, per channel its concepts 
 
   python disentangle_layer.py --data_dir /datasets/imagenet --store_dir /store_dir --model resnet50 \\
       --proportion_attribution_required 0.03 --p 0.75 --cos_sim_high 0.5
+
+With --concepts clusters no label, class head or store is needed: each unit's concepts are clusters of its
+strongest training images (by which inputs carry its activation on them), every unit with two or more is split
+between them, evaluated on held-out images (AUC and purity per cluster) and drawn; DATA_DIR holds train/ (and
+val/) or is itself a folder of images, class folders optional. Writes
+STORE_DIR/layer_disentangled/<model>_<layer>_clusters_top<N>_cossim<gamma>/ (layer.json, disentangled.pt,
+pictures/, report.html):
+
+  python disentangle_layer.py --concepts clusters --data_dir /images --model resnet50 --store_dir /out
 """
 import argparse
 

@@ -281,13 +281,19 @@ def _cluster_card(c: str, ch: dict, base: str, summary: dict) -> str:
                    [["Original, AUC"] + [_auc(v) for v in auc["original"]],
                     ["Disentangled j, AUC"] + [_auc(v) for v in auc["concepts"]],
                     ["Original, purity"] + [_pct(v) for v in pur["original"]],
-                    ["Disentangled j, purity"] + [_pct(v) for v in pur["concepts"]]], left=1)
+                    ["Disentangled j, purity"] + [_pct(v) for v in pur["concepts"]]]
+                   + ([[f"Original, AUC for the class ({_e(' / '.join(lab['auc']['classes']))})"]
+                       + [_auc(v) for v in lab["auc"]["original"]],
+                       ["Disentangled j, AUC for the class"] + [_auc(v) for v in lab["auc"]["concepts"]]]
+                      if lab else []), left=1)
     flags = "; ".join(f"D{j}: {', '.join(fl)}" for j, fl in enumerate(ch["flags"], 1) if fl)
     return "\n".join([f'<div class="card" id="c{c}"><h3>Unit {c}: {k} concepts</h3>',
                       f"<p>Its clusters' mean contributions are at most {ch['closest']:.2f} alike (cosine); best rho "
                       f"{ch['best_rho']:.2f}.</p>", _search_text(ch.get("search")), *rows,
                       "<h4>The held-out images of each concept: AUC of the unit's activation for them against every "
-                      "other held-out image, and the share of the unit's top images that are theirs (purity)</h4>",
+                      "other held-out image, and the share of the unit's top images that are theirs (purity)"
+                      + ("; with labels, the AUC for the class each concept unit's top images mostly hold" if lab
+                         else "") + "</h4>",
                       table, f'<p class="down">Flagged: {_e(flags)}</p>' if flags else "", "</div>"])
 
 

@@ -140,7 +140,9 @@ def _subset(images: ImageList, rows: list[int]) -> ImageList:
 class UnitResult:
     """One split unit, evaluated on the held-out images: ``concept`` (n_val, 0 for none) each image's concept,
     per concept j the ``auc`` and ``purity`` of the original unit and of concept unit D_j, ``labels``: where the
-    images have labels, each top-k's most frequent label and its share (``{"original": ..., "concepts": [...]}``)."""
+    images have labels, each top-k's most frequent label, its share and name (``{"original": ..., "D1": ...}``) and
+    ``labels["auc"]``: per concept j, the AUC for the class D_j's top-k mostly holds (its images against every other
+    held-out image) of the original unit and of D_j (``{"classes", "original", "concepts"}``)."""
 
     scored: Scored
     concepts: UnitConcepts
@@ -249,6 +251,12 @@ def _evaluate(cfg, runner, model, unit: Unit, scored: list[Scored], found: Label
                "images_in_concept": [int((concept == j).sum()) for j in range(1, k + 1)], "images": len(val)}
         pur = {"original": [p for _, p in reading["original"]], "concepts": [p for _, p in own]}
         labels = {n: _majority(top.get(s.channel, n)["labels"].tolist(), val) for n in reading} if labelled else None
+        if labels:  # the AUC for the class concept unit j's top images mostly hold: of D_j and of the original
+            cls = [labels[f"D{j}"]["label"] for j in range(1, k + 1)]
+            labels["auc"] = {"classes": [labels[f"D{j}"]["name"] for j in range(1, k + 1)],
+                             "original": [roc_auc(top.scores(s.channel, "original"), top.every.labels == t) for t in cls],
+                             "concepts": [roc_auc(top.scores(s.channel, f"D{j}"), top.every.labels == t)
+                                          for j, t in enumerate(cls, 1)]}
         results.append(UnitResult(s, u, concept, auc, pur, labels))
     return results, top
 
