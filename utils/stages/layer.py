@@ -129,6 +129,17 @@ def baseline_channels(candidates: list[int], out_channels: int, n: int, seed: in
     return sorted(random.Random(seed).sample(others, min(len(others), n)))
 
 
+def start_run(cfg, loaded: LoadedModel | None, log, check) -> tuple[Runner, object, LoadedModel, str]:
+    """What a layer command does first, on every rank: its runner, its log (rank 0 alone logs), the model
+    (``loaded``, or built from ``cfg``) and the layer's name, the settings checked by ``check(cfg, out_channels,
+    layer)`` before any image is read."""
+    runner = Runner.of(cfg)
+    lm = loaded or load_model(cfg.model, cfg.weights, inputs=InputSpec.of(cfg))
+    layer, shape = get_layer(lm.model, cfg.layer)
+    check(cfg, shape.out_channels, layer)
+    return runner, log if runner.lead else (lambda *a: None), lm, layer
+
+
 def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=print) -> dict:
     """Run the layer command end to end; returns the ``--json`` summary (see ``disentangle_layer.py``).
 
@@ -136,11 +147,7 @@ def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=p
     returns the summary, the other ranks return ``{"seconds": ...}`` once rank 0 has written.
     """
     t0 = time.perf_counter()
-    runner = Runner.of(cfg)
-    log = log if runner.lead else (lambda *a: None)
-    lm = loaded or load_model(cfg.model, cfg.weights, inputs=InputSpec.of(cfg))
-    layer, shape = get_layer(lm.model, cfg.layer)
-    check_layer_config(cfg, shape.out_channels, layer)
+    runner, log, lm, layer = start_run(cfg, loaded, log, check_layer_config)
     store, concepts, chosen, out, val, evidence, shares = runner.together(
         lambda: _prepare(cfg, runner, lm, layer, log), "the layer command")
     model = runner.model(lm.model)

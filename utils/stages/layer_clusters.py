@@ -38,20 +38,20 @@ from ..method.clusters import nearest_concept
 from ..method.scoring import Scored
 from ..method.selectivity import TopK, purity, roc_auc
 from ..method.split import FilterBank, filter_bank
-from ..model.loading import LoadedModel, get_layer, load_model
+from ..model.loading import LoadedModel
 from ..model.hooks import resolve_positions
 from ..model.surgery import check_logit_diff, export_network, logit_diff_scale, split_network
 from ..model.units import Unit
-from ..data.preprocess import InputSpec
 from ..passes.contributions import UnitRequest, contribution_pass
 from ..passes.featvis import FVConfig, magnitude_spectrum, visualize
-from ..passes.image_pass import RunOptions, Runner
+from ..passes.image_pass import RunOptions
 from ..passes.topk import stream_topk
 from ..report.html import write_clusters_report
 from ..report.style import concept_colour
 from ..report.teaser import save_strip, strips_figure
 from ..store.provenance import provenance
 from .clusters import LabelFree, UnitConcepts, label_free_concepts, split_unit
+from .layer import start_run
 from .layer_output import _remove, described_outputs
 
 
@@ -155,11 +155,7 @@ class UnitResult:
 def disentangle_clusters(cfg: ClustersConfig, loaded: LoadedModel | None = None, log=print) -> dict:
     """The label-free layer command end to end (module docstring); returns the ``--json`` summary."""
     t0 = time.perf_counter()
-    runner = Runner.of(cfg)
-    log = log if runner.lead else (lambda *a: None)
-    lm = loaded or load_model(cfg.model, cfg.weights, inputs=InputSpec.of(cfg))
-    layer, shape = get_layer(lm.model, cfg.layer)
-    check_clusters_config(cfg, shape.out_channels, layer)
+    runner, log, lm, layer = start_run(cfg, loaded, log, check_clusters_config)
     train, val, held = cluster_images(cfg.data_dir, cfg.val_share, cfg.seed)
     out = cfg.out_dir or os.path.join(cfg.store_dir, "layer_disentangled",
                                       clusters_name(lm.tag, layer, cfg.top_n, cfg.gamma_high))
