@@ -423,7 +423,7 @@ def test_planted_transformer_neuron_splits_into_its_two_token_patterns(image_fol
 
     images, labels = direct_images(data, lm)
     assert torch.equal(torch.from_numpy(np.asarray(store.predictions)), labels)  # the planted head classifies
-    R = torch.from_numpy(np.asarray(store.relevance, np.float32))
+    R = torch.from_numpy(np.array(store.relevance, np.float32))
     # neuron 0's relevance: the token mean of its input from red (red images) or blue (blue images); gray: 0
     red, blue, gray = labels == 0, labels == 1, labels == 2
     with torch.no_grad():
