@@ -1,0 +1,161 @@
+"""What concept units do to the network's decisions: ablations and steering, batched, and certification."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import COLOURS, PLANTED4, write_image_folder
+
+RED, ORANGE, GREEN, BLUE = 0, 1, 2, 3
+CONCEPTS = [[RED, ORANGE], [BLUE]]  # channel 0's two concepts
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """The planted four-colour network (conftest: channel 0 reads the red stem inputs 0-2 and the blue ones 6-8 and
+    feeds the red, orange and blue logits) and its images."""
+    from utils.data.images import list_images
+    from utils.model.loading import load_model
+
+    root = tmp_path_factory.mktemp("effects")
+    (root / "planted4.py").write_text(PLANTED4)
+    data = write_image_folder(str(root / "data"), n_train=6, n_val=4, colors=COLOURS, size=16)
+    return load_model(f"{root / 'planted4.py'}:build").model, list_images(data, "train"), list_images(data, "val")
+
+
+def split_of(model, assign: list[int]):
+    from utils.method.split import Split, split_filters
+
+    D, Res = split_filters(model.conv.weight[0].detach(), torch.tensor(assign), 2)
+    return Split(0, D, Res)
+
+
+GOOD = [1, 1, 1, 0, 0, 0, 2, 2, 2, 0]  # red inputs to concept 1, blue ones to concept 2
+SHARED = [0] * 10  # a deliberately bad split: every input shared, so D_1 = D_2 = Res = the whole filter
+
+
+def run(model, train, val, assign, mode="mean", steer=None, interventions=None):
+    from utils.model.surgery import appended_channels, split_network
+    from utils.passes.image_pass import Runner
+    from utils.passes.interventions import intervention_pass, reference_outputs, unit_interventions
+
+    runner = Runner(device=torch.device("cpu"), batch_size=64, num_workers=0, progress=False)
+    split = split_of(model, assign)
+    net = split_network(model, {"conv": [split]})
+    cols = appended_channels(4, [split])[0]
+    ivs = interventions or unit_interventions(0, cols, 2, steer)
+    ref = reference_outputs(runner, net, "conv", train, None, mode)
+    effects, _ = intervention_pass(runner, net, "conv", val, ivs, ref, None)
+    return net, ref, effects
+
+
+@pytest.mark.parametrize("mode", ["mean", "zero"])
+def test_a_good_split_is_certified_and_every_other_class_keeps_its_evidence(planted, mode):
+    """Ablating the blue concept unit removes the blue images' blue evidence and no other class's; ablating the
+    red-and-orange concept unit removes theirs and not blue's; both hurt their own classes at least as much as
+    ablating the whole original unit does: certified."""
+    from utils.method.effects import unit_effects
+
+    model, train, val = planted
+    _, _, effects = run(model, train, val, GOOD, mode)
+    got = unit_effects(effects, 0, CONCEPTS, 4, tol=0.1)
+    for j, e in enumerate(got, 1):
+        assert e["own"] > 0 and e["own"] >= 0.9 * e["own_original"], (j, e)
+        assert e["collateral"] <= 0.1 * e["own_original"], (j, e)
+        assert e["certified"], (j, e)
+    # the blue unit's ablation leaves the red, orange and green images' own logits where they were (or higher)
+    blue = [iv for iv in effects.interventions if iv.target == "D2"][0]
+    per_class = effects.class_drop(blue, 4)
+    assert per_class[BLUE] > 0 and all(per_class[t] <= 1e-4 for t in (RED, ORANGE, GREEN))
+
+
+def test_a_split_with_every_input_shared_is_not_certified(planted):
+    """All inputs shared: each concept unit is the whole filter, so ablating it takes the other concept's evidence
+    away too (its collateral equals the original's effect there)."""
+    from utils.method.effects import unit_effects
+
+    model, train, val = planted
+    _, _, effects = run(model, train, val, SHARED)
+    got = unit_effects(effects, 0, CONCEPTS, 4, tol=0.1)
+    assert not any(e["certified"] for e in got)
+    assert got[0]["collateral_class"] == BLUE and got[1]["collateral_class"] in (RED, ORANGE)
+    assert all(e["collateral"] > 0.1 * e["own_original"] for e in got)
+
+
+def test_ablations_in_one_pass_equal_one_at_a_time_and_the_original_ablation_is_the_original_networks(planted):
+    """Every intervention in one stacked pass gives the numbers each gives alone; ablating all of a unit's columns
+    in the split network equals setting the original network's channel to its reference (mean) map; steering
+    concept unit 2 (blue) up raises the blue logit and leaves green's, which channel 0 does not feed."""
+    from utils.passes.interventions import unit_interventions
+
+    model, train, val = planted
+    net, ref, together = run(model, train, val, GOOD, steer=2.0)
+    for iv in together.interventions:
+        _, _, alone = run(model, train, val, GOOD, interventions=[iv])
+        np.testing.assert_allclose(alone.logit[:, 1], together.logit[:, together.column(iv)], atol=1e-5)
+        np.testing.assert_allclose(alone.logit[:, 0], together.logit[:, 0], atol=1e-5)
+    # the original network with channel 0 set to its mean output map: D1 + D2 - Res at their means
+    from utils.model.surgery import appended_channels
+
+    cols = appended_channels(4, [split_of(model, GOOD)])[0]
+    mean_map = ref[cols[0]] + ref[cols[1]] - ref[cols[2]]
+    handle = model.conv.register_forward_hook(lambda m, i, o: torch.cat([mean_map.expand_as(o[:, :1]), o[:, 1:]], 1))
+    try:
+        from utils.data.images import ImageDataset
+
+        x = torch.stack([ImageDataset(val)[i][0] for i in together.index])
+        with torch.no_grad():
+            z = model(x).gather(1, torch.as_tensor(together.labels)[:, None])[:, 0].numpy()
+    finally:
+        handle.remove()
+    orig = [iv for iv in together.interventions if iv.target == "original"][0]
+    np.testing.assert_allclose(z, together.logit[:, together.column(orig)], atol=1e-4)
+    up = [iv for iv in together.interventions if iv.target == "D2" and iv.factor == 2.0][0]
+    a = together.interventions.index(up)
+    assert together.dlogit[a, BLUE] > 0 and abs(together.dlogit[a, GREEN]) < 1e-5  # green reads no channel 0
+    assert len(unit_interventions(0, cols, 2, 2.0)) == 5
+
+
+class Quadrants(torch.nn.Module):
+    """Stem channel 0 sees the top-left quadrant of the image only, channel 1 the bottom-right one; the layer
+    ``conv``'s unit 0 reads both (weights 1, 1): a unit with two concepts in two places."""
+
+    def __init__(self, size: int = 16):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 2, 1)
+        self.conv = torch.nn.Conv2d(2, 1, 1, bias=False)
+        mask = torch.zeros(2, size, size)
+        mask[0, : size // 2, : size // 2] = 1
+        mask[1, size // 2:, size // 2:] = 1
+        self.register_buffer("mask", mask)
+        with torch.no_grad():
+            self.stem.weight.fill_(1.0)
+            self.stem.bias.zero_()
+            self.conv.weight.fill_(1.0)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.stem(x)) * self.mask).mean((2, 3))
+
+
+def test_a_concept_units_heatmap_lies_where_it_reads():
+    """Split unit 0 of the quadrant network into a unit that keeps input 0 (top-left) and one that keeps input 1
+    (bottom-right): each concept unit's heatmap on an image lies in its own quadrant, and the original's covers
+    both."""
+    from utils.method.split import split_filters
+    from utils.passes.heatmaps import conditional_heatmaps
+
+    model = Quadrants().eval()
+    D, Res = split_filters(model.conv.weight[0].detach(), torch.tensor([1, 2]), 2)
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) + 0.1
+    for j, (rows, cols) in enumerate([(slice(0, 8), slice(0, 8)), (slice(8, 16), slice(8, 16))]):
+        h = conditional_heatmaps(model, model.conv, D[j], None, x).abs()
+        inside = h[:, rows, cols].sum((1, 2)) / h.sum((1, 2))
+        assert bool((inside > 0.999).all()), (j, inside)
+    whole = conditional_heatmaps(model, model.conv, model.conv.weight[0], None, x).abs()
+    assert bool((whole[:, :8, :8].sum((1, 2)) > 0.3 * whole.sum((1, 2))).all())
+    assert bool((whole[:, 8:, 8:].sum((1, 2)) > 0.3 * whole.sum((1, 2))).all())
+    # against autograd through the original network: the original unit's heatmap is the gradient of its summed output
+    xx = x.clone().requires_grad_(True)
+    model.conv(torch.relu(model.stem(xx)) * model.mask).sum().backward()
+    assert torch.allclose(whole, (xx.grad * x).sum(1).abs(), atol=1e-5)
