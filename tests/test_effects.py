@@ -81,6 +81,7 @@ def test_a_split_with_every_input_shared_is_not_certified(planted):
     assert not any(e["certified"] for e in got)
     assert got[0]["collateral_class"] == BLUE and got[1]["collateral_class"] in (RED, ORANGE)
     assert all(e["collateral"] > 0.1 * e["own_original"] for e in got)
+    assert all(e["cross_share"] > 0.9 for e in got)  # ablating either takes (nearly) all of the other concept's
 
 
 def test_ablations_in_one_pass_equal_one_at_a_time_and_the_original_ablation_is_the_original_networks(planted):
@@ -159,3 +160,50 @@ def test_a_concept_units_heatmap_lies_where_it_reads():
     xx = x.clone().requires_grad_(True)
     model.conv(torch.relu(model.stem(xx)) * model.mask).sum().backward()
     assert torch.allclose(whole, (xx.grad * x).sum(1).abs(), atol=1e-5)
+
+
+def test_the_layer_command_proves_each_split_and_gives_the_arrays(planted4, tmp_path):
+    """The layer command on the planted network: one ablation pass; per split channel and concept the effects and
+    whether the concept unit is certified, in layer.json, --json, the printed table, the report and the flags; the
+    arrays behind them in arrays.npz, read by ``dc.load(...).arrays()``; ``--ablation none`` leaves them out."""
+    import json
+    import os
+
+    import disentangle_channels as dc
+    from conftest import run_script
+
+    root, _, common = planted4
+    out = tmp_path / "layer"
+    r = run_script("disentangle_layer.py", *common, "--store_dir", str(root / "store"), "--out_dir", str(out),
+                   "--json", str(tmp_path / "l.json"), "--baseline_channels", "0")
+    assert r.returncode == 0, r.stderr
+    js = json.loads((out / "layer.json").read_text())
+    cert = js["certification"]
+    assert cert["reference"] == "mean" and cert["tolerance"] == 0.25 and cert["images"] > 0
+    units = [(c, j, e) for c, ch in js["channels"].items() for j, e in enumerate(ch["effects"], 1)]
+    assert cert["concept_units"] == len(units) and cert["certified"] == sum(e["certified"] for _, _, e in units)
+    for c, j, e in units:
+        assert e["own_original"] > 0 and e["certified"] == (e["own_share"] >= 0.75 and e["cross_share"] <= 0.25
+                                                            and e["elsewhere"] <= 0.25)
+        flagged = "not certified by ablation" in js["channels"][c]["flags"][j - 1]
+        assert flagged == (not e["certified"])
+        assert e["steer"]["factor"] == 2.0
+    assert json.loads((tmp_path / "l.json").read_text())["certification"] == cert
+    assert "What each concept unit does" in (out / "report.html").read_text() and "certified:" in r.stdout
+    res = dc.load(str(out))
+    arrays = res.arrays()
+    n_iv = sum(1 + 2 * len(ch["concepts"]) for ch in js["channels"].values())
+    assert arrays["effects_logit"].shape == (cert["images"], n_iv + 1) and len(arrays["effects_names"]) == n_iv
+    c0 = next(iter(res.channels))
+    assert res.channels[c0].certified == [e["certified"] for e in js["channels"][str(c0)]["effects"]]
+    assert arrays[f"act_{c0}_D1"].shape == arrays["act_index"].shape
+    h = arrays[f"heatmap_{c0}_D1"]
+    assert h.ndim == 3 and h.shape[0] == len(arrays[f"heatmap_{c0}_D1_index"]) > 0
+    for p in js["channels"][str(c0)]["pictures"]["heatmaps"]:
+        assert os.path.getsize(p) > 100
+    none = run_script("disentangle_layer.py", *common, "--store_dir", str(root / "store"), "--out_dir",
+                      str(tmp_path / "none"), "--baseline_channels", "0", "--ablation", "none")
+    assert none.returncode == 0, none.stderr
+    js = json.loads((tmp_path / "none" / "layer.json").read_text())
+    assert js["certification"] is None and all(ch["effects"] is None for ch in js["channels"].values())
+    assert "effects_logit" not in dc.load(str(tmp_path / "none")).arrays()

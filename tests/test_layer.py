@@ -151,7 +151,7 @@ def test_planted_channel_comes_out_as_three_concept_channels(planted3):
     with torch.no_grad():
         assert (net(x) - lm.model(x)).abs().max() <= 1e-5
     layer_dir = os.path.dirname(js["export"])
-    assert sorted(os.listdir(layer_dir)) == ["disentangled.pt", "layer.json", "pictures", "plots", "report.html",
+    assert sorted(os.listdir(layer_dir)) == ["arrays.npz", "disentangled.pt", "layer.json", "pictures", "plots", "report.html",
                                              "results_quantitative"]
     page = open(os.path.join(layer_dir, "report.html")).read()
     assert "Channel 0: 3 concepts" in page and "green thing" in page

@@ -138,7 +138,7 @@ def test_torchrun_two_processes_equal_one(planted4, tmp_path):
     assert js2["baseline_purity"] == js1b["baseline_purity"]
     assert js2["max_abs_logit_diff"] <= 1e-5
     # one output folder, written once
-    assert sorted(os.listdir(tmp_path / "two")) == ["disentangled.pt", "layer.json", "pictures", "plots",
+    assert sorted(os.listdir(tmp_path / "two")) == ["arrays.npz", "disentangled.pt", "layer.json", "pictures", "plots",
                                                      "report.html", "results_quantitative"]
     assert {c: v["best_rho"] for c, v in js1["channels"].items()} == {c: v["best_rho"] for c, v in js2["channels"].items()}
 

@@ -128,6 +128,16 @@ def write_bytes(path: str, data) -> None:
         f.write(data)
 
 
+def save_arrays(path: str, arrays: dict) -> None:
+    """numpy arrays (numbers, bools and str; nothing that needs pickle) into one ``.npz`` at ``path``, atomically;
+    read back with ``numpy.load(path, allow_pickle=False)``."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    write_bytes(path, buf.getbuffer())
+
+
 def save_torch(path: str, obj: Any) -> None:
     """``torch.save`` of tensors and plain containers to ``path`` atomically (read back with weights_only=True).
 

@@ -36,8 +36,8 @@ import argparse
 
 from .parsing import (add_image_pass_args, add_json_arg, add_selection_args, check_channels, input_options,
                    make_parser, nonnegative_int, positive_int, write_json_output)
-from ..defaults import (CLUSTER_K0, CLUSTER_MIN_IMAGES, CLUSTER_TOP_N, DEFAULT_GAMMA, DEFAULT_TAU, SEARCH_IMAGES,
-                        SEARCH_OTHERS)
+from ..defaults import (ABLATION, CERTIFY_TOLERANCE, CLUSTER_K0, CLUSTER_MIN_IMAGES, CLUSTER_TOP_N, DEFAULT_GAMMA,
+                        DEFAULT_TAU, EFFECTS_PER_CLASS, SEARCH_IMAGES, SEARCH_OTHERS, STEER)
 from ..errors import run_cli
 from ..report.style import per_concept
 
@@ -66,6 +66,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--search_images", type=positive_int, default=SEARCH_IMAGES, metavar="N",
                    help=f"--split_rule search: training images per concept it reads (and {SEARCH_OTHERS} x N of other "
                         f"classes; a quarter of each held out to stop it) (default: {SEARCH_IMAGES})")
+    a = p.add_argument_group("the proof of each split: ablation and steering of the concept units")
+    a.add_argument("--ablation", choices=("mean", "zero", "none"), default=ABLATION,
+                   help="what an ablated unit's output is set to (default: mean, its mean output map over training "
+                        "images: the unit then says nothing in particular, where zero may be far from any input it "
+                        "sees); none: no ablation pass. One pass over the validation images ablates every original "
+                        "unit and concept unit and steers every concept unit, all stacked in each batch")
+    a.add_argument("--steer", type=float, default=STEER, metavar="F",
+                   help=f"steering: each concept unit's output times F; 0 for none (default: {STEER})")
+    a.add_argument("--effects_per_class", type=positive_int, default=EFFECTS_PER_CLASS, metavar="N",
+                   help=f"validation images of each class the ablation pass reads (default: {EFFECTS_PER_CLASS})")
+    a.add_argument("--certify_tolerance", type=float, default=CERTIFY_TOLERANCE, metavar="T",
+                   help="a concept unit is certified when ablating it takes at least 1 - T of what ablating the "
+                        "original unit takes from its concept's own logits, at most T of what that takes from each "
+                        "other concept's, and from any other class at most T x its own effect more than the "
+                        f"original's ablation does (default: {CERTIFY_TOLERANCE}, 4 x the sampling noise of those "
+                        "shares measured on the digits demo)")
     c = p.add_argument_group("concepts from clusters (--concepts clusters: no labels, no store, any backbone)")
     c.add_argument("--concepts", choices=("classes", "clusters"), default="classes",
                    help="classes (default): from the stage-1 store, as above; clusters: from the images alone, for a "
@@ -112,7 +128,9 @@ def layer_config(args: argparse.Namespace, device: str = "auto", rank: int = 0, 
                        min_concepts=args.min_concepts, max_channels=args.max_channels,
                        check_images=args.check_images, top_k=args.top_k, baseline=args.baseline_channels,
                        seed=args.seed, out_dir=args.out_dir, split_rule=args.split_rule,
-                       orientation=args.orientation, search_images=args.search_images,
+                       orientation=args.orientation, search_images=args.search_images, ablation=args.ablation,
+                       steer=args.steer or None, effects_per_class=args.effects_per_class,
+                       certify_tolerance=args.certify_tolerance,
                        fv=FVConfig(steps=args.fv_steps, seed=args.seed) if args.fv_steps > 0 else None,
                        **input_options(args))
 
@@ -157,7 +175,7 @@ def main(args: argparse.Namespace) -> dict | None:
         return out
     print_layer(out, args.top_k)
     write_json_output(args.json, {k: out[k] for k in ("warnings", "split_rule", "orientation", "channels",
-                                                      "baseline_purity",
+                                                      "baseline_purity", "certification", "arrays",
                                                       "max_abs_logit_diff", "export", "seconds", "report",
                                                       "provenance")})
     return out
@@ -186,8 +204,29 @@ def print_layer(out: dict, top_k: int) -> None:
               f"most relevant to on the training images (n = each concept's number of classes): {b['mean']:.0%}")
     if any(s < 0 for ch in out["channels"].values() for s in ch.get("orientation") or []):
         print("(-): a concept served by its unit going down, read as -activation (--orientation gradient)")
+    print_certification(out)
     print(f"max |logit difference| of the one network: {out['max_abs_logit_diff']:.3g}; done in {out['seconds']:.1f} s")
     print(f"report: {out['report']}")
+
+
+def print_certification(out: dict) -> None:
+    """One line per concept unit of the ablation pass (its own effect and the original's, the shares that certify
+    it, the largest collateral) and how many are certified."""
+    cert = out.get("certification")
+    if not cert:
+        return
+    print(f"{'channel':>7} {'unit':>4} {'own':>7} {'original':>8} {'own share':>9} {'cross share':>11} "
+          f"{'elsewhere':>9}  certified  largest collateral")
+    num = lambda v, f=".3f": "-" if v is None else format(v, f)  # noqa: E731
+    for c, ch in out["channels"].items():
+        for j, e in enumerate(ch["effects"], 1):
+            print(f"{c:>7} {'D' + str(j):>4} {num(e['own']):>7} {num(e['own_original']):>8} "
+                  f"{num(e['own_share'], '.0%'):>9} {num(e['cross_share'], '.0%'):>11} {num(e['elsewhere'], '.0%'):>9}  "
+                  f"{'yes' if e['certified'] else 'no':<9}  {e['collateral']:.3f} ({e.get('collateral_class_name') or '-'})")
+    t = cert["tolerance"]
+    print(f"certified: {cert['certified']} of {cert['concept_units']} concept units (each image's own-class logit, "
+          f"units ablated to their {cert['reference']} output, {cert['images']} validation images; own share >= "
+          f"{1 - t:.0%}, cross share and elsewhere <= {t:.0%})")
 
 
 def print_clusters(out: dict) -> None:

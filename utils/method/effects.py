@@ -7,13 +7,21 @@ From one intervention pass (:mod:`utils.passes.interventions`), for split unit c
   which is exactly the original unit at its reference);
 - ``collateral``: the largest mean drop of a class's own logit over its images, among every class outside C_j
   (the other concepts' classes included), when D_j is ablated, and that class;
-- with steering, how the summed probability of C_j's classes moves (mean over all images) when D_j is scaled,
-  against that of the other concepts' classes.
+- with steering, how the logits of C_j's classes move (mean over all images and those classes) when D_j is
+  scaled, against those of the other concepts' classes (and the same for their summed probability).
 
-Concept unit j is **certified** when ablating it hurts concept j's classes at least nearly as much as ablating the
-original unit does, ``own >= (1 - tol) * own_original``, and hurts every other class by at most a small share of
-that, ``collateral <= tol * own_original`` (``own_original > 0``: the original unit matters for the concept). Both
-bounds are relative to the original unit's own effect, so they read the same for any logit scale.
+Concept unit j is **certified** when, with every effect read against the original unit's on the same images (the
+scale on which the unit matters at all):
+
+- it carries concept j's function: ablating it takes at least ``1 - tol`` of what ablating the original unit takes
+  from concept j's classes (``own_share = own / own_original >= 1 - tol``);
+- it carries no other concept's: for every other concept l of the unit, ablating D_j takes at most ``tol`` of what
+  ablating the original takes from concept l's classes (``cross_share <= tol``);
+- it harms nothing else: on every class outside all of the unit's concepts, ablating D_j lowers the logit by at
+  most what ablating the original does there, plus ``tol`` times ``own_original`` (``elsewhere <= tol``).
+
+``own_original > 0`` is needed (the original unit matters for the concept). The entry also gives ``collateral``:
+the largest drop of any class outside C_j under D_j, and that class.
 """
 from __future__ import annotations
 
@@ -76,35 +84,56 @@ class Effects:
 
 def concept_effect(effects: Effects, channel: int, concepts: list[list[int]], j: int, num_classes: int,
                    tol: float, steer: float | None = None) -> dict:
-    """Concept j's (1-based) entry for split unit ``channel``: own, own_original, collateral (and its class),
-    the accuracy on concept j's images intact and with D_j ablated, steering (with ``steer``) and certified."""
+    """Concept j's (1-based) entry for split unit ``channel`` (module docstring): ``own`` and ``own_original``, their
+    ratio ``own_share``; ``cross_share``: the largest share of another concept's own effect that ablating D_j takes
+    (that concept's drop under D_j / under the original); ``elsewhere``: the largest extra drop of a class outside
+    every concept beyond what ablating the original causes there, as a share of ``own_original``; ``collateral``
+    and ``collateral_class``: the largest drop of any class outside C_j under D_j; the accuracy on concept j's
+    images intact, with D_j and with the original ablated; steering (with ``steer``); ``certified``."""
     ivs = {(iv.target, iv.factor): iv for iv in effects.interventions if iv.channel == channel}
     dj, orig = ivs[(f"D{j}", None)], ivs[("original", None)]
     mine = np.isin(effects.labels, concepts[j - 1])
     own = _mean(effects.drop(dj)[mine])
     own_original = _mean(effects.drop(orig)[mine])
-    per_class = effects.class_drop(dj, num_classes)
-    outside = [t for t in range(num_classes) if t not in set(concepts[j - 1]) and not np.isnan(per_class[t])]
-    worst = max(outside, key=lambda t: per_class[t]) if outside else None
-    collateral = float(per_class[worst]) if worst is not None else 0.0
-    out = {"own": own, "own_original": own_original, "collateral": collateral,
+    by_dj, by_orig = effects.class_drop(dj, num_classes), effects.class_drop(orig, num_classes)
+    outside = [t for t in range(num_classes) if t not in set(concepts[j - 1]) and not np.isnan(by_dj[t])]
+    worst = max(outside, key=lambda t: by_dj[t]) if outside else None
+    cross = []
+    for l, cs in enumerate(concepts, 1):
+        theirs = np.isin(effects.labels, cs)
+        if l != j and theirs.any():
+            base = _mean(effects.drop(orig)[theirs])
+            cross.append(_mean(effects.drop(dj)[theirs]) / base if base and base > 0 else np.inf)
+    rest = [t for t in outside if not any(t in cs for cs in concepts)]
+    scale = own_original if own_original and own_original > 0 else np.nan
+    elsewhere = max(((by_dj[t] - max(by_orig[t], 0.0)) / scale for t in rest), default=0.0)
+    out = {"own": own, "own_original": own_original,
+           "own_share": None if own is None or not scale == scale else own / scale,
+           "cross_share": float(max(cross)) if cross else 0.0, "elsewhere": _finite(elsewhere),
+           "collateral": float(by_dj[worst]) if worst is not None else 0.0,
            "collateral_class": None if worst is None else int(worst),
            "accuracy": [_mean(effects.correct[mine, 0]), _mean(effects.correct[mine, effects.column(dj)])],
-           "accuracy_original": _mean(effects.correct[mine, effects.column(orig)]),
-           "certified": certified(own, own_original, collateral, tol)}
+           "accuracy_original": _mean(effects.correct[mine, effects.column(orig)])}
+    out["certified"] = certified(out, tol)
     if steer is not None and (f"D{j}", float(steer)) in ivs:
         a = effects.interventions.index(ivs[(f"D{j}", float(steer))])
         others = sorted({t for i, cs in enumerate(concepts, 1) if i != j for t in cs})
-        out["steer"] = {"factor": float(steer), "concept": float(effects.dprob[a, concepts[j - 1]].sum()),
-                        "other_concepts": float(effects.dprob[a, others].sum()) if others else 0.0}
+        out["steer"] = {"factor": float(steer), "concept": float(effects.dlogit[a, concepts[j - 1]].mean()),
+                        "other_concepts": float(effects.dlogit[a, others].mean()) if others else 0.0,
+                        "concept_prob": float(effects.dprob[a, concepts[j - 1]].sum()),
+                        "other_concepts_prob": float(effects.dprob[a, others].sum()) if others else 0.0}
     return out
 
 
-def certified(own: float | None, own_original: float | None, collateral: float, tol: float) -> bool:
-    """The rule of the module docstring."""
-    if own is None or own_original is None or not own_original > 0:
+def certified(e: dict, tol: float) -> bool:
+    """The rule of the module docstring on an entry of :func:`concept_effect`."""
+    if e["own_share"] is None or e["elsewhere"] is None:
         return False
-    return own >= (1 - tol) * own_original and collateral <= tol * own_original
+    return e["own_share"] >= 1 - tol and e["cross_share"] <= tol and e["elsewhere"] <= tol
+
+
+def _finite(v) -> float | None:
+    return float(v) if np.isfinite(v) else None
 
 
 def unit_effects(effects: Effects, channel: int, concepts: list[list[int]], num_classes: int, tol: float,

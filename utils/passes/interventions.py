@@ -97,10 +97,11 @@ def intervention_pass(runner: Runner, net: nn.Module, layer: str, images: ImageL
         out = out.clone()
         for a, iv in enumerate(interventions, 1):
             part, cols = out[a * B:(a + 1) * B], list(iv.columns)
-            if conv:
-                part[:, cols] = reference[cols] if iv.factor is None else part[:, cols] * iv.factor
+            if not conv:  # a Linear's units along the last dim: the same arithmetic, transposed
+                part, ref = part.movedim(-1, 1), reference.movedim(-1, 0)
             else:
-                part[..., cols] = reference[..., cols] if iv.factor is None else part[..., cols] * iv.factor
+                ref = reference
+            part[:, cols] = ref[cols] if iv.factor is None else part[:, cols] * iv.factor
         return out
 
     def step(batches):

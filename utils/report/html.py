@@ -85,6 +85,43 @@ ORIENTATION = {"none": "none: every concept read as +activation",
                            "gradient of the class logit at the unit over the concept's training images)"}
 
 
+def _effects_table(summary: dict, names) -> str:
+    """One table for the layer: per split unit and concept, purity, AUC, what ablating the concept unit does to its
+    own concept (against the original's ablation), to the other concepts and elsewhere, steering, certified."""
+    cert = summary.get("certification")
+    if not cert:
+        return ""
+    rows, classes = [], []
+    num = lambda v, f=".0%": "–" if v is None else format(v, f)  # noqa: E731
+    for c, ch in summary["channels"].items():
+        for j, e in enumerate(ch["effects"] or [], 1):
+            steer = e.get("steer")
+            rows.append([f'<a href="#c{c}">{c}</a>', f'<b style="color:{concept_colour(j)}">D{j}</b>',
+                         _e(", ".join(ch["class_names"][j - 1])), _pct(ch["purity"]["concepts"][j - 1]),
+                         _auc(ch["auc"]["concepts"][j - 1]), num(e["own"], ".3f"), num(e["own_original"], ".3f"),
+                         num(e["own_share"]), num(e["cross_share"]), num(e["elsewhere"]),
+                         f"{e['collateral']:.3f} ({_e(e.get('collateral_class_name') or '–')})",
+                         "–" if not steer else f"{steer['concept']:+.3f} / {steer['other_concepts']:+.3f}",
+                         '<b class="ok">yes</b>' if e["certified"] else '<span class="bad">no</span>'])
+            classes.append("best" if e["certified"] else "")
+    t = cert["tolerance"]
+    head = (f"<h2>What each concept unit does: ablation and steering</h2><p>One pass over {cert['images']} validation "
+            f"images ablates every original unit and every concept unit (its output set to its {cert['reference']} "
+            "output map over training images) and steers every concept unit (its output times "
+            f"{cert.get('steer') or '–'}), all stacked in each batch ({cert['seconds']:.1f} s). Effects are drops of each "
+            "image's own-class logit. <b>own</b>: the mean drop on the concept's images when its concept unit is "
+            "ablated; <b>original</b>: the same when the whole original unit is; <b>own share</b>: own / original; "
+            "<b>cross share</b>: the largest share of another concept's drop (under the original's ablation) that "
+            "ablating this concept unit causes; <b>elsewhere</b>: the largest extra drop on a class outside the unit's "
+            "concepts beyond the original's ablation there, as a share of the original's own drop. <b>Certified</b>: "
+            f"own share ≥ {1 - t:.0%}, cross share ≤ {t:.0%} and elsewhere ≤ {t:.0%}. "
+            f"<b>{cert['certified']} of {cert['concept_units']}</b> concept units are certified.</p>")
+    return head + _table(["unit", "concept unit", "concept", "purity", "AUC", "own", "original", "own share",
+                          "cross share", "elsewhere", "largest collateral (class)",
+                          "steering: Δ logit of the concept's classes / of the other concepts'", "certified"],
+                         rows, left=3, classes=classes)
+
+
 def _search_text(search: dict | None) -> str:
     if not search:
         return ""
@@ -114,6 +151,16 @@ def _references(strips: list[str], r, names, base: str) -> str:
     return ("<h4>Reference images by relevance: the concept's validation images where its concept channel "
             "contributes most to the image's own class logit (its output times the logit's gradient there)</h4>"
             + "".join(rows))
+
+
+def _heatmaps(strips: list[str], base: str) -> str:
+    """Each concept's reference images with its concept unit's conditional heatmap over them."""
+    if not strips:
+        return ""
+    rows = "".join(f'<p><b style="color:{concept_colour(j)}">D{j}</b>: {_img(p, base, "strip")}</p>'
+                   for j, p in enumerate(strips, 1))
+    return ("<h4>Where in these images each concept unit's activation comes from (gradient × input through that "
+            "unit alone; its positive part)</h4>" + rows)
 
 
 def _auc(v) -> str:
@@ -201,6 +248,7 @@ def _card(r, f, names, base: str, summary_ch: dict) -> str:
         "<details><summary>rho sweep</summary>", _sweep(rec), "</details>",
         "<h4>What the channels respond to (top validation images; frames: colour of the concept, gray other)</h4>",
         _img(f.pictures.get("teaser", ""), base, "teaser"), _references(f.pictures.get("relevance") or [], r, names, base),
+        _heatmaps(f.pictures.get("heatmaps") or [], base),
         why, "<h4>Purity of the top images</h4>", purity,
         "<h4>Selectivity on every validation image: ROC AUC of the activation for the concept's images against "
         "all others (1: perfect, 0.5: chance)</h4>", auc,
@@ -253,6 +301,7 @@ def write_layer_report(path: str, summary: dict, ev, files: dict, names, seconds
             *(f'<p class="bad"><b>warning:</b> {_e(w)}</p>' for w in summary.get("warnings", [])),
             "<h2>Settings</h2>", _table(["", ""], settings, left=2),
             "<h2>Split channels, by purity gain</h2>", _overview(ev, files, names, summary),
+            _effects_table(summary, names),
             "<h2>Channels</h2>"] + [_card(r, files[r.channel], names, base, summary["channels"][str(r.channel)])
                                     for r in sorted(ev.channels, key=lambda r: -r.gain)]
     write_text(path, "\n".join(page + ["</body></html>"]))

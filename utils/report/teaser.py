@@ -64,6 +64,14 @@ def overlay(image: torch.Tensor, amap: torch.Tensor, alpha: float = 0.5, cmap: s
     return image.cpu() * (1 - w) + heat * w
 
 
+def heat_overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.6) -> torch.Tensor:
+    """``image`` (3 x H x W, [0, 1]) under a pixel heatmap (H x W, e.g. gradient x input): its positive part,
+    smoothed over about 1/16 of the side (pixel attributions are speckled), scaled to its largest value."""
+    k = max(3, (heat.shape[-1] // 16) | 1)
+    smooth = F.avg_pool2d(heat.float().clamp_min(0)[None, None], k, stride=1, padding=k // 2)[0, 0]
+    return overlay(image, smooth, alpha)
+
+
 def purity_line(p: dict | None) -> str:
     if not p:
         return ""

@@ -8,7 +8,8 @@ from the data, each channel split into as many channels as it has concepts, all 
     -> ONE pass over the validation images (``utils.stages.layer_output.evaluate_layer``): stage 4's values of every
        split on its concepts' images, the top-k images of every sub-channel and of random other channels
        (purity and its baseline), and the one network's logits checked against the original's
-    -> records, layer.json, disentangled.pt, results_quantitative/, plots/, pictures/, report.html (rank 0)
+    -> the ablation pass (utils.stages.effects): what each concept unit does to the decisions, certified or not
+    -> records, layer.json, disentangled.pt, arrays.npz, results_quantitative/, plots/, pictures/, report.html (rank 0)
 
 Under torchrun every pass is shared out (each rank a block of whole batches) and rank 0 alone writes; the
 outputs equal a single-process run's.
@@ -26,8 +27,9 @@ from ..store import layout as st
 from ..store.arvs import concept_arvs
 from ..data.classes import check_channel, data_class_map
 from ..data.images import ImageList, list_images
-from ..defaults import (DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU, SEARCH_BUDGET, SEARCH_IMAGES, SEARCH_OTHER_CLASSES,
+from ..defaults import (ABLATION, CERTIFY_TOLERANCE, DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU, EFFECTS_PER_CLASS, STEER, SEARCH_BUDGET, SEARCH_IMAGES, SEARCH_OTHER_CLASSES,
                         SEARCH_OTHERS, SEARCH_PATIENCE, SEARCH_SCREEN)
+from .effects import layer_effects
 from .layer_output import evaluate_layer, write_layer
 from .splitting import check_indices, score_channels
 from ..errors import UserError
@@ -68,10 +70,15 @@ class LayerConfig(RunOptions):
     split_rule: str = "search"  # or "paper", "positive" (utils.method.split); "search": utils.method.search
     orientation: str = "gradient"  # read each concept's unit in the direction that raises its logit; or "none"
     search_images: int = SEARCH_IMAGES  # the searched rule's training images per concept
+    ablation: str = ABLATION  # the proof of each split (utils.stages.effects): mean, zero or none
+    steer: float | None = STEER  # steering factor of the concept units (None: no steering)
+    effects_per_class: int = EFFECTS_PER_CLASS
+    certify_tolerance: float = CERTIFY_TOLERANCE
 
 
 LAYER_RULES = (*SPLIT_RULES, "search")  # the layer command's split rules
 ORIENTATIONS = ("none", "gradient")
+ABLATIONS = ("mean", "zero", "none")  # the reference an ablated unit takes (utils.passes.interventions), or no proof
 
 
 def layer_name(tag: str, layer: str, tau: float, p: float, gamma: float, rule: str = "paper",
@@ -87,6 +94,12 @@ def check_layer_config(cfg: LayerConfig, out_channels: int, layer: str) -> None:
         raise UserError(f"--split_rule must be one of {', '.join(LAYER_RULES)}, not {cfg.split_rule!r}")
     if cfg.orientation not in ORIENTATIONS:
         raise UserError(f"--orientation must be one of {', '.join(ORIENTATIONS)}, not {cfg.orientation!r}")
+    if cfg.ablation not in ABLATIONS:
+        raise UserError(f"--ablation must be one of {', '.join(ABLATIONS)}, not {cfg.ablation!r}")
+    if cfg.effects_per_class < 1:
+        raise UserError(f"--effects_per_class must be at least 1, not {cfg.effects_per_class}")
+    if not 0 <= cfg.certify_tolerance < 1:
+        raise UserError(f"--certify_tolerance must be in [0, 1), not {cfg.certify_tolerance}")
     if cfg.search_images < 2:
         raise UserError(f"--search_images must be at least 2 (some fit the split, some stop the search), "
                         f"not {cfg.search_images}")
@@ -166,12 +179,16 @@ def disentangle_layer(cfg: LayerConfig, loaded: LoadedModel | None = None, log=p
     log(f"validation pass: {ev.images} images in {ev.seconds:.1f} s ({ev.images / max(ev.seconds, 1e-9):.1f} img/s); "
         f"one network with {len(scored)} split channels: max |logit difference| {ev.logit_diff:.3g} on "
         f"{ev.checked} validation images")
+    fx = layer_effects(cfg, runner, store, net, layer, unit.out_channels, scored, val, lm.num_classes, lm.preprocess,
+                       log)
+    if fx is not None:
+        seconds["ablation pass"] = fx.seconds
 
     def write() -> dict:
         records = {s.channel: store_record(cfg.store_dir, make_record(
             lm, layer, store, cfg.data_dir, s, ev.logit_diff, ev.checked, LAYER_COMMAND, score_seconds,
             cfg.split_rule, cfg.seed), s.sweep)[0] for s in scored}
-        return write_layer(cfg, lm, model, layer, store, ev, records, out, seconds, log, evidence)
+        return write_layer(cfg, lm, model, layer, store, ev, records, out, seconds, log, evidence, fx)
 
     summary = runner.together(lambda: write() if runner.lead else None, "the layer command")
     return {**(summary or {}), "seconds": runner.slowest(time.perf_counter() - t0)}

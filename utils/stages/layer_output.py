@@ -17,13 +17,14 @@ from ..data.classes import ClassNames
 from ..data.images import ImageList, load_image
 from .evaluation import Activations, TopKRequest, evaluate_splits
 from ..report.html import write_layer_report
-from ..report.teaser import save_strip
+from ..report.teaser import heat_overlay, save_strip
+from ..passes.heatmaps import conditional_heatmaps
 from .visualize import Job, PicturesConfig, draw
 from ..model.receptive import receptive_field
 from ..method.selectivity import oriented_selectivity, split_flags
 from ..defaults import MAX_LOGIT_DIFF, NEAR_CHANCE, logit_tolerance
 from ..errors import UserError
-from ..files import read_json, write_json
+from ..files import read_json, save_arrays, write_json
 from ..store.provenance import provenance
 from ..store.records import Record
 from ..report.tables import ResultFiles
@@ -156,10 +157,11 @@ class ChannelFiles:
 
 
 def write_layer(cfg, lm, model, layer: str, store, ev: LayerEvaluation, records: dict[int, Record], out: str,
-                seconds: dict, log, evidence: dict | None = None) -> dict:
+                seconds: dict, log, evidence: dict | None = None, fx=None) -> dict:
     """Every output of the layer command into ``out`` (rank 0); returns the ``--json`` summary. ``model``: the
     one the passes ran on, on the device (the pictures use it rather than copy ``lm.model`` again);
-    ``evidence``: why each channel is a candidate (``utils.stages.candidates.channel_concepts``)."""
+    ``evidence``: why each channel is a candidate (``utils.stages.candidates.channel_concepts``); ``fx``: the
+    ablation pass (:class:`utils.stages.effects.LayerEffects`, None without one)."""
     seconds = dict(seconds)  # the caller's timings, and this step's added to a copy
     os.makedirs(out, exist_ok=True)
     previous = described_outputs(os.path.join(out, "layer.json"))  # an earlier run's files in this folder
@@ -170,17 +172,19 @@ def write_layer(cfg, lm, model, layer: str, store, ev: LayerEvaluation, records:
     files = {r.channel: _stage4_files(out, lm, layer, r, records[r.channel], names, cfg.tau) for r in ev.channels}
     seconds["results and plots"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pictures = _pictures(cfg, lm, model, layer, ev, records, names, out)
+    heat: dict[str, np.ndarray] = {}  # the heatmaps as arrays (arrays.npz)
+    pictures = _pictures(cfg, lm, model, layer, ev, records, names, out, heat)
     files = {c: ChannelFiles(f.record, f.quantitative, f.plots, pictures[c]) for c, f in files.items()}
     seconds["pictures"] = time.perf_counter() - t0
-    summary = {**_summary(cfg, lm, layer, ev, files, export, names, evidence or {}),
+    summary = {**_summary(cfg, lm, layer, ev, files, export, names, evidence or {}, fx),
                "warnings": warnings(store), "provenance": provenance(cfg.seed, lm.preprocess)}
+    summary["arrays"] = write_arrays(os.path.join(out, "arrays.npz"), ev, fx, heat)
     write_json(os.path.join(out, "layer.json"), {**summary, "timings": seconds})
     report = os.path.join(out, "report.html")
     write_layer_report(report, summary, ev, files, names, seconds, cfg.notes)
     inside = os.path.abspath(out) + os.sep  # never anything outside this folder
     _remove({p for p in previous - described_outputs(os.path.join(out, "layer.json")) if p.startswith(inside)})
-    log(f"wrote {out}/ (layer.json, disentangled.pt, results_quantitative/, plots/, pictures/, report.html)")
+    log(f"wrote {out}/ (layer.json, disentangled.pt, arrays.npz, results_quantitative/, plots/, pictures/, report.html)")
     return {**summary, "report": report, "out_dir": out}
 
 
@@ -232,8 +236,31 @@ def _stage4_files(out: str, lm, layer: str, r: ChannelResult, rec: Record, names
     return ChannelFiles(rec, quantitative, files.write_density_plots(per_concept, labels, lambda *a: None), {})
 
 
-def _pictures(cfg, lm, model, layer: str, ev: LayerEvaluation, records: dict[int, Record], names, out: str) -> dict:
-    """The teaser figure (original and every concept channel) of each split, from the one top-k; ``model``
+def write_arrays(path: str, ev: LayerEvaluation, fx, heat: dict[str, np.ndarray]) -> str:
+    """The arrays behind the report, in one ``.npz`` (no pickle; ``Result.arrays()`` reads it): every validation
+    image's activation of each original and concept unit (``act_index``, ``act_labels``, ``act_<c>_<unit>``),
+    the ablation pass (``effects_*``: per image the own-class logit, probability and whether it is right, intact
+    and under each intervention named in ``effects_names``; per intervention the mean change of every class's
+    logit and probability), and the heatmaps (``heatmap_<c>_D<j>``, with the images' ``..._index``)."""
+    every = ev.top.every
+    arrays = {"act_index": every.index, "act_labels": every.labels}
+    for s, (c, name) in enumerate(ev.top.keys):
+        arrays[f"act_{c}_{name}"] = every.values[:, s].astype(np.float32)
+    if fx is not None:
+        e = fx.effects
+        arrays.update(effects_names=np.array([iv.name for iv in e.interventions]), effects_index=e.index,
+                      effects_labels=e.labels, effects_logit=e.logit.astype(np.float32),
+                      effects_prob=e.prob.astype(np.float32), effects_correct=e.correct,
+                      effects_dlogit=e.dlogit.astype(np.float32), effects_dprob=e.dprob.astype(np.float32))
+    arrays.update(heat)
+    save_arrays(path, arrays)
+    return path
+
+
+def _pictures(cfg, lm, model, layer: str, ev: LayerEvaluation, records: dict[int, Record], names, out: str,
+              heat: dict[str, np.ndarray]) -> dict:
+    """The teaser figure (original and every concept channel) of each split, from the one top-k, and each
+    concept's reference images by relevance with their conditional heatmaps (``heat`` gets the arrays); ``model``
     is the one the passes ran on (already on the device)."""
     side = lm.preprocess.crop
     rf = receptive_field(model, unit_at(model, layer, next(iter(records.values())).positions), (side, side),
@@ -251,17 +278,27 @@ def _pictures(cfg, lm, model, layer: str, ev: LayerEvaluation, records: dict[int
                   ["original", *sub_names(split.k)[:-1]], rf)
         p = draw(pc, job, ev.top)
         display = lm.preprocess.display()
-        strips = []
+        strips, heatmaps = [], []
+        unit = job.unit
         for j, ref in enumerate(r.by_relevance, 1):  # the reference images by relevance, one strip per concept
             strips.append(os.path.join(p["out_dir"], f"relevance_D{j}.png"))
-            save_strip([load_image(ev.val, i, display) for i in ref["indices"]], strips[-1])
+            shown = [load_image(ev.val, i, display) for i in ref["indices"]]
+            save_strip(shown, strips[-1])
+            if not shown:
+                continue
+            x = torch.stack([load_image(ev.val, i, lm.preprocess) for i in ref["indices"]]).to(unit.weight.device)
+            h = conditional_heatmaps(model, unit, split.D[j - 1], None if unit.bias is None else unit.bias[r.channel], x)
+            heat[f"heatmap_{r.channel}_D{j}"] = h.cpu().numpy().astype(np.float16)
+            heat[f"heatmap_{r.channel}_D{j}_index"] = np.asarray(ref["indices"], dtype=np.int64)
+            heatmaps.append(os.path.join(p["out_dir"], f"heatmap_D{j}.png"))
+            save_strip([heat_overlay(img, m) for img, m in zip(shown, h.cpu())], heatmaps[-1])
         done[r.channel] = {"out_dir": p["out_dir"], "teaser": os.path.join(p["out_dir"], "teaser.png"),
-                           "relevance": strips}
+                           "relevance": strips, "heatmaps": heatmaps}
     return done
 
 
 def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelFiles], export: str, names,
-             evidence: dict) -> dict:
+             evidence: dict, fx=None) -> dict:
     """The ``--json`` object: per channel its concepts, every rho's score and index sets, best rho, purity."""
     channels = {}
     for r in ev.channels:
@@ -275,7 +312,9 @@ def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelF
             "pair_auc": {"original": r.pair_before, "concepts": r.pair_after},
             "by_relevance": [{**ref, "paths": [ev.val.paths[i] for i in ref["indices"]]} for ref in r.by_relevance],
             "orientation": r.scored.signs, "search": rec.search,
-            "purity_gain_per_concept": [a - b for a, b in zip(r.after, r.before)], "flags": _flags(ev.top, r, f),
+            "purity_gain_per_concept": [a - b for a, b in zip(r.after, r.before)], "flags": _flags(ev.top, r, f, fx),
+            "effects": None if fx is None else [{**e, "collateral_class_name": None if e["collateral_class"] is None
+                                                 else names.name(e["collateral_class"])} for e in fx.channels[r.channel]],
             "why": {"candidate": evidence.get(r.channel), "outside": _outside(ev.top, r)},
             "record": rec.dir, "quantitative": {f"concept{j}": {k: v for k, v in q.items() if k != "csv"}
                                                 for j, q in enumerate(f.quantitative, 1)},
@@ -290,6 +329,7 @@ def _summary(cfg, lm, layer: str, ev: LayerEvaluation, files: dict[int, ChannelF
             "baseline_purity": {"channels": base.channels, "by_classes": {str(n): base.share(n) for n in sizes},
                                 "mean": _mean([v for r in ev.channels for v in r.baseline]),
                                 "concept_channels_mean": _mean([v for r in ev.channels for v in r.after])},
+            "certification": None if fx is None else fx.summary(),
             "max_abs_logit_diff": ev.logit_diff, "logit_tolerance": ev.logit_tolerance, "checked_images": ev.checked,
             "validation_images": ev.images, "export": export}
 
@@ -306,10 +346,15 @@ def _outside(top: TopK, r: ChannelResult, n: int = 3) -> list[list[list[float]]]
     return out
 
 
-def _flags(top: TopK, r: ChannelResult, f: ChannelFiles) -> list[list[str]]:
-    """:func:`utils.method.failures.concept_flags` of every concept unit of one split channel."""
-    return split_flags(top, r.scored.split(), f.record.sources[f"{f.record.best_rho:.2f}"],
-                       [q.get("mean") for q in f.quantitative], r.before, r.after)
+def _flags(top: TopK, r: ChannelResult, f: ChannelFiles, fx=None) -> list[list[str]]:
+    """:func:`utils.method.failures.concept_flags` of every concept unit of one split channel, and "not certified"
+    where the ablation pass ran and the concept unit does not carry its concept alone."""
+    flags = split_flags(top, r.scored.split(), f.record.sources[f"{f.record.best_rho:.2f}"],
+                        [q.get("mean") for q in f.quantitative], r.before, r.after)
+    if fx is not None:
+        flags = [fl + ([] if e["certified"] else ["not certified by ablation"])
+                 for fl, e in zip(flags, fx.channels[r.channel])]
+    return flags
 
 
 def _mean(values: list) -> float | None:

@@ -9,6 +9,7 @@ import re
 import shutil
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,7 +34,9 @@ class ChannelSplit:
     concept units D_1 .. D_k; ``orientation``: per concept +1, or -1 where the concept is served by the unit going
     down (every reading of it above is of -activation); ``search``: how a searched split's sets were found (None
     for the other rules); ``by_relevance``: per concept its reference images by relevance (``indices``, ``labels``,
-    ``relevance``, ``paths``: the validation images where the concept unit contributes most to their own logit)."""
+    ``relevance``, ``paths``: the validation images where the concept unit contributes most to their own logit);
+    ``effects``: per concept what ablating and steering its concept unit does to the network's decisions and whether
+    it is certified (:func:`utils.method.effects.concept_effect`; None without an ablation pass)."""
 
     channel: int
     concepts: list[list[int]]
@@ -50,6 +53,7 @@ class ChannelSplit:
     orientation: list[int] | None = None
     search: dict | None = None
     by_relevance: list[dict] | None = None
+    effects: list[dict] | None = None
 
     @property
     def k(self) -> int:
@@ -62,7 +66,13 @@ class ChannelSplit:
         return cls(channel, ch["concepts"], ch["class_names"], ch["best_rho"],
                    [at[f"concept{j}"] for j in range(1, k + 1)], at["shared"],
                    {float(r): v for r, v in ch["scores"].items()}, ch["purity"], ch["auc"], ch["flags"], columns,
-                   ch.get("pair_auc"), ch.get("orientation") or [1] * k, ch.get("search"), ch.get("by_relevance"))
+                   ch.get("pair_auc"), ch.get("orientation") or [1] * k, ch.get("search"), ch.get("by_relevance"),
+                   ch.get("effects"))
+
+    @property
+    def certified(self) -> list[bool] | None:
+        """Per concept, whether its concept unit is certified by ablation (None without an ablation pass)."""
+        return None if self.effects is None else [bool(e["certified"]) for e in self.effects]
 
 
 class Result:
@@ -121,6 +131,22 @@ class Result:
         a = Unit(expanded, self.positions).counted(got["a"])
         out = {c: a[:, s.columns] for c, s in self.channels.items()}
         return {c: v.sum((2, 3)) for c, v in out.items()} if pooled else out
+
+    @api_errors
+    def arrays(self) -> dict:
+        """The arrays behind the report (numpy, read from the folder's ``arrays.npz`` without pickle): every
+        validation image's activation of each original and concept unit (``act_index``, ``act_labels``,
+        ``act_<c>_original``, ``act_<c>_D<j>``), the ablation pass (``effects_names``, ``effects_index``,
+        ``effects_labels``; ``effects_logit``, ``effects_prob``, ``effects_correct``: per image its own class, intact
+        (column 0) and under each intervention; ``effects_dlogit``, ``effects_dprob``: per intervention the mean
+        change of every class) and the conditional heatmaps of each concept's reference images
+        (``heatmap_<c>_D<j>``, n x H x W, with ``heatmap_<c>_D<j>_index``). Reference images as tensors:
+        ``self.transform`` of their paths in ``channels[c].by_relevance``."""
+        path = os.path.join(self.folder, "arrays.npz")
+        if not os.path.isfile(path):
+            raise UserError(f"{self.folder} holds no arrays.npz (a result from before it was written)")
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
 
     @api_errors
     def report(self, path: str) -> str:
@@ -223,7 +249,7 @@ def _resolved(summary: dict, folder: str) -> dict:
     return back(summary)
 
 
-PATH_KEYS = {"record", "plots", "csv", "out_dir", "teaser", "export", "report"}
+PATH_KEYS = {"record", "plots", "csv", "out_dir", "teaser", "export", "report", "arrays", "heatmaps", "relevance"}
 
 
 class Page:
