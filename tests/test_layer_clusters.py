@@ -51,6 +51,9 @@ def test_the_layer_command_splits_a_layer_from_its_images_alone(planted):
     assert summary["concepts_from"] == "clusters" and summary["labelled"]
     assert sorted(summary["channels"]) == ["0", "1"]
     assert summary["max_abs_logit_diff"] <= 1e-5
+    cert = summary["certification"]  # ablation on the model's output: each concept unit's entry, per cluster
+    assert cert["measure"] == "features" and cert["concept_units"] == 4
+    assert all(len(ch["effects"]) == 2 and ch["effects"][0]["own_original"] > 0 for ch in summary["channels"].values())
     train = sorted(os.listdir(os.path.join(data, "train")))
     for c, other in (("0", "D_blue"), ("1", "C_green")):
         ch = summary["channels"][c]

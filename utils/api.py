@@ -28,7 +28,8 @@ from torch import nn
 
 from .data.images import Preprocess
 from .data.datasets import Datasets, is_datasets
-from .defaults import CLUSTER_K0, CLUSTER_MIN_IMAGES, CLUSTER_TOP_N, DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU
+from .defaults import (ABLATION, CERTIFY_TOLERANCE, CLUSTER_K0, CLUSTER_MIN_IMAGES, CLUSTER_TOP_N, DEFAULT_GAMMA,
+                       DEFAULT_P, DEFAULT_TAU, EFFECTS_PER_CLASS, STEER)
 from .passes.device import resolve_device
 from .errors import UserError, api_errors
 from .stages.evaluation import Stage4Config, run_stage4
@@ -229,7 +230,9 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
                 tau: float = 0.03, p: float = 0.75, gamma_high: float = 0.5, min_concepts: int = 2,
                 max_channels: int | None = None, channels: list[int] | None = None, split_rule: str = "search",
                 orientation: str = "gradient", concepts: str = "classes", top_n: int = CLUSTER_TOP_N,
-                clusters: int = CLUSTER_K0, min_images: int = CLUSTER_MIN_IMAGES, top_k: int = 12,
+                clusters: int = CLUSTER_K0, min_images: int = CLUSTER_MIN_IMAGES, ablation: str = ABLATION,
+                steer: float | None = STEER, effects_per_class: int = EFFECTS_PER_CLASS,
+                certify_tolerance: float = CERTIFY_TOLERANCE, top_k: int = 12,
                 check_images: int = 32, seed: int = 0, batch_size: int = 64,
                 device: str = "auto", num_workers: int = 0, progress: bool = True, wait: bool = False,
                 log=print) -> Result:
@@ -242,7 +245,9 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
     ``p``, ``gamma_high`` (its ``--cos_sim_high``), ``min_concepts``, ``max_channels``, ``channels``,
     ``split_rule`` (``search``, ``paper`` or ``positive``), ``orientation`` (``gradient`` or ``none``), ``top_k``,
     ``check_images``, ``seed``; ``positions``, ``precision`` and ``wait`` are stage 1's
-    (see :func:`importances`). ``log``: where progress lines go (None: nowhere).
+    (see :func:`importances`). ``log``: where progress lines go (None: nowhere). ``ablation`` (``mean``, ``zero`` or
+    ``none``), ``steer`` (None: no steering), ``effects_per_class`` and ``certify_tolerance``: the proof of each split
+    (one ablation-and-steering pass; ``result.channels[c].effects`` and ``.certified``, ``result.arrays()``).
 
     ``concepts="clusters"``: no label and no class head needed (``disentangle_layer.py --concepts clusters``): no
     store; each unit's ``top_n`` strongest training images clustered (k-means with ``clusters`` groups, those under
@@ -263,7 +268,8 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
                                      input_size=input_size, resize=resize, mean=mean, std=std, store_dir=store_dir,
                                      out_dir=out_dir, positions=positions, gamma_high=gamma_high,
                                      max_channels=max_channels, channels=channels, top_n=top_n, clusters=clusters,
-                                     min_images=min_images, top_k=top_k, check_images=check_images, seed=seed,
+                                     min_images=min_images, ablation=ablation, top_k=top_k,
+                                     check_images=check_images, seed=seed,
                                      batch_size=batch_size, device=device, num_workers=num_workers, progress=progress,
                                      log=log)
     with running("disentangle_channels.disentangle"):
@@ -276,7 +282,8 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
         cfg = LayerConfig(**_run_options(d, store.meta["layer"], batch_size, device, num_workers, progress),
                           tau=tau, p=p, gamma_high=gamma_high, min_concepts=min_concepts, max_channels=max_channels,
                           channels=channels, split_rule=split_rule, orientation=orientation, top_k=top_k,
-                          check_images=check_images,
+                          check_images=check_images, ablation=ablation, steer=steer,
+                          effects_per_class=effects_per_class, certify_tolerance=certify_tolerance,
                           seed=seed, out_dir=out_dir)
         summary = disentangle_layer(cfg, loaded=d.loaded, log=log or (lambda *a: None))
     return _result(summary, model, d, store.accuracy)
@@ -284,7 +291,7 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
 
 def _disentangle_clusters(model, train, val, layer, *, name, classes, transform, input_size, resize, mean, std,
                           store_dir, out_dir, positions, gamma_high, max_channels, channels, top_n, clusters,
-                          min_images, top_k, check_images, seed, batch_size, device, num_workers, progress,
+                          min_images, ablation, top_k, check_images, seed, batch_size, device, num_workers, progress,
                           log) -> Result:
     """:func:`disentangle` with concepts from clusters (no store)."""
     with running("disentangle_channels.disentangle"):
@@ -295,6 +302,7 @@ def _disentangle_clusters(model, train, val, layer, *, name, classes, transform,
         cfg = ClustersConfig(**_run_options(d, layer, batch_size, device, num_workers, progress), top_n=top_n,
                              clusters=clusters, min_images=min_images, gamma_high=gamma_high, channels=channels,
                              max_channels=max_channels, check_images=check_images, top_k=top_k, positions=positions,
+                             ablation=ablation,
                              seed=seed, out_dir=out_dir)
         summary = disentangle_clusters(cfg, loaded=d.loaded, log=log or (lambda *a: None))
     return _result(summary, model, d, None)

@@ -146,6 +146,7 @@ def clusters_config(args: argparse.Namespace, device: str = "auto", rank: int = 
                           clusters=args.clusters, min_images=args.min_images, gamma_high=args.cos_sim_high,
                           channels=args.channels, max_channels=args.max_channels, check_images=args.check_images,
                           top_k=args.top_k, positions=args.positions, seed=args.seed, out_dir=args.out_dir,
+                          ablation=args.ablation, certify_tolerance=args.certify_tolerance,
                           fv=FVConfig(steps=args.fv_steps, seed=args.seed) if args.fv_steps > 0 else None,
                           **input_options(args))
 
@@ -169,7 +170,7 @@ def main(args: argparse.Namespace) -> dict | None:
         return None
     if args.concepts == "clusters":
         print_clusters(out)
-        write_json_output(args.json, {k: out[k] for k in ("concepts_from", "channels", "candidates",
+        write_json_output(args.json, {k: out[k] for k in ("concepts_from", "channels", "candidates", "certification",
                                                           "max_abs_logit_diff", "export", "seconds", "report",
                                                           "provenance")})
         return out
@@ -224,9 +225,11 @@ def print_certification(out: dict) -> None:
                   f"{num(e['own_share'], '.0%'):>9} {num(e['cross_share'], '.0%'):>11} {num(e['elsewhere'], '.0%'):>9}  "
                   f"{'yes' if e['certified'] else 'no':<9}  {e['collateral']:.3f} ({e.get('collateral_class_name') or '-'})")
     t = cert["tolerance"]
-    print(f"certified: {cert['certified']} of {cert['concept_units']} concept units (each image's own-class logit, "
-          f"units ablated to their {cert['reference']} output, {cert['images']} validation images; own share >= "
-          f"{1 - t:.0%}, cross share and elsewhere <= {t:.0%})")
+    what = ("the relative change of each image's output (features)" if cert.get("measure") == "features"
+            else "each image's own-class logit")
+    print(f"certified: {cert['certified']} of {cert['concept_units']} concept units ({what}, units ablated to their "
+          f"{cert['reference']} output, {cert['images']} validation images; own share >= {1 - t:.0%}, cross share "
+          f"and elsewhere <= {t:.0%})")
 
 
 def print_clusters(out: dict) -> None:
@@ -245,6 +248,7 @@ def print_clusters(out: dict) -> None:
     print(f"concepts from clusters of each unit's top {out['top_n']} training images: {out['candidates']} of "
           f"{out['units']} units have 2+, {len(out['channels'])} split; AUC and purity are for each concept's "
           f"held-out images ({out['held_out']})" + ("; labels read only for the last column" if out["labelled"] else ""))
+    print_certification(out)
     print(f"max |output difference| of the one network: {out['max_abs_logit_diff']:.3g}; done in {out['seconds']:.1f} s")
     print(f"report: {out['report']}")
 

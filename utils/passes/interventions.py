@@ -82,11 +82,18 @@ def reference_outputs(runner: Runner, net: nn.Module, layer: str, images: ImageL
 
 def intervention_pass(runner: Runner, net: nn.Module, layer: str, images: ImageList,
                       interventions: list[Intervention], reference: torch.Tensor, preprocess: Preprocess | None,
-                      indices: list[int] | None = None, desc: str = "ablations") -> tuple[Effects, float]:
+                      indices: list[int] | None = None, desc: str = "ablations",
+                      measure: str = "logits") -> tuple[Effects, float]:
     """ONE pass over ``images`` (or ``indices`` of them) through the split network ``net`` (on ``runner``'s
     device): each batch intact and under every intervention (module docstring); the :class:`Effects` and the
     slowest rank's seconds. Batches never mix classes and hold at most ``runner.batch_size`` images in all copies
-    together (``batch_size // (A + 1)`` images, at least 1, each fed A + 1 times)."""
+    together (``batch_size // (A + 1)`` images, at least 1, each fed A + 1 times).
+
+    ``measure="features"`` (a model without a class head): an image's evidence is how close the output stays to
+    the intact one, ``-|f_a - f| / |f|`` over the whole output (0 intact), in ``logit`` and ``prob``; ``correct``
+    is all true and ``dlogit``/``dprob`` are zeros (A x 1)."""
+    if measure not in ("logits", "features"):
+        raise ValueError(f"measure must be logits or features, not {measure!r}")
     expanded = split_layer(net, layer).expanded
     A = len(interventions)
     order = range(len(images)) if indices is None else indices
@@ -108,7 +115,13 @@ def intervention_pass(runner: Runner, net: nn.Module, layer: str, images: ImageL
         rows, sums = [], None
         for b in batches:
             B = len(b)
-            logits = net(b.x.repeat(A + 1, *([1] * (b.x.dim() - 1)))).float().view(A + 1, B, -1)
+            logits = net(b.x.repeat(A + 1, *([1] * (b.x.dim() - 1)))).float().reshape(A + 1, B, -1)
+            if measure == "features":  # no classes: each copy's distance from the intact output
+                dist = (logits - logits[:1]).norm(dim=-1) / logits[:1].norm(dim=-1).clamp_min(1e-12)
+                ev = -dist.T.double().cpu()  # B x (A + 1)
+                rows.append(torch.cat([b.index.double()[:, None], b.targets.double()[:, None], ev, ev,
+                                       torch.ones_like(ev)], 1))
+                continue
             probs = logits.softmax(-1)
             lab = b.labels.view(1, B, 1).expand(A + 1, B, 1)
             own = [logits.gather(2, lab)[..., 0].T, probs.gather(2, lab)[..., 0].T,  # B x (A + 1) each
@@ -129,7 +142,7 @@ def intervention_pass(runner: Runner, net: nn.Module, layer: str, images: ImageL
     n1 = A + 1
     every = runner.gather_rows(torch.cat(rows) if rows else torch.zeros(0, 2 + 3 * n1, dtype=torch.float64))
     every = every[every[:, 0].argsort(stable=True)].numpy()
-    K = int(runner.slowest(float(0 if sums is None else sums.shape[-1])))  # a rank without images knows no K
+    K = 1 if measure == "features" else int(runner.slowest(float(0 if sums is None else sums.shape[-1])))
     mine = torch.zeros(2, A, K, dtype=torch.float64) if sums is None else sums.cpu()
     total = runner.gather_rows(mine.flatten()[None]).sum(0).view(2, A, K).numpy() / max(1, len(every))
     return Effects(interventions, every[:, 0].astype(np.int64), every[:, 1].astype(np.int64), every[:, 2:2 + n1],

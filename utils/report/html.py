@@ -334,7 +334,11 @@ def _cluster_card(c: str, ch: dict, base: str, summary: dict) -> str:
                    + ([[f"Original, AUC for the class ({_e(' / '.join(lab['auc']['classes']))})"]
                        + [_auc(v) for v in lab["auc"]["original"]],
                        ["Disentangled j, AUC for the class"] + [_auc(v) for v in lab["auc"]["concepts"]]]
-                      if lab else []), left=1)
+                      if lab else [])
+                   + ([["Disentangled j ablated: certified (own share, cross share, elsewhere; the output's relative "
+                        "change)"] + [("yes" if e["certified"] else "no") + " (" + ", ".join(
+                           "–" if v is None else f"{v:.0%}" for v in (e["own_share"], e["cross_share"], e["elsewhere"]))
+                        + ")" for e in ch["effects"]]] if ch.get("effects") else []), left=1)
     flags = "; ".join(f"D{j}: {', '.join(fl)}" for j, fl in enumerate(ch["flags"], 1) if fl)
     return "\n".join([f'<div class="card" id="c{c}"><h3>Unit {c}: {k} concepts</h3>',
                       f"<p>Its clusters' mean contributions are at most {ch['closest']:.2f} alike (cosine); best rho "

@@ -19,6 +19,7 @@ class head needed, any backbone's units split by what their strongest images hav
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -30,19 +31,21 @@ import torch
 
 from ..data.datasets import Datasets
 from ..data.images import ImageList, list_any_images, list_images, load_image
-from ..defaults import (CLUSTER_GAMMA, CLUSTER_K0, CLUSTER_MIN_IMAGES, CLUSTER_TOP_N, CLUSTER_VAL_SHARE,
-                        logit_tolerance)
+from ..defaults import (ABLATION, CERTIFY_TOLERANCE, CLUSTER_GAMMA, CLUSTER_K0, CLUSTER_MIN_IMAGES, CLUSTER_TOP_N,
+                        CLUSTER_VAL_SHARE, REFERENCE_IMAGES, logit_tolerance)
 from ..errors import UserError
 from ..files import check_writable, write_json
 from ..method.clusters import nearest_concept
+from ..method.effects import unit_effects
 from ..method.scoring import Scored
 from ..method.selectivity import TopK, purity, roc_auc
 from ..method.split import FilterBank, filter_bank
 from ..model.loading import LoadedModel
 from ..model.hooks import resolve_positions
-from ..model.surgery import check_logit_diff, export_network, logit_diff_scale, split_network
+from ..model.surgery import appended_channels, check_logit_diff, export_network, logit_diff_scale, split_network
 from ..model.units import Unit
 from ..passes.contributions import UnitRequest, contribution_pass
+from ..passes.interventions import intervention_pass, reference_outputs, unit_interventions
 from ..passes.featvis import FVConfig, magnitude_spectrum, visualize
 from ..passes.image_pass import RunOptions
 from ..passes.topk import stream_topk
@@ -69,6 +72,8 @@ class ClustersConfig(RunOptions):
     top_k: int = 12
     val_share: float = CLUSTER_VAL_SHARE  # without a val folder: this share of the images is held out
     positions: str = "auto"
+    ablation: str = ABLATION  # the proof of each split on the model's output (mean, zero or none)
+    certify_tolerance: float = CERTIFY_TOLERANCE
     fv: FVConfig | None = None
     seed: int = 0
     out_dir: str | None = None
@@ -93,6 +98,10 @@ def check_clusters_config(cfg: ClustersConfig, out_channels: int, layer: str) ->
     if not 0 < cfg.gamma_high <= 1:
         raise UserError(f"--cos_sim_high must be in (0, 1]: clusters at least this alike form one concept, "
                         f"not {cfg.gamma_high}")
+    if cfg.ablation not in ("mean", "zero", "none"):
+        raise UserError(f"--ablation must be one of mean, zero, none, not {cfg.ablation!r}")
+    if not 0 <= cfg.certify_tolerance < 1:
+        raise UserError(f"--certify_tolerance must be in [0, 1), not {cfg.certify_tolerance}")
     if not 0 < cfg.val_share < 1:
         raise UserError(f"the held-out share must be between 0 and 1, not {cfg.val_share}")
     for c in cfg.channels or []:
@@ -182,9 +191,13 @@ def disentangle_clusters(cfg: ClustersConfig, loaded: LoadedModel | None = None,
     check_logit_diff(diff, f"on {checked} held-out images (the one network with every split)", scale)
     results, top = _evaluate(cfg, runner, model, unit, scored, found, train, val, lm)
     seconds["evaluation passes"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    fx = _cluster_effects(cfg, runner, net, layer, unit, results, train, val, lm, log)
+    if fx is not None:
+        seconds["ablation pass"] = time.perf_counter() - t1
     log(f"one network with {len(scored)} split units: max |output difference| {diff:.3g} on {checked} held-out images")
     summary = runner.together(lambda: _write(cfg, lm, model, unit, layer, results, top, train, val, held, out,
-                                             seconds, diff, logit_tolerance(scale), checked, found, log)
+                                             seconds, diff, logit_tolerance(scale), checked, found, log, fx)
                               if runner.lead else None, "the layer command")  # rank 0 alone writes
     return {**(summary or {}), "seconds": runner.slowest(time.perf_counter() - t0)}
 
@@ -257,6 +270,36 @@ def _evaluate(cfg, runner, model, unit: Unit, scored: list[Scored], found: Label
     return results, top
 
 
+def _cluster_effects(cfg, runner, net, layer: str, unit: Unit, results: list[UnitResult], train: ImageList,
+                     val: ImageList, lm, log) -> dict | None:
+    """The proof of each split on the model's output (:mod:`utils.passes.interventions` with ``measure`` features):
+    each split unit's original and concept units ablated on the held-out images of its concepts and up to
+    REFERENCE_IMAGES others; per unit, each cluster's entry (:func:`utils.method.effects.unit_effects`, clusters
+    in the place of classes, the images of no concept as the class "elsewhere" reads)."""
+    if cfg.ablation == "none":
+        return None
+    cols = appended_channels(unit.out_channels, [r.scored.split() for r in results])
+    ivs = [iv for r, c in zip(results, cols) for iv in unit_interventions(r.scored.channel, c, len(r.scored.concepts))]
+    ref = reference_outputs(runner, net, layer, train, lm.preprocess, cfg.ablation, REFERENCE_IMAGES, cfg.seed)
+    mine = sorted({int(i) for r in results for i in np.flatnonzero(r.concept)})
+    rest = [i for i in range(len(val)) if i not in set(mine)]
+    rows = sorted(mine + random.Random(cfg.seed).sample(rest, min(len(rest), REFERENCE_IMAGES)))
+    effects, seconds = intervention_pass(runner, net, layer, val, ivs, ref, lm.preprocess, rows, measure="features")
+    channels = {}
+    for r in results:
+        k = len(r.scored.concepts)
+        relabelled = dataclasses.replace(effects, labels=r.concept[effects.index])
+        channels[r.scored.channel] = unit_effects(relabelled, r.scored.channel, [[j] for j in range(1, k + 1)], k + 1,
+                                                  cfg.certify_tolerance)
+    n = sum(len(v) for v in channels.values())
+    certified = sum(e["certified"] for v in channels.values() for e in v)
+    log(f"ablation pass: {len(ivs)} interventions on {len(rows)} held-out images in {seconds:.1f} s; {certified} of "
+        f"{n} concept units certified (on the output: its relative change)")
+    return {"channels": channels, "summary": {"reference": cfg.ablation, "tolerance": cfg.certify_tolerance,
+                                              "steer": None, "images": len(rows), "seconds": seconds,
+                                              "certified": certified, "concept_units": n, "measure": "features"}}
+
+
 def _majority(labels: list[int], images: ImageList) -> dict:
     """The most frequent of ``labels`` (a top-k's), its share and its class name."""
     if not labels:
@@ -268,7 +311,7 @@ def _majority(labels: list[int], images: ImageList) -> dict:
 
 def _write(cfg, lm, model, unit: Unit, layer: str, results: list[UnitResult], top: TopK, train: ImageList,
            val: ImageList, held: str, out: str, seconds: dict, diff: float, tol: float, checked: int,
-           found: LabelFree, log) -> dict:
+           found: LabelFree, log, fx: dict | None = None) -> dict:
     """layer.json, disentangled.pt, pictures/ and report.html into ``out``; the ``--json`` summary."""
     seconds = dict(seconds)
     os.makedirs(out, exist_ok=True)
@@ -295,7 +338,10 @@ def _write(cfg, lm, model, unit: Unit, layer: str, results: list[UnitResult], to
             "sources": {f"{float(rho):.2f}": s.sweep.sources(i) for i, rho in enumerate(s.sweep.rhos)},
             "closest": u.clusters.closest, "purity": r.purity, "auc": r.auc, "labels": labels,
             "orientation": s.signs, "search": s.search,
-            "flags": [["top-k mostly outside its concept"] if p < 0.5 else [] for p in r.purity["concepts"]],
+            "flags": [(["top-k mostly outside its concept"] if p < 0.5 else [])
+                      + ([] if fx is None or e["certified"] else ["not certified by ablation"])
+                      for p, e in zip(r.purity["concepts"], fx["channels"][s.channel] if fx else r.purity["concepts"])],
+            "effects": None if fx is None else fx["channels"][s.channel],
             "pictures": pictures[s.channel]}
     kind = {} if not unit.linear else {"unit": "Linear", "positions": unit.positions}
     summary = {"concepts_from": "clusters", "model": lm.name, "weights": lm.weights, "layer": layer, **kind,
@@ -304,6 +350,7 @@ def _write(cfg, lm, model, unit: Unit, layer: str, results: list[UnitResult], to
                "labelled": results[0].labels is not None if results else False,
                "training_images": len(train), "held_out": held, "validation_images": len(val),
                "candidates": len(found.candidates), "units": len(found.units), "channels": channels,
+               "certification": None if fx is None else fx["summary"],
                "max_abs_logit_diff": diff, "logit_tolerance": tol, "checked_images": checked, "export": export,
                "warnings": [], "provenance": provenance(cfg.seed, lm.preprocess)}
     write_json(os.path.join(out, "layer.json"), {**summary, "timings": seconds})
