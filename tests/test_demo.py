@@ -39,7 +39,8 @@ def test_demo_pipeline_small(tmp_path):
         assert d["best_rho"] == RHOS[scores.index(max(scores))] == ch["best_rho"]
         assert f'href="#c{d["channel"]}">{d["channel"]}</a>' in page and f"<b>{d['best_rho']:.2f}</b>" in page
     images = re.findall(r'<img class="[a-z]*" alt="[^"]*" src="([^"]+)"', page)
-    pictures = sum(1 + 2 * len(d["concepts"]) for d in out["disentangled"])  # teaser; per concept a strip, a plot
+    # the layer's effects figure; per channel its teaser, per concept a strip, a heatmap strip and a plot
+    pictures = 1 + sum(1 + 3 * len(d["concepts"]) for d in out["disentangled"])
     assert len(images) == pictures and all(os.path.isfile(os.path.join(tmp_path / "out", p)) for p in images)
     n = len(out["disentangled"])
     # the same results as the files on disk

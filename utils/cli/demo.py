@@ -131,6 +131,9 @@ def print_summary(out_dir: str, report: str, top_k: int, seconds: float) -> None
               f"original channels {means[0]:.0%}, concept channels {means[1]:.0%}")
     if any(s < 0 for ch in layer["channels"].values() for s in ch.get("orientation") or []):
         print("(-): a concept served by its unit going down, read as -activation (--orientation gradient)")
+    from .disentangle_layer import print_certification
+
+    print_certification(layer)
     print(f"max |logit difference| of the one network: {layer['max_abs_logit_diff']:.3g}; done in {seconds:.0f} s")
 
 

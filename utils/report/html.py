@@ -116,6 +116,8 @@ def _effects_table(summary: dict, names) -> str:
             "concepts beyond the original's ablation there, as a share of the original's own drop. <b>Certified</b>: "
             f"own share ≥ {1 - t:.0%}, cross share ≤ {t:.0%} and elsewhere ≤ {t:.0%}. "
             f"<b>{cert['certified']} of {cert['concept_units']}</b> concept units are certified.</p>")
+    fig = summary.get("effects_figure")
+    head += _img(fig, os.path.dirname(os.path.dirname(fig)), "teaser") if fig else ""
     return head + _table(["unit", "concept unit", "concept", "purity", "AUC", "own", "original", "own share",
                           "cross share", "elsewhere", "largest collateral (class)",
                           "steering: Δ logit of the concept's classes / of the other concepts'", "certified"],

@@ -17,7 +17,8 @@ from ..data.classes import ClassNames
 from ..data.images import ImageList, load_image
 from .evaluation import Activations, TopKRequest, evaluate_splits
 from ..report.html import write_layer_report
-from ..report.teaser import heat_overlay, save_strip
+from ..report.style import concept_colour
+from ..report.teaser import heat_overlay, save_strip, strips_figure
 from ..passes.heatmaps import conditional_heatmaps
 from .visualize import Job, PicturesConfig, draw
 from ..model.receptive import receptive_field
@@ -173,12 +174,15 @@ def write_layer(cfg, lm, model, layer: str, store, ev: LayerEvaluation, records:
     seconds["results and plots"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     heat: dict[str, np.ndarray] = {}  # the heatmaps as arrays (arrays.npz)
-    pictures = _pictures(cfg, lm, model, layer, ev, records, names, out, heat)
+    shown_heat: dict[tuple[int, int], list] = {}  # (channel, j) -> the first reference images under their heatmaps
+    pictures = _pictures(cfg, lm, model, layer, ev, records, names, out, heat, shown_heat)
     files = {c: ChannelFiles(f.record, f.quantitative, f.plots, pictures[c]) for c, f in files.items()}
     seconds["pictures"] = time.perf_counter() - t0
     summary = {**_summary(cfg, lm, layer, ev, files, export, names, evidence or {}, fx),
                "warnings": warnings(store), "provenance": provenance(cfg.seed, lm.preprocess)}
     summary["arrays"] = write_arrays(os.path.join(out, "arrays.npz"), ev, fx, heat)
+    if fx is not None and shown_heat:
+        summary["effects_figure"] = effects_figure(os.path.join(out, "pictures", "effects.png"), summary, shown_heat)
     write_json(os.path.join(out, "layer.json"), {**summary, "timings": seconds})
     report = os.path.join(out, "report.html")
     write_layer_report(report, summary, ev, files, names, seconds, cfg.notes)
@@ -257,8 +261,27 @@ def write_arrays(path: str, ev: LayerEvaluation, fx, heat: dict[str, np.ndarray]
     return path
 
 
+def effects_figure(path: str, summary: dict, shown: dict[tuple[int, int], list]) -> str:
+    """One figure of every concept unit of the layer: its reference images under its conditional heatmap, labelled
+    with whether it is certified and the three shares that decide it."""
+    rows = []
+    for c, ch in summary["channels"].items():
+        for j, e in enumerate(ch["effects"] or [], 1):
+            if (int(c), j) not in shown:
+                continue
+            shares = ", ".join(f"{name} {'-' if v is None else format(v, '.0%')}" for name, v in
+                               (("own share", e["own_share"]), ("cross share", e["cross_share"]),
+                                ("elsewhere", e["elsewhere"])))
+            rows.append((f"channel {c}, concept unit {j} ({', '.join(ch['class_names'][j - 1])}): "
+                         f"{'certified' if e['certified'] else 'NOT certified'} ({shares})", concept_colour(j),
+                         shown[(int(c), j)]))
+    strips_figure(rows, path, f"{summary['model']} {summary['layer']}: concept units, where they look, ablation",
+                  cell_inches=1.15)
+    return path
+
+
 def _pictures(cfg, lm, model, layer: str, ev: LayerEvaluation, records: dict[int, Record], names, out: str,
-              heat: dict[str, np.ndarray]) -> dict:
+              heat: dict[str, np.ndarray], shown_heat: dict) -> dict:
     """The teaser figure (original and every concept channel) of each split, from the one top-k, and each
     concept's reference images by relevance with their conditional heatmaps (``heat`` gets the arrays); ``model``
     is the one the passes ran on (already on the device)."""
@@ -291,7 +314,9 @@ def _pictures(cfg, lm, model, layer: str, ev: LayerEvaluation, records: dict[int
             heat[f"heatmap_{r.channel}_D{j}"] = h.cpu().numpy().astype(np.float16)
             heat[f"heatmap_{r.channel}_D{j}_index"] = np.asarray(ref["indices"], dtype=np.int64)
             heatmaps.append(os.path.join(p["out_dir"], f"heatmap_D{j}.png"))
-            save_strip([heat_overlay(img, m) for img, m in zip(shown, h.cpu())], heatmaps[-1])
+            overlays = [heat_overlay(img, m) for img, m in zip(shown, h.cpu())]
+            save_strip(overlays, heatmaps[-1])
+            shown_heat[(r.channel, j)] = overlays[:8]
         done[r.channel] = {"out_dir": p["out_dir"], "teaser": os.path.join(p["out_dir"], "teaser.png"),
                            "relevance": strips, "heatmaps": heatmaps}
     return done
