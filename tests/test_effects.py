@@ -35,22 +35,30 @@ GOOD = [1, 1, 1, 0, 0, 0, 2, 2, 2, 0]  # red inputs to concept 1, blue ones to c
 SHARED = [0] * 10  # a deliberately bad split: every input shared, so D_1 = D_2 = Res = the whole filter
 
 
-def run(model, train, val, assign, mode="mean", steer=None, interventions=None):
+def run(model, train, val, assign, mode="mean", steer=None, interventions=None, both=False):
+    """The intervention pass on the planted network with channel 0 split by ``assign`` (``both``: channel 1 split
+    too, red inputs against green ones, and its interventions after channel 0's)."""
+    from utils.method.split import Split, split_filters
     from utils.model.surgery import appended_channels, split_network
     from utils.passes.image_pass import Runner
     from utils.passes.interventions import intervention_pass, reference_outputs, unit_interventions
 
     runner = Runner(device=torch.device("cpu"), batch_size=64, num_workers=0, progress=False)
-    split = split_of(model, assign)
-    net = split_network(model, {"conv": [split]})
-    cols = appended_channels(4, [split])[0]
-    ivs = interventions or unit_interventions(0, cols, 2, steer)
+    splits = [split_of(model, assign)]
+    if both:
+        D, Res = split_filters(model.conv.weight[1].detach(), torch.tensor([1, 1, 1, 2, 2, 2, 0, 0, 0, 0]), 2)
+        splits.append(Split(1, D, Res))
+    net = split_network(model, {"conv": splits})
+    cols = appended_channels(4, splits)
+    concepts = [CONCEPTS, [[RED, ORANGE], [GREEN]]]
+    ivs = interventions or [iv for s, c, cs in zip(splits, cols, concepts)
+                            for iv in unit_interventions(s.channel, c, 2, steer, cs)]
     ref = reference_outputs(runner, net, "conv", train, None, mode)
     effects, _ = intervention_pass(runner, net, "conv", val, ivs, ref, None)
     return net, ref, effects
 
 
-@pytest.mark.parametrize("mode", ["mean", "zero"])
+@pytest.mark.parametrize("mode", ["absent", "mean", "zero"])
 def test_a_good_split_is_certified_and_every_other_class_keeps_its_evidence(planted, mode):
     """Ablating the blue concept unit removes the blue images' blue evidence and no other class's; ablating the
     red-and-orange concept unit removes theirs and not blue's; both hurt their own classes at least as much as
@@ -58,8 +66,12 @@ def test_a_good_split_is_certified_and_every_other_class_keeps_its_evidence(plan
     from utils.method.effects import unit_effects
 
     model, train, val = planted
-    _, _, effects = run(model, train, val, GOOD, mode)
+    _, ref, effects = run(model, train, val, GOOD, mode)
     got = unit_effects(effects, 0, CONCEPTS, 4, tol=0.1)
+    if mode == "absent":  # the blue unit's reference: its mean where blue is absent, where it reads nothing
+        blue_iv = [iv for iv in effects.interventions if iv.channel == 0 and iv.target == "D2" and iv.factor is None][0]
+        assert blue_iv.absent == (BLUE,) and float(ref.of(blue_iv).abs().max()) < 1e-6
+        assert got[1]["own_share"] == pytest.approx(1.0, abs=1e-6)  # all of channel 0's blue function is D2's
     for j, e in enumerate(got, 1):
         assert e["own"] > 0 and e["own"] >= 0.9 * e["own_original"], (j, e)
         assert e["collateral"] <= 0.1 * e["own_original"], (j, e)
@@ -85,22 +97,26 @@ def test_a_split_with_every_input_shared_is_not_certified(planted):
 
 
 def test_ablations_in_one_pass_equal_one_at_a_time_and_the_original_ablation_is_the_original_networks(planted):
-    """Every intervention in one stacked pass gives the numbers each gives alone; ablating all of a unit's columns
-    in the split network equals setting the original network's channel to its reference (mean) map; steering
-    concept unit 2 (blue) up raises the blue logit and leaves green's, which channel 0 does not feed."""
+    """Every intervention of two split units in one stacked pass gives the numbers each gives alone; ablating all of
+    a unit's columns in the split network equals setting the original network's channel to its reference (mean)
+    map; steering concept unit 2 (blue) up raises the blue logit and leaves green's, which channel 0 does not
+    feed."""
     from utils.passes.interventions import unit_interventions
 
     model, train, val = planted
-    net, ref, together = run(model, train, val, GOOD, steer=2.0)
+    net, ref, together = run(model, train, val, GOOD, steer=2.0, both=True)
+    assert {iv.channel for iv in together.interventions} == {0, 1} and len(together.interventions) == 10
     for iv in together.interventions:
-        _, _, alone = run(model, train, val, GOOD, interventions=[iv])
+        _, _, alone = run(model, train, val, GOOD, interventions=[iv], both=True)
         np.testing.assert_allclose(alone.logit[:, 1], together.logit[:, together.column(iv)], atol=1e-5)
         np.testing.assert_allclose(alone.logit[:, 0], together.logit[:, 0], atol=1e-5)
     # the original network with channel 0 set to its mean output map: D1 + D2 - Res at their means
     from utils.model.surgery import appended_channels
 
     cols = appended_channels(4, [split_of(model, GOOD)])[0]
-    mean_map = ref[cols[0]] + ref[cols[1]] - ref[cols[2]]
+    orig = [iv for iv in together.interventions if iv.target == "original"][0]
+    r = ref.of(orig)  # D1, D2, Res at their means over the reference images
+    mean_map = r[0] + r[1] - r[2]
     handle = model.conv.register_forward_hook(lambda m, i, o: torch.cat([mean_map.expand_as(o[:, :1]), o[:, 1:]], 1))
     try:
         from utils.data.images import ImageDataset
@@ -110,7 +126,6 @@ def test_ablations_in_one_pass_equal_one_at_a_time_and_the_original_ablation_is_
             z = model(x).gather(1, torch.as_tensor(together.labels)[:, None])[:, 0].numpy()
     finally:
         handle.remove()
-    orig = [iv for iv in together.interventions if iv.target == "original"][0]
     np.testing.assert_allclose(z, together.logit[:, together.column(orig)], atol=1e-4)
     up = [iv for iv in together.interventions if iv.target == "D2" and iv.factor == 2.0][0]
     a = together.interventions.index(up)
@@ -179,7 +194,7 @@ def test_the_layer_command_proves_each_split_and_gives_the_arrays(planted4, tmp_
     assert r.returncode == 0, r.stderr
     js = json.loads((out / "layer.json").read_text())
     cert = js["certification"]
-    assert cert["reference"] == "mean" and cert["tolerance"] == 0.25 and cert["images"] > 0
+    assert cert["reference"] == "absent" and cert["tolerance"] == 0.25 and cert["images"] > 0
     units = [(c, j, e) for c, ch in js["channels"].items() for j, e in enumerate(ch["effects"], 1)]
     assert cert["concept_units"] == len(units) and cert["certified"] == sum(e["certified"] for _, _, e in units)
     for c, j, e in units:
@@ -192,6 +207,11 @@ def test_the_layer_command_proves_each_split_and_gives_the_arrays(planted4, tmp_
     assert "What each concept unit does" in (out / "report.html").read_text() and "certified:" in r.stdout
     res = dc.load(str(out))
     arrays = res.arrays()
+    c1 = next(iter(res.channels))
+    x = res.reference_images(c1, 1)  # the images the heatmaps are of, as the network takes them
+    assert x.shape[0] == len(arrays[f"heatmap_{c1}_D1_index"]) and x.shape[1] == 3
+    with pytest.raises(dc.UserError, match="j must be 1 to"):
+        res.reference_images(c1, 9)
     n_iv = sum(1 + 2 * len(ch["concepts"]) for ch in js["channels"].values())
     assert arrays["effects_logit"].shape == (cert["images"], n_iv + 1) and len(arrays["effects_names"]) == n_iv
     c0 = next(iter(res.channels))

@@ -158,3 +158,16 @@ def test_layer_command_reads_the_downward_concept_in_its_direction(downward, tmp
         assert ch["sources"][f"{ch['best_rho']:.2f}"]["concept2"] == [6, 7, 8]
     else:
         assert rec["split_rule"] == "search" and ch["search"]["held_objective"][1] >= ch["search"]["held_objective"][0]
+
+
+def test_ablation_to_the_concept_absent_mean_certifies_the_planted_split(downward, tmp_path):
+    """The planted unit reads red upward and blue downward, and its split gives each concept unit exactly one
+    colour's inputs: ablated to their mean where their concept is absent (the default), both concept units are
+    certified, each with all of its concept's function and none of the other's; ablated to their mean over all
+    images, the mean carries each concept's evidence into the other's images and neither is."""
+    _, js = _layer(downward, tmp_path / "absent")
+    effects = js["channels"]["0"]["effects"]
+    assert js["certification"]["reference"] == "absent" and [e["certified"] for e in effects] == [True, True]
+    assert all(e["own_share"] == pytest.approx(1.0, abs=1e-4) and e["cross_share"] <= 1e-4 for e in effects)
+    _, js = _layer(downward, tmp_path / "mean", "--ablation", "mean")
+    assert [e["certified"] for e in js["channels"]["0"]["effects"]] == [False, False]

@@ -27,7 +27,8 @@ CLUSTER_K0 = 4  # ... into at most this many groups by k-means ...
 CLUSTER_MIN_IMAGES = 10  # ... of which those of fewer images are dropped ...
 CLUSTER_GAMMA = 0.5  # ... and those whose mean contributions are at least this alike merged (complete linkage)
 CLUSTER_VAL_SHARE = 0.2  # without a val folder, this share of the images is held out to evaluate on
-ABLATION = "mean"  # what an ablated unit's output is set to: its mean map over training images (or "zero", "none")
+ABLATION = "absent"  # an ablated unit's output: its mean map over training images where its concepts are absent
+# (or "mean" over all of them, "zero", or "none": no ablation pass)
 STEER = 2.0  # steering multiplies a concept unit's output by this factor
 EFFECTS_PER_CLASS = 25  # the ablation pass reads at most this many validation images of each class
 CERTIFY_TOLERANCE = 0.25  # certified: own share >= 1 - t, cross share and elsewhere <= t (utils.method.effects); 4 x

@@ -67,11 +67,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"--split_rule search: training images per concept it reads (and {SEARCH_OTHERS} x N of other "
                         f"classes; a quarter of each held out to stop it) (default: {SEARCH_IMAGES})")
     a = p.add_argument_group("the proof of each split: ablation and steering of the concept units")
-    a.add_argument("--ablation", choices=("mean", "zero", "none"), default=ABLATION,
-                   help="what an ablated unit's output is set to (default: mean, its mean output map over training "
-                        "images: the unit then says nothing in particular, where zero may be far from any input it "
-                        "sees); none: no ablation pass. One pass over the validation images ablates every original "
-                        "unit and concept unit and steers every concept unit, all stacked in each batch")
+    a.add_argument("--ablation", choices=("absent", "mean", "zero", "none"), default=ABLATION,
+                   help="what an ablated unit's output is set to (default: absent, its mean output map over training "
+                        "images where its concepts are absent: the unit then says what it says when its concept is "
+                        "not there; mean: over all of them; zero: zeros, which before a BatchNorm is not 'off'); "
+                        "none: no ablation pass. One pass over the validation images ablates every original unit and "
+                        "concept unit and steers every concept unit, all stacked in each batch")
     a.add_argument("--steer", type=float, default=STEER, metavar="F",
                    help=f"steering: each concept unit's output times F; 0 for none (default: {STEER})")
     a.add_argument("--effects_per_class", type=positive_int, default=EFFECTS_PER_CLASS, metavar="N",

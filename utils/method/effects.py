@@ -40,6 +40,7 @@ class Intervention:
     target: str
     columns: tuple[int, ...]
     factor: float | None = None
+    absent: tuple[int, ...] = ()  # an ablation's reference leaves out the images of these labels (its concepts)
 
     @property
     def name(self) -> str:

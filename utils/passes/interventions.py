@@ -20,6 +20,8 @@ intervention, the mean change of every class's logit and probability over all im
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -30,11 +32,16 @@ from ..method.effects import Effects, Intervention
 from .image_pass import Runner, plain_batches
 
 
-def unit_interventions(channel: int, columns: list[int], k: int, steer: float | None = None) -> list[Intervention]:
+def unit_interventions(channel: int, columns: list[int], k: int, steer: float | None = None,
+                       concepts: list[list[int]] | None = None) -> list[Intervention]:
     """The interventions of one split unit whose ``expanded`` columns are ``columns`` (D_1 .. D_k, Res): the
-    original ablated (every column), each concept unit ablated, and, with ``steer``, each concept unit scaled."""
-    out = [Intervention(channel, "original", tuple(columns))]
-    out += [Intervention(channel, f"D{j}", (columns[j - 1],)) for j in range(1, k + 1)]
+    original ablated (every column), each concept unit ablated, and, with ``steer``, each concept unit scaled.
+    ``concepts`` (labels per concept): what each ablation's ``absent`` reference leaves out (concept j's for D_j,
+    every concept's for the original)."""
+    concepts = concepts or [[] for _ in range(k)]
+    every = tuple(sorted({t for cs in concepts for t in cs}))
+    out = [Intervention(channel, "original", tuple(columns), absent=every)]
+    out += [Intervention(channel, f"D{j}", (columns[j - 1],), absent=tuple(concepts[j - 1])) for j in range(1, k + 1)]
     if steer is not None:
         out += [Intervention(channel, f"D{j}", (columns[j - 1],), float(steer)) for j in range(1, k + 1)]
     return out
@@ -48,40 +55,73 @@ def split_layer(net: nn.Module, layer: str) -> nn.Module:
     return mod
 
 
+ABLATION_REFERENCES = ("absent", "mean", "zero")
+
+
+@dataclass(frozen=True)
+class References:
+    """What an ablated column is set to: per label of the reference images, the sum of every ``expanded`` column's
+    output map (``sums[label]``: C_total x ..., float64) and the number of images (``counts``); ``mode``:
+
+    - ``absent`` (the default): the mean over the images where the intervention's concepts are absent (labels
+      outside ``Intervention.absent``): a unit ablated says what it says when its concept is not there;
+    - ``mean``: the mean over all of them;
+    - ``zero``: zeros.
+
+    The columns come first in every map (a Linear's too: C_total x tokens)."""
+
+    sums: dict[int, torch.Tensor]
+    counts: dict[int, int]
+    mode: str
+
+    def of(self, iv: Intervention) -> torch.Tensor:
+        """The reference maps of ``iv``'s columns (len(columns) x ...)."""
+        labels = [t for t in self.sums if self.mode != "absent" or t not in set(iv.absent)] or list(self.sums)
+        total = sum(self.sums[t] for t in labels)[list(iv.columns)]
+        mean = (total / sum(self.counts[t] for t in labels)).float()
+        return torch.zeros_like(mean) if self.mode == "zero" else mean
+
+
 @torch.no_grad()
 def reference_outputs(runner: Runner, net: nn.Module, layer: str, images: ImageList, preprocess: Preprocess | None,
-                      mode: str = "mean", max_images: int = 256, seed: int = 0) -> torch.Tensor:
-    """Every ``expanded`` column's reference output map (its output without the batch dimension; a Conv2d:
-    C_total x H x W): the mean over up to ``max_images`` of ``images`` drawn with ``seed`` (``mode`` mean), or
-    zeros (``mode`` zero). On ``runner``'s device."""
-    if mode not in ("mean", "zero"):
-        raise UserError(f"the ablation reference must be mean or zero, not {mode!r}")
+                      mode: str = "absent", max_images: int = 256, seed: int = 0) -> References:
+    """The :class:`References` of the split layer ``layer`` of ``net`` from up to ``max_images`` of ``images``
+    drawn with ``seed`` (their labels: ``images.targets``), on ``runner``'s device."""
+    if mode not in ABLATION_REFERENCES:
+        raise UserError(f"the ablation reference must be one of {', '.join(ABLATION_REFERENCES)}, not {mode!r}")
     expanded = split_layer(net, layer).expanded
+    conv = isinstance(expanded, nn.Conv2d)
     rows = sorted(np.random.default_rng(seed).permutation(len(images))[:max_images].tolist())
-    total: list[torch.Tensor] = []
-
-    def hook(_m, _i, out):
-        total.append(out.double().sum(0))
+    if not rows:
+        raise UserError("no images to take the ablations' reference outputs from")
+    seen: list[torch.Tensor] = []
 
     def step(batches):
+        sums: dict[int, torch.Tensor] = {}
+        counts: dict[int, int] = {}
         for b in batches:
             net(b.x)
+            out = seen.pop().double()
+            out = out if conv else out.movedim(-1, 1)  # the columns first, as a Conv2d's
+            for t in b.targets.unique().tolist():
+                mask = b.targets == t
+                part = out[mask.to(out.device)].sum(0)
+                sums[t] = sums[t] + part if t in sums else part
+                counts[t] = counts.get(t, 0) + int(mask.sum())
+        return sums, counts
 
-    handle = expanded.register_forward_hook(hook)
-    try:
-        runner.image_pass(images, plain_batches(rows, runner.batch_size), preprocess, "reference outputs").run(step)
+    handle = expanded.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:  # every rank reads the same few images (no sharing out): each has the whole reference
+        ran = runner.image_pass(images, plain_batches(rows, runner.batch_size), preprocess, "reference outputs",
+                                shard=False).run(step)
     finally:
         handle.remove()
-    if not total:
-        raise UserError("no images to take the ablations' reference outputs from")
-    shape = total[0].shape
-    summed = runner.gather_rows(torch.stack(total).sum(0).flatten().cpu()[None]).sum(0).view(shape)
-    mean = (summed / len(rows)).float().to(runner.device)
-    return mean if mode == "mean" else torch.zeros_like(mean)
+    sums, counts = ran.value
+    return References(sums, counts, mode)
 
 
 def intervention_pass(runner: Runner, net: nn.Module, layer: str, images: ImageList,
-                      interventions: list[Intervention], reference: torch.Tensor, preprocess: Preprocess | None,
+                      interventions: list[Intervention], references: References, preprocess: Preprocess | None,
                       indices: list[int] | None = None, desc: str = "ablations",
                       measure: str = "logits") -> tuple[Effects, float]:
     """ONE pass over ``images`` (or ``indices`` of them) through the split network ``net`` (on ``runner``'s
@@ -99,16 +139,16 @@ def intervention_pass(runner: Runner, net: nn.Module, layer: str, images: ImageL
     order = range(len(images)) if indices is None else indices
     conv = isinstance(expanded, nn.Conv2d)  # its units along dim 1; a Linear's along the last dim
 
+    refs = [references.of(iv) for iv in interventions]  # each intervention's maps of its own columns
+
     def hook(_m, _i, out):
         B = out.shape[0] // (A + 1)
         out = out.clone()
-        for a, iv in enumerate(interventions, 1):
+        for a, (iv, ref) in enumerate(zip(interventions, refs), 1):
             part, cols = out[a * B:(a + 1) * B], list(iv.columns)
-            if not conv:  # a Linear's units along the last dim: the same arithmetic, transposed
-                part, ref = part.movedim(-1, 1), reference.movedim(-1, 0)
-            else:
-                ref = reference
-            part[:, cols] = ref[cols] if iv.factor is None else part[:, cols] * iv.factor
+            if not conv:  # a Linear's units along the last dim: the same arithmetic with them first
+                part = part.movedim(-1, 1)
+            part[:, cols] = ref if iv.factor is None else part[:, cols] * iv.factor
         return out
 
     def step(batches):

@@ -57,7 +57,8 @@ def layer_effects(cfg, runner, store, net, layer: str, out_channels: int, scored
         return None
     t0 = time.perf_counter()
     cols = appended_channels(out_channels, [s.split() for s in scored])
-    ivs = [iv for s, c in zip(scored, cols) for iv in unit_interventions(s.channel, c, len(s.concepts), cfg.steer)]
+    ivs = [iv for s, c in zip(scored, cols)
+           for iv in unit_interventions(s.channel, c, len(s.concepts), cfg.steer, s.concepts)]
     mine = sorted({t for s in scored for cs in s.concepts for t in cs})
     have = [t for t in store.class_index.values() if store.class_counts[t] > 0 and t not in set(mine)]
     extra = sorted(random.Random(cfg.seed).sample(have, min(len(have), SEARCH_OTHER_CLASSES)))

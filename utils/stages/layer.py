@@ -30,6 +30,7 @@ from ..data.images import ImageList, list_images
 from ..defaults import (ABLATION, CERTIFY_TOLERANCE, DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU, EFFECTS_PER_CLASS, STEER, SEARCH_BUDGET, SEARCH_IMAGES, SEARCH_OTHER_CLASSES,
                         SEARCH_OTHERS, SEARCH_PATIENCE, SEARCH_SCREEN)
 from .effects import layer_effects
+from ..passes.interventions import ABLATION_REFERENCES
 from .layer_output import evaluate_layer, write_layer
 from .splitting import check_indices, score_channels
 from ..errors import UserError
@@ -78,7 +79,7 @@ class LayerConfig(RunOptions):
 
 LAYER_RULES = (*SPLIT_RULES, "search")  # the layer command's split rules
 ORIENTATIONS = ("none", "gradient")
-ABLATIONS = ("mean", "zero", "none")  # the reference an ablated unit takes (utils.passes.interventions), or no proof
+ABLATIONS = (*ABLATION_REFERENCES, "none")  # the reference an ablated unit takes (utils.passes.interventions), or none
 
 
 def layer_name(tag: str, layer: str, tau: float, p: float, gamma: float, rule: str = "paper",

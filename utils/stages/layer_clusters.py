@@ -45,7 +45,7 @@ from ..model.hooks import resolve_positions
 from ..model.surgery import appended_channels, check_logit_diff, export_network, logit_diff_scale, split_network
 from ..model.units import Unit
 from ..passes.contributions import UnitRequest, contribution_pass
-from ..passes.interventions import intervention_pass, reference_outputs, unit_interventions
+from ..passes.interventions import ABLATION_REFERENCES, intervention_pass, reference_outputs, unit_interventions
 from ..passes.featvis import FVConfig, magnitude_spectrum, visualize
 from ..passes.image_pass import RunOptions
 from ..passes.topk import stream_topk
@@ -98,8 +98,8 @@ def check_clusters_config(cfg: ClustersConfig, out_channels: int, layer: str) ->
     if not 0 < cfg.gamma_high <= 1:
         raise UserError(f"--cos_sim_high must be in (0, 1]: clusters at least this alike form one concept, "
                         f"not {cfg.gamma_high}")
-    if cfg.ablation not in ("mean", "zero", "none"):
-        raise UserError(f"--ablation must be one of mean, zero, none, not {cfg.ablation!r}")
+    if cfg.ablation not in (*ABLATION_REFERENCES, "none"):
+        raise UserError(f"--ablation must be one of {', '.join(ABLATION_REFERENCES)}, none, not {cfg.ablation!r}")
     if not 0 <= cfg.certify_tolerance < 1:
         raise UserError(f"--certify_tolerance must be in [0, 1), not {cfg.certify_tolerance}")
     if not 0 < cfg.val_share < 1:
@@ -280,6 +280,7 @@ def _cluster_effects(cfg, runner, net, layer: str, unit: Unit, results: list[Uni
         return None
     cols = appended_channels(unit.out_channels, [r.scored.split() for r in results])
     ivs = [iv for r, c in zip(results, cols) for iv in unit_interventions(r.scored.channel, c, len(r.scored.concepts))]
+    # no concept has labels here: "absent" leaves nothing out (the mean over the reference images)
     ref = reference_outputs(runner, net, layer, train, lm.preprocess, cfg.ablation, REFERENCE_IMAGES, cfg.seed)
     mine = sorted({int(i) for r in results for i in np.flatnonzero(r.concept)})
     rest = [i for i in range(len(val)) if i not in set(mine)]

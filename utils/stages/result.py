@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.images import Preprocess
+from ..data.images import Preprocess, read_rgb
 from ..errors import UserError, api_errors
 from ..files import read_json, write_json
 from ..report.style import per_concept
@@ -131,6 +131,24 @@ class Result:
         a = Unit(expanded, self.positions).counted(got["a"])
         out = {c: a[:, s.columns] for c, s in self.channels.items()}
         return {c: v.sum((2, 3)) for c, v in out.items()} if pooled else out
+
+    @api_errors
+    def reference_images(self, channel: int, j: int) -> torch.Tensor:
+        """Concept j's (1-based) reference images of split unit ``channel`` (the validation images where its concept
+        unit contributes most to their own logit, ``channels[channel].by_relevance``) as the network takes them:
+        an n x 3 x H x W tensor through ``self.transform``; ``arrays()["heatmap_<channel>_D<j>"]`` are their
+        heatmaps, in the same order."""
+        if channel not in self.channels:
+            raise UserError(f"unit {channel} is not split here; split units: {sorted(self.channels)}")
+        refs = self.channels[channel].by_relevance or []
+        if not 1 <= j <= len(refs):
+            raise UserError(f"unit {channel} has {len(refs)} concepts with reference images; j must be 1 to {len(refs)}")
+        paths = refs[j - 1].get("paths") or []
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise UserError(f"reference image {missing[0]} is not there (images given as a Dataset have no file); "
+                            "read them from your dataset by refs['indices']")
+        return torch.stack([self.transform(read_rgb(p)) for p in paths]) if paths else torch.zeros(0)
 
     @api_errors
     def arrays(self) -> dict:
