@@ -374,7 +374,7 @@ def test_cli_seed_command_and_store_is_readable(image_folder, tmp_path):
     # the numbers are the relevance of the same (seeded) random resnet18, computed independently
     _, x_img, labels = direct_images(data)
     ref, pred, ref_x = relevance_via_image(load_model("resnet18", "none").model, "layer4.1.conv2", x_img, labels)
-    assert_relevance_close(torch.from_numpy(np.asarray(rel, dtype=np.float32)), ref, rtol=3e-3)
+    assert_relevance_close(torch.from_numpy(np.array(rel, dtype=np.float32)), ref, rtol=3e-3)
     assert np.array_equal(np.load(os.path.join(path, "predictions.npy")), pred.numpy())
     direct = np.stack([taps_by_shifting(ref_x[labels == t], 1).sum(0) for t in range(3)])
     assert np.allclose(sums[:3], direct, rtol=1e-4, atol=1e-4 * np.abs(direct).max())

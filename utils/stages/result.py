@@ -158,8 +158,8 @@ class Result:
         ``effects_labels``; ``effects_logit``, ``effects_prob``, ``effects_correct``: per image its own class, intact
         (column 0) and under each intervention; ``effects_dlogit``, ``effects_dprob``: per intervention the mean
         change of every class) and the conditional heatmaps of each concept's reference images
-        (``heatmap_<c>_D<j>``, n x H x W, with ``heatmap_<c>_D<j>_index``). Reference images as tensors:
-        ``self.transform`` of their paths in ``channels[c].by_relevance``."""
+        (``heatmap_<c>_D<j>``, n x H x W, with ``heatmap_<c>_D<j>_index``); the reference images themselves:
+        :meth:`reference_images`."""
         path = os.path.join(self.folder, "arrays.npz")
         if not os.path.isfile(path):
             raise UserError(f"{self.folder} holds no arrays.npz (a result from before it was written)")
