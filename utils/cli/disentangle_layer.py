@@ -81,7 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="a concept unit is certified when ablating it takes at least 1 - T of what ablating the "
                         "original unit takes from its concept's own logits, at most T of what that takes from each "
                         "other concept's, and from any other class at most T x its own effect more than the "
-                        f"original's ablation does (default: {CERTIFY_TOLERANCE}, 4 x the sampling noise of those "
+                        f"original's ablation does (default: {CERTIFY_TOLERANCE}, six times the sampling noise of those "
                         "shares measured on the digits demo)")
     c = p.add_argument_group("concepts from clusters (--concepts clusters: no labels, no store, any backbone)")
     c.add_argument("--concepts", choices=("classes", "clusters"), default="classes",

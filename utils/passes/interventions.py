@@ -5,8 +5,9 @@ In the split network the layer is ``Sequential(expanded, merge)`` (:func:`utils.
 adds the D_j and takes k - 1 Res away. An **intervention** changes some columns of ``expanded``'s output before the
 merge:
 
-- an **ablation** sets them to their reference value: the mean output map over training images (the default;
-  the unit then says "nothing in particular") or zero;
+- an **ablation** sets them to their reference value (:class:`References`): by default the mean output map over
+  training images where the intervention's concepts are absent (the unit then says what it says when its concept
+  is not there), or the mean over all of them, or zero;
 - **steering** multiplies them by a factor.
 
 Ablating concept unit j of channel c is ablating its column, D_j. Ablating the original unit is ablating all of

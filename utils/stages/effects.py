@@ -1,7 +1,8 @@
 """The layer command's proof of each split (``--ablation``): what every concept unit does to the network's decisions.
 
-    the one split network -> the reference outputs (each sub-unit's mean output map over up to REFERENCE_IMAGES
-    training images of the concepts' classes and up to SEARCH_OTHER_CLASSES others; or zero)
+    the one split network -> the reference outputs (each sub-unit's output maps summed per class over up to
+    REFERENCE_IMAGES training images of the concepts' classes and up to SEARCH_OTHER_CLASSES others: an ablation
+    takes the mean where its concepts are absent, ``--ablation absent``; or over all of them; or zero)
     -> ONE pass over up to ``--effects_per_class`` validation images of every class
        (:func:`utils.passes.interventions.intervention_pass`): each split unit's original ablated, each concept unit
        ablated and (``--steer``) scaled, all stacked in each batch

@@ -32,7 +32,7 @@ import torch
 from ..data.datasets import Datasets
 from ..data.images import ImageList, list_any_images, list_images, load_image
 from ..defaults import (ABLATION, CERTIFY_TOLERANCE, CLUSTER_GAMMA, CLUSTER_K0, CLUSTER_MIN_IMAGES, CLUSTER_TOP_N,
-                        CLUSTER_VAL_SHARE, REFERENCE_IMAGES, logit_tolerance)
+                        CLUSTER_VAL_SHARE, EFFECTS_PER_CLASS, REFERENCE_IMAGES, logit_tolerance)
 from ..errors import UserError
 from ..files import check_writable, write_json
 from ..method.clusters import nearest_concept
@@ -273,8 +273,8 @@ def _evaluate(cfg, runner, model, unit: Unit, scored: list[Scored], found: Label
 def _cluster_effects(cfg, runner, net, layer: str, unit: Unit, results: list[UnitResult], train: ImageList,
                      val: ImageList, lm, log) -> dict | None:
     """The proof of each split on the model's output (:mod:`utils.passes.interventions` with ``measure`` features):
-    each split unit's original and concept units ablated on the held-out images of its concepts and up to
-    REFERENCE_IMAGES others; per unit, each cluster's entry (:func:`utils.method.effects.unit_effects`, clusters
+    each split unit's original and concept units ablated on up to EFFECTS_PER_CLASS held-out images of each of its
+    clusters and as many of no cluster; per unit, each cluster's entry (:func:`utils.method.effects.unit_effects`, clusters
     in the place of classes, the images of no concept as the class "elsewhere" reads)."""
     if cfg.ablation == "none":
         return None
@@ -282,9 +282,14 @@ def _cluster_effects(cfg, runner, net, layer: str, unit: Unit, results: list[Uni
     ivs = [iv for r, c in zip(results, cols) for iv in unit_interventions(r.scored.channel, c, len(r.scored.concepts))]
     # no concept has labels here: "absent" leaves nothing out (the mean over the reference images)
     ref = reference_outputs(runner, net, layer, train, lm.preprocess, cfg.ablation, REFERENCE_IMAGES, cfg.seed)
-    mine = sorted({int(i) for r in results for i in np.flatnonzero(r.concept)})
-    rest = [i for i in range(len(val)) if i not in set(mine)]
-    rows = sorted(mine + random.Random(cfg.seed).sample(rest, min(len(rest), REFERENCE_IMAGES)))
+    rng = random.Random(cfg.seed)  # up to EFFECTS_PER_CLASS held-out images of each cluster, and as many of none
+    mine = set()
+    for r in results:
+        for j in range(1, len(r.scored.concepts) + 1):
+            of_j = np.flatnonzero(r.concept == j).tolist()
+            mine |= set(rng.sample(of_j, min(len(of_j), EFFECTS_PER_CLASS)))
+    rest = [i for i in range(len(val)) if not any(r.concept[i] for r in results)]
+    rows = sorted(mine | set(rng.sample(rest, min(len(rest), EFFECTS_PER_CLASS))))
     effects, seconds = intervention_pass(runner, net, layer, val, ivs, ref, lm.preprocess, rows, measure="features")
     channels = {}
     for r in results:
