@@ -80,8 +80,8 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     print(f"{len(order)} split units, {A} interventions (ablations and steering), {n} validation images, {args.device}")
     print(f"plain forward:          {plain:7.1f} s  {n / plain:8.1f} images/s")
-    print(f"one batched pass:       {batched:7.1f} s  {n * (A + 1) / batched:8.1f} forwards/s  "
-          f"({batched / plain:.1f} x a plain pass)")
+    print(f"one batched pass:       {batched:7.1f} s  {n * (A + 1) / batched:8.1f} image copies/s  "
+          f"({batched / plain:.1f} x a plain pass; copies made at the {together.copies})")
     print(f"one pass per intervention: {single:4.1f} s  ({single / batched:.1f} x the batched pass; the intact "
           f"forward is repeated in each)")
     print(f"largest |logit difference| between the two: {worst:.2g}; peak RSS {peak:.2f} GB")

@@ -127,6 +127,7 @@ def test_ablations_in_one_pass_equal_one_at_a_time_and_the_original_ablation_is_
     finally:
         handle.remove()
     np.testing.assert_allclose(z, together.logit[:, together.column(orig)], atol=1e-4)
+    assert together.copies == "layer"  # nothing after the planted layer reads from before it: copies start there
     up = [iv for iv in together.interventions if iv.target == "D2" and iv.factor == 2.0][0]
     a = together.interventions.index(up)
     assert together.dlogit[a, BLUE] > 0 and abs(together.dlogit[a, GREEN]) < 1e-5  # green reads no channel 0
@@ -227,3 +228,53 @@ def test_the_layer_command_proves_each_split_and_gives_the_arrays(planted4, tmp_
     js = json.loads((tmp_path / "none" / "layer.json").read_text())
     assert js["certification"] is None and all(ch["effects"] is None for ch in js["channels"].values())
     assert "effects_logit" not in dc.load(str(tmp_path / "none")).arrays()
+
+
+class WithResidual(torch.nn.Module):
+    """The planted network with a residual connection around its layer: what follows ``conv`` also reads the stem's
+    output, a tensor from before the layer."""
+
+    def __init__(self, planted):
+        super().__init__()
+        self.stem, self.conv, self.fc = planted.stem, planted.conv, planted.fc
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return self.fc(torch.relu(self.conv(h) + h[:, :4]).mean((2, 3)))
+
+
+def test_a_network_that_reads_past_the_layer_copies_the_input_and_gets_the_same_numbers(planted):
+    """With a residual connection around the layer, copies made at the layer would not fit what follows: the pass
+    notices on its first batch and feeds every copy the whole network; each intervention's logits equal a plain
+    forward of the split network with that intervention's columns set by hand."""
+    from utils.model.surgery import appended_channels, split_network
+    from utils.passes.image_pass import Runner
+    from utils.passes.interventions import intervention_pass, reference_outputs, unit_interventions
+
+    model, train, val = planted
+    model = WithResidual(model).eval()
+    split = split_of(model, GOOD)
+    net = split_network(model, {"conv": [split]})
+    cols = appended_channels(4, [split])[0]
+    runner = Runner(device=torch.device("cpu"), batch_size=64, num_workers=0, progress=False)
+    ivs = unit_interventions(0, cols, 2, 2.0, CONCEPTS)
+    ref = reference_outputs(runner, net, "conv", train, None, "zero")
+    effects, _ = intervention_pass(runner, net, "conv", val, ivs, ref, None)
+    assert effects.copies == "input"
+    from utils.data.images import ImageDataset
+
+    x = torch.stack([ImageDataset(val)[i][0] for i in effects.index])
+    labels = torch.as_tensor(effects.labels)[:, None]
+    for iv in ivs:
+        def by_hand(_m, _i, out, iv=iv):
+            out = out.clone()
+            out[:, list(iv.columns)] = 0.0 if iv.factor is None else out[:, list(iv.columns)] * iv.factor
+            return out
+
+        handle = net.conv.expanded.register_forward_hook(by_hand)
+        try:
+            with torch.no_grad():
+                z = net(x).gather(1, labels)[:, 0].numpy()
+        finally:
+            handle.remove()
+        np.testing.assert_allclose(effects.logit[:, effects.column(iv)], z, atol=1e-5)

@@ -63,6 +63,7 @@ class Effects:
     correct: np.ndarray
     dlogit: np.ndarray
     dprob: np.ndarray
+    copies: str = "input"  # where the pass made its copies: "layer" (the network before it ran once) or "input"
 
     def column(self, iv: Intervention) -> int:
         """The column of ``iv`` in ``logit``, ``prob`` and ``correct`` (0 is intact)."""

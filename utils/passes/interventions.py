@@ -14,8 +14,10 @@ Ablating concept unit j of channel c is ablating its column, D_j. Ablating the o
 its columns (D_1 .. D_k, Res), because the merge is linear: the channel's output becomes its own reference (the
 mean, or zero), exactly as in the original network.
 
-ONE pass over the images runs every intervention: each batch is fed once per intervention, plus once intact, as one
-stacked batch, and a hook on ``expanded`` changes each copy's columns. Per image it keeps the logit and the
+ONE pass over the images runs every intervention: each batch is stacked once per intervention, plus once intact,
+and a hook on ``expanded`` changes each copy's columns. Where the network after the layer reads nothing from before
+it, the copies are made at the layer (the network before it runs once per batch); otherwise each copy runs the
+whole network (the first batch decides, by comparing both ways). Per image it keeps the logit and the
 probability of its own class and whether it is classified right, intact and under each intervention; per
 intervention, the mean change of every class's logit and probability over all images.
 """
@@ -142,9 +144,12 @@ def intervention_pass(runner: Runner, net: nn.Module, layer: str, images: ImageL
 
     refs = [references.of(iv) for iv in interventions]  # each intervention's maps of its own columns
 
+    state: dict = {"expand": False, "fast": None}
+
     def hook(_m, _i, out):
+        # fed once (fast): the copies start here; fed A + 1 times: every copy ran the network up to here
+        out = out.repeat(A + 1, *([1] * (out.dim() - 1))) if state["expand"] else out.clone()
         B = out.shape[0] // (A + 1)
-        out = out.clone()
         for a, (iv, ref) in enumerate(zip(interventions, refs), 1):
             part, cols = out[a * B:(a + 1) * B], list(iv.columns)
             if not conv:  # a Linear's units along the last dim: the same arithmetic with them first
@@ -152,11 +157,27 @@ def intervention_pass(runner: Runner, net: nn.Module, layer: str, images: ImageL
             part[:, cols] = ref if iv.factor is None else part[:, cols] * iv.factor
         return out
 
+    def forward(x: torch.Tensor, fast: bool) -> torch.Tensor:
+        state["expand"] = fast
+        return net(x if fast else x.repeat(A + 1, *([1] * (x.dim() - 1)))).float().reshape(A + 1, len(x), -1)
+
+    def first(x: torch.Tensor) -> torch.Tensor:
+        """The first batch decides how copies are made: from the layer on (the network before it runs once) when
+        that gives the same outputs as copying the input; a network whose later part reuses a tensor from before
+        the layer (a residual connection) fails that, or raises, and every copy then runs the whole network."""
+        slow = forward(x, False)
+        try:
+            fast = forward(x, True)
+            state["fast"] = fast.shape == slow.shape and bool(torch.allclose(fast, slow, rtol=1e-4, atol=1e-5))
+        except RuntimeError:
+            state["fast"] = False
+        return slow
+
     def step(batches):
         rows, sums = [], None
         for b in batches:
             B = len(b)
-            logits = net(b.x.repeat(A + 1, *([1] * (b.x.dim() - 1)))).float().reshape(A + 1, B, -1)
+            logits = first(b.x) if state["fast"] is None else forward(b.x, state["fast"])
             if measure == "features":  # no classes: each copy's distance from the intact output
                 dist = (logits - logits[:1]).norm(dim=-1) / logits[:1].norm(dim=-1).clamp_min(1e-12)
                 ev = -dist.T.double().cpu()  # B x (A + 1)
@@ -180,6 +201,7 @@ def intervention_pass(runner: Runner, net: nn.Module, layer: str, images: ImageL
     finally:
         handle.remove()
     rows, sums = ran.value
+    copies = "layer" if state["fast"] else "input"
     n1 = A + 1
     every = runner.gather_rows(torch.cat(rows) if rows else torch.zeros(0, 2 + 3 * n1, dtype=torch.float64))
     every = every[every[:, 0].argsort(stable=True)].numpy()
@@ -187,4 +209,5 @@ def intervention_pass(runner: Runner, net: nn.Module, layer: str, images: ImageL
     mine = torch.zeros(2, A, K, dtype=torch.float64) if sums is None else sums.cpu()
     total = runner.gather_rows(mine.flatten()[None]).sum(0).view(2, A, K).numpy() / max(1, len(every))
     return Effects(interventions, every[:, 0].astype(np.int64), every[:, 1].astype(np.int64), every[:, 2:2 + n1],
-                   every[:, 2 + n1:2 + 2 * n1], every[:, 2 + 2 * n1:].astype(bool), total[0], total[1]), ran.seconds
+                   every[:, 2 + n1:2 + 2 * n1], every[:, 2 + 2 * n1:].astype(bool), total[0], total[1],
+                   copies), ran.seconds

@@ -48,7 +48,8 @@ class LayerEffects:
     def summary(self) -> dict:
         """The layer's line: how it was measured and how many concept units are certified."""
         return {"reference": self.reference, "tolerance": self.tolerance, "steer": self.steer, "images": self.images,
-                "seconds": self.seconds, "certified": self.certified, "concept_units": self.concept_units}
+                "seconds": self.seconds, "certified": self.certified, "concept_units": self.concept_units,
+                "copies": self.effects.copies}
 
 
 def layer_effects(cfg, runner, store, net, layer: str, out_channels: int, scored: list[Scored], val: ImageList,
@@ -76,7 +77,8 @@ def layer_effects(cfg, runner, store, net, layer: str, out_channels: int, scored
                 for s in scored}
     out = LayerEffects(effects, channels, cfg.ablation, cfg.certify_tolerance, cfg.steer, len(indices),
                        time.perf_counter() - t0)
-    log(f"ablation pass: {len(ivs)} interventions on {len(indices)} validation images in {seconds:.1f} s "
-        f"({len(indices) * (len(ivs) + 1) / max(seconds, 1e-9):.1f} forwards/s); {out.certified} of "
+    where = "from the layer on" if effects.copies == "layer" else "each through the whole network"
+    log(f"ablation pass: {len(ivs)} interventions on {len(indices)} validation images in {seconds:.1f} s (copies "
+        f"{where}); {out.certified} of "
         f"{out.concept_units} concept units certified (tolerance {cfg.certify_tolerance})")
     return out
