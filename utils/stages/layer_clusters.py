@@ -345,8 +345,8 @@ def _write(cfg, lm, model, unit: Unit, layer: str, results: list[UnitResult], to
             "closest": u.clusters.closest, "purity": r.purity, "auc": r.auc, "labels": labels,
             "orientation": s.signs, "search": s.search,
             "flags": [(["top-k mostly outside its concept"] if p < 0.5 else [])
-                      + ([] if fx is None or e["certified"] else ["not certified by ablation"])
-                      for p, e in zip(r.purity["concepts"], fx["channels"][s.channel] if fx else r.purity["concepts"])],
+                      + ([] if certified else ["not certified by ablation"])
+                      for p, certified in zip(r.purity["concepts"], _certified(fx, s.channel, k))],
             "effects": None if fx is None else fx["channels"][s.channel],
             "pictures": pictures[s.channel]}
     kind = {} if not unit.linear else {"unit": "Linear", "positions": unit.positions}
@@ -366,6 +366,11 @@ def _write(cfg, lm, model, unit: Unit, layer: str, results: list[UnitResult], to
     _remove({p for p in previous - described_outputs(os.path.join(out, "layer.json")) if p.startswith(inside)})
     log(f"wrote {out}/ (layer.json, disentangled.pt, pictures/, report.html)")
     return {**summary, "report": report, "out_dir": out}
+
+
+def _certified(fx: dict | None, channel: int, k: int) -> list[bool]:
+    """Per concept of ``channel``, whether the ablation pass certified it (all true without a pass: nothing to flag)."""
+    return [True] * k if fx is None else [bool(e["certified"]) for e in fx["channels"][channel]]
 
 
 def _pictures(cfg, lm, model, unit: Unit, r: UnitResult, top: TopK, train: ImageList, val: ImageList,
