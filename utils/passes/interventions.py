@@ -123,6 +123,71 @@ def reference_outputs(runner: Runner, net: nn.Module, layer: str, images: ImageL
     return References(sums, counts, mode)
 
 
+class _Copies:
+    """How a batch becomes A + 1 copies with their interventions (a forward hook on the split layer's ``expanded``):
+    copied at the layer (``fast``: the network before it runs once) or at the input (every copy runs the whole
+    network). The first batch decides (:meth:`first`)."""
+
+    def __init__(self, net: nn.Module, expanded: nn.Module, interventions: list[Intervention], references: References):
+        self.net, self.interventions = net, interventions
+        self.refs = [references.of(iv) for iv in interventions]  # each intervention's maps of its own columns
+        self.conv = isinstance(expanded, nn.Conv2d)  # its units along dim 1; a Linear's along the last dim
+        self.expand, self.fast = False, None
+
+    @property
+    def n(self) -> int:
+        return len(self.interventions) + 1
+
+    def hook(self, _m, _i, out):
+        # fed once (fast): the copies start here; fed A + 1 times: every copy ran the network up to here
+        out = out.repeat(self.n, *([1] * (out.dim() - 1))) if self.expand else out.clone()
+        B = out.shape[0] // self.n
+        for a, (iv, ref) in enumerate(zip(self.interventions, self.refs), 1):
+            part, cols = out[a * B:(a + 1) * B], list(iv.columns)
+            if not self.conv:  # a Linear's units along the last dim: the same arithmetic with them first
+                part = part.movedim(-1, 1)
+            part[:, cols] = ref if iv.factor is None else part[:, cols] * iv.factor
+        return out
+
+    def forward(self, x: torch.Tensor, fast: bool) -> torch.Tensor:
+        """(A + 1) x B x outputs: the batch intact and under each intervention."""
+        self.expand = fast
+        return self.net(x if fast else x.repeat(self.n, *([1] * (x.dim() - 1)))).float().reshape(self.n, len(x), -1)
+
+    def first(self, x: torch.Tensor) -> torch.Tensor:
+        """The first batch decides how copies are made: from the layer on when that gives the same outputs as
+        copying the input; a network whose later part reuses a tensor from before the layer (a residual connection)
+        fails that, or raises, and every copy then runs the whole network."""
+        slow = self.forward(x, False)
+        try:
+            fast = self.forward(x, True)
+            self.fast = fast.shape == slow.shape and bool(torch.allclose(fast, slow, rtol=1e-4, atol=1e-5))
+        except RuntimeError:
+            self.fast = False
+        return slow
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first(x) if self.fast is None else self.forward(x, self.fast)
+
+
+def _batch_rows(out: torch.Tensor, b, measure: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One batch's rows (B x (2 + 3 (A + 1)): index, label, own-class logit, probability and rightness per copy) from
+    its outputs ``out`` ((A + 1) x B x K), and its per-intervention sums of every class's logit and probability
+    change (2 x A x K; None for ``measure`` features, whose evidence is each copy's distance from the intact
+    output)."""
+    head = [b.index.double()[:, None], b.targets.double()[:, None]]
+    if measure == "features":
+        dist = (out - out[:1]).norm(dim=-1) / out[:1].norm(dim=-1).clamp_min(1e-12)
+        ev = -dist.T.double().cpu()  # B x (A + 1)
+        return torch.cat(head + [ev, ev, torch.ones_like(ev)], 1), None
+    probs = out.softmax(-1)
+    lab = b.labels.view(1, -1, 1).expand(out.shape[0], -1, 1)
+    own = [out.gather(2, lab)[..., 0].T, probs.gather(2, lab)[..., 0].T,  # B x (A + 1) each
+           (out.argmax(-1) == b.labels[None]).T]
+    change = torch.stack([(out[1:] - out[:1]).sum(1), (probs[1:] - probs[:1]).sum(1)]).double()
+    return torch.cat(head + [t.double().cpu() for t in own], 1), change
+
+
 def intervention_pass(runner: Runner, net: nn.Module, layer: str, images: ImageList,
                       interventions: list[Intervention], references: References, preprocess: Preprocess | None,
                       indices: list[int] | None = None, desc: str = "ablations",
@@ -138,76 +203,35 @@ def intervention_pass(runner: Runner, net: nn.Module, layer: str, images: ImageL
     if measure not in ("logits", "features"):
         raise ValueError(f"measure must be logits or features, not {measure!r}")
     expanded = split_layer(net, layer).expanded
-    A = len(interventions)
+    copies = _Copies(net, expanded, interventions, references)
     order = range(len(images)) if indices is None else indices
-    conv = isinstance(expanded, nn.Conv2d)  # its units along dim 1; a Linear's along the last dim
-
-    refs = [references.of(iv) for iv in interventions]  # each intervention's maps of its own columns
-
-    state: dict = {"expand": False, "fast": None}
-
-    def hook(_m, _i, out):
-        # fed once (fast): the copies start here; fed A + 1 times: every copy ran the network up to here
-        out = out.repeat(A + 1, *([1] * (out.dim() - 1))) if state["expand"] else out.clone()
-        B = out.shape[0] // (A + 1)
-        for a, (iv, ref) in enumerate(zip(interventions, refs), 1):
-            part, cols = out[a * B:(a + 1) * B], list(iv.columns)
-            if not conv:  # a Linear's units along the last dim: the same arithmetic with them first
-                part = part.movedim(-1, 1)
-            part[:, cols] = ref if iv.factor is None else part[:, cols] * iv.factor
-        return out
-
-    def forward(x: torch.Tensor, fast: bool) -> torch.Tensor:
-        state["expand"] = fast
-        return net(x if fast else x.repeat(A + 1, *([1] * (x.dim() - 1)))).float().reshape(A + 1, len(x), -1)
-
-    def first(x: torch.Tensor) -> torch.Tensor:
-        """The first batch decides how copies are made: from the layer on (the network before it runs once) when
-        that gives the same outputs as copying the input; a network whose later part reuses a tensor from before
-        the layer (a residual connection) fails that, or raises, and every copy then runs the whole network."""
-        slow = forward(x, False)
-        try:
-            fast = forward(x, True)
-            state["fast"] = fast.shape == slow.shape and bool(torch.allclose(fast, slow, rtol=1e-4, atol=1e-5))
-        except RuntimeError:
-            state["fast"] = False
-        return slow
 
     def step(batches):
         rows, sums = [], None
         for b in batches:
-            B = len(b)
-            logits = first(b.x) if state["fast"] is None else forward(b.x, state["fast"])
-            if measure == "features":  # no classes: each copy's distance from the intact output
-                dist = (logits - logits[:1]).norm(dim=-1) / logits[:1].norm(dim=-1).clamp_min(1e-12)
-                ev = -dist.T.double().cpu()  # B x (A + 1)
-                rows.append(torch.cat([b.index.double()[:, None], b.targets.double()[:, None], ev, ev,
-                                       torch.ones_like(ev)], 1))
-                continue
-            probs = logits.softmax(-1)
-            lab = b.labels.view(1, B, 1).expand(A + 1, B, 1)
-            own = [logits.gather(2, lab)[..., 0].T, probs.gather(2, lab)[..., 0].T,  # B x (A + 1) each
-                   (logits.argmax(-1) == b.labels[None]).T]
-            rows.append(torch.cat([b.index.double()[:, None], b.targets.double()[:, None]]
-                                  + [t.double().cpu() for t in own], 1))
-            change = torch.stack([(logits[1:] - logits[:1]).sum(1), (probs[1:] - probs[:1]).sum(1)]).double()
-            sums = change if sums is None else sums + change  # 2 x A x K
+            row, change = _batch_rows(copies(b.x), b, measure)
+            rows.append(row)
+            if change is not None:
+                sums = change if sums is None else sums + change  # 2 x A x K
         return rows, sums
 
-    handle = expanded.register_forward_hook(hook)
+    handle = expanded.register_forward_hook(copies.hook)
     try:
-        per = max(1, runner.batch_size // (A + 1))
+        per = max(1, runner.batch_size // copies.n)
         ran = runner.image_pass(images, class_batches(images, order, per), preprocess, desc).run(step)
     finally:
         handle.remove()
-    rows, sums = ran.value
-    copies = "layer" if state["fast"] else "input"
-    n1 = A + 1
+    return _effects(runner, interventions, *ran.value, measure, "layer" if copies.fast else "input"), ran.seconds
+
+
+def _effects(runner: Runner, interventions: list[Intervention], rows: list[torch.Tensor],
+             sums: torch.Tensor | None, measure: str, copies: str) -> Effects:
+    """Every rank's rows in dataset order and the summed class changes, as :class:`Effects`."""
+    A, n1 = len(interventions), len(interventions) + 1
     every = runner.gather_rows(torch.cat(rows) if rows else torch.zeros(0, 2 + 3 * n1, dtype=torch.float64))
     every = every[every[:, 0].argsort(stable=True)].numpy()
     K = 1 if measure == "features" else int(runner.slowest(float(0 if sums is None else sums.shape[-1])))
     mine = torch.zeros(2, A, K, dtype=torch.float64) if sums is None else sums.cpu()
     total = runner.gather_rows(mine.flatten()[None]).sum(0).view(2, A, K).numpy() / max(1, len(every))
     return Effects(interventions, every[:, 0].astype(np.int64), every[:, 1].astype(np.int64), every[:, 2:2 + n1],
-                   every[:, 2 + n1:2 + 2 * n1], every[:, 2 + 2 * n1:].astype(bool), total[0], total[1],
-                   copies), ran.seconds
+                   every[:, 2 + n1:2 + 2 * n1], every[:, 2 + 2 * n1:].astype(bool), total[0], total[1], copies)
