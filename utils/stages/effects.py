@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ from ..method.effects import Effects, unit_effects
 from ..method.scoring import Scored
 from ..model.surgery import appended_channels
 from ..passes.interventions import intervention_pass, reference_outputs, unit_interventions
-from ..store.layout import training_images
+from ..store.layout import concept_training_images
 
 
 @dataclass(frozen=True)
@@ -61,10 +60,8 @@ def layer_effects(cfg, runner, store, net, layer: str, out_channels: int, scored
     cols = appended_channels(out_channels, [s.split() for s in scored])
     ivs = [iv for s, c in zip(scored, cols)
            for iv in unit_interventions(s.channel, c, len(s.concepts), cfg.steer, s.concepts)]
-    mine = sorted({t for s in scored for cs in s.concepts for t in cs})
-    have = [t for t in store.class_index.values() if store.class_counts[t] > 0 and t not in set(mine)]
-    extra = sorted(random.Random(cfg.seed).sample(have, min(len(have), SEARCH_OTHER_CLASSES)))
-    train = training_images(store, cfg.data_dir, mine + extra, cfg.class_index)
+    train = concept_training_images(store, cfg.data_dir, [t for s in scored for cs in s.concepts for t in cs],
+                                    SEARCH_OTHER_CLASSES, cfg.seed, cfg.class_index)
     ref = reference_outputs(runner, net, layer, train, preprocess, cfg.ablation, REFERENCE_IMAGES, cfg.seed)
     seen: dict[int, int] = {}
     indices = []

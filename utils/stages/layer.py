@@ -263,9 +263,8 @@ def _contributions(cfg: LayerConfig, runner: Runner, store: st.Store, model, uni
     ``search_images`` images per concept and SEARCH_OTHERS times as many others (other channels' concepts
     and up to SEARCH_OTHER_CLASSES classes outside every concept)."""
     mine = sorted({t for cs in concepts.values() for c in cs for t in c})
-    have = [t for t in store.class_index.values() if store.class_counts[t] > 0 and t not in set(mine)]
-    extra = sorted(random.Random(cfg.seed).sample(have, min(len(have), SEARCH_OTHER_CLASSES))) if searched else []
-    images = training_images(store, cfg.data_dir, mine + extra, cfg.class_index)
+    images = st.concept_training_images(store, cfg.data_dir, mine, SEARCH_OTHER_CLASSES if searched else 0, cfg.seed,
+                                        cfg.class_index)
     requests = [UnitRequest(c, cs, pick_rows(images, cs, cfg.search_images, SEARCH_OTHERS,
                                              cfg.seed) if searched else {}) for c, cs in concepts.items()]
     got, seconds = contribution_pass(runner, model, unit, images, requests, preprocess,

@@ -21,6 +21,7 @@ state. All arrays open with ``numpy.load(path, mmap_mode="r")``; nothing is pick
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -359,3 +360,14 @@ def training_images(store: Store, data_dir: str, classes: list[int], class_index
         raise UserError(f"the training images in {data_root(data_dir)} are not those of store {store.path} "
                         f"(made from {meta.get('data_root')}); pass the same --data_dir as in stage 1")
     return images
+
+
+def concept_training_images(store: Store, data_dir: str, concepts: list[int], others: int, seed: int,
+                            class_index: str | None = None) -> ImageList:
+    """:func:`training_images` of the ``concepts``' classes and of up to ``others`` classes outside them, drawn
+    with ``seed`` among those with training images: what a concept is read against (the searched rule's other
+    images, the ablations' references)."""
+    mine = sorted(set(concepts))
+    have = [t for t in store.class_index.values() if store.class_counts[t] > 0 and t not in set(mine)]
+    extra = sorted(random.Random(seed).sample(have, min(len(have), others)))
+    return training_images(store, data_dir, mine + extra, class_index)
