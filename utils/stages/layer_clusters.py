@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..data.classes import check_channel
 from ..data.datasets import Datasets
 from ..data.images import ImageList, list_any_images, list_images, load_image
 from ..defaults import (ABLATION, CERTIFY_TOLERANCE, CLUSTER_GAMMA, CLUSTER_K0, CLUSTER_MIN_IMAGES, CLUSTER_TOP_N,
@@ -42,7 +43,8 @@ from ..method.selectivity import TopK, purity, roc_auc
 from ..method.split import FilterBank, filter_bank
 from ..model.loading import LoadedModel
 from ..model.hooks import resolve_positions
-from ..model.surgery import appended_channels, check_logit_diff, export_network, logit_diff_scale, split_network
+from ..model.surgery import (appended_channels, check_logit_diff, export_network, logit_diff_scale, nan_max,
+                             split_network)
 from ..model.units import Unit
 from ..passes.contributions import UnitRequest, contribution_pass
 from ..passes.interventions import ABLATION_REFERENCES, intervention_pass, reference_outputs, unit_interventions
@@ -105,8 +107,7 @@ def check_clusters_config(cfg: ClustersConfig, out_channels: int, layer: str) ->
     if not 0 < cfg.val_share < 1:
         raise UserError(f"the held-out share must be between 0 and 1, not {cfg.val_share}")
     for c in cfg.channels or []:
-        if not 0 <= c < out_channels:
-            raise UserError(f"channel {c} is not a unit of {layer} (it has {out_channels}: 0 to {out_channels - 1})")
+        check_channel(c, out_channels, layer)
 
 
 def cluster_images(data, val_share: float, seed: int) -> tuple[ImageList, ImageList, str]:
@@ -226,7 +227,7 @@ def _check_outputs(cfg, runner, model, net, val: ImageList, lm) -> tuple[float, 
     for b in range(0, len(rows), cfg.batch_size):
         x = torch.stack([load_image(val, i, lm.preprocess) for i in rows[b:b + cfg.batch_size]]).to(runner.device)
         d, s = logit_diff_scale(model, net, x)
-        diff, scale = max(diff, d) if d == d else d, max(scale, s)
+        diff, scale = nan_max(diff, d), nan_max(scale, s)
     return diff, scale, len(rows)
 
 
