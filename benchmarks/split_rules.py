@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Every split rule (paper, positive, search), each read raw and in its concepts' directions, on the channels the
-layer command splits.
+"""Every split rule (paper, positive, search, function), each read raw and in its concepts' directions, on the
+channels the layer command splits.
 
 Runs the layer command (``disentangle_layer.py``, same flags, no feature visualisations) once per variant on the
 same store (read in place; nothing is written into ``--store_dir``): for every split channel the top-k purity, the
 ROC AUC (concept against every other validation image) and the pairwise AUC (concept against the other concepts'
-images) of every concept channel, the one network's logit check and the command's seconds. Prints a table per
+images) of every concept channel, how many concept channels the ablation pass certifies (``--ablation``; the
+layer command's proof of each split), the one network's logit check and the command's seconds. Prints a table per
 channel and, per variant, the means over channels (of each channel's mean over its concepts) with 95% bootstrap
 intervals over channels, the paired difference to the paper's rule read raw (as the authors' code reads it), and which variant wins
 on purity outside every interval (or that none does).
@@ -18,8 +19,8 @@ on purity outside every interval (or that none does).
 
 ``--variants paper:none search:gradient ...`` runs only those. ``--json PATH``: ``{"variants": {"paper:none":
 {"mean_purity", "purity_interval", "mean_auc", "auc_interval", "mean_pair_auc", "pair_auc_interval",
-"max_abs_logit_diff", "seconds", "timings", "channels": {"<c>": {"concepts", "best_rho", "orientation", "purity":
-[p1, ...], "auc": [...], "pair_auc": [...]}}}, ...}, "difference": {"<variant>": {"purity": [mean, lo, hi], "auc":
+"max_abs_logit_diff", "seconds", "timings", "certified": [n, of], "channels": {"<c>": {"concepts", "best_rho",
+"orientation", "purity": [p1, ...], "auc": [...], "pair_auc": [...], "certified": [true, ...]}}}, ...}, "difference": {"<variant>": {"purity": [mean, lo, hi], "auc":
 [...], "pair_auc": [...]}}, "winner": "<variant>[ = <variant> ...]" or null}`` (variants with the same purity on
 every channel count as one).
 """
@@ -38,7 +39,7 @@ sys.path.insert(0, ROOT)
 
 import disentangle_layer  # noqa: E402
 
-VARIANTS = tuple(f"{r}:{o}" for r in ("paper", "positive", "search") for o in ("none", "gradient"))
+VARIANTS = tuple(f"{r}:{o}" for r in ("paper", "positive", "search", "function") for o in ("none", "gradient"))
 BASE = "paper:none"  # the paper's rule, read as the authors' code reads it
 KEYS = ("purity", "auc", "pair_auc")
 
@@ -55,9 +56,11 @@ def run_variant(args, variant: str, work: str, lm) -> dict:
     channels = {c: {"concepts": ch["concepts"], "best_rho": ch["best_rho"], "orientation": ch["orientation"],
                     "purity": ch["purity"]["concepts"], "auc": ch["auc"]["concepts"],
                     "pair_auc": ch["pair_auc"]["concepts"], "purity_original": ch["purity"]["original"],
-                    "auc_original": ch["auc"]["original"]} for c, ch in out["channels"].items()}
+                    "auc_original": ch["auc"]["original"],
+                    "certified": [e["certified"] for e in ch.get("effects") or []]} for c, ch in out["channels"].items()}
+    proven = [v for ch in channels.values() for v in ch["certified"]]
     return {"channels": channels, "max_abs_logit_diff": out["max_abs_logit_diff"], "seconds": out["seconds"],
-            "timings": timings}
+            "timings": timings, "certified": [sum(proven), len(proven)]}
 
 
 def per_channel(run: dict, key: str, channels: list[str]) -> np.ndarray:
@@ -101,22 +104,25 @@ def _cells(ch: dict | None) -> str:
     if ch is None:
         return f"{'missing':>34}"
     signs = "".join("-" if s < 0 else "+" for s in (ch["orientation"] or [])) or "·"
+    proven = "/".join("yes" if v else "no" for v in ch["certified"]) or "-"
     return (f"{signs:>4} {'/'.join(f'{v:.0%}' for v in ch['purity']):>10} "
             f"{'/'.join('-' if v is None else f'{v:.2f}' for v in ch['auc']):>9} "
-            f"{'/'.join('-' if v is None else f'{v:.2f}' for v in ch['pair_auc']):>9}")
+            f"{'/'.join('-' if v is None else f'{v:.2f}' for v in ch['pair_auc']):>9} {proven:>7}")
 
 
 def print_table(out: dict) -> None:
     runs = out["variants"]
-    print("per channel and variant: orientation, purity, AUC, pairwise AUC of its concept channels")
+    print("per channel and variant: orientation, purity, AUC, pairwise AUC of its concept channels, certified")
     for c in out["channels"]:
         print(f"channel {c} (k = {len(next(iter(runs.values()))['channels'][c]['concepts'])})")
         for v, r in runs.items():
             print(f"  {v:>17} {_cells(r['channels'].get(c))}")
-    print(f"\n{'variant':>17} {'purity':>22} {'AUC':>22} {'pairwise AUC':>22} {'max |diff|':>10} {'seconds':>8}")
+    print(f"\n{'variant':>17} {'purity':>22} {'AUC':>22} {'pairwise AUC':>22} {'certified':>10} {'max |diff|':>10} "
+          f"{'seconds':>8}")
     for v, r in runs.items():
         cells = [f"{r[f'mean_{k}']:.3f} [{r[f'{k}_interval'][0]:.3f}, {r[f'{k}_interval'][1]:.3f}]" for k in KEYS]
-        print(f"{v:>17} {cells[0]:>22} {cells[1]:>22} {cells[2]:>22} {r['max_abs_logit_diff']:>10.2g} "
+        proven = f"{r['certified'][0]} of {r['certified'][1]}"
+        print(f"{v:>17} {cells[0]:>22} {cells[1]:>22} {cells[2]:>22} {proven:>10} {r['max_abs_logit_diff']:>10.2g} "
               f"{r['seconds']:>8.1f}")
     for v, d in out["difference"].items():
         print(f"{v} - {BASE}: " + ", ".join(f"{k} {m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for k, (m, lo, hi) in d.items()))
@@ -129,7 +135,7 @@ def main() -> None:
     p.description = __doc__
     p.add_argument("--bootstrap", type=int, default=2000, help="resamples of the channels (default: 2000)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="RULE:ORIENTATION",
-                   help=f"the variants to run (default: all six: {' '.join(VARIANTS)})")
+                   help=f"the variants to run (default: all eight: {' '.join(VARIANTS)})")
     args = p.parse_args()
     from utils.model.loading import load_model
 

@@ -228,7 +228,7 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
                 store_dir: str | None = None, out_dir: str | None = None, positions: str = "auto",
                 precision: str = "fp32",
                 tau: float = 0.03, p: float = 0.75, gamma_high: float = 0.5, min_concepts: int = 2,
-                max_channels: int | None = None, channels: list[int] | None = None, split_rule: str = "search",
+                max_channels: int | None = None, channels: list[int] | None = None, split_rule: str = "function",
                 orientation: str = "gradient", concepts: str = "classes", top_n: int = CLUSTER_TOP_N,
                 clusters: int = CLUSTER_K0, min_images: int = CLUSTER_MIN_IMAGES, ablation: str = ABLATION,
                 steer: float | None = STEER, effects_per_class: int = EFFECTS_PER_CLASS,
@@ -243,7 +243,7 @@ def disentangle(model: nn.Module, train, val=None, layer: str | None = None, *, 
     ``train``/``val``, ``name`` (the model's name in reports and folders; default: its class name), ``classes``,
     ``transform``, ``input_size``, ``resize``, ``mean``, ``std``: see :func:`prepare`. The rest are the layer command's settings (``disentangle_layer.py --help``): ``tau``,
     ``p``, ``gamma_high`` (its ``--cos_sim_high``), ``min_concepts``, ``max_channels``, ``channels``,
-    ``split_rule`` (``search``, ``paper`` or ``positive``), ``orientation`` (``gradient`` or ``none``), ``top_k``,
+    ``split_rule`` (``function``, ``search``, ``paper`` or ``positive``), ``orientation`` (``gradient`` or ``none``), ``top_k``,
     ``check_images``, ``seed``; ``positions``, ``precision`` and ``wait`` are stage 1's
     (see :func:`importances`). ``log``: where progress lines go (None: nowhere). ``ablation`` (``mean``, ``zero`` or
     ``none``), ``steer`` (None: no steering), ``effects_per_class`` and ``certify_tolerance``: the proof of each split

@@ -4,8 +4,9 @@ Without arguments: builds a small real-image dataset (scikit-learn's bundled han
 upscaled, split into train/ and val/), trains a small torchvision CNN on it (CPU, seeded, cached),
 then runs stage 1 and the layer command (disentangle_layer.py) through the same functions as the
 scripts: finds each polysemantic channel's concepts from the data, splits the most polysemantic
-channels in one network (by the searched split rule, each concept read in the direction that raises its
-logit: --split_rule search --orientation gradient, which separate the concepts best on both demos),
+channels in one network (by the functional split rule, each concept read in the direction that raises its
+logit: --split_rule function --orientation gradient, whose concept channels each carry their own concept's
+effect on the logits),
 evaluates them, draws what each channel responds to, and writes OUT_DIR/report.html. With --model vit the same on a small vision transformer instead of the CNN
 (utils/model/demo_models.py:digits_vit, trained on the digits and cached the same way), split at its last
 MLP's output neurons as its class token reads them. With --concepts clusters the same model with its head removed
@@ -55,9 +56,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--p", type=float, default=DEFAULT_P, help=f"share of a class's images (default: {DEFAULT_P})")
     p.add_argument("--cos_sim_high", type=float, default=DEFAULT_GAMMA,
                    help=f"classes at least this alike form one concept (default: {DEFAULT_GAMMA})")
-    p.add_argument("--split_rule", choices=("paper", "positive", "search"), default="search",
-                   help="the layer command's split rule (default: search, which separates the concepts best on both "
-                        "demos; paper: the paper's)")
+    p.add_argument("--split_rule", choices=("paper", "positive", "search", "function"), default="function",
+                   help="the layer command's split rule (default: function, whose concept units are proven by "
+                        "ablation on both demos; search: the sets that tell the concepts apart best, by activation; "
+                        "paper: the paper's)")
     p.add_argument("--orientation", choices=("none", "gradient"), default="gradient",
                    help="gradient: read each concept in the direction that raises its logit (default); none: as the "
                         "paper, every concept by +activation")

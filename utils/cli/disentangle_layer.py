@@ -5,10 +5,12 @@ Reads the stage-1 store (stage 2's rules and flags: a channel is a candidate whe
 more classes), groups each candidate's relevant classes into concepts by complete linkage of their average
 relevance vectors (two classes stay in one concept when their cosine similarity is at least
 --cos_sim_high), and splits every channel with --min_concepts or more concepts (or only --channels) into
-one channel per concept plus a shared residual. By default (--split_rule search --orientation gradient) one
+one channel per concept plus a shared residual. By default (--split_rule function --orientation gradient) one
 pass over the concepts' training images finds each concept's direction (a concept served by the unit going
-down is read as -activation) and each unit's input contributions, and the index sets are searched, from the
-paper's, for concept channels that tell their concepts apart; with --split_rule paper --orientation none it is
+down is read as -activation), each unit's input contributions and what each input does to the class logits;
+the index sets are searched, from the paper's, for concept channels that tell their concepts apart, then
+chosen so that each concept channel carries its own concepts' effect on the logits and no other's (the
+proof that follows, --ablation, measures it); with --split_rule paper --orientation none it is
 the paper's rule, every channel's 20 rho values scored in ONE pass (run only up to the layer). The one network
 with every split is checked against the original's logits on validation images; every split is evaluated on
 its concepts' validation images (stage 4), by the purity, AUC and pairwise AUC of its channels on all
@@ -54,18 +56,22 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "concepts (default: 2)")
     g.add_argument("--max_channels", type=positive_int, default=None, metavar="N",
                    help="split at most N channels: those whose concepts are least alike first (default: all)")
-    g.add_argument("--split_rule", choices=("search", "paper", "positive"), default="search",
-                   help="search (default): from the paper's sets, move single inputs while the concept units tell their "
-                        "concepts apart better on training images (stopped by held-out ones); paper: an input goes "
-                        "to the first concept j with rho * A_j > every other A_l; positive: only where A_j > 0")
+    g.add_argument("--split_rule", choices=("function", "search", "paper", "positive"), default="function",
+                   help="function (default): the searched sets, then the fewest inputs moved so that ablating each "
+                        "concept unit (as --ablation does) takes, to first order, its own concepts' logit evidence "
+                        "and the least of any other class's (a small integer program); search: from the paper's "
+                        "sets, move single inputs while the concept units tell their concepts apart better on "
+                        "training images (stopped by held-out ones); paper: an input goes to the first concept j "
+                        "with rho * A_j > every other A_l; positive: only where A_j > 0")
     g.add_argument("--orientation", choices=("gradient", "none"), default="gradient",
                    help="gradient (default): read each concept's unit in the direction that raises the concept's "
                         "logit (the sign of the mean gradient over its training images; a concept served by the unit "
                         "going down is read as -activation), in the split rule, top-k, purity, AUC and pictures; "
                         "none: every concept +1, as the paper")
     g.add_argument("--search_images", type=positive_int, default=SEARCH_IMAGES, metavar="N",
-                   help=f"--split_rule search: training images per concept it reads (and {SEARCH_OTHERS} x N of other "
-                        f"classes; a quarter of each held out to stop it) (default: {SEARCH_IMAGES})")
+                   help=f"--split_rule function and search: training images per concept they read (and "
+                        f"{SEARCH_OTHERS} x N of other classes; a quarter of each held out to stop the search) "
+                        f"(default: {SEARCH_IMAGES})")
     a = p.add_argument_group("the proof of each split: ablation and steering of the concept units")
     a.add_argument("--ablation", choices=("absent", "mean", "zero", "none"), default=ABLATION,
                    help="what an ablated unit's output is set to (default: absent, its mean output map over training "
@@ -112,7 +118,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0, help="seed of the baseline channels and visualisations (default: 0)")
     o.add_argument("--out_dir", default=None,
                    help="output folder (default: STORE_DIR/layer_disentangled/<model>_<layer>_required<tau>_p<p>_cossim<gamma>"
-                        "[_<rule>][_oriented], the rule unless the paper's: _search_oriented by default)")
+                        "[_<rule>][_oriented], the rule unless the paper's: _function_oriented by default)")
     add_json_arg(p)
     return p
 

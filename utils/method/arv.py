@@ -54,6 +54,24 @@ def batch_tap_sums(x: torch.Tensor, maps: torch.Tensor, block: int = 16) -> torc
     return out
 
 
+def tap_view(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """The layer input as each kernel tap sees it at each output position: ``U[b, k, ij, q] = xp[b, k, q_h * s +
+    i * d, q_w * s + j * d]`` (B x C_in x kh*kw x Q, Q = H' * W', ``xp`` padded as the layer pads) for inputs ``x``
+    (B x C_in x H x W), so that ``conv(x)[b, c, q] = sum_k,ij W[c, k, ij] * U[b, k, ij, q]`` (without the bias).
+    A one-channel probe with the layer's geometry computes it, so PyTorch's own padding rules hold."""
+    kh, kw = conv.kernel_size
+    B, C = x.shape[:2]
+    if (kh, kw) == (1, 1) and tuple(conv.stride) == (1, 1) and conv.padding in ((0, 0), "valid"):
+        return x.flatten(2)[:, :, None]
+    probe = nn.Conv2d(1, kh * kw, conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                      bias=False, padding_mode=conv.padding_mode).to(device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        probe.weight.zero_()
+        probe.weight.view(kh * kw, kh * kw)[torch.arange(kh * kw), torch.arange(kh * kw)] = 1.0
+        out = probe(x.reshape(B * C, 1, *x.shape[2:]))
+    return out.reshape(B, C, kh * kw, -1)
+
+
 def tap_profile(mean_input: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     """``Q[..., k, ij] = sum_hw mean_input[..., k, h, w] * M[ij, h, w]`` (... x C_in x kh*kw, float64)."""
     return torch.einsum("...khw,thw->...kt", mean_input.double(), maps.double())

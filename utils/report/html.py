@@ -79,7 +79,10 @@ RULES = {"paper": "the paper's (an input goes to the first concept j with rho A_
                      "that inhibit on average stay shared)",
          "search": "searched (from the paper's sets, single inputs moved between the shared and the exclusive sets "
                    "while the concept channels' mean AUC on training images rose; held-out training images stopped "
-                   "it; every split stays exact)"}
+                   "it; every split stays exact)",
+         "function": "functional (the searched sets, then the fewest inputs moved so that ablating each concept "
+                     "channel takes, to first order, its own concepts' logit evidence and the least of any other "
+                     "class's; every split stays exact)"}
 ORIENTATION = {"none": "none: every concept read as +activation",
                "gradient": "gradient: each concept read in the direction that raises its logit (the sign of the mean "
                            "gradient of the class logit at the unit over the concept's training images)"}
@@ -131,7 +134,17 @@ def _search_text(search: dict | None) -> str:
     return (f"<p>Searched sets: {search['moves']} moves kept of {search['moves_tried']} tried, from the paper's sets "
             f"at this rho; the concept channels' mean AUC on the fitting training images {fit[0]:.3f} → {fit[1]:.3f}, "
             f"on the held-out ones {held[0]:.3f} → {held[1]:.3f} ({search['images']['fit']} and "
-            f"{search['images']['held']} images).</p>")
+            f"{search['images']['held']} images).</p>" + _function_text(search.get("function")))
+
+
+def _function_text(how: dict | None) -> str:
+    if not how:
+        return ""
+    before, after = how["worst"]
+    if before is None:
+        return f"<p>Functional sets: {how['status']}.</p>"
+    return (f"<p>Functional sets: {how['moved']} inputs moved from the searched sets; the worst predicted share "
+            f"(1 - own, cross or elsewhere, on the training images) {before:.2f} → {after:.2f} ({how['status']}).</p>")
 
 
 def _orientation_text(signs) -> str:

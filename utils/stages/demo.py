@@ -41,7 +41,7 @@ class DemoConfig:
     tau: float | None = None  # default: 0.01 for the digits demo, 0.03 (the paper's) for real data
     p: float = DEFAULT_P
     cos_sim_high: float = DEFAULT_GAMMA
-    split_rule: str = "search"  # the layer command's rule and orientation (the demo's: those that separate best)
+    split_rule: str = "function"  # the layer command's rule and orientation (the demo's: its defaults)
     orientation: str = "gradient"
     concepts: str = "classes"  # or "clusters": concepts from the images alone, the model's head removed
     epochs: int | None = None  # training epochs of the digits model; None: the model's (2 for the CNN)

@@ -21,6 +21,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..store import layout as st
@@ -42,6 +43,7 @@ from ..model.loading import LoadedModel, get_layer, load_model
 from ..data.preprocess import InputSpec
 from ..store.records import LAYER_COMMAND, make_record, records_dir, store_record, variant_suffix
 from ..method.scoring import Scored, best_index
+from ..method.function import effect_model, functional_assignment
 from ..method.search import holdout_mask, search_from_sweep
 from ..method.split import SPLIT_RULES, Sweep, sweep
 from ..passes.contributions import Contributions, UnitRequest, contribution_pass, pick_rows
@@ -67,8 +69,9 @@ class LayerConfig(RunOptions):
     seed: int = 0
     out_dir: str | None = None  # default: STORE_DIR/layer_disentangled/<name>
     notes: dict = field(default_factory=dict)  # more rows for the report's settings (the demo's model)
-    # the rule and orientation that separate concepts best (benchmarks/split_rules.py); "paper" and "none": the paper's
-    split_rule: str = "search"  # or "paper", "positive" (utils.method.split); "search": utils.method.search
+    # the rule whose concept units carry their concepts' function (utils.method.function), on the searched sets that
+    # separate concepts best (utils.method.search, benchmarks/split_rules.py); "paper" and "none": the paper's
+    split_rule: str = "function"  # or "search", "paper", "positive" (utils.method.split)
     orientation: str = "gradient"  # read each concept's unit in the direction that raises its logit; or "none"
     search_images: int = SEARCH_IMAGES  # the searched rule's training images per concept
     ablation: str = ABLATION  # the proof of each split (utils.stages.effects): mean, zero or none
@@ -77,7 +80,7 @@ class LayerConfig(RunOptions):
     certify_tolerance: float = CERTIFY_TOLERANCE
 
 
-LAYER_RULES = (*SPLIT_RULES, "search")  # the layer command's split rules
+LAYER_RULES = (*SPLIT_RULES, "search", "function")  # the layer command's split rules
 ORIENTATIONS = ("none", "gradient")
 ABLATIONS = (*ABLATION_REFERENCES, "none")  # the reference an ablated unit takes (utils.passes.interventions), or none
 
@@ -227,7 +230,7 @@ def _score(cfg: LayerConfig, runner: Runner, store: st.Store, model, unit: Unit,
     With ``--orientation gradient`` the concepts' orientations come first, from that pass. ``parts``: the seconds
     of each pass and of the search are added to it."""
     weight = unit.weight.detach().cpu()
-    searched = cfg.split_rule == "search"
+    searched = cfg.split_rule in ("search", "function")
     found, seconds = {}, 0.0
     if searched or cfg.orientation == "gradient":
         found, seconds = _contributions(cfg, runner, store, model, unit, concepts, preprocess, searched, log)
@@ -241,8 +244,11 @@ def _score(cfg: LayerConfig, runner: Runner, store: st.Store, model, unit: Unit,
                   for c, cs in concepts.items()]
         moves = [s.search["moves"] for s in scored]
         parts["search"] = time.perf_counter() - t0
+        fn = [s.search["function"] for s in scored if "function" in s.search]
         log(f"searched the index sets of {len(scored)} channels in {time.perf_counter() - t0:.1f} s "
-            f"({sum(moves)} moves kept in all, at most {max(moves)} per channel)")
+            f"({sum(moves)} moves kept in all, at most {max(moves)} per channel)" + (
+                f"; functional sets: {sum(f['moved'] for f in fn)} inputs moved, the worst predicted share "
+                f"{_worst(fn, 0)} -> {_worst(fn, 1)} (largest over the channels)" if fn else ""))
         return scored, seconds
     classes = sorted({t for cs in concepts.values() for c in cs for t in c})
     images = training_images(store, cfg.data_dir, classes, cfg.class_index)
@@ -267,10 +273,11 @@ def _contributions(cfg: LayerConfig, runner: Runner, store: st.Store, model, uni
                                         cfg.class_index)
     requests = [UnitRequest(c, cs, pick_rows(images, cs, cfg.search_images, SEARCH_OTHERS,
                                              cfg.seed) if searched else {}) for c, cs in concepts.items()]
-    got, seconds = contribution_pass(runner, model, unit, images, requests, preprocess,
-                                     cfg.orientation == "gradient", desc="contributions")
-    n = len({i for r in requests for i in r.rows} | (set(images.indices_of(mine)) if cfg.orientation == "gradient"
-                                                     else set()))
+    functional = cfg.split_rule == "function"
+    orient = cfg.orientation == "gradient" or functional
+    got, seconds = contribution_pass(runner, model, unit, images, requests, preprocess, orient, desc="contributions",
+                                     functional=functional)
+    n = len({i for r in requests for i in r.rows} | (set(images.indices_of(mine)) if orient else set()))
     log(f"contributions pass: {n} training images in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} img/s)"
         + ("; orientations: " + ", ".join(f"{c} {_signs_text(f.signs())}" for c, f in zip(concepts, got))
            if cfg.orientation == "gradient" else ""))
@@ -292,8 +299,26 @@ def _search(cfg: LayerConfig, channel: int, concepts: list[list[int]], sw: Sweep
     objs, best, res = search_from_sweep(sw, found.V.to(device), found.labels.to(device), s, held, SEARCH_BUDGET,
                                         SEARCH_PATIENCE, SEARCH_SCREEN)
     counts = [int((found.labels == j).sum()) for j in range(1, len(concepts) + 1)]
-    return Scored(channel, concepts, sw.replace(best, res.assign, weight_c), objs, counts, best, signs,
-                  res.summary(sw.sources(best), held))
+    summary, assign = res.summary(sw.sources(best), held), res.assign
+    if cfg.split_rule == "function":
+        model = effect_model(found.F, found.g, found.classes, weight_c.flatten(1), found.inputs, concepts,
+                             "absent" if cfg.ablation == "none" else cfg.ablation)
+        assign, how = functional_assignment(model, res.assign)
+        summary["function"] = {**how, "predicted": _predicted(model, assign) if model.usable() else None}
+    return Scored(channel, concepts, sw.replace(best, assign, weight_c), objs, counts, best, signs, summary)
+
+
+def _worst(fn: list[dict], i: int) -> str:
+    """The largest worst predicted share (before ``i`` 0, after 1) over the channels whose rule could read one."""
+    v = [f["worst"][i] for f in fn if f["worst"][i] is not None]
+    return f"{max(v):.2f}" if v else "n/a"
+
+
+def _predicted(model, assign) -> dict:
+    """The functional rule's predicted shares of ``assign``, as layer.json keeps them (``cross[j][j]`` None)."""
+    sh = model.shares(assign.numpy())
+    return {"own": sh["own"].tolist(), "elsewhere": sh["elsewhere"].tolist(),
+            "cross": [[None if np.isnan(v) else float(v) for v in row] for row in sh["cross"]]}
 
 
 def _val_images(cfg: LayerConfig, lm: LoadedModel, store: st.Store, concepts: list[list[list[int]]],

@@ -36,7 +36,8 @@ LAYER_COMMAND = "disentangle_layer.py"
 LAYER_SUFFIX = "_layer"  # a layer command's record never replaces disentangle_channel.py's of the same concepts
 RULE_SUFFIX = "_positive"  # nor does a split by the positive rule replace the paper's
 # nor a split of another rule or read in its concepts' directions: every variant's folder suffix, the paper's first
-VARIANT_SUFFIXES = ("", RULE_SUFFIX, "_oriented", "_positive_oriented", "_search", "_search_oriented")
+VARIANT_SUFFIXES = ("", RULE_SUFFIX, "_oriented", "_positive_oriented", "_search", "_search_oriented", "_function",
+                    "_function_oriented")
 
 
 def variant_suffix(split_rule: str | None, oriented: bool) -> str:
