@@ -163,10 +163,12 @@ def functional_assignment(model: EffectModel, start: torch.Tensor, slack: float 
                  "status": "optimal" if exact else f"best found in {time_limit:g} s"}
 
 
-def _constraints(model: EffectModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _constraints(model: EffectModel):
     """The linear rows of the program over ``x[k', s]`` (input k' in set s, s = 0 shared, j concept j; C_in x
     (k + 1), row-major) and ``u`` (last): ``own_j + u >= 1``, ``cross_jl - u <= 0``, ``elsewhere_jt - u <= 0``,
-    and one set per input."""
+    and one set per input (a sparse matrix: the share rows are dense, the C_in rows of one set per input are not)."""
+    from scipy.sparse import csr_matrix, vstack
+
     k, C = model.k, model.own.shape[-1]
     n = C * (k + 1) + 1
 
@@ -191,16 +193,17 @@ def _constraints(model: EffectModel) -> tuple[np.ndarray, np.ndarray, np.ndarray
             rows.append(row)
             lo.append(-np.inf)
             hi.append(max(float(model.other_base[r]), 0.0) / model.base[j - 1])
-    one = np.zeros((C, n))
-    for i in range(C):
-        one[i, i * (k + 1):(i + 1) * (k + 1)] = 1.0
-    return np.vstack([np.array(rows), one]), np.r_[lo, np.ones(C)], np.r_[hi, np.ones(C)]
+    one = csr_matrix((np.ones(C * (k + 1)), np.arange(C * (k + 1)), np.arange(0, C * (k + 1) + 1, k + 1)),
+                     shape=(C, n))
+    return vstack([csr_matrix(np.array(rows)), one]).tocsr(), np.r_[lo, np.ones(C)], np.r_[hi, np.ones(C)]
 
 
 def _solve(model: EffectModel, A, lo, hi, start: np.ndarray | None, bound: float | None,
            time_limit: float) -> tuple[np.ndarray, float, bool] | None:
     """Least worst value (``start`` None), or fewest moves from ``start`` with ``u <= bound``: the assignment
-    (C_in), its ``u`` and whether it is proven optimal; None where HiGHS finds no feasible point in time."""
+    (C_in), its ``u`` and whether it is proven optimal. Where HiGHS finds no integer point in time (thousands of
+    inputs), the linear relaxation's solution rounded (each input to its largest set); None where neither is
+    found."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     k, C = model.k, model.own.shape[-1]
@@ -213,8 +216,12 @@ def _solve(model: EffectModel, A, lo, hi, start: np.ndarray | None, bound: float
     upper = np.r_[np.ones(n - 1), np.inf if bound is None else bound]
     integrality = np.r_[np.ones(n - 1), 0]
     # u >= 0: no worst value below zero is asked for (an own share above 1 or a negative cross share is no aim)
-    res = milp(cost, constraints=LinearConstraint(A, lo, hi), integrality=integrality,
-               bounds=Bounds(np.zeros(n), upper), options={"time_limit": time_limit})
+    rows, bounds = LinearConstraint(A, lo, hi), Bounds(np.zeros(n), upper)
+    res = milp(cost, constraints=rows, integrality=integrality, bounds=bounds, options={"time_limit": time_limit})
+    if res.x is not None:
+        return res.x[:-1].reshape(C, k + 1).argmax(1), float(res.x[-1]), res.status == 0
+    res = milp(cost, constraints=rows, integrality=np.zeros(n), bounds=bounds, options={"time_limit": time_limit})
     if res.x is None:
         return None
-    return np.round(res.x[:-1]).reshape(C, k + 1).argmax(1), float(res.x[-1]), res.status == 0
+    assign = res.x[:-1].reshape(C, k + 1).argmax(1)
+    return assign, max(model.shares(assign)["worst"], 0.0), False
