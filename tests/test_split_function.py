@@ -209,3 +209,21 @@ def test_without_an_integer_point_in_time_the_rounded_relaxation_is_taken(monkey
     assert how["status"] == "optimal" and how_relaxed["status"].startswith("best found")
     assert model.shares(relaxed.numpy())["worst"] < model.shares(start.numpy())["worst"]
     assert how_relaxed["worst"][1] >= how["worst"][1] - 1e-9
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_target_moves_fewer_inputs_and_keeps_a_start_that_meets_it(seed):
+    """With a worst share that is good enough (``target``), the rule moves no more inputs than without one, stays
+    within the target (or the least it can do, if that is more), and keeps a start already within it."""
+    from utils.method.function import SLACK, functional_assignment
+
+    model = _random_model(seed)
+    start = torch.zeros(6, dtype=torch.long)
+    least = min(max(model.shares(np.array(a))["worst"], 0.0) for a in itertools.product(range(3), repeat=6))
+    target = least + 0.2
+    free, how_free = functional_assignment(model, start)
+    aimed, how = functional_assignment(model, start, target=target)
+    assert how["moved"] <= how_free["moved"]
+    assert model.shares(aimed.numpy())["worst"] <= max(least + SLACK, target) + 1e-9
+    kept, how_kept = functional_assignment(model, aimed, target=model.shares(aimed.numpy())["worst"])
+    assert kept.tolist() == aimed.tolist() and how_kept["moved"] == 0 and "meet the target" in how_kept["status"]

@@ -34,3 +34,5 @@ EFFECTS_PER_CLASS = 25  # the ablation pass reads at most this many validation i
 CERTIFY_TOLERANCE = 0.25  # certified: own share >= 1 - t, cross share and elsewhere <= t (utils.method.effects); 6 x
 # the largest bootstrap standard deviation of those shares on the digits CNN demo (0.036 at 25 images per class)
 REFERENCE_IMAGES = 256  # the training images whose mean output is the ablations' reference
+FUNCTION_TARGET = 0.5  # the functional split rule moves the fewest inputs that bring every predicted share within
+# this fraction of --certify_tolerance (a margin for first-order and sampling error), or as near as it can

@@ -139,21 +139,25 @@ def effect_model(F: torch.Tensor, g: torch.Tensor, classes: torch.Tensor, weight
     return EffectModel(own, base, other, np.array([G0[cls == t].mean() for t in rest]), rest)
 
 
-def functional_assignment(model: EffectModel, start: torch.Tensor, slack: float = SLACK,
+def functional_assignment(model: EffectModel, start: torch.Tensor, target: float = 0.0, slack: float = SLACK,
                           time_limit: float = TIME_LIMIT) -> tuple[torch.Tensor, dict]:
     """The functional rule's assignment (module docstring) and how it went: ``{"worst": [at start, chosen],
-    "moved": inputs moved from ``start``, "status"}``. ``start`` (C_in, 0..k) is returned unchanged where the
-    original unit does not lower every concept's logits or no program finds an assignment."""
+    "moved": inputs moved from ``start``, "status"}``. ``target``: a worst share that is good enough; the second
+    program moves the fewest inputs to reach ``max(least + slack, target)``, and a start already there is kept.
+    ``start`` (C_in, 0..k) is returned unchanged where the original unit does not lower every concept's logits or
+    no program finds an assignment."""
     start = start.cpu()
     before = model.shares(start.numpy())["worst"] if model.usable() else None
     if not model.usable():
         return start.clone(), {"worst": [before, before], "moved": 0, "status": "the original unit does not lower "
                                "every concept's logits: the searched sets are kept"}
+    if before <= target:
+        return start.clone(), {"worst": [before, before], "moved": 0, "status": "the searched sets meet the target"}
     A, lo, hi = _constraints(model)
     first = _solve(model, A, lo, hi, None, None, time_limit)
     if first is None:
         return start.clone(), {"worst": [before, before], "moved": 0, "status": "no assignment found"}
-    second = _solve(model, A, lo, hi, start.numpy(), first[1] + slack, time_limit)
+    second = _solve(model, A, lo, hi, start.numpy(), max(first[1] + slack, target), time_limit)
     assign, exact = (first[0], first[2]) if second is None else (second[0], first[2] and second[2])
     chosen = model.shares(assign)["worst"]
     if chosen >= before:  # never worse than where it started

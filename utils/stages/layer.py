@@ -28,7 +28,7 @@ from ..store import layout as st
 from ..store.arvs import concept_arvs
 from ..data.classes import check_channel, data_class_map
 from ..data.images import ImageList, list_images
-from ..defaults import (ABLATION, CERTIFY_TOLERANCE, DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU, EFFECTS_PER_CLASS, STEER, SEARCH_BUDGET, SEARCH_IMAGES, SEARCH_OTHER_CLASSES,
+from ..defaults import (ABLATION, CERTIFY_TOLERANCE, FUNCTION_TARGET, DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU, EFFECTS_PER_CLASS, STEER, SEARCH_BUDGET, SEARCH_IMAGES, SEARCH_OTHER_CLASSES,
                         SEARCH_OTHERS, SEARCH_PATIENCE, SEARCH_SCREEN)
 from .effects import layer_effects
 from ..passes.interventions import ABLATION_REFERENCES
@@ -303,7 +303,7 @@ def _search(cfg: LayerConfig, channel: int, concepts: list[list[int]], sw: Sweep
     if cfg.split_rule == "function":
         model = effect_model(found.F, found.g, found.classes, weight_c.flatten(1), found.inputs, concepts,
                              "absent" if cfg.ablation == "none" else cfg.ablation)
-        assign, how = functional_assignment(model, res.assign)
+        assign, how = functional_assignment(model, res.assign, FUNCTION_TARGET * cfg.certify_tolerance)
         summary["function"] = {**how, "predicted": _predicted(model, assign) if model.usable() else None}
     return Scored(channel, concepts, sw.replace(best, assign, weight_c), objs, counts, best, signs, summary)
 
