@@ -227,3 +227,61 @@ def test_a_target_moves_fewer_inputs_and_keeps_a_start_that_meets_it(seed):
     assert model.shares(aimed.numpy())["worst"] <= max(least + SLACK, target) + 1e-9
     kept, how_kept = functional_assignment(model, aimed, target=model.shares(aimed.numpy())["worst"])
     assert kept.tolist() == aimed.tolist() and how_kept["moved"] == 0 and "meet the target" in how_kept["status"]
+
+
+class Residual(nn.Module):
+    """A 3x3 layer with a residual connection around it: copies made at the layer would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.stem = nn.Conv2d(3, 5, 3, padding=1)
+        self.layer = nn.Conv2d(5, 5, 3, padding=1)
+        self.head = nn.Linear(5, 3)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return self.head(torch.tanh(h + self.layer(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("net", [Tiny, Residual])
+def test_the_endpoint_gradients_are_autograds_where_each_ablation_takes_the_unit(tmp_path, net):
+    """For every endpoint (a set of inputs moved to a reference input), the gradient of each image's class logit at
+    the unit, with the unit's output moved as that ablation moves it, equals autograd's on the network with that
+    output (copies at the layer where the network allows it, of the input where a residual connection does not),
+    and F there is that gradient times what each input adds."""
+    from utils.data.images import list_images, load_image
+    from utils.method.arv import tap_view
+    from utils.passes.contributions import EndpointRequest, endpoint_pass
+    from utils.passes.image_pass import Runner
+
+    model = net().eval()
+    data = write_image_folder(str(tmp_path / "data"), n_train=3, n_val=1, colors=COLOURS, size=12)
+    images = list_images(data, "train")
+    runner = Runner(device=torch.device("cpu"), batch_size=4, num_workers=0, progress=False)
+    rows = [0, 2, 4, 5, 7]
+    x = torch.stack([load_image(images, i) for i in rows])
+    labels = torch.tensor([images.targets[i] for i in rows])
+    xin = torch.relu(model.stem(x))
+    U = tap_view(xin, model.layer).double()
+    gen = torch.Generator().manual_seed(2)
+    keeps = torch.stack([torch.ones(5), torch.tensor([1.0, 0, 1, 0, 0])]).double()
+    refs = torch.rand((2, *U.shape[1:]), generator=gen, dtype=torch.float64)
+    c = 1
+    [(F, g)], _ = endpoint_pass(runner, model, model.layer, images, [EndpointRequest(c, rows, keeps, refs)], None)
+    W = model.layer.weight[c].flatten(1).double()
+    for e in range(2):
+        moved = keeps[e][:, None] * W
+        shift = torch.einsum("kt,ktq->q", moved, refs[e])[None] - torch.einsum("kt,bktq->bq", moved, U)
+        a = model.layer(xin).detach().clone()
+        a[:, c] += shift.view(len(rows), *a.shape[2:]).float()
+        a.requires_grad_(True)
+        h = xin if net is Residual else None
+        z = model.head(torch.tanh((h + a) if h is not None else a).mean((2, 3)))
+        (ga,) = torch.autograd.grad(z.gather(1, labels[:, None]).sum(), a)
+        assert torch.allclose(g[e], ga[:, c].flatten(1).double(), rtol=1e-4, atol=1e-6), e
+        want = torch.einsum("nq,nktq->nkt", ga[:, c].flatten(1).double(), U).mul(W).sum(-1)
+        assert torch.allclose(F[e], want, rtol=1e-4, atol=1e-5), e

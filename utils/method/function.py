@@ -117,20 +117,28 @@ class EffectModel:
 
 def effect_model(F: torch.Tensor, g: torch.Tensor, classes: torch.Tensor, weight_c: torch.Tensor,
                  inputs: ClassInputs, concepts: list[list[int]], mode: str,
-                 min_images: int = MIN_IMAGES) -> EffectModel:
+                 min_images: int = MIN_IMAGES, endpoints: tuple[torch.Tensor, torch.Tensor] | None = None) -> EffectModel:
     """The :class:`EffectModel` of one unit from its pass rows: ``F`` and ``g`` (:func:`input_effects`) and each
     row's class (``classes``), its filter ``weight_c`` (C_in x taps), the pass's :class:`ClassInputs` and the
-    ablation reference ``mode``."""
+    ablation reference ``mode``. ``endpoints``: ``F`` and ``g`` again (E x n x ...), where each ablation (the
+    original's first, then D_1 .. D_k's) takes the unit (:func:`utils.passes.contributions.endpoint_pass`); each
+    ablation's effects are then read with the mean of the gradient there and at the image (the trapezoid rule
+    on the path between them), which sees a unit that the ablation switches on or off."""
+    if endpoints is not None:
+        Fs = [(F + endpoints[0][e]) / 2 for e in range(len(concepts) + 1)]
+        gs = [(g + endpoints[1][e]) / 2 for e in range(len(concepts) + 1)]
+    else:
+        Fs, gs = [F] * (len(concepts) + 1), [g] * (len(concepts) + 1)
     ref0, refs = references(inputs, concepts, mode)
     cls = classes.cpu().numpy()
     member = [np.isin(cls, cs) for cs in concepts]
     anyc = np.any(member, 0)
-    G0 = input_effects(F, g, weight_c, ref0).sum(1).cpu().numpy()
+    G0 = input_effects(Fs[0], gs[0], weight_c, ref0).sum(1).cpu().numpy()
     rest = [t for t in sorted(set(cls[~anyc].tolist())) if (cls == t).sum() >= min_images]
     k, C = len(concepts), F.shape[1]
     own, other = np.zeros((k, k, C)), np.zeros((k, len(rest), C))
     for j in range(k):
-        G = input_effects(F, g, weight_c, refs[j]).cpu().numpy()
+        G = input_effects(Fs[j + 1], gs[j + 1], weight_c, refs[j]).cpu().numpy()
         for l in range(k):
             own[j, l] = G[member[l]].mean(0) if member[l].any() else np.nan
         for r, t in enumerate(rest):

@@ -166,6 +166,20 @@ class Unit:
             t = t[:, self.tokens_counted]
         return _conv_layout(t)
 
+    def add_counted(self, t: torch.Tensor, channel: int, shift: torch.Tensor) -> torch.Tensor:
+        """``t`` (the layer's output, as the layer gives it) with ``shift`` (B x Q, the positions that count in
+        :meth:`counted`'s order) added to unit ``channel`` there, in place; returns ``t``."""
+        s = shift.to(t.dtype)
+        if not self.linear:
+            t[:, channel] += s.view(t.shape[0], *t.shape[2:])
+        elif t.dim() == 2:
+            t[:, channel] += s[:, 0]
+        elif t.dim() == 3:
+            t[:, self.tokens_counted or slice(None), channel] += s
+        else:
+            t[..., channel] += s.view(*t.shape[:3])
+        return t
+
     def tokens(self, t: torch.Tensor) -> bool:
         """Whether ``t`` (the layer's input or output) is a token sequence, whose grid is not its counted positions."""
         return self.linear and t.dim() == 3

@@ -187,3 +187,132 @@ def _host_rows(parts: list[tuple], width: int) -> torch.Tensor:
     cols = [torch.cat([p[i] for p in parts]).double().cpu() for i in range(2, len(parts[0]))]
     return torch.cat([torch.cat([p[0] for p in parts]).double()[:, None],
                       torch.cat([p[1] for p in parts])[:, None], *cols], 1)
+
+
+@dataclass(frozen=True)
+class EndpointRequest:
+    """One unit's endpoints for :func:`endpoint_pass`: ``channel``, its kept ``rows`` (dataset indices, as
+    :class:`Contributions` ``index``), per endpoint ``e`` the inputs its ablation changes (``keeps``: E x C_in, 0 or 1)
+    and the reference input they move to (``refs``: E x C_in x taps x Q)."""
+
+    channel: int
+    rows: list[int]
+    keeps: torch.Tensor
+    refs: torch.Tensor
+
+
+FAST_COPIES = 16  # copies made at the layer: up to this many batches' worth per forward pass (the rest is cheap)
+
+
+class _ShiftedCopies:
+    """Blocks of copies of a batch's images, each with one unit's output shifted by its own maps, through the
+    network, and the gradient of each copy's class logit at the shifted output. The copies are made at the layer
+    where that gives the logits that copies of the input give (the first batch decides, as the ablation pass's
+    copies do); otherwise each copy runs the whole network."""
+
+    def __init__(self, model: nn.Module, unit: Unit):
+        self.model, self.unit, self.fast = model, unit, None
+
+    def run(self, x: torch.Tensor, labels: torch.Tensor, blocks: list[tuple[torch.Tensor, int, torch.Tensor]],
+            fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``blocks``: (positions in the batch, channel, shifts E x n x Q). The logits and the gradient at the layer's
+        output (counted, conv layout) of every copy, block after block, endpoint after endpoint."""
+        seen: dict[str, torch.Tensor] = {}
+        sel = torch.cat([p.repeat(len(s)) for p, _, s in blocks])
+
+        def hook(_m, _i, out):
+            out = (out[sel.to(out.device)] if fast else out).detach().clone()
+            start = 0
+            for p, c, s in blocks:
+                n = len(p) * len(s)
+                self.unit.add_counted(out[start:start + n], c, s.reshape(n, -1))
+                start += n
+            seen["a"] = out.requires_grad_(True)
+            return out.clone()
+
+        handle = self.unit.module.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                logits = self.model(x if fast else x[sel.to(x.device)])
+                (g,) = torch.autograd.grad(logits.gather(1, labels[sel.to(labels.device)][:, None]).sum(), seen["a"])
+        finally:
+            handle.remove()
+        return logits.detach(), self.unit.counted(g)
+
+    def __call__(self, x, labels, blocks) -> torch.Tensor:
+        if self.fast is None:
+            slow_logits, g = self.run(x, labels, blocks, False)
+            try:
+                fast_logits, g_fast = self.run(x, labels, blocks, True)
+                self.fast = bool(torch.allclose(fast_logits, slow_logits, rtol=1e-4, atol=1e-5))
+            except RuntimeError:
+                self.fast = False
+            return g
+        return self.run(x, labels, blocks, self.fast)[1]
+
+
+@torch.no_grad()
+def endpoint_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, images: ImageList,
+                  requests: list[EndpointRequest], preprocess: Preprocess | None,
+                  desc: str = "endpoints") -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
+    """The functional rule's second look (:mod:`utils.method.function`): for every request and endpoint e, each
+    row image's gradient of its class logit at the unit *where ablation e takes the unit* (its output moved by
+    ``-sum over the changed inputs of W (U - U_ref)``) and the gradient-weighted contributions there. Per
+    request ``(F, g)``: E x n x C_in and E x n x Q (float64, rows in dataset order); and the slowest rank's
+    seconds."""
+    unit = as_unit(unit)
+    order = sorted({i for r in requests for i in r.rows}, key=lambda i: (images.targets[i], i))
+    weights = [unit.weight.detach()[r.channel].flatten(1).double() for r in requests]  # C_in x T each
+    copies = _ShiftedCopies(model, unit)
+    member = [set(r.rows) for r in requests]
+
+    def step(batches):
+        rows: list[list[torch.Tensor]] = [[] for _ in requests]
+        for b in batches:
+            view = tap_view(unit.counted(layer_input(model, unit, b.x)).float(), unit.geometry()).double()
+            group: list[tuple] = []  # (request, positions, shifts): the copies of one forward pass
+            for ri, r in enumerate(requests):
+                keep = [p for p, i in enumerate(b.index.tolist()) if i in member[ri]]
+                E = len(r.keeps)
+                for part in range(0, len(keep), max(1, runner.batch_size // E)):
+                    p = torch.tensor(keep[part:part + max(1, runner.batch_size // E)], device=view.device)
+                    w, refs = weights[ri].to(view.device), r.refs.to(view.device, torch.float64)
+                    moved = r.keeps.to(view.device, torch.float64)[:, :, None] * w[None]  # E x C_in x T
+                    shifts = (torch.einsum("ekt,ektq->eq", moved, refs)[:, None]
+                              - torch.einsum("ekt,bktq->ebq", moved, view[p]))  # E x n x Q
+                    cap = runner.batch_size * (FAST_COPIES if copies.fast else 1)  # copies per forward pass
+                    if group and sum(len(q) * len(sh) for _, q, sh in group) + E * len(p) > cap:
+                        _endpoint_rows(copies, b, view, group, requests, weights, rows)
+                        group = []
+                    group.append((ri, p, shifts))
+            if group:
+                _endpoint_rows(copies, b, view, group, requests, weights, rows)
+        return rows
+
+    ran = runner.image_pass(images, class_batches(images, order, runner.batch_size), preprocess, desc).run(step, desc)
+    out = []
+    for ri, r in enumerate(requests):
+        E, C_in = len(r.keeps), unit.in_channels
+        q = r.refs.shape[-1]
+        mine = torch.cat(ran.value[ri]) if ran.value[ri] else torch.zeros(0, 1 + E * (C_in + q), dtype=torch.float64)
+        every = runner.gather_rows(mine)
+        every = every[every[:, 0].argsort(stable=True)]
+        n = len(every)
+        out.append((every[:, 1:1 + E * C_in].reshape(n, E, C_in).transpose(0, 1),
+                    every[:, 1 + E * C_in:].reshape(n, E, q).transpose(0, 1)))
+    return out, ran.seconds
+
+
+def _endpoint_rows(copies: _ShiftedCopies, b, view: torch.Tensor, group: list[tuple], requests: list[EndpointRequest],
+                   weights: list[torch.Tensor], rows: list[list[torch.Tensor]]) -> None:
+    """One forward and backward pass of a group of (request, positions, shifts) blocks of batch ``b``: each row's
+    index, F and g per endpoint appended to its request's ``rows``."""
+    g = copies(b.x, b.labels, [(p, requests[ri].channel, sh) for ri, p, sh in group])
+    start = 0
+    for ri, p, sh in group:
+        E, n = len(sh), len(p)
+        ge = g[start:start + E * n, requests[ri].channel].reshape(E, n, -1).double()
+        start += E * n
+        Fe = torch.einsum("enq,nktq->enkt", ge, view[p]).mul(weights[ri].to(ge.device)).sum(-1)  # E x n x C_in
+        idx = b.index[p.cpu()].double()[:, None]
+        rows[ri].append(torch.cat([idx, Fe.permute(1, 0, 2).flatten(1).cpu(), ge.permute(1, 0, 2).flatten(1).cpu()], 1))

@@ -16,6 +16,7 @@ outputs equal a single-process run's.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -43,10 +44,10 @@ from ..model.loading import LoadedModel, get_layer, load_model
 from ..data.preprocess import InputSpec
 from ..store.records import LAYER_COMMAND, make_record, records_dir, store_record, variant_suffix
 from ..method.scoring import Scored, best_index
-from ..method.function import effect_model, functional_assignment
+from ..method.function import effect_model, functional_assignment, references
 from ..method.search import holdout_mask, search_from_sweep
 from ..method.split import SPLIT_RULES, Sweep, sweep
-from ..passes.contributions import Contributions, UnitRequest, contribution_pass, pick_rows
+from ..passes.contributions import Contributions, EndpointRequest, UnitRequest, contribution_pass, endpoint_pass, pick_rows
 from ..model.units import Unit, unit_at
 from ..store.layout import training_images
 from ..model.surgery import split_network
@@ -233,7 +234,7 @@ def _score(cfg: LayerConfig, runner: Runner, store: st.Store, model, unit: Unit,
     searched = cfg.split_rule in ("search", "function")
     found, seconds = {}, 0.0
     if searched or cfg.orientation == "gradient":
-        found, seconds = _contributions(cfg, runner, store, model, unit, concepts, preprocess, searched, log)
+        found, seconds, images = _contributions(cfg, runner, store, model, unit, concepts, preprocess, searched, log)
         parts["contributions pass"] = seconds
     signs = {c: found[c].signs() if cfg.orientation == "gradient" else None for c in concepts}
     sweeps = {c: sweep(weight[c], concept_arvs(store, c, cs), rule="paper" if searched else cfg.split_rule,
@@ -244,11 +245,14 @@ def _score(cfg: LayerConfig, runner: Runner, store: st.Store, model, unit: Unit,
                   for c, cs in concepts.items()]
         moves = [s.search["moves"] for s in scored]
         parts["search"] = time.perf_counter() - t0
-        fn = [s.search["function"] for s in scored if "function" in s.search]
         log(f"searched the index sets of {len(scored)} channels in {time.perf_counter() - t0:.1f} s "
-            f"({sum(moves)} moves kept in all, at most {max(moves)} per channel)" + (
-                f"; functional sets: {sum(f['moved'] for f in fn)} inputs moved, the worst predicted share "
-                f"{_worst(fn, 0)} -> {_worst(fn, 1)} (largest over the channels)" if fn else ""))
+            f"({sum(moves)} moves kept in all, at most {max(moves)} per channel)")
+        if cfg.split_rule == "function":
+            t0 = time.perf_counter()
+            scored, parts["endpoint pass"] = _functional(cfg, runner, model, unit, images, scored, found, preprocess,
+                                                         log)
+            parts["function"] = time.perf_counter() - t0 - parts["endpoint pass"]
+            seconds += parts["endpoint pass"]
         return scored, seconds
     classes = sorted({t for cs in concepts.values() for c in cs for t in c})
     images = training_images(store, cfg.data_dir, classes, cfg.class_index)
@@ -281,7 +285,7 @@ def _contributions(cfg: LayerConfig, runner: Runner, store: st.Store, model, uni
     log(f"contributions pass: {n} training images in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} img/s)"
         + ("; orientations: " + ", ".join(f"{c} {_signs_text(f.signs())}" for c, f in zip(concepts, got))
            if cfg.orientation == "gradient" else ""))
-    return dict(zip(concepts, got)), seconds
+    return dict(zip(concepts, got)), seconds, images
 
 
 def _signs_text(signs: list[int]) -> str:
@@ -299,13 +303,41 @@ def _search(cfg: LayerConfig, channel: int, concepts: list[list[int]], sw: Sweep
     objs, best, res = search_from_sweep(sw, found.V.to(device), found.labels.to(device), s, held, SEARCH_BUDGET,
                                         SEARCH_PATIENCE, SEARCH_SCREEN)
     counts = [int((found.labels == j).sum()) for j in range(1, len(concepts) + 1)]
-    summary, assign = res.summary(sw.sources(best), held), res.assign
-    if cfg.split_rule == "function":
-        model = effect_model(found.F, found.g, found.classes, weight_c.flatten(1), found.inputs, concepts,
-                             "absent" if cfg.ablation == "none" else cfg.ablation)
-        assign, how = functional_assignment(model, res.assign, FUNCTION_TARGET * cfg.certify_tolerance)
-        summary["function"] = {**how, "predicted": _predicted(model, assign) if model.usable() else None}
-    return Scored(channel, concepts, sw.replace(best, assign, weight_c), objs, counts, best, signs, summary)
+    return Scored(channel, concepts, sw.replace(best, res.assign, weight_c), objs, counts, best, signs,
+                  res.summary(sw.sources(best), held))
+
+
+def _functional(cfg: LayerConfig, runner: Runner, model, unit: Unit, images: ImageList, scored: list[Scored],
+                found: dict[int, Contributions], preprocess, log) -> tuple[list[Scored], float]:
+    """The functional rule (:mod:`utils.method.function`) on every searched split: a first program on each input's
+    first-order effects at the images; then ONE endpoint pass (:func:`utils.passes.contributions.endpoint_pass`)
+    reads the gradients where each ablation of those sets takes the unit, and a second program, from the searched
+    sets again, chooses on the effects read along the way (the trapezoid rule). The seconds of the pass."""
+    mode = "absent" if cfg.ablation == "none" else cfg.ablation
+    target = FUNCTION_TARGET * cfg.certify_tolerance
+    first, requests = {}, []
+    for s in scored:
+        f, w = found[s.channel], unit.weight.detach()[s.channel].cpu().flatten(1)
+        m = effect_model(f.F, f.g, f.classes, w, f.inputs, s.concepts, mode)
+        assign, how = functional_assignment(m, s.sweep.assign[s.best], target)
+        first[s.channel] = how
+        ref0, refs = references(f.inputs, s.concepts, mode)
+        keeps = torch.stack([torch.ones_like(assign, dtype=torch.float64)]
+                            + [((assign == 0) | (assign == j)).double() for j in range(1, len(s.concepts) + 1)])
+        requests.append(EndpointRequest(s.channel, f.index.tolist(), keeps, torch.stack([ref0, *refs])))
+    ends, seconds = endpoint_pass(runner, model, unit, images, requests, preprocess)
+    out = []
+    for s, end in zip(scored, ends):
+        f, wc = found[s.channel], unit.weight.detach()[s.channel].cpu()
+        m = effect_model(f.F, f.g, f.classes, wc.flatten(1), f.inputs, s.concepts, mode, endpoints=end)
+        assign, how = functional_assignment(m, s.sweep.assign[s.best], target)
+        fn = {**how, "first_order": first[s.channel], "predicted": _predicted(m, assign) if m.usable() else None}
+        out.append(dataclasses.replace(s, sweep=s.sweep.replace(s.best, assign, wc), search={**s.search, "function": fn}))
+    moved = [o.search["function"] for o in out]
+    log(f"functional sets: {sum(f['moved'] for f in moved)} inputs moved from the searched sets; the worst predicted "
+        f"share {_worst(moved, 0)} -> {_worst(moved, 1)} (largest over the channels; endpoint pass over "
+        f"{len({i for r in requests for i in r.rows})} training images in {seconds:.1f} s)")
+    return out, seconds
 
 
 def _worst(fn: list[dict], i: int) -> str:
