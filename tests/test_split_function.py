@@ -247,10 +247,10 @@ class Residual(nn.Module):
         return self.head(torch.tanh(h + self.layer(h)).mean((2, 3)))
 
 
-@pytest.mark.parametrize("net", [Tiny, Residual])
-def test_the_endpoint_gradients_are_autograds_where_each_ablation_takes_the_unit(tmp_path, net):
+@pytest.mark.parametrize("net,at", [(Tiny, 0.5), (Tiny, 1.0), (Residual, 0.5)])
+def test_the_path_gradients_are_autograds_where_each_ablation_takes_the_unit(tmp_path, net, at):
     """For every endpoint (a set of inputs moved to a reference input), the gradient of each image's class logit at
-    the unit, with the unit's output moved as that ablation moves it, equals autograd's on the network with that
+    the unit, with the unit's output moved as that ablation moves it (all the way, or half way), equals autograd's on the network with that
     output (copies at the layer where the network allows it, of the input where a residual connection does not),
     and F there is that gradient times what each input adds."""
     from utils.data.images import list_images, load_image
@@ -271,11 +271,12 @@ def test_the_endpoint_gradients_are_autograds_where_each_ablation_takes_the_unit
     keeps = torch.stack([torch.ones(5), torch.tensor([1.0, 0, 1, 0, 0])]).double()
     refs = torch.rand((2, *U.shape[1:]), generator=gen, dtype=torch.float64)
     c = 1
-    [(F, g)], _ = endpoint_pass(runner, model, model.layer, images, [EndpointRequest(c, rows, keeps, refs)], None)
+    request = EndpointRequest(c, rows, keeps, refs, torch.tensor([at, at], dtype=torch.float64))
+    [(F, g)], _ = endpoint_pass(runner, model, model.layer, images, [request], None)
     W = model.layer.weight[c].flatten(1).double()
     for e in range(2):
         moved = keeps[e][:, None] * W
-        shift = torch.einsum("kt,ktq->q", moved, refs[e])[None] - torch.einsum("kt,bktq->bq", moved, U)
+        shift = at * (torch.einsum("kt,ktq->q", moved, refs[e])[None] - torch.einsum("kt,bktq->bq", moved, U))
         a = model.layer(xin).detach().clone()
         a[:, c] += shift.view(len(rows), *a.shape[2:]).float()
         a.requires_grad_(True)

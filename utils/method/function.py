@@ -117,16 +117,15 @@ class EffectModel:
 
 def effect_model(F: torch.Tensor, g: torch.Tensor, classes: torch.Tensor, weight_c: torch.Tensor,
                  inputs: ClassInputs, concepts: list[list[int]], mode: str,
-                 min_images: int = MIN_IMAGES, endpoints: tuple[torch.Tensor, torch.Tensor] | None = None) -> EffectModel:
+                 min_images: int = MIN_IMAGES, along: tuple[torch.Tensor, torch.Tensor] | None = None) -> EffectModel:
     """The :class:`EffectModel` of one unit from its pass rows: ``F`` and ``g`` (:func:`input_effects`) and each
     row's class (``classes``), its filter ``weight_c`` (C_in x taps), the pass's :class:`ClassInputs` and the
-    ablation reference ``mode``. ``endpoints``: ``F`` and ``g`` again (E x n x ...), where each ablation (the
-    original's first, then D_1 .. D_k's) takes the unit (:func:`utils.passes.contributions.endpoint_pass`); each
-    ablation's effects are then read with the mean of the gradient there and at the image (the trapezoid rule
-    on the path between them), which sees a unit that the ablation switches on or off."""
-    if endpoints is not None:
-        Fs = [(F + endpoints[0][e]) / 2 for e in range(len(concepts) + 1)]
-        gs = [(g + endpoints[1][e]) / 2 for e in range(len(concepts) + 1)]
+    ablation reference ``mode``. ``along``: ``F`` and ``g`` again (E x n x ...), per ablation (the original's
+    first, then D_1 .. D_k's) read along the path from the image to where that ablation takes the unit (a
+    quadrature's mean; :func:`utils.passes.contributions.endpoint_pass`): each ablation's effects are then its
+    path integral, which sees a unit that the ablation switches on or off."""
+    if along is not None:
+        Fs, gs = list(along[0]), list(along[1])
     else:
         Fs, gs = [F] * (len(concepts) + 1), [g] * (len(concepts) + 1)
     ref0, refs = references(inputs, concepts, mode)

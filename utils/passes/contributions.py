@@ -191,14 +191,16 @@ def _host_rows(parts: list[tuple], width: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class EndpointRequest:
-    """One unit's endpoints for :func:`endpoint_pass`: ``channel``, its kept ``rows`` (dataset indices, as
-    :class:`Contributions` ``index``), per endpoint ``e`` the inputs its ablation changes (``keeps``: E x C_in, 0 or 1)
-    and the reference input they move to (``refs``: E x C_in x taps x Q)."""
+    """One unit's points for :func:`endpoint_pass`: ``channel``, its kept ``rows`` (dataset indices, as
+    :class:`Contributions` ``index``), per point ``e`` the inputs its ablation changes (``keeps``: E x C_in, 0 or 1),
+    the reference input they move to (``refs``: E x C_in x taps x Q) and how far along the way (``at``: E, 1 = all
+    the way)."""
 
     channel: int
     rows: list[int]
     keeps: torch.Tensor
     refs: torch.Tensor
+    at: torch.Tensor
 
 
 FAST_COPIES = 16  # copies made at the layer: up to this many batches' worth per forward pass (the rest is cheap)
@@ -254,10 +256,11 @@ class _ShiftedCopies:
 @torch.no_grad()
 def endpoint_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, images: ImageList,
                   requests: list[EndpointRequest], preprocess: Preprocess | None,
-                  desc: str = "endpoints") -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
-    """The functional rule's second look (:mod:`utils.method.function`): for every request and endpoint e, each
-    row image's gradient of its class logit at the unit *where ablation e takes the unit* (its output moved by
-    ``-sum over the changed inputs of W (U - U_ref)``) and the gradient-weighted contributions there. Per
+                  desc: str = "path") -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
+    """The functional rule's second look (:mod:`utils.method.function`): for every request and point e, each row
+    image's gradient of its class logit at the unit *on the way to where an ablation takes the unit* (its output
+    moved by ``at[e]`` times ``-sum over the changed inputs of W (U - U_ref)``) and the gradient-weighted
+    contributions there. Per
     request ``(F, g)``: E x n x C_in and E x n x Q (float64, rows in dataset order); and the slowest rank's
     seconds."""
     unit = as_unit(unit)
@@ -278,8 +281,8 @@ def endpoint_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, imag
                     p = torch.tensor(keep[part:part + max(1, runner.batch_size // E)], device=view.device)
                     w, refs = weights[ri].to(view.device), r.refs.to(view.device, torch.float64)
                     moved = r.keeps.to(view.device, torch.float64)[:, :, None] * w[None]  # E x C_in x T
-                    shifts = (torch.einsum("ekt,ektq->eq", moved, refs)[:, None]
-                              - torch.einsum("ekt,bktq->ebq", moved, view[p]))  # E x n x Q
+                    shifts = r.at.to(view.device, torch.float64)[:, None, None] * (
+                        torch.einsum("ekt,ektq->eq", moved, refs)[:, None] - torch.einsum("ekt,bktq->ebq", moved, view[p]))
                     cap = runner.batch_size * (FAST_COPIES if copies.fast else 1)  # copies per forward pass
                     if group and sum(len(q) * len(sh) for _, q, sh in group) + E * len(p) > cap:
                         _endpoint_rows(copies, b, view, group, requests, weights, rows)
