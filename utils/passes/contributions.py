@@ -210,20 +210,22 @@ class _ShiftedCopies:
     """Blocks of copies of a batch's images, each with one unit's output shifted by its own maps, through the
     network, and the gradient of each copy's class logit at the shifted output. The copies are made at the layer
     where that gives the logits that copies of the input give (the first batch decides, as the ablation pass's
-    copies do); otherwise each copy runs the whole network."""
+    copies do): the network then runs one image up to the layer, whose output the copies replace; otherwise each
+    copy runs the whole network."""
 
     def __init__(self, model: nn.Module, unit: Unit):
         self.model, self.unit, self.fast = model, unit, None
 
     def run(self, x: torch.Tensor, labels: torch.Tensor, blocks: list[tuple[torch.Tensor, int, torch.Tensor]],
-            fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """``blocks``: (positions in the batch, channel, shifts E x n x Q). The logits and the gradient at the layer's
-        output (counted, conv layout) of every copy, block after block, endpoint after endpoint."""
+            fast: bool, layer_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``blocks``: (positions in the batch, channel, shifts E x n x Q); ``layer_out``: the layer's output for the
+        batch. The logits and the gradient at the layer's output (counted, conv layout) of every copy, block after
+        block, point after point."""
         seen: dict[str, torch.Tensor] = {}
         sel = torch.cat([p.repeat(len(s)) for p, _, s in blocks])
 
         def hook(_m, _i, out):
-            out = (out[sel.to(out.device)] if fast else out).detach().clone()
+            out = (layer_out[sel.to(layer_out.device)] if fast else out).detach().clone()
             start = 0
             for p, c, s in blocks:
                 n = len(p) * len(s)
@@ -235,22 +237,25 @@ class _ShiftedCopies:
         handle = self.unit.module.register_forward_hook(hook)
         try:
             with torch.enable_grad():
-                logits = self.model(x if fast else x[sel.to(x.device)])
+                logits = self.model(x[:1] if fast else x[sel.to(x.device)])
                 (g,) = torch.autograd.grad(logits.gather(1, labels[sel.to(labels.device)][:, None]).sum(), seen["a"])
         finally:
             handle.remove()
         return logits.detach(), self.unit.counted(g)
 
-    def __call__(self, x, labels, blocks) -> torch.Tensor:
+    def __call__(self, x, labels, blocks, layer_out) -> torch.Tensor:
         if self.fast is None:
-            slow_logits, g = self.run(x, labels, blocks, False)
+            slow_logits, g = self.run(x, labels, blocks, False, layer_out)
+            if len({int(i) for p, _, _ in blocks for i in p if int(i) != 0}) < 1:
+                return g  # copies of the first image alone cannot tell the two ways apart: decide on a later group
             try:
-                fast_logits, g_fast = self.run(x, labels, blocks, True)
-                self.fast = bool(torch.allclose(fast_logits, slow_logits, rtol=1e-4, atol=1e-5))
+                fast_logits, _ = self.run(x, labels, blocks, True, layer_out)
+                self.fast = fast_logits.shape == slow_logits.shape and bool(
+                    torch.allclose(fast_logits, slow_logits, rtol=1e-4, atol=1e-5))
             except RuntimeError:
                 self.fast = False
             return g
-        return self.run(x, labels, blocks, self.fast)[1]
+        return self.run(x, labels, blocks, self.fast, layer_out)[1]
 
 
 @torch.no_grad()
@@ -272,7 +277,9 @@ def endpoint_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, imag
     def step(batches):
         rows: list[list[torch.Tensor]] = [[] for _ in requests]
         for b in batches:
-            view = tap_view(unit.counted(layer_input(model, unit, b.x)).float(), unit.geometry()).double()
+            x_in = layer_input(model, unit, b.x)
+            out = unit.module(x_in)  # the layer's output: the copies made at the layer start from it
+            view = tap_view(unit.counted(x_in).float(), unit.geometry()).double()
             group: list[tuple] = []  # (request, positions, shifts): the copies of one forward pass
             for ri, r in enumerate(requests):
                 keep = [p for p, i in enumerate(b.index.tolist()) if i in member[ri]]
@@ -285,11 +292,11 @@ def endpoint_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, imag
                         torch.einsum("ekt,ektq->eq", moved, refs)[:, None] - torch.einsum("ekt,bktq->ebq", moved, view[p]))
                     cap = runner.batch_size * (FAST_COPIES if copies.fast else 1)  # copies per forward pass
                     if group and sum(len(q) * len(sh) for _, q, sh in group) + E * len(p) > cap:
-                        _endpoint_rows(copies, b, view, group, requests, weights, rows)
+                        _endpoint_rows(copies, b, out, view, group, requests, weights, rows)
                         group = []
                     group.append((ri, p, shifts))
             if group:
-                _endpoint_rows(copies, b, view, group, requests, weights, rows)
+                _endpoint_rows(copies, b, out, view, group, requests, weights, rows)
         return rows
 
     ran = runner.image_pass(images, class_batches(images, order, runner.batch_size), preprocess, desc).run(step, desc)
@@ -306,11 +313,11 @@ def endpoint_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, imag
     return out, ran.seconds
 
 
-def _endpoint_rows(copies: _ShiftedCopies, b, view: torch.Tensor, group: list[tuple], requests: list[EndpointRequest],
-                   weights: list[torch.Tensor], rows: list[list[torch.Tensor]]) -> None:
-    """One forward and backward pass of a group of (request, positions, shifts) blocks of batch ``b``: each row's
-    index, F and g per endpoint appended to its request's ``rows``."""
-    g = copies(b.x, b.labels, [(p, requests[ri].channel, sh) for ri, p, sh in group])
+def _endpoint_rows(copies: _ShiftedCopies, b, out: torch.Tensor, view: torch.Tensor, group: list[tuple],
+                   requests: list[EndpointRequest], weights: list[torch.Tensor], rows: list[list[torch.Tensor]]) -> None:
+    """One forward and backward pass of a group of (request, positions, shifts) blocks of batch ``b`` (``out``: the
+    layer's output for it): each row's index, F and g per point appended to its request's ``rows``."""
+    g = copies(b.x, b.labels, [(p, requests[ri].channel, sh) for ri, p, sh in group], out)
     start = 0
     for ri, p, sh in group:
         E, n = len(sh), len(p)

@@ -144,7 +144,8 @@ def _function_text(how: dict | None) -> str:
     if before is None:
         return f"<p>Functional sets: {how['status']}.</p>"
     return (f"<p>Functional sets: {how['moved']} inputs moved from the searched sets; the worst predicted share "
-            f"(1 - own, cross or elsewhere, on the training images) {before:.2f} → {after:.2f} ({how['status']}).</p>")
+            f"(1 - own, cross or elsewhere, on the training images, read along each ablation's path) {before:.2f} → "
+            f"{after:.2f} ({how['status']}).</p>")
 
 
 def _orientation_text(signs) -> str:
