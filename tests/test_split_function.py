@@ -255,7 +255,7 @@ def test_the_path_gradients_are_autograds_where_each_ablation_takes_the_unit(tmp
     and F there is that gradient times what each input adds."""
     from utils.data.images import list_images, load_image
     from utils.method.arv import tap_view
-    from utils.passes.contributions import EndpointRequest, endpoint_pass
+    from utils.passes.contributions import PathRequest, path_pass
     from utils.passes.image_pass import Runner
 
     model = net().eval()
@@ -271,8 +271,8 @@ def test_the_path_gradients_are_autograds_where_each_ablation_takes_the_unit(tmp
     keeps = torch.stack([torch.ones(5), torch.tensor([1.0, 0, 1, 0, 0])]).double()
     refs = torch.rand((2, *U.shape[1:]), generator=gen, dtype=torch.float64)
     c = 1
-    request = EndpointRequest(c, rows, keeps, refs, torch.tensor([at, at], dtype=torch.float64))
-    [(F, g)], _ = endpoint_pass(runner, model, model.layer, images, [request], None)
+    request = PathRequest(c, rows, keeps, refs, torch.tensor([at, at], dtype=torch.float64))
+    [(F, g)], _ = path_pass(runner, model, model.layer, images, [request], None)
     W = model.layer.weight[c].flatten(1).double()
     for e in range(2):
         moved = keeps[e][:, None] * W

@@ -58,8 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="split at most N channels: those whose concepts are least alike first (default: all)")
     g.add_argument("--split_rule", choices=("function", "search", "paper", "positive"), default="function",
                    help="function (default): the searched sets, then the fewest inputs moved so that ablating each "
-                        "concept unit (as --ablation does) takes, to first order, its own concepts' logit evidence "
-                        "and the least of any other class's (a small integer program); search: from the paper's "
+                        "concept unit (as --ablation does) takes, as predicted along the ablation's path on training "
+                        "images, its own concepts' logit evidence and the least of any other class's (small integer "
+                        "programs, one more pass over those images); search: from the paper's "
                         "sets, move single inputs while the concept units tell their concepts apart better on "
                         "training images (stopped by held-out ones); paper: an input goes to the first concept j "
                         "with rho * A_j > every other A_l; positive: only where A_j > 0")

@@ -122,7 +122,7 @@ def effect_model(F: torch.Tensor, g: torch.Tensor, classes: torch.Tensor, weight
     row's class (``classes``), its filter ``weight_c`` (C_in x taps), the pass's :class:`ClassInputs` and the
     ablation reference ``mode``. ``along``: ``F`` and ``g`` again (E x n x ...), per ablation (the original's
     first, then D_1 .. D_k's) read along the path from the image to where that ablation takes the unit (a
-    quadrature's mean; :func:`utils.passes.contributions.endpoint_pass`): each ablation's effects are then its
+    quadrature's mean; :func:`utils.passes.contributions.path_pass`): each ablation's effects are then its
     path integral, which sees a unit that the ablation switches on or off."""
     if along is not None:
         Fs, gs = list(along[0]), list(along[1])

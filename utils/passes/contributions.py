@@ -190,8 +190,8 @@ def _host_rows(parts: list[tuple], width: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class EndpointRequest:
-    """One unit's points for :func:`endpoint_pass`: ``channel``, its kept ``rows`` (dataset indices, as
+class PathRequest:
+    """One unit's points for :func:`path_pass`: ``channel``, its kept ``rows`` (dataset indices, as
     :class:`Contributions` ``index``), per point ``e`` the inputs its ablation changes (``keeps``: E x C_in, 0 or 1),
     the reference input they move to (``refs``: E x C_in x taps x Q) and how far along the way (``at``: E, 1 = all
     the way)."""
@@ -259,8 +259,8 @@ class _ShiftedCopies:
 
 
 @torch.no_grad()
-def endpoint_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, images: ImageList,
-                  requests: list[EndpointRequest], preprocess: Preprocess | None,
+def path_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, images: ImageList,
+                  requests: list[PathRequest], preprocess: Preprocess | None,
                   desc: str = "path") -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
     """The functional rule's second look (:mod:`utils.method.function`): for every request and point e, each row
     image's gradient of its class logit at the unit *on the way to where an ablation takes the unit* (its output
@@ -292,11 +292,11 @@ def endpoint_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, imag
                         torch.einsum("ekt,ektq->eq", moved, refs)[:, None] - torch.einsum("ekt,bktq->ebq", moved, view[p]))
                     cap = runner.batch_size * (FAST_COPIES if copies.fast else 1)  # copies per forward pass
                     if group and sum(len(q) * len(sh) for _, q, sh in group) + E * len(p) > cap:
-                        _endpoint_rows(copies, b, out, view, group, requests, weights, rows)
+                        _path_rows(copies, b, out, view, group, requests, weights, rows)
                         group = []
                     group.append((ri, p, shifts))
             if group:
-                _endpoint_rows(copies, b, out, view, group, requests, weights, rows)
+                _path_rows(copies, b, out, view, group, requests, weights, rows)
         return rows
 
     ran = runner.image_pass(images, class_batches(images, order, runner.batch_size), preprocess, desc).run(step, desc)
@@ -313,8 +313,8 @@ def endpoint_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, imag
     return out, ran.seconds
 
 
-def _endpoint_rows(copies: _ShiftedCopies, b, out: torch.Tensor, view: torch.Tensor, group: list[tuple],
-                   requests: list[EndpointRequest], weights: list[torch.Tensor], rows: list[list[torch.Tensor]]) -> None:
+def _path_rows(copies: _ShiftedCopies, b, out: torch.Tensor, view: torch.Tensor, group: list[tuple],
+                   requests: list[PathRequest], weights: list[torch.Tensor], rows: list[list[torch.Tensor]]) -> None:
     """One forward and backward pass of a group of (request, positions, shifts) blocks of batch ``b`` (``out``: the
     layer's output for it): each row's index, F and g per point appended to its request's ``rows``."""
     g = copies(b.x, b.labels, [(p, requests[ri].channel, sh) for ri, p, sh in group], out)

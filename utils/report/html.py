@@ -81,8 +81,8 @@ RULES = {"paper": "the paper's (an input goes to the first concept j with rho A_
                    "while the concept channels' mean AUC on training images rose; held-out training images stopped "
                    "it; every split stays exact)",
          "function": "functional (the searched sets, then the fewest inputs moved so that ablating each concept "
-                     "channel takes, to first order, its own concepts' logit evidence and the least of any other "
-                     "class's; every split stays exact)"}
+                     "channel takes, as predicted along each ablation's path on training images, its own concepts' "
+                     "logit evidence and the least of any other class's; every split stays exact)"}
 ORIENTATION = {"none": "none: every concept read as +activation",
                "gradient": "gradient: each concept read in the direction that raises its logit (the sign of the mean "
                            "gradient of the class logit at the unit over the concept's training images)"}

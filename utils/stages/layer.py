@@ -16,22 +16,21 @@ outputs equal a single-process run's.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from ..store import layout as st
 from ..store.arvs import concept_arvs
 from ..data.classes import check_channel, data_class_map
 from ..data.images import ImageList, list_images
-from ..defaults import (ABLATION, CERTIFY_TOLERANCE, FUNCTION_TARGET, DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU, EFFECTS_PER_CLASS, STEER, SEARCH_BUDGET, SEARCH_IMAGES, SEARCH_OTHER_CLASSES,
+from ..defaults import (ABLATION, CERTIFY_TOLERANCE, DEFAULT_GAMMA, DEFAULT_P, DEFAULT_TAU, EFFECTS_PER_CLASS, STEER, SEARCH_BUDGET, SEARCH_IMAGES, SEARCH_OTHER_CLASSES,
                         SEARCH_OTHERS, SEARCH_PATIENCE, SEARCH_SCREEN)
 from .effects import layer_effects
+from .functional import functional_splits
 from ..passes.interventions import ABLATION_REFERENCES
 from .layer_output import evaluate_layer, write_layer
 from .splitting import check_indices, score_channels
@@ -44,10 +43,9 @@ from ..model.loading import LoadedModel, get_layer, load_model
 from ..data.preprocess import InputSpec
 from ..store.records import LAYER_COMMAND, make_record, records_dir, store_record, variant_suffix
 from ..method.scoring import Scored, best_index
-from ..method.function import effect_model, functional_assignment, references
 from ..method.search import holdout_mask, search_from_sweep
 from ..method.split import SPLIT_RULES, Sweep, sweep
-from ..passes.contributions import Contributions, EndpointRequest, UnitRequest, contribution_pass, endpoint_pass, pick_rows
+from ..passes.contributions import Contributions, UnitRequest, contribution_pass, pick_rows
 from ..model.units import Unit, unit_at
 from ..store.layout import training_images
 from ..model.surgery import split_network
@@ -249,8 +247,8 @@ def _score(cfg: LayerConfig, runner: Runner, store: st.Store, model, unit: Unit,
             f"({sum(moves)} moves kept in all, at most {max(moves)} per channel)")
         if cfg.split_rule == "function":
             t0 = time.perf_counter()
-            scored, parts["path pass"] = _functional(cfg, runner, model, unit, images, scored, found, preprocess,
-                                                         log)
+            scored, parts["path pass"] = functional_splits(cfg, runner, model, unit, images, scored, found,
+                                                           preprocess, log)
             parts["function"] = time.perf_counter() - t0 - parts["path pass"]
             seconds += parts["path pass"]
         return scored, seconds
@@ -305,62 +303,6 @@ def _search(cfg: LayerConfig, channel: int, concepts: list[list[int]], sw: Sweep
     counts = [int((found.labels == j).sum()) for j in range(1, len(concepts) + 1)]
     return Scored(channel, concepts, sw.replace(best, res.assign, weight_c), objs, counts, best, signs,
                   res.summary(sw.sources(best), held))
-
-
-def _functional(cfg: LayerConfig, runner: Runner, model, unit: Unit, images: ImageList, scored: list[Scored],
-                found: dict[int, Contributions], preprocess, log) -> tuple[list[Scored], float]:
-    """The functional rule (:mod:`utils.method.function`) on every searched split: a first program on each input's
-    first-order effects at the images; then ONE pass (:func:`utils.passes.contributions.endpoint_pass`) reads the
-    gradients at two points on the way to where each ablation of those sets takes the unit (PATH_NODES: the
-    two-point Gauss-Legendre rule, exact for a cubic path and at neither end, where a unit ablated to zero sits on
-    its ReLU's kink), and a second program, from the searched sets again, chooses on the effects read there. The
-    seconds of the pass."""
-    mode = "absent" if cfg.ablation == "none" else cfg.ablation
-    target = FUNCTION_TARGET * cfg.certify_tolerance
-    first, requests = {}, []
-    for s in scored:
-        f, w = found[s.channel], unit.weight.detach()[s.channel].cpu().flatten(1)
-        m = effect_model(f.F, f.g, f.classes, w, f.inputs, s.concepts, mode)
-        assign, how = functional_assignment(m, s.sweep.assign[s.best], target)
-        first[s.channel] = how
-        ref0, refs = references(f.inputs, s.concepts, mode)
-        keeps = torch.stack([torch.ones_like(assign, dtype=torch.float64)]
-                            + [((assign == 0) | (assign == j)).double() for j in range(1, len(s.concepts) + 1)])
-        E = len(keeps)  # each ablation read at both nodes of the path
-        requests.append(EndpointRequest(s.channel, f.index.tolist(), keeps.repeat(len(PATH_NODES), 1),
-                                        torch.stack([ref0, *refs]).repeat(len(PATH_NODES), 1, 1, 1),
-                                        torch.tensor(PATH_NODES, dtype=torch.float64).repeat_interleave(E)))
-    ends, seconds = endpoint_pass(runner, model, unit, images, requests, preprocess)
-    out = []
-    for s, end in zip(scored, ends):
-        f, wc = found[s.channel], unit.weight.detach()[s.channel].cpu()
-        E = len(s.concepts) + 1
-        along = tuple(t.reshape(len(PATH_NODES), E, *t.shape[1:]).mean(0) for t in end)  # equal weights
-        m = effect_model(f.F, f.g, f.classes, wc.flatten(1), f.inputs, s.concepts, mode, along=along)
-        assign, how = functional_assignment(m, s.sweep.assign[s.best], target)
-        fn = {**how, "first_order": first[s.channel], "predicted": _predicted(m, assign) if m.usable() else None}
-        out.append(dataclasses.replace(s, sweep=s.sweep.replace(s.best, assign, wc), search={**s.search, "function": fn}))
-    moved = [o.search["function"] for o in out]
-    log(f"functional sets: {sum(f['moved'] for f in moved)} inputs moved from the searched sets; the worst predicted "
-        f"share {_worst(moved, 0)} -> {_worst(moved, 1)} (largest over the channels; path pass over "
-        f"{len({i for r in requests for i in r.rows})} training images in {seconds:.1f} s)")
-    return out, seconds
-
-
-PATH_NODES = (0.5 - 0.5 / 3 ** 0.5, 0.5 + 0.5 / 3 ** 0.5)  # two-point Gauss-Legendre on [0, 1], equal weights
-
-
-def _worst(fn: list[dict], i: int) -> str:
-    """The largest worst predicted share (before ``i`` 0, after 1) over the channels whose rule could read one."""
-    v = [f["worst"][i] for f in fn if f["worst"][i] is not None]
-    return f"{max(v):.2f}" if v else "n/a"
-
-
-def _predicted(model, assign) -> dict:
-    """The functional rule's predicted shares of ``assign``, as layer.json keeps them (``cross[j][j]`` None)."""
-    sh = model.shares(assign.numpy())
-    return {"own": sh["own"].tolist(), "elsewhere": sh["elsewhere"].tolist(),
-            "cross": [[None if np.isnan(v) else float(v) for v in row] for row in sh["cross"]]}
 
 
 def _val_images(cfg: LayerConfig, lm: LoadedModel, store: st.Store, concepts: list[list[list[int]]],
