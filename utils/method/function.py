@@ -25,8 +25,14 @@ assignment:
 
 The rule finds the assignment whose worst ``max(1 - own_j, cross_jl, elsewhere_jt)`` is least: a small mixed
 integer program (one binary per input and set, solved by scipy's HiGHS). Of the assignments within ``slack`` of
-that worst value it then takes the one that moves the fewest inputs from the searched rule's sets (which tell
-the concepts apart by activation): inputs that carry no function stay where the activation search put them.
+that worst value, or within a ``target`` that is good enough, it then takes the one that moves the fewest inputs
+from the searched rule's sets (which tell the concepts apart by activation): inputs that carry no function stay
+where the activation search put them.
+
+The gradient at the image misses a unit that an ablation switches on (a class that holds it off with two groups
+of inputs that cancel, split apart). :func:`effect_model` therefore also takes ``F`` and ``g`` read *along* each
+ablation's path (``along``: from :func:`utils.passes.contributions.path_pass`, the mean over a quadrature's
+points), and ``G`` is then that path integral; :mod:`utils.stages.functional` runs the programs on both.
 """
 from __future__ import annotations
 

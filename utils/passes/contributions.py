@@ -246,7 +246,7 @@ class _ShiftedCopies:
     def __call__(self, x, labels, blocks, layer_out) -> torch.Tensor:
         if self.fast is None:
             slow_logits, g = self.run(x, labels, blocks, False, layer_out)
-            if len({int(i) for p, _, _ in blocks for i in p if int(i) != 0}) < 1:
+            if all(int(i) == 0 for p, _, _ in blocks for i in p):
                 return g  # copies of the first image alone cannot tell the two ways apart: decide on a later group
             try:
                 fast_logits, _ = self.run(x, labels, blocks, True, layer_out)
@@ -260,14 +260,13 @@ class _ShiftedCopies:
 
 @torch.no_grad()
 def path_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, images: ImageList,
-                  requests: list[PathRequest], preprocess: Preprocess | None,
-                  desc: str = "path") -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
+              requests: list[PathRequest], preprocess: Preprocess | None,
+              desc: str = "path") -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
     """The functional rule's second look (:mod:`utils.method.function`): for every request and point e, each row
     image's gradient of its class logit at the unit *on the way to where an ablation takes the unit* (its output
     moved by ``at[e]`` times ``-sum over the changed inputs of W (U - U_ref)``) and the gradient-weighted
-    contributions there. Per
-    request ``(F, g)``: E x n x C_in and E x n x Q (float64, rows in dataset order); and the slowest rank's
-    seconds."""
+    contributions there. Per request ``(F, g)``: E x n x C_in and E x n x Q (float64, rows in dataset order); and
+    the slowest rank's seconds."""
     unit = as_unit(unit)
     order = sorted({i for r in requests for i in r.rows}, key=lambda i: (images.targets[i], i))
     weights = [unit.weight.detach()[r.channel].flatten(1).double() for r in requests]  # C_in x T each

@@ -26,8 +26,9 @@ PATH_NODES = (0.5 - 0.5 / 3 ** 0.5, 0.5 + 0.5 / 3 ** 0.5)  # two-point Gauss-Leg
 
 
 def functional_splits(cfg, runner: Runner, model, unit: Unit, images: ImageList, scored: list[Scored],
-                found: dict[int, Contributions], preprocess, log) -> tuple[list[Scored], float]:
-    """The functional rule (:mod:`utils.method.function`) on every searched split: a first program on each input's
+                      found: dict[int, Contributions], preprocess, log) -> tuple[list[Scored], float]:
+    """The functional rule (:mod:`utils.method.function`) on every searched split (``cfg``: the layer command's
+    LayerConfig; ``found``: the contributions pass's rows, ``functional=True``): a first program on each input's
     first-order effects at the images; then ONE pass (:func:`utils.passes.contributions.path_pass`) reads the
     gradients at two points on the way to where each ablation of those sets takes the unit (PATH_NODES: the
     two-point Gauss-Legendre rule, exact for a cubic path and at neither end, where a unit ablated to zero sits on
