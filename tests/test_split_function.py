@@ -286,3 +286,23 @@ def test_the_path_gradients_are_autograds_where_each_ablation_takes_the_unit(tmp
         assert torch.allclose(g[e], ga[:, c].flatten(1).double(), rtol=1e-4, atol=1e-6), e
         want = torch.einsum("nq,nktq->nkt", ga[:, c].flatten(1).double(), U).mul(W).sum(-1)
         assert torch.allclose(F[e], want, rtol=1e-4, atol=1e-5), e
+
+
+def test_the_references_are_the_ablation_pass_s():
+    """Absent: the mean input over the classes outside the concepts (every concept's for the original, concept j's
+    for D_j), weighted by images, and every class where no image lies outside, as the ablation pass falls back;
+    mean: every class; zero: zeros."""
+    from utils.method.function import ClassInputs, references
+
+    sums = {t: torch.full((2, 1, 3), float(t + 1)) * n for t, n in ((0, 2), (1, 1), (2, 3))}
+    inputs = ClassInputs(sums, {0: 2, 1: 1, 2: 3})
+    ref0, (r1, r2) = references(inputs, [[0], [1]], "absent")
+    assert torch.allclose(ref0, torch.full_like(ref0, 3.0))  # class 2 alone
+    assert torch.allclose(r1, torch.full_like(r1, (2 * 1 + 3 * 3) / 4))  # classes 1 and 2
+    assert torch.allclose(r2, torch.full_like(r2, (1 * 2 + 3 * 3) / 5))  # classes 0 and 2
+    every, _ = references(inputs, [[0, 1, 2], [1]], "absent")
+    assert torch.allclose(every, torch.full_like(every, (1 * 2 + 2 * 1 + 3 * 3) / 6))
+    mean, _ = references(inputs, [[0], [1]], "mean")
+    assert torch.allclose(mean, every)
+    zero, zs = references(inputs, [[0], [1]], "zero")
+    assert not zero.any() and not any(z.any() for z in zs)

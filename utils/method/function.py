@@ -66,7 +66,7 @@ class ClassInputs:
 def references(inputs: ClassInputs, concepts: list[list[int]], mode: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The reference inputs of the original unit and of each concept unit, as the intervention pass sets them:
     ``absent`` (the mean over the images where the concepts are absent: every concept's for the original,
-    concept j's for D_j), ``mean`` (every image) or ``zero``."""
+    concept j's for D_j; every image where none is), ``mean`` (every image) or ``zero``."""
     every = sorted(inputs.counts)
     if mode == "zero":
         z = torch.zeros_like(inputs.mean(every))
@@ -74,9 +74,9 @@ def references(inputs: ClassInputs, concepts: list[list[int]], mode: str) -> tup
     if mode == "mean":
         m = inputs.mean(every)
         return m, [m] * len(concepts)
-    mine = {t for cs in concepts for t in cs}
-    return (inputs.mean([t for t in every if t not in mine]),
-            [inputs.mean([t for t in every if t not in set(cs)]) for cs in concepts])
+    mine = {t for cs in concepts for t in cs}  # as the ablation pass: where no image lacks them, every image
+    return (inputs.mean([t for t in every if t not in mine] or every),
+            [inputs.mean([t for t in every if t not in set(cs)] or every) for cs in concepts])
 
 
 def input_effects(F: torch.Tensor, g: torch.Tensor, weight_c: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
