@@ -29,7 +29,7 @@ from ..method.function import ClassInputs
 from ..model.hooks import layer_gradient, layer_input
 from ..model.units import Unit, as_unit
 from .distributed import reduce_over_ranks
-from .image_pass import Runner
+from .image_pass import Runner, add_by_label
 
 
 @dataclass(frozen=True)
@@ -111,58 +111,65 @@ def contribution_pass(runner: Runner, model: nn.Module, unit: Unit | nn.Module, 
                 _, _, g_full, x = layer_gradient(model, unit, b.x, b.labels)
                 g = g_full.float().sum(dim=(2, 3))  # B x C: the gradient summed over the positions that count
             else:
-                g, x = None, layer_input(model, unit, b.x)
+                g_full, g, x = None, None, layer_input(model, unit, b.x)
             xl = unit.counted(x)
             if maps is None:
                 maps = tap_maps(unit.geometry(), tuple(xl.shape[-2:])).to(xl.device)
             view = tap_view(xl.float(), unit.geometry()) if functional else None  # B x C_in x T x Q
             if view is not None:
                 q = view.shape[-1]
-                for t in b.targets.unique().tolist():
-                    mask = (b.targets == t).to(view.device)
-                    part = view[mask].double().sum(0)
-                    inputs[t] = inputs[t] + part if t in inputs else part
-                    n_inputs[t] = n_inputs.get(t, 0) + int(mask.sum())
-            taps, index = None, b.index.tolist()
+                add_by_label(inputs, n_inputs, view.double(), b.targets)
+            taps = None
             for ri, r in enumerate(requests):
                 if g is not None:
                     j = concept_of[ri].get(int(b.targets[0]))
                     if j is not None:
                         grads[ri][j] += g[:, r.channel].double().sum()
                         counts[ri][j] += len(b)
-                keep = [p for p, i in enumerate(index) if i in r.rows]
-                if not keep:
-                    continue
-                taps = batch_tap_sums(xl, maps) if taps is None else taps
-                sel = torch.tensor(keep, device=xl.device)
-                parts = [torch.einsum("bkt,kt->bk", taps[sel], weights[ri].to(taps.device))]
-                if view is not None:  # F[i, k] = sum_t W[c, k, t] sum_q g_i[c, q] U_i[k, t, q]; and g_i[c]
-                    gq = g_full[sel, r.channel].flatten(1).double()
-                    seen = torch.einsum("bq,bktq->bkt", gq, view[sel].double())
-                    parts += [(seen * weights[ri].to(seen.device)).sum(-1), gq]
-                idx = b.index[keep]
-                rows[ri].append((idx, torch.tensor([r.rows[int(i)] for i in idx], dtype=torch.float64), *parts))
+                if any(i in r.rows for i in b.index.tolist()):
+                    taps = batch_tap_sums(xl, maps) if taps is None else taps
+                    rows[ri].append(_kept_rows(b, r, taps, weights[ri], view, g_full))
         return grads, counts, rows, (inputs, n_inputs), q
 
     ran = runner.image_pass(images, class_batches(images, order, runner.batch_size), preprocess, desc).run(step, desc)
     grads, counts, rows, sums, q = ran.value
-    C_in = unit.in_channels
     if functional:  # Q: the output positions (a rank that read no batch learns it from the others)
         q = int(reduce_over_ranks(float(q), runner.world, runner.device, "max"))
-    shared = _class_inputs(runner, sorted({images.targets[i] for i in order}), sums, C_in, unit.kernel_size, q) \
-        if functional else None
-    out = []
-    for r, g, n, mine in zip(requests, grads, counts, rows):
-        # one copy to the host per unit at the end, not one per batch
-        every = runner.gather_rows(_host_rows(mine, C_in + (C_in + q if functional else 0)))
-        every = every[every[:, 0].argsort(stable=True)]
-        sums = runner.gather_rows(torch.cat([g.cpu(), torch.tensor(n, dtype=torch.float64)])[None]).sum(0)
-        k = len(r.concepts)
-        out.append(Contributions(sums[:k], [int(v) for v in sums[k:]], every[:, 2:2 + C_in], every[:, 1].long(),
-                                 every[:, 0].long(), every[:, 2 + C_in:2 + 2 * C_in] if functional else None,
-                                 every[:, 2 + 2 * C_in:] if functional else None, shared,
-                                 torch.tensor([images.targets[int(i)] for i in every[:, 0]], dtype=torch.long)))
-    return out, ran.seconds
+    shared = _class_inputs(runner, sorted({images.targets[i] for i in order}), sums, unit.in_channels,
+                           unit.kernel_size, q) if functional else None
+    return [_gathered(runner, images, r, g, n, mine, unit.in_channels, q if functional else None, shared)
+            for r, g, n, mine in zip(requests, grads, counts, rows)], ran.seconds
+
+
+def _kept_rows(b, r: UnitRequest, taps: torch.Tensor, weight: torch.Tensor, view: torch.Tensor | None,
+               g_full: torch.Tensor | None) -> tuple:
+    """Batch ``b``'s rows that request ``r`` keeps: their dataset index and label (host), ``V`` and, with the
+    tap ``view`` (functional), ``F[i, k] = sum_t W[c, k, t] sum_q g_i[c, q] U_i[k, t, q]`` and ``g_i[c]``."""
+    keep = [p for p, i in enumerate(b.index.tolist()) if i in r.rows]
+    sel = torch.tensor(keep, device=taps.device)
+    parts = [torch.einsum("bkt,kt->bk", taps[sel], weight.to(taps.device))]
+    if view is not None:
+        gq = g_full[sel, r.channel].flatten(1).double()
+        seen = torch.einsum("bq,bktq->bkt", gq, view[sel].double())
+        parts += [(seen * weight.to(seen.device)).sum(-1), gq]
+    idx = b.index[keep]
+    return (idx, torch.tensor([r.rows[int(i)] for i in idx], dtype=torch.float64), *parts)
+
+
+def _gathered(runner: Runner, images: ImageList, r: UnitRequest, g: torch.Tensor, n: list[int], mine: list[tuple],
+              C_in: int, q: int | None, shared: ClassInputs | None) -> Contributions:
+    """One request's :class:`Contributions` from every rank's rows (in dataset order) and gradient sums; ``q``
+    (the output positions that count) and ``shared`` with the functional rows, else None."""
+    # one copy to the host per unit at the end, not one per batch
+    every = runner.gather_rows(_host_rows(mine, C_in + (0 if q is None else C_in + q)))
+    every = every[every[:, 0].argsort(stable=True)]
+    sums = runner.gather_rows(torch.cat([g.cpu(), torch.tensor(n, dtype=torch.float64)])[None]).sum(0)
+    k = len(r.concepts)
+    functional = q is not None
+    return Contributions(sums[:k], [int(v) for v in sums[k:]], every[:, 2:2 + C_in], every[:, 1].long(),
+                         every[:, 0].long(), every[:, 2 + C_in:2 + 2 * C_in] if functional else None,
+                         every[:, 2 + 2 * C_in:] if functional else None, shared,
+                         torch.tensor([images.targets[int(i)] for i in every[:, 0]], dtype=torch.long))
 
 
 def _class_inputs(runner: Runner, classes: list[int], seen: tuple[dict, dict], C_in: int, kernel: tuple[int, int],

@@ -125,6 +125,17 @@ class Runner:
         return ImagePass(self, images, batches, transform, desc)
 
 
+def add_by_label(sums: dict[int, torch.Tensor], counts: dict[int, int], values: torch.Tensor,
+                 targets: torch.Tensor) -> None:
+    """Add each label's rows of ``values`` (B x ...; ``targets``: the batch's labels) to ``sums[label]`` and their
+    number to ``counts[label]``, in place: per-class sums over a pass, a batch at a time."""
+    for t in targets.unique().tolist():
+        mask = (targets == t).to(values.device)
+        part = values[mask].sum(0)
+        sums[t] = sums[t] + part if t in sums else part
+        counts[t] = counts.get(t, 0) + int(mask.sum())
+
+
 def finite_rows(t: torch.Tensor) -> torch.Tensor:
     """Per row of ``t`` (a batch's images, logits, relevance): whether all its values are finite (a bool tensor on
     t's device, to look at once per chunk or pass, not per batch)."""

@@ -32,7 +32,7 @@ from torch import nn
 from ..data.images import ImageList, Preprocess, class_batches
 from ..errors import UserError
 from ..method.effects import Effects, Intervention
-from .image_pass import Runner, plain_batches
+from .image_pass import Runner, add_by_label, plain_batches
 
 
 def unit_interventions(channel: int, columns: list[int], k: int, steer: float | None = None,
@@ -105,12 +105,7 @@ def reference_outputs(runner: Runner, net: nn.Module, layer: str, images: ImageL
         for b in batches:
             net(b.x)
             out = seen.pop().double()
-            out = out if conv else out.movedim(-1, 1)  # the columns first, as a Conv2d's
-            for t in b.targets.unique().tolist():
-                mask = b.targets == t
-                part = out[mask.to(out.device)].sum(0)
-                sums[t] = sums[t] + part if t in sums else part
-                counts[t] = counts.get(t, 0) + int(mask.sum())
+            add_by_label(sums, counts, out if conv else out.movedim(-1, 1), b.targets)  # columns first, as a conv's
         return sums, counts
 
     handle = expanded.register_forward_hook(lambda _m, _i, out: seen.append(out))
