@@ -306,3 +306,30 @@ def test_the_references_are_the_ablation_pass_s():
     assert torch.allclose(mean, every)
     zero, zs = references(inputs, [[0], [1]], "zero")
     assert not zero.any() and not any(z.any() for z in zs)
+
+
+def test_a_first_batch_of_one_image_does_not_decide_where_the_ablations_copies_are_made(tmp_path):
+    """Around a residual connection one image's copies made at the layer agree with copies of the input (its one
+    residual serves every copy), so a first batch of one image must not decide: the pass then makes copies of the
+    input for every batch and gives what it gives when its first batch holds several images."""
+    from utils.data.images import list_images
+    from utils.method.split import Split, split_filters
+    from utils.model.surgery import appended_channels, split_network
+    from utils.passes.image_pass import Runner
+    from utils.passes.interventions import intervention_pass, reference_outputs, unit_interventions
+
+    model = Residual().eval()
+    data = write_image_folder(str(tmp_path / "data"), n_train=3, n_val={"A_red": 1, "B_blue": 3, "C_green": 3},
+                              colors=COLOURS, size=12)
+    train, val = list_images(data, "train"), list_images(data, "val")
+    D, Res = split_filters(model.layer.weight[1].detach(), torch.tensor([1, 1, 2, 2, 0]), 2)
+    net = split_network(model, {"layer": [Split(1, D, Res)]})
+    runner = Runner(device=torch.device("cpu"), batch_size=64, num_workers=0, progress=False)
+    ivs = unit_interventions(1, appended_channels(5, [Split(1, D, Res)])[0], 2, None, [[0], [1]])
+    ref = reference_outputs(runner, net, "layer", train, None, "absent")
+    one_first, _ = intervention_pass(runner, net, "layer", val, ivs, ref, None)  # class 0 has one image
+    several_first, _ = intervention_pass(runner, net, "layer", val, ivs, ref, None,
+                                         indices=list(range(1, len(val))) + [0])
+    assert one_first.copies == several_first.copies == "input"
+    order = np.argsort(several_first.index)
+    assert np.allclose(one_first.logit, several_first.logit[order], atol=1e-5)

@@ -29,7 +29,7 @@ from ..method.function import ClassInputs
 from ..model.hooks import layer_gradient, layer_input
 from ..model.units import Unit, as_unit
 from .distributed import reduce_over_ranks
-from .image_pass import Runner, add_by_label
+from .image_pass import Runner, add_by_label, layer_copies_agree
 
 
 @dataclass(frozen=True)
@@ -255,12 +255,7 @@ class _ShiftedCopies:
             slow_logits, g = self.run(x, labels, blocks, False, layer_out)
             if all(int(i) == 0 for p, _, _ in blocks for i in p):
                 return g  # copies of the first image alone cannot tell the two ways apart: decide on a later group
-            try:
-                fast_logits, _ = self.run(x, labels, blocks, True, layer_out)
-                self.fast = fast_logits.shape == slow_logits.shape and bool(
-                    torch.allclose(fast_logits, slow_logits, rtol=1e-4, atol=1e-5))
-            except RuntimeError:
-                self.fast = False
+            self.fast = layer_copies_agree(slow_logits, lambda: self.run(x, labels, blocks, True, layer_out)[0])
             return g
         return self.run(x, labels, blocks, self.fast, layer_out)[1]
 

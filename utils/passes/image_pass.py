@@ -125,6 +125,18 @@ class Runner:
         return ImagePass(self, images, batches, transform, desc)
 
 
+def layer_copies_agree(slow: torch.Tensor, fast: Callable[[], torch.Tensor]) -> bool:
+    """Whether copies of a batch made at a layer (``fast()``: the network before the layer run once) give the
+    outputs that copies of the input gave (``slow``). A network whose later part reads a tensor from before the
+    layer (a residual connection) gives other outputs there, or raises: False. Ask it of a batch with two or more
+    images; one image's copies agree even there."""
+    try:
+        out = fast()
+    except RuntimeError:
+        return False
+    return out.shape == slow.shape and bool(torch.allclose(out, slow, rtol=1e-4, atol=1e-5))
+
+
 def add_by_label(sums: dict[int, torch.Tensor], counts: dict[int, int], values: torch.Tensor,
                  targets: torch.Tensor) -> None:
     """Add each label's rows of ``values`` (B x ...; ``targets``: the batch's labels) to ``sums[label]`` and their

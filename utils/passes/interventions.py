@@ -32,7 +32,7 @@ from torch import nn
 from ..data.images import ImageList, Preprocess, class_batches
 from ..errors import UserError
 from ..method.effects import Effects, Intervention
-from .image_pass import Runner, add_by_label, plain_batches
+from .image_pass import Runner, add_by_label, layer_copies_agree, plain_batches
 
 
 def unit_interventions(channel: int, columns: list[int], k: int, steer: float | None = None,
@@ -150,19 +150,17 @@ class _Copies:
         return self.net(x if fast else x.repeat(self.n, *([1] * (x.dim() - 1)))).float().reshape(self.n, len(x), -1)
 
     def first(self, x: torch.Tensor) -> torch.Tensor:
-        """The first batch decides how copies are made: from the layer on when that gives the same outputs as
+        """The first batch of two or more images decides how copies are made: from the layer on when that gives the same outputs as
         copying the input; a network whose later part reuses a tensor from before the layer (a residual connection)
         fails that, or raises, and every copy then runs the whole network."""
         slow = self.forward(x, False)
-        try:
-            fast = self.forward(x, True)
-            self.fast = fast.shape == slow.shape and bool(torch.allclose(fast, slow, rtol=1e-4, atol=1e-5))
-        except RuntimeError:
-            self.fast = False
+        self.fast = layer_copies_agree(slow, lambda: self.forward(x, True))
         return slow
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.first(x) if self.fast is None else self.forward(x, self.fast)
+        if self.fast is None:  # a batch of one image cannot tell the two ways apart: a later batch decides
+            return self.first(x) if len(x) > 1 else self.forward(x, False)
+        return self.forward(x, self.fast)
 
 
 def _batch_rows(out: torch.Tensor, b, measure: str) -> tuple[torch.Tensor, torch.Tensor | None]:
